@@ -1,0 +1,71 @@
+"""The breakerd wire format: message types, errors, codec and framing.
+
+Pure: no IO and no clock. The in-process channel passes these message
+objects as they are; the socket channel encodes them with msgpack.
+"""
+
+from ._errors import (
+    ERROR_CODES,
+    ActorStoppedError,
+    BreakerError,
+    CircuitBreakerOpenError,
+    DaemonUnavailableError,
+    InboxFullError,
+    InvalidRequestError,
+    PermissionDeniedError,
+    ProtocolError,
+    UnknownBreakerError,
+    VersionMismatchError,
+    error_from_code,
+)
+from ._messages import (
+    ADMIN_OPS,
+    Acquire,
+    Admin,
+    AdminOp,
+    Admission,
+    BreakerStatus,
+    CircuitState,
+    Hello,
+    Outcome,
+    Register,
+    Registered,
+    Report,
+    Snapshot,
+    StatePush,
+    Status,
+    StatusRequest,
+    Welcome,
+)
+
+__all__ = [
+    "ADMIN_OPS",
+    "ERROR_CODES",
+    "Acquire",
+    "ActorStoppedError",
+    "Admin",
+    "AdminOp",
+    "Admission",
+    "BreakerError",
+    "BreakerStatus",
+    "CircuitBreakerOpenError",
+    "CircuitState",
+    "DaemonUnavailableError",
+    "Hello",
+    "InboxFullError",
+    "InvalidRequestError",
+    "Outcome",
+    "PermissionDeniedError",
+    "ProtocolError",
+    "Register",
+    "Registered",
+    "Report",
+    "Snapshot",
+    "StatePush",
+    "Status",
+    "StatusRequest",
+    "UnknownBreakerError",
+    "VersionMismatchError",
+    "Welcome",
+    "error_from_code",
+]

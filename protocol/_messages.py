@@ -1,0 +1,174 @@
+"""The messages proxies and breaker actors exchange.
+
+The in-process channel hands these objects over as they are; the socket
+channel encodes them with msgpack (see ``_codec``). Everything here is
+immutable and free of IO, so both ends can share one definition.
+
+Times are ``time.monotonic()`` seconds. On Linux that clock is system-wide,
+so an ``open_until`` computed by the daemon means the same instant to every
+process on the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Literal
+
+
+class CircuitState(str, Enum):
+    """The state of one breaker.
+
+    ``closed``, ``open`` and ``half_open`` are the classic three;
+    ``forced_open`` and ``disabled`` are set only by an administrator.
+    """
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+    FORCED_OPEN = "forced_open"
+    DISABLED = "disabled"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Outcome(str, Enum):
+    """What became of a call that held a permit."""
+
+    SUCCESS = "success"
+    FAILURE = "failure"
+    #: Counts as neither success nor failure (the caller's own fault, say).
+    IGNORED = "ignored"
+    #: The service asked us to back off: opens the breaker for ``retry_after``.
+    RATE_LIMITED = "rate_limited"
+    #: The caller was cancelled: the permit is released and nothing is recorded.
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+AdminOp = Literal["force_open", "disable", "reset"]
+ADMIN_OPS: frozenset[str] = frozenset({"force_open", "disable", "reset"})
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What a proxy needs to admit or reject locally, published at every change."""
+
+    name: str
+    state: CircuitState
+    generation: int
+    #: Monotonic instant when an ``open`` breaker accepts its first trial.
+    open_until: float | None = None
+    failure_rate: float | None = None
+    slow_call_rate: float | None = None
+    #: Outcomes in the current window.
+    calls: int = 0
+    trials_in_flight: int = 0
+    #: Slow-call detection is on: proxies must time calls and ack slow ones.
+    slow_call_duration: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """First request on every socket connection."""
+
+    min_version: int
+    max_version: int
+    client: str
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    version: int
+    server: str
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Register:
+    """Create a breaker (or join an existing one) with these settings."""
+
+    name: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    snapshot: Snapshot
+    #: Settings the caller asked for that differ from the breaker's (first wins).
+    conflicts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Acquire:
+    """Ask the actor for a permit (the first call after the open deadline, trials, strict mode)."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The actor's answer to ``Acquire``."""
+
+    admitted: bool
+    generation: int
+    #: Non-zero for a half-open trial lease; it must be reported or released.
+    lease: int
+    snapshot: Snapshot
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """The outcome of one permitted call.
+
+    Sent without waiting (a notification, batched) for plain successes, and
+    as a request whose reply is the new ``Snapshot`` when the outcome can
+    change the state, so the caller reads its own writes.
+    """
+
+    name: str
+    generation: int
+    outcome: Outcome
+    duration: float = 0.0
+    lease: int = 0
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Admin:
+    name: str
+    op: AdminOp
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRequest:
+    """Ask for every breaker's status (``name=None``) or one breaker's."""
+
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerStatus:
+    snapshot: Snapshot
+    successes: int
+    failures: int
+    rejections: int
+    ignored: int
+    clients: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    breakers: tuple[BreakerStatus, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StatePush:
+    """Notification: a breaker this connection uses changed state."""
+
+    snapshot: Snapshot
