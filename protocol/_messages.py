@@ -12,11 +12,11 @@ process on the host.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Literal
 
 
-class CircuitState(str, Enum):
+class CircuitState(StrEnum):
     """The state of one breaker.
 
     ``closed``, ``open`` and ``half_open`` are the classic three;
@@ -29,11 +29,8 @@ class CircuitState(str, Enum):
     FORCED_OPEN = "forced_open"
     DISABLED = "disabled"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class Outcome(str, Enum):
+class Outcome(StrEnum):
     """What became of a call that held a permit."""
 
     SUCCESS = "success"
@@ -44,9 +41,6 @@ class Outcome(str, Enum):
     RATE_LIMITED = "rate_limited"
     #: The caller was cancelled: the permit is released and nothing is recorded.
     CANCELLED = "cancelled"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 AdminOp = Literal["force_open", "disable", "reset"]

@@ -1,0 +1,330 @@
+"""One breaker actor: owns one ``Machine`` and drains one inbox.
+
+The inbox is a ``deque`` that any thread may append to. That is the whole
+trick of the fast path: ``deque.append`` is atomic under the GIL, so a proxy
+in any thread hands over a report without a lock and without waking the
+actor's event loop unless the actor is asleep. The actor is the only reader,
+so the machine is touched by one task only: no locks around state.
+
+Items in the inbox, in arrival order:
+
+* ``(generation, outcome, duration)`` -- a fire-and-forget report;
+* an ``int`` -- rejections a proxy made locally (status bookkeeping only);
+* an ``Envelope`` -- a request and the callable that answers it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Final, TypeAlias
+
+import anyio
+import structlog
+
+from breakerd.protocol import (
+    Acquire,
+    ActorStoppedError,
+    Admin,
+    Admission,
+    BreakerError,
+    BreakerStatus,
+    CircuitState,
+    InboxFullError,
+    InvalidRequestError,
+    Outcome,
+    Report,
+    Snapshot,
+    StatusRequest,
+)
+
+from ._machine import BreakerConfig, Machine, Transition
+
+__all__ = ["BreakerActor", "Envelope", "Reply", "TransitionListener"]
+
+#: Answers a request: ``reply(result, None)`` or ``reply(None, error)``.
+Reply: TypeAlias = Callable[[Any, BaseException | None], None]
+#: Called in the actor's thread after every transition.
+TransitionListener: TypeAlias = Callable[[Transition, Snapshot], None]
+
+ReportItem: TypeAlias = tuple[int, Outcome, float]
+
+_logger = structlog.get_logger("breakerd")
+
+_EVENTS: Final[dict[tuple[CircuitState, CircuitState] | CircuitState, tuple[str, str]]] = {
+    (CircuitState.CLOSED, CircuitState.OPEN): ("breaker_opened", "error"),
+    (CircuitState.HALF_OPEN, CircuitState.OPEN): ("breaker_reopened", "warning"),
+    (CircuitState.OPEN, CircuitState.HALF_OPEN): ("breaker_half_open", "info"),
+    (CircuitState.HALF_OPEN, CircuitState.CLOSED): ("breaker_closed", "info"),
+    CircuitState.FORCED_OPEN: ("breaker_forced_open", "warning"),
+    CircuitState.DISABLED: ("breaker_disabled", "warning"),
+    CircuitState.CLOSED: ("breaker_reset", "info"),
+}
+
+
+class Envelope:
+    """A request and its reply channel, travelling together (as in pykka)."""
+
+    __slots__ = ("message", "reply")
+
+    def __init__(self, message: object, reply: Reply | None) -> None:
+        self.message = message
+        self.reply = reply
+
+
+class BreakerActor:
+    """The single owner of one breaker's machine.
+
+    Proxies read ``snapshot`` (replaced, never mutated) to admit locally, and
+    talk to the actor through ``post_report``, ``post_rejections`` and
+    ``ask``; all three are safe from any thread.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: BreakerConfig,
+        *,
+        clock: Callable[[], float],
+        max_inbox: int = 10_000,
+        generation: int = 0,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.machine = Machine(name, config, generation=generation)
+        self.snapshot: Snapshot = self.machine.snapshot()
+        self.max_inbox = max_inbox
+        self.listeners: list[TransitionListener] = []
+        self.restarts = 0
+        self._clock = clock
+        self._inbox: deque[ReportItem | int | Envelope] = deque()
+        self._asleep = False
+        self._stopped = False
+        self._wake_event: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._log = _logger.bind(breaker=name)
+
+    # -- any thread ------------------------------------------------------------
+
+    def post_report(self, item: ReportItem) -> bool:
+        """Hand over an outcome without waiting. False: inbox full, ask instead."""
+        inbox = self._inbox
+        if len(inbox) >= self.max_inbox or self._stopped:
+            return False
+        inbox.append(item)
+        if self._asleep:
+            self._wake()
+        return True
+
+    def post_rejections(self, count: int) -> None:
+        if len(self._inbox) < self.max_inbox and not self._stopped:
+            self._inbox.append(count)
+            if self._asleep:
+                self._wake()
+
+    def ask(self, message: object, reply: Reply | None, *, force: bool = False) -> None:
+        """Queue a request; ``reply`` is called exactly once, from the actor's thread.
+
+        Raises ``InboxFullError`` when the inbox is full (unless ``force``, used
+        for reports that must not be lost) and ``ActorStoppedError`` once the
+        actor is stopped.
+        """
+        if self._stopped:
+            raise ActorStoppedError(f"breaker {self.name!r}: the actor system is stopped")
+        inbox = self._inbox
+        if not force and len(inbox) >= self.max_inbox:
+            raise InboxFullError(
+                f"breaker {self.name!r}: inbox full ({self.max_inbox} pending messages)"
+            )
+        inbox.append(Envelope(message, reply))
+        if self._stopped:
+            # stop() ran between our check and the append: fail it ourselves.
+            self.stop()
+        elif self._asleep:
+            self._wake()
+
+    def _wake(self) -> None:
+        self._asleep = False
+        loop, event = self._loop, self._wake_event
+        if loop is None or event is None:
+            return  # not started yet: run() drains whatever is queued on start
+        try:
+            loop.call_soon_threadsafe(event.set)
+        except RuntimeError:
+            pass  # loop closed: stop() fails whatever is left
+
+    # -- the actor's own task ------------------------------------------------------
+
+    async def run(self) -> None:
+        """Drain the inbox until cancelled. Never raises because of one message."""
+        self._loop = asyncio.get_running_loop()
+        event = self._wake_event = asyncio.Event()
+        inbox = self._inbox
+        while True:
+            while inbox:
+                self._handle(inbox.popleft())
+            self._asleep = True
+            if inbox:
+                # A producer appended between our last popleft and the flag.
+                self._asleep = False
+                continue
+            deadline = self.machine.next_deadline()
+            if deadline is None:
+                await event.wait()
+            else:
+                delay = deadline - self._clock()
+                if delay > 0:
+                    with anyio.move_on_after(delay if math.isfinite(delay) else 86_400.0):
+                        await event.wait()
+                self._asleep = False
+                self._apply(self.machine.expire(self._clock()))
+            event.clear()
+
+    def _handle(self, item: ReportItem | int | Envelope) -> None:
+        try:
+            if type(item) is tuple:
+                generation, outcome, duration = item
+                result = self.machine.record(generation, outcome, self._clock(), duration=duration)
+                if result.transitions:
+                    self._apply(result.transitions)
+            elif type(item) is int:
+                self.machine.count_rejections(item)
+            else:
+                assert isinstance(item, Envelope)
+                self._serve(item)
+        except Exception as exc:  # a bug in breakerd: restart, never go silent
+            self._crash(item, exc)
+
+    def _serve(self, envelope: Envelope) -> None:
+        message = envelope.message
+        now = self._clock()
+        result: object
+        if type(message) is Report:
+            record = self.machine.record(
+                message.generation,
+                message.outcome,
+                now,
+                duration=message.duration,
+                lease=message.lease,
+                retry_after=message.retry_after,
+            )
+            self._apply(record.transitions)
+            if message.lease and not record.transitions:
+                # A trial lease came back: proxies may see trial capacity again.
+                self._publish()
+            result = self.snapshot
+        elif type(message) is Acquire:
+            decision = self.machine.acquire(now)
+            self._apply(decision.transitions)
+            if decision.lease:
+                self._publish()
+            result = Admission(
+                decision.admitted,
+                decision.generation,
+                decision.lease,
+                self.snapshot,
+                decision.retry_after,
+            )
+        elif type(message) is Admin:
+            op = message.op
+            if op == "force_open":
+                transition = self.machine.force_open(now)
+            elif op == "disable":
+                transition = self.machine.disable(now)
+            elif op == "reset":
+                transition = self.machine.reset(now)
+            else:
+                raise InvalidRequestError(f"unknown admin operation {op!r}")
+            self._apply((transition,))
+            result = self.snapshot
+        elif type(message) is StatusRequest:
+            self._apply(self.machine.expire(now))
+            result = self.status()
+        else:
+            raise InvalidRequestError(f"a breaker actor cannot handle {type(message).__name__}")
+        if envelope.reply is not None:
+            envelope.reply(result, None)
+
+    def status(self, clients: int = 0) -> BreakerStatus:
+        machine = self.machine
+        return BreakerStatus(
+            snapshot=machine.snapshot(),
+            successes=machine.successes,
+            failures=machine.failures,
+            rejections=machine.rejections,
+            ignored=machine.ignored,
+            clients=clients,
+        )
+
+    def _apply(self, transitions: tuple[Transition, ...]) -> None:
+        if not transitions:
+            return
+        self._publish()
+        snapshot = self.snapshot
+        for transition in transitions:
+            self._log_transition(transition)
+            for listener in tuple(self.listeners):
+                try:
+                    listener(transition, snapshot)
+                except Exception:
+                    self._log.exception("transition_listener_failed")
+
+    def _publish(self) -> None:
+        self.snapshot = self.machine.snapshot()
+
+    def _log_transition(self, transition: Transition) -> None:
+        key: tuple[CircuitState, CircuitState] | CircuitState = (
+            transition.from_state,
+            transition.to_state,
+        )
+        if key not in _EVENTS or transition.reason.startswith("admin_"):
+            key = transition.to_state
+        event, level = _EVENTS[key]
+        fields: dict[str, Any] = {
+            "from_state": transition.from_state.value,
+            "to_state": transition.to_state.value,
+            "reason": transition.reason,
+            "generation": transition.generation,
+        }
+        if transition.failure_rate is not None:
+            fields["failure_rate"] = round(transition.failure_rate, 4)
+        if transition.open_until is not None:
+            fields["open_for"] = round(max(0.0, transition.open_until - self._clock()), 3)
+        getattr(self._log, level)(event, **fields)
+
+    def _crash(self, item: object, exc: Exception) -> None:
+        """Supervision: log, answer the request, restart from a fresh machine."""
+        if isinstance(item, Envelope):
+            if isinstance(exc, BreakerError):
+                # The request was bad, not the actor: answer and carry on.
+                if item.reply is not None:
+                    item.reply(None, exc)
+                return
+            if item.reply is not None:
+                item.reply(None, BreakerError(f"breaker {self.name!r} crashed: {exc!r}"))
+        self.restarts += 1
+        old = self.machine
+        self._log.error(
+            "actor_crashed",
+            error=repr(exc),
+            restarts=self.restarts,
+            exc_info=exc,
+        )
+        # A fresh machine, a newer generation: permits from before the crash
+        # are stale and their reports are dropped rather than misapplied.
+        self.machine = Machine(self.name, self.config, generation=old.generation + 1)
+        self._publish()
+
+    def stop(self) -> None:
+        """Refuse new messages and fail every pending request (never a hang)."""
+        self._stopped = True
+        error = ActorStoppedError(f"breaker {self.name!r}: the actor system is shutting down")
+        while self._inbox:
+            item = self._inbox.popleft()
+            if isinstance(item, Envelope) and item.reply is not None:
+                try:
+                    item.reply(None, error)
+                except Exception:
+                    self._log.exception("reply_failed_on_stop")

@@ -1,0 +1,576 @@
+"""The breaker state machine: pure, synchronous, no clock.
+
+Every method that depends on time takes ``now`` (monotonic seconds) from its
+caller; the machine never reads a clock, never logs and never awaits. It
+returns what it decided as values, so the actor can log and publish them and
+tests can drive it with any sequence of instants.
+
+Rules
+-----
+* ``closed`` admits every call. Outcomes go into a window (the last
+  ``window_size`` outcomes, or the last ``window_seconds`` bucketed by
+  second). Once the window holds ``min_calls`` outcomes, the breaker opens
+  when the failure rate is *greater than* ``failure_threshold`` or, with slow
+  calls enabled, the slow-call rate is greater than ``slow_call_threshold``.
+* ``open`` rejects until its deadline. The first acquire at or after the
+  deadline moves to ``half_open``.
+* ``half_open`` hands out at most ``half_open_calls`` trial leases. When that
+  many trials have reported, it closes if their failure (and slow) rate is
+  within the thresholds and re-opens otherwise. A lease not reported within
+  ``half_open_max_wait`` counts as a failure. An ignored or cancelled trial
+  gives its lease back.
+* ``forced_open`` and ``disabled`` are administrative: the first rejects
+  everything, the second admits everything and records nothing. ``reset``
+  returns to ``closed`` with an empty window.
+* Every transition bumps ``generation``. A permit remembers its generation;
+  a report from another generation is dropped and counts for nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any, Final
+
+from breakerd.protocol import CircuitState, Outcome, Snapshot
+
+__all__ = [
+    "BreakerConfig",
+    "Decision",
+    "IllegalTransitionError",
+    "Machine",
+    "RecordResult",
+    "Transition",
+]
+
+CLOSED: Final = CircuitState.CLOSED
+OPEN: Final = CircuitState.OPEN
+HALF_OPEN: Final = CircuitState.HALF_OPEN
+FORCED_OPEN: Final = CircuitState.FORCED_OPEN
+DISABLED: Final = CircuitState.DISABLED
+
+# The whitelist. Administrative moves (to forced_open, disabled, or closed by
+# reset) are legal from anywhere; everything else must be listed here.
+_AUTOMATIC: Final[frozenset[tuple[CircuitState, CircuitState]]] = frozenset(
+    {
+        (CLOSED, OPEN),
+        (OPEN, HALF_OPEN),
+        (HALF_OPEN, OPEN),
+        (HALF_OPEN, CLOSED),
+    }
+)
+_ADMIN_TARGETS: Final = frozenset({FORCED_OPEN, DISABLED, CLOSED})
+
+
+class IllegalTransitionError(RuntimeError):
+    """The machine tried a transition outside its whitelist: a bug in breakerd."""
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    """Settings of one breaker. Every field has a documented default.
+
+    Attributes:
+        failure_threshold: Open when the failure rate in the window is greater
+            than this (0 to 1). Default 0.5: 3 failures out of 5 open, 2 do not.
+        timeout: Seconds a breaker stays ``open`` before it allows a trial.
+        min_calls: Outcomes the window must hold before its rates are judged.
+        half_open_calls: Trial leases handed out while ``half_open``.
+        window_size: Count-based window: the last N outcomes. Default 100.
+        window_seconds: Time-based window instead: the last N seconds,
+            bucketed by second. ``None`` (default) keeps the count window.
+        slow_call_duration: A call longer than this many seconds is slow.
+            ``None`` (default) turns slow-call detection off.
+        slow_call_threshold: Open when the slow-call rate is greater than this.
+        backoff: Each consecutive re-open multiplies the open duration by this.
+            1.0 (default) keeps it constant. Closing resets it.
+        max_timeout: Upper bound on the open duration under backoff.
+        jitter: Spread the open duration by up to this fraction either way
+            (0.1 means +-10%), so many breakers do not retry in step.
+        half_open_max_wait: A trial lease not reported within this many
+            seconds counts as a failure, so no breaker stays half-open forever.
+    """
+
+    failure_threshold: float = 0.5
+    timeout: float = 30.0
+    min_calls: int = 5
+    half_open_calls: int = 1
+    window_size: int = 100
+    window_seconds: float | None = None
+    slow_call_duration: float | None = None
+    slow_call_threshold: float = 1.0
+    backoff: float = 1.0
+    max_timeout: float | None = None
+    jitter: float = 0.0
+    half_open_max_wait: float = 60.0
+
+    def __post_init__(self) -> None:
+        def bad(field_name: str, expected: str) -> ValueError:
+            value = getattr(self, field_name)
+            return ValueError(f"{field_name} must be {expected}, got {value!r}")
+
+        def finite(x: object) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        if not finite(self.failure_threshold) or not 0.0 <= self.failure_threshold <= 1.0:
+            raise bad("failure_threshold", "a number between 0 and 1")
+        if not finite(self.timeout) or self.timeout < 0:
+            raise bad("timeout", "a finite number of seconds >= 0")
+        for name in ("min_calls", "half_open_calls", "window_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise bad(name, "an integer >= 1")
+        if self.window_seconds is not None and (
+            not finite(self.window_seconds) or self.window_seconds < 1
+        ):
+            raise bad("window_seconds", "None or a number of seconds >= 1")
+        if self.slow_call_duration is not None and (
+            not finite(self.slow_call_duration) or self.slow_call_duration <= 0
+        ):
+            raise bad("slow_call_duration", "None or a number of seconds > 0")
+        if not finite(self.slow_call_threshold) or not 0.0 <= self.slow_call_threshold <= 1.0:
+            raise bad("slow_call_threshold", "a number between 0 and 1")
+        if not finite(self.backoff) or self.backoff < 1.0:
+            raise bad("backoff", "a number >= 1")
+        if self.max_timeout is not None and (
+            not finite(self.max_timeout) or self.max_timeout < self.timeout
+        ):
+            raise bad("max_timeout", "None or a number of seconds >= timeout")
+        if not finite(self.jitter) or not 0.0 <= self.jitter < 1.0:
+            raise bad("jitter", "a number in [0, 1)")
+        if not finite(self.half_open_max_wait) or self.half_open_max_wait <= 0:
+            raise bad("half_open_max_wait", "a number of seconds > 0")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BreakerConfig:
+        """Build a config from a mapping, refusing unknown keys with a clear error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown breaker setting(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def differences(self, other: BreakerConfig) -> tuple[str, ...]:
+        """Names of the settings whose values differ between two configs."""
+        return tuple(
+            f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One state change, as the actor logs and publishes it."""
+
+    from_state: CircuitState
+    to_state: CircuitState
+    generation: int
+    reason: str
+    failure_rate: float | None = None
+    slow_call_rate: float | None = None
+    open_until: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The answer to ``acquire``."""
+
+    admitted: bool
+    generation: int
+    #: Non-zero only for a half-open trial lease.
+    lease: int = 0
+    retry_after: float | None = None
+    transitions: tuple[Transition, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RecordResult:
+    #: False when the report was stale (another generation) or unknown lease.
+    counted: bool
+    transitions: tuple[Transition, ...] = ()
+
+
+_NO_TRANSITIONS: Final[tuple[Transition, ...]] = ()
+
+
+class _CountWindow:
+    """The last ``size`` outcomes, with running totals."""
+
+    __slots__ = ("_items", "failures", "size", "slow", "total")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        # Each item packs (failed, slow) into 0..3 so the ring holds small ints.
+        self._items: deque[int] = deque()
+        self.total = 0
+        self.failures = 0
+        self.slow = 0
+
+    def add(self, failed: bool, slow: bool, now: float) -> None:
+        items = self._items
+        if len(items) == self.size:
+            old = items.popleft()
+            self.total -= 1
+            self.failures -= old & 1
+            self.slow -= old >> 1
+        items.append(int(failed) | (int(slow) << 1))
+        self.total += 1
+        self.failures += failed
+        self.slow += slow
+
+    def expire(self, now: float) -> None:
+        """Count windows do not age."""
+
+
+class _TimeWindow:
+    """Outcomes of the last ``seconds`` seconds, one bucket per whole second."""
+
+    __slots__ = ("_buckets", "failures", "seconds", "slow", "total")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        # [second, total, failures, slow]
+        self._buckets: deque[list[int]] = deque()
+        self.total = 0
+        self.failures = 0
+        self.slow = 0
+
+    def expire(self, now: float) -> None:
+        # A bucket for second s covers [s, s+1); it leaves the window once all
+        # of it is older than ``seconds``.
+        oldest_kept = math.floor(now - self.seconds) + 1
+        buckets = self._buckets
+        while buckets and buckets[0][0] < oldest_kept:
+            _, total, failures, slow = buckets.popleft()
+            self.total -= total
+            self.failures -= failures
+            self.slow -= slow
+
+    def add(self, failed: bool, slow: bool, now: float) -> None:
+        self.expire(now)
+        second = math.floor(now)
+        buckets = self._buckets
+        if buckets and buckets[-1][0] >= second:
+            # A clock never goes back; if a caller's instant does, it joins the
+            # newest bucket rather than reordering history.
+            bucket = buckets[-1]
+        else:
+            bucket = [second, 0, 0, 0]
+            buckets.append(bucket)
+        bucket[1] += 1
+        bucket[2] += failed
+        bucket[3] += slow
+        self.total += 1
+        self.failures += failed
+        self.slow += slow
+
+
+class Machine:
+    """One breaker's state. Not thread-safe by design: one actor owns it."""
+
+    def __init__(
+        self,
+        name: str,
+        config: BreakerConfig | None = None,
+        *,
+        generation: int = 0,
+        rng: Callable[[], float] | None = None,
+    ) -> None:
+        self.name = name
+        self.config = config if config is not None else BreakerConfig()
+        self._random = rng if rng is not None else random.random
+        self.state: CircuitState = CLOSED
+        self.generation = generation
+        self.open_until: float | None = None
+        self._window: _CountWindow | _TimeWindow = self._new_window()
+        # Consecutive openings without a close in between, for backoff.
+        self._open_streak = 0
+        # Half-open bookkeeping. Lease ids are unique for the machine's life.
+        self._next_lease = 1
+        self._leases: dict[int, float] = {}
+        self._trial_successes = 0
+        self._trial_failures = 0
+        self._trial_slow = 0
+        # Totals since creation, for status; never used in decisions.
+        self.successes = 0
+        self.failures = 0
+        self.ignored = 0
+        self.rejections = 0
+
+    # -- queries -----------------------------------------------------------
+
+    @property
+    def trials_in_flight(self) -> int:
+        return len(self._leases)
+
+    @property
+    def window_calls(self) -> int:
+        return self._window.total
+
+    def failure_rate(self) -> float | None:
+        """Failures / outcomes in the window, or None while the window is empty."""
+        w = self._window
+        return w.failures / w.total if w.total else None
+
+    def slow_call_rate(self) -> float | None:
+        w = self._window
+        return w.slow / w.total if w.total else None
+
+    def next_deadline(self) -> float | None:
+        """The earliest instant at which ``expire`` has work to do."""
+        if self._leases:
+            return min(self._leases.values())
+        return None
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(
+            name=self.name,
+            state=self.state,
+            generation=self.generation,
+            open_until=self.open_until,
+            failure_rate=self.failure_rate(),
+            slow_call_rate=self.slow_call_rate(),
+            calls=self._window.total,
+            trials_in_flight=len(self._leases),
+            slow_call_duration=self.config.slow_call_duration,
+        )
+
+    # -- commands ----------------------------------------------------------
+
+    def acquire(self, now: float) -> Decision:
+        """Decide whether one call may run now."""
+        state = self.state
+        if state is CLOSED or state is DISABLED:
+            return Decision(True, self.generation)
+        if state is FORCED_OPEN:
+            self.rejections += 1
+            return Decision(False, self.generation)
+        transitions: tuple[Transition, ...]
+        if state is OPEN:
+            assert self.open_until is not None
+            if now < self.open_until:
+                self.rejections += 1
+                return Decision(False, self.generation, retry_after=self.open_until - now)
+            transitions = (self._move(HALF_OPEN, "open_timeout_elapsed", now),)
+        else:
+            transitions = self.expire(now)
+            if self.state is not HALF_OPEN:
+                # An overdue lease just decided the trial; answer from the new state.
+                decision = self.acquire(now)
+                return Decision(
+                    decision.admitted,
+                    decision.generation,
+                    decision.lease,
+                    decision.retry_after,
+                    transitions + decision.transitions,
+                )
+        if len(self._leases) >= self.config.half_open_calls:
+            self.rejections += 1
+            # No deadline to promise: the trials in flight decide.
+            return Decision(False, self.generation, transitions=transitions)
+        lease = self._next_lease
+        self._next_lease += 1
+        self._leases[lease] = now + self.config.half_open_max_wait
+        return Decision(True, self.generation, lease=lease, transitions=transitions)
+
+    def count_rejections(self, count: int) -> None:
+        """Add rejections a proxy made locally from a snapshot (status only)."""
+        self.rejections += count
+
+    def record(
+        self,
+        generation: int,
+        outcome: Outcome,
+        now: float,
+        *,
+        duration: float = 0.0,
+        lease: int = 0,
+        retry_after: float | None = None,
+    ) -> RecordResult:
+        """Apply the outcome of a call admitted under ``generation``."""
+        if generation != self.generation:
+            return RecordResult(False)
+        state = self.state
+        if state is HALF_OPEN:
+            return self._record_trial(lease, outcome, duration, retry_after, now)
+        if state is not CLOSED:
+            # disabled records nothing; open/forced_open admitted nobody under
+            # this generation, so there is nothing legitimate to count.
+            if state is DISABLED and outcome is not Outcome.CANCELLED:
+                self._count_total(outcome)
+                return RecordResult(True)
+            return RecordResult(False)
+        if outcome is Outcome.CANCELLED:
+            return RecordResult(True)
+        self._count_total(outcome)
+        if outcome is Outcome.IGNORED:
+            return RecordResult(True)
+        if outcome is Outcome.RATE_LIMITED:
+            return RecordResult(True, (self._open(now, "rate_limited", retry_after),))
+        failed = outcome is Outcome.FAILURE
+        slow_limit = self.config.slow_call_duration
+        slow = slow_limit is not None and duration > slow_limit
+        window = self._window
+        window.add(failed, slow, now)
+        return RecordResult(True, self._judge_window(now))
+
+    def _count_total(self, outcome: Outcome) -> None:
+        if outcome is Outcome.SUCCESS:
+            self.successes += 1
+        elif outcome is Outcome.FAILURE:
+            self.failures += 1
+        elif outcome is Outcome.IGNORED:
+            self.ignored += 1
+        elif outcome is Outcome.RATE_LIMITED:
+            self.failures += 1
+
+    def _judge_window(self, now: float) -> tuple[Transition, ...]:
+        window = self._window
+        if isinstance(window, _TimeWindow):
+            window.expire(now)
+        config = self.config
+        total = window.total
+        if total < config.min_calls:
+            return _NO_TRANSITIONS
+        if window.failures / total > config.failure_threshold:
+            return (self._open(now, "failure_rate_exceeded"),)
+        if config.slow_call_duration is not None and window.slow / total > (
+            config.slow_call_threshold
+        ):
+            return (self._open(now, "slow_call_rate_exceeded"),)
+        return _NO_TRANSITIONS
+
+    def _record_trial(
+        self,
+        lease: int,
+        outcome: Outcome,
+        duration: float,
+        retry_after: float | None,
+        now: float,
+    ) -> RecordResult:
+        if self._leases.pop(lease, None) is None:
+            # Unknown or already expired lease: its verdict was given already.
+            return RecordResult(False)
+        if outcome is Outcome.CANCELLED:
+            return RecordResult(True)
+        self._count_total(outcome)
+        if outcome is Outcome.IGNORED:
+            return RecordResult(True)
+        if outcome is Outcome.RATE_LIMITED:
+            return RecordResult(True, (self._open(now, "rate_limited", retry_after),))
+        slow_limit = self.config.slow_call_duration
+        if slow_limit is not None and duration > slow_limit:
+            self._trial_slow += 1
+        if outcome is Outcome.FAILURE:
+            self._trial_failures += 1
+        else:
+            self._trial_successes += 1
+        return RecordResult(True, self._judge_trials(now))
+
+    def _judge_trials(self, now: float) -> tuple[Transition, ...]:
+        config = self.config
+        done = self._trial_successes + self._trial_failures
+        if done < config.half_open_calls:
+            return _NO_TRANSITIONS
+        failure_rate = self._trial_failures / done
+        slow_rate = self._trial_slow / done
+        if failure_rate > config.failure_threshold:
+            return (self._open(now, "trial_failed", failure_rate=failure_rate),)
+        if config.slow_call_duration is not None and slow_rate > config.slow_call_threshold:
+            return (self._open(now, "trial_slow", failure_rate=failure_rate),)
+        return (self._move(CLOSED, "trial_succeeded", now, failure_rate=failure_rate),)
+
+    def expire(self, now: float) -> tuple[Transition, ...]:
+        """Count overdue trial leases as failures. Call on every message."""
+        if self.state is not HALF_OPEN or not self._leases:
+            return _NO_TRANSITIONS
+        transitions: list[Transition] = []
+        for lease, deadline in sorted(self._leases.items(), key=lambda item: item[1]):
+            if deadline > now or self.state is not HALF_OPEN:
+                break
+            del self._leases[lease]
+            self.failures += 1
+            self._trial_failures += 1
+            transitions.extend(self._judge_trials(now))
+        return tuple(transitions)
+
+    # -- administration ------------------------------------------------------
+
+    def force_open(self, now: float) -> Transition:
+        return self._move(FORCED_OPEN, "admin_force_open", now, admin=True)
+
+    def disable(self, now: float) -> Transition:
+        return self._move(DISABLED, "admin_disable", now, admin=True)
+
+    def reset(self, now: float) -> Transition:
+        """Back to ``closed`` with an empty window, whatever the state."""
+        return self._move(CLOSED, "admin_reset", now, admin=True)
+
+    # -- internals -----------------------------------------------------------
+
+    def _open(
+        self,
+        now: float,
+        reason: str,
+        retry_after: float | None = None,
+        *,
+        failure_rate: float | None = None,
+    ) -> Transition:
+        if retry_after is not None and math.isfinite(retry_after) and retry_after >= 0:
+            duration = retry_after
+        else:
+            config = self.config
+            duration = config.timeout * config.backoff**self._open_streak
+            if config.max_timeout is not None:
+                duration = min(duration, config.max_timeout)
+            if config.jitter:
+                duration *= 1.0 + config.jitter * (2.0 * self._random() - 1.0)
+        self._open_streak += 1
+        return self._move(OPEN, reason, now, open_until=now + duration, failure_rate=failure_rate)
+
+    def _move(
+        self,
+        target: CircuitState,
+        reason: str,
+        now: float,
+        *,
+        open_until: float | None = None,
+        failure_rate: float | None = None,
+        admin: bool = False,
+    ) -> Transition:
+        source = self.state
+        if not (admin and target in _ADMIN_TARGETS) and (source, target) not in _AUTOMATIC:
+            raise IllegalTransitionError(
+                f"breaker {self.name!r}: illegal transition {source} -> {target} ({reason})"
+            )
+        if failure_rate is None:
+            failure_rate = self.failure_rate()
+        slow_rate = self.slow_call_rate()
+        self.state = target
+        self.generation += 1
+        self.open_until = open_until if target is OPEN else None
+        self._leases.clear()
+        self._trial_successes = self._trial_failures = self._trial_slow = 0
+        if target is CLOSED:
+            # A fresh window: failures from before the trip never count again.
+            self._window = self._new_window()
+            self._open_streak = 0
+        return Transition(
+            source,
+            target,
+            self.generation,
+            reason,
+            failure_rate=failure_rate,
+            slow_call_rate=slow_rate,
+            open_until=self.open_until,
+        )
+
+    def _new_window(self) -> _CountWindow | _TimeWindow:
+        if self.config.window_seconds is not None:
+            return _TimeWindow(self.config.window_seconds)
+        return _CountWindow(self.config.window_size)

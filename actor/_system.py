@@ -1,0 +1,262 @@
+"""The actor system: creates breaker actors by name, supervises and stops them.
+
+It runs on an asyncio event loop, either the caller's (the daemon: ``await
+system.serve()``) or a background thread of its own (embedded use:
+``system.start()``), so sync code with no event loop and async code on any
+loop can share one actor per breaker name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import structlog
+
+from breakerd.protocol import ActorStoppedError
+
+from ._actor import BreakerActor
+from ._machine import BreakerConfig
+
+__all__ = ["ActorSystem", "default_system"]
+
+_logger = structlog.get_logger("breakerd")
+
+
+class ActorSystem:
+    """A registry of breaker actors, one per name, with supervision.
+
+    The first registration of a name fixes its settings; a later one with
+    different settings joins the existing breaker, gets the list of settings
+    that differ back from ``actor()``, and is logged as
+    ``breaker_config_conflict``.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_inbox: int = 10_000,
+    ) -> None:
+        if max_inbox < 1:
+            raise ValueError(f"max_inbox must be >= 1, got {max_inbox!r}")
+        self.clock = clock
+        self.max_inbox = max_inbox
+        self._actors: dict[str, BreakerActor] = {}
+        # Guards registration only: creating two actors for one name from two
+        # threads would split a breaker in half. Never held on the call path.
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._stop_requested: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._thread_error: BaseException | None = None
+        self._stopped = False
+        self.pid = os.getpid()
+
+    # -- registry --------------------------------------------------------------
+
+    def actor(
+        self, name: str, config: BreakerConfig | None = None
+    ) -> tuple[BreakerActor, tuple[str, ...]]:
+        """The actor for ``name``, created on first use.
+
+        Returns the actor and the names of the settings in ``config`` that
+        differ from the existing breaker's (empty when created or equal).
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a breaker name must be a non-empty string, got {name!r}")
+        with self._lock:
+            if self._stopped:
+                raise ActorStoppedError("the actor system is stopped")
+            existing = self._actors.get(name)
+            if existing is not None:
+                conflicts = () if config is None else existing.config.differences(config)
+                if conflicts:
+                    _logger.warning(
+                        "breaker_config_conflict",
+                        breaker=name,
+                        settings=list(conflicts),
+                        rule="the first registration wins",
+                    )
+                return existing, conflicts
+            actor = BreakerActor(
+                name, config or BreakerConfig(), clock=self.clock, max_inbox=self.max_inbox
+            )
+            self._actors[name] = actor
+            loop, group = self._loop, self._task_group
+        if loop is not None and group is not None:
+            self._call_in_loop(group.start_soon, self._supervise, actor)
+        return actor, ()
+
+    def get(self, name: str) -> BreakerActor | None:
+        return self._actors.get(name)
+
+    def actors(self) -> list[BreakerActor]:
+        with self._lock:
+            return list(self._actors.values())
+
+    # -- running -----------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._task_group is not None and not self._stopped
+
+    @property
+    def loop_thread_id(self) -> int | None:
+        return self._thread.ident if self._thread is not None else None
+
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run every actor on the current (asyncio) loop until ``stop()``."""
+        self._loop = asyncio.get_running_loop()
+        self._stop_requested = asyncio.Event()
+        try:
+            async with anyio.create_task_group() as group:
+                with self._lock:
+                    self._task_group = group
+                    actors = list(self._actors.values())
+                for actor in actors:
+                    group.start_soon(self._supervise, actor)
+                task_status.started()
+                await self._stop_requested.wait()
+                group.cancel_scope.cancel()
+        finally:
+            with self._lock:
+                self._stopped = True
+                self._task_group = None
+                actors = list(self._actors.values())
+            for actor in actors:
+                actor.stop()
+
+    async def _supervise(self, actor: BreakerActor) -> None:
+        # actor.run() survives bad messages by itself; this catches a crash of
+        # its loop machinery so the breaker is restarted, never lost silently.
+        while True:
+            try:
+                await actor.run()
+            except Exception as exc:
+                actor.restarts += 1
+                _logger.error(
+                    "actor_crashed", breaker=actor.name, restarts=actor.restarts, exc_info=exc
+                )
+                await anyio.lowlevel.checkpoint()
+
+    def start(self) -> ActorSystem:
+        """Run the system in a background thread; returns once it is ready."""
+        if self._thread is not None:
+            raise RuntimeError("this actor system is already started")
+        ready = threading.Event()
+
+        async def main() -> None:
+            await self._serve_and_signal(ready)
+
+        def target() -> None:
+            try:
+                anyio.run(main)
+            except BaseException as exc:  # surfaced by start()/stop()
+                self._thread_error = exc
+                ready.set()
+
+        self._thread = threading.Thread(target=target, name="breakerd-actors", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if self._thread_error is not None:
+            raise RuntimeError("the actor system failed to start") from self._thread_error
+        return self
+
+    async def _serve_and_signal(self, ready: threading.Event) -> None:
+        async with anyio.create_task_group() as group:
+            await group.start(self.serve)
+            ready.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop every actor. Pending requests fail with ``ActorStoppedError``."""
+        loop, event = self._loop, self._stop_requested
+        if loop is not None and event is not None and not self._stopped:
+            self._call_in_loop(event.set)
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        with self._lock:
+            self._stopped = True
+            actors = list(self._actors.values())
+        for actor in actors:
+            # Idempotent; catches requests that raced the loop's own sweep.
+            actor.stop()
+
+    def _call_in_loop(self, func: Callable[..., Any], *args: Any) -> None:
+        loop = self._loop
+        assert loop is not None
+        if self._in_loop_thread():
+            func(*args)
+        else:
+            try:
+                loop.call_soon_threadsafe(func, *args)
+            except RuntimeError:
+                pass  # the loop is closed: the system is stopped already
+
+    def _in_loop_thread(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
+
+    @contextmanager
+    def running_in_thread(self) -> Iterator[ActorSystem]:
+        """``with ActorSystem().running_in_thread() as system:`` for tests and scripts."""
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+
+
+# -- the process-wide default system: the one piece of global state -------------
+
+_default: ActorSystem | None = None
+_default_lock = threading.Lock()
+
+
+def default_system() -> ActorSystem:
+    """The process-wide actor system that ``CircuitBreaker`` uses by default.
+
+    Started on first use in a daemon thread and stopped at exit. A forked
+    child gets a new one: the parent's thread does not survive ``fork``.
+    """
+    global _default
+    system = _default
+    if system is not None and system.pid == os.getpid() and system.running:
+        return system
+    with _default_lock:
+        system = _default
+        if system is None or system.pid != os.getpid() or not system.running:
+            system = ActorSystem().start()
+            _default = system
+        return system
+
+
+def _stop_default() -> None:
+    system = _default
+    if system is not None and system.pid == os.getpid():
+        system.stop()
+
+
+def _forget_default_in_child() -> None:
+    global _default, _default_lock
+    _default = None
+    _default_lock = threading.Lock()
+
+
+atexit.register(_stop_default)
+os.register_at_fork(after_in_child=_forget_default_in_child)
