@@ -58,6 +58,7 @@ class ActorSystem:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._stop_requested: asyncio.Event | None = None
+        self._spawn_queue: asyncio.Queue[BreakerActor] | None = None
         self._thread: threading.Thread | None = None
         self._thread_error: BaseException | None = None
         self._stopped = False
@@ -93,9 +94,10 @@ class ActorSystem:
                 name, config or BreakerConfig(), clock=self.clock, max_inbox=self.max_inbox
             )
             self._actors[name] = actor
-            loop, group = self._loop, self._task_group
-        if loop is not None and group is not None:
-            self._call_in_loop(group.start_soon, self._supervise, actor)
+            spawn_queue = self._spawn_queue if self._task_group is not None else None
+        if spawn_queue is not None:
+            # Task groups only accept new tasks from inside a task of their loop.
+            self._call_in_loop(spawn_queue.put_nowait, actor)
         return actor, ()
 
     def get(self, name: str) -> BreakerActor | None:
@@ -121,13 +123,16 @@ class ActorSystem:
         """Run every actor on the current (asyncio) loop until ``stop()``."""
         self._loop = asyncio.get_running_loop()
         self._stop_requested = asyncio.Event()
+        spawn_queue: asyncio.Queue[BreakerActor] = asyncio.Queue()
         try:
             async with anyio.create_task_group() as group:
                 with self._lock:
                     self._task_group = group
+                    self._spawn_queue = spawn_queue
                     actors = list(self._actors.values())
                 for actor in actors:
                     group.start_soon(self._supervise, actor)
+                group.start_soon(self._spawner, group, spawn_queue)
                 task_status.started()
                 await self._stop_requested.wait()
                 group.cancel_scope.cancel()
@@ -138,6 +143,12 @@ class ActorSystem:
                 actors = list(self._actors.values())
             for actor in actors:
                 actor.stop()
+
+    async def _spawner(
+        self, group: anyio.abc.TaskGroup, spawn_queue: asyncio.Queue[BreakerActor]
+    ) -> None:
+        while True:
+            group.start_soon(self._supervise, await spawn_queue.get())
 
     async def _supervise(self, actor: BreakerActor) -> None:
         # actor.run() survives bad messages by itself; this catches a crash of

@@ -1,0 +1,37 @@
+"""The user-facing API of breakerd.
+
+from breakerd.clients import CircuitBreaker, CircuitBreakerOpenError, CircuitState
+"""
+
+from breakerd.actor import ActorSystem, BreakerConfig, Transition
+from breakerd.protocol import (
+    BreakerError,
+    BreakerStatus,
+    CircuitBreakerOpenError,
+    CircuitState,
+    Outcome,
+    Snapshot,
+)
+
+from ._breaker import CircuitBreaker
+from ._classify import Classifier, ClassifyFunc, RateLimited, Verdict
+from ._openai import classify_openai, parse_retry_after
+
+__all__ = [
+    "ActorSystem",
+    "BreakerConfig",
+    "BreakerError",
+    "BreakerStatus",
+    "CircuitBreaker",
+    "CircuitBreakerOpenError",
+    "CircuitState",
+    "Classifier",
+    "ClassifyFunc",
+    "Outcome",
+    "RateLimited",
+    "Snapshot",
+    "Transition",
+    "Verdict",
+    "classify_openai",
+    "parse_retry_after",
+]

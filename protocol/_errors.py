@@ -103,6 +103,19 @@ class ProtocolError(BreakerError):
     code = "protocol_error"
 
 
+class LocalProtocolError(ProtocolError):
+    """This side tried to break the protocol (a bug here, not in the peer).
+
+    Like h11's error of the same name: the connection is dead all the same.
+    """
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent bytes that break the protocol: close its connection."""
+
+
+# Local and remote protocol errors travel as ``protocol_error`` and come back
+# as plain ``ProtocolError``: whose fault it was is only known where it happened.
 _BY_CODE: dict[str, type[BreakerError]] = {
     cls.code: cls
     for cls in (

@@ -134,6 +134,16 @@ class Report:
 
 
 @dataclass(frozen=True, slots=True)
+class ReportBatch:
+    """Outcomes sent together, fire-and-forget (the ``reports`` notification).
+
+    Plain successes while CLOSED travel this way: one frame for many calls.
+    """
+
+    items: tuple[Report, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Admin:
     name: str
     op: AdminOp

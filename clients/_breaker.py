@@ -1,0 +1,526 @@
+"""``CircuitBreaker``: the user-facing proxy.
+
+A protected call is ``acquire -> run the user's function here -> report``.
+The actor never runs user code. While the breaker is ``closed`` the proxy
+admits from the published snapshot and hands successes over without waiting;
+an outcome that can change the state (a failure, a slow call, a rate limit,
+any trial) waits for the actor's acknowledgement, so the caller's next call
+already sees the new state ("read your own writes").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import inspect
+import os
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, Final, ParamSpec, TypeVar, cast, overload
+
+import anyio.to_thread
+
+from breakerd.actor import ActorSystem, BreakerActor, BreakerConfig, Transition, default_system
+from breakerd.protocol import (
+    Acquire,
+    Admin,
+    AdminOp,
+    Admission,
+    BreakerError,
+    BreakerStatus,
+    CircuitBreakerOpenError,
+    CircuitState,
+    Outcome,
+    Report,
+    Snapshot,
+    StatusRequest,
+)
+
+from ._classify import Classifier, ClassifyFunc, RateLimited, Verdict
+
+__all__ = ["CircuitBreaker"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_CLOSED: Final = CircuitState.CLOSED
+_OPEN: Final = CircuitState.OPEN
+_DISABLED: Final = CircuitState.DISABLED
+_FORCED_OPEN: Final = CircuitState.FORCED_OPEN
+_SUCCESS: Final = Outcome.SUCCESS
+
+
+class CircuitBreaker:
+    """A circuit breaker around calls to one service.
+
+    Every ``CircuitBreaker`` with the same name in a process shares one breaker
+    actor (async and sync callers alike); the first one created fixes the
+    settings, later ones with different settings join it and get a warning in
+    the log (``breaker_config_conflict``, and ``config_conflicts`` here).
+
+    Args:
+        name: The protected service, e.g. ``"LLM"``.
+        failure_threshold: Open when the failure rate in the window is greater
+            than this (0..1).
+        timeout: Seconds the breaker stays open before one trial call.
+        min_calls: Outcomes the window must hold before the rate is judged.
+        fallback: ``fallback(*args, **kwargs)``, sync or async, returns the
+            answer for a rejected call instead of raising
+            ``CircuitBreakerOpenError``. It gets the arguments of the call.
+        half_open_calls: Trial calls allowed while half-open.
+        daemon: ``None`` for an in-process breaker; the daemon mode is not
+            available yet and raises ``NotImplementedError``.
+        window_size, window_seconds, slow_call_duration, slow_call_threshold,
+        backoff, max_timeout, jitter, half_open_max_wait: see ``BreakerConfig``.
+        record: Exception types that count as failures (default: all).
+        ignore: Exception types that count as neither success nor failure.
+        classify: ``classify(exc)`` returning an ``Outcome``, ``RateLimited`` or
+            None (fall through to the other rules). Runs first.
+        openai: Apply the openai SDK rules (see ``breakerd.clients.classify_openai``).
+        strict: Send every acquire to the actor instead of admitting from the
+            snapshot (slower; exact admission under heavy concurrency).
+        system: The actor system to use (default: the process-wide one).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        failure_threshold: float = 0.5,
+        timeout: float = 30.0,
+        min_calls: int = 5,
+        fallback: Callable[..., Any] | None = None,
+        half_open_calls: int = 1,
+        daemon: bool | str | Path | None = None,
+        *,
+        window_size: int = 100,
+        window_seconds: float | None = None,
+        slow_call_duration: float | None = None,
+        slow_call_threshold: float = 1.0,
+        backoff: float = 1.0,
+        max_timeout: float | None = None,
+        jitter: float = 0.0,
+        half_open_max_wait: float = 60.0,
+        record: tuple[type[BaseException], ...] = (Exception,),
+        ignore: tuple[type[BaseException], ...] = (),
+        classify: ClassifyFunc | None = None,
+        openai: bool = True,
+        strict: bool = False,
+        system: ActorSystem | None = None,
+    ) -> None:
+        if fallback is not None and not callable(fallback):
+            raise TypeError(f"fallback must be callable, got {fallback!r}")
+        if daemon is not None and daemon is not False:
+            raise NotImplementedError(
+                "daemon mode is not available in this version of breakerd; use daemon=None"
+            )
+        self.config = BreakerConfig(
+            failure_threshold=failure_threshold,
+            timeout=timeout,
+            min_calls=min_calls,
+            half_open_calls=half_open_calls,
+            window_size=window_size,
+            window_seconds=window_seconds,
+            slow_call_duration=slow_call_duration,
+            slow_call_threshold=slow_call_threshold,
+            backoff=backoff,
+            max_timeout=max_timeout,
+            jitter=jitter,
+            half_open_max_wait=half_open_max_wait,
+        )
+        self.name = name
+        self.fallback = fallback
+        self.strict = strict
+        self._classifier = Classifier(
+            record=record, ignore=ignore, classify=classify, openai=openai
+        )
+        self._explicit_system = system
+        self._pid = os.getpid()
+        self._bind(system or default_system())
+
+    def _bind(self, system: ActorSystem) -> None:
+        self._system = system
+        self._clock = system.clock
+        actor, conflicts = system.actor(self.name, self.config)
+        self._actor: BreakerActor = actor
+        self.config_conflicts: tuple[str, ...] = conflicts
+
+    def _rebind_after_fork(self) -> None:
+        # The parent's actor thread does not exist in a forked child.
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._bind(self._explicit_system or default_system())
+
+    # -- inspection ------------------------------------------------------------
+
+    @property
+    def state(self) -> CircuitState:
+        """The state last published by the breaker's actor."""
+        return self._actor.snapshot.state
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._actor.snapshot
+
+    def status(self) -> BreakerStatus:
+        """Counts and rates from the actor (a round trip)."""
+        return cast(BreakerStatus, self._request_sync(StatusRequest(self.name)))
+
+    def __repr__(self) -> str:
+        return f"<CircuitBreaker {self.name!r} {self.state.value}>"
+
+    # -- the async call --------------------------------------------------------------
+
+    async def call(self, func: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``await func(*args, **kwargs)`` under the breaker.
+
+        Raises ``CircuitBreakerOpenError`` when rejected and no fallback is set;
+        with a fallback, returns ``fallback(*args, **kwargs)`` instead.
+        """
+        actor = self._actor
+        snapshot = actor.snapshot
+        state = snapshot.state
+        if state is _CLOSED and snapshot.slow_call_duration is None and not self.strict:
+            generation = snapshot.generation
+            try:
+                result = await func(*args, **kwargs)
+            except BaseException as exc:
+                await self._settle_async(exc, generation, 0, 0.0)
+                raise
+            if not actor.post_report((generation, _SUCCESS, 0.0)):
+                await self._report_async(Report(self.name, generation, _SUCCESS), ack=True)
+            return result
+        return await self._call_slow_path(snapshot, func, args, kwargs)
+
+    async def _call_slow_path(
+        self,
+        snapshot: Snapshot,
+        func: Callable[..., Awaitable[T]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> T:
+        if self._pid != os.getpid():
+            self._rebind_after_fork()
+            snapshot = self._actor.snapshot
+        state = snapshot.state
+        if state is _DISABLED and not self.strict:
+            return await func(*args, **kwargs)
+        generation, lease = snapshot.generation, 0
+        if state is not _CLOSED or self.strict:
+            rejection = self._local_rejection(snapshot)
+            if rejection is not None:
+                return cast(T, await self._reject_async(rejection, args, kwargs))
+            admission = cast(Admission, await self._request_async(Acquire(self.name)))
+            if not admission.admitted:
+                rejection = self._rejection(admission.snapshot, admission.retry_after)
+                return cast(T, await self._reject_async(rejection, args, kwargs))
+            generation, lease = admission.generation, admission.lease
+        clock = self._clock
+        started = clock()
+        try:
+            result = await func(*args, **kwargs)
+        except BaseException as exc:
+            await self._settle_async(exc, generation, lease, clock() - started)
+            raise
+        await self._report_success_async(generation, lease, clock() - started)
+        return result
+
+    async def _report_success_async(self, generation: int, lease: int, duration: float) -> None:
+        slow = self._actor.snapshot.slow_call_duration
+        if lease or (slow is not None and duration > slow):
+            await self._report_async(
+                Report(self.name, generation, _SUCCESS, duration, lease), ack=True
+            )
+        elif not self._actor.post_report((generation, _SUCCESS, duration)):
+            await self._report_async(Report(self.name, generation, _SUCCESS, duration), ack=True)
+
+    async def _settle_async(
+        self, exc: BaseException, generation: int, lease: int, duration: float
+    ) -> None:
+        verdict = self._classifier(exc)
+        report = self._report_for(verdict, generation, lease, duration)
+        if report is None:
+            return
+        if _needs_ack(report):
+            try:
+                await self._report_async(report, ack=True)
+            except BreakerError:
+                pass  # never mask the caller's own exception with ours
+        else:
+            self._report_nowait(report)
+
+    # -- the sync call -------------------------------------------------------------
+
+    def call_sync(self, func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``func(*args, **kwargs)`` under the breaker, from any thread.
+
+        No event loop is needed. The fallback, if any, must be synchronous here.
+        """
+        actor = self._actor
+        snapshot = actor.snapshot
+        if (
+            snapshot.state is _CLOSED
+            and snapshot.slow_call_duration is None
+            and not self.strict
+            and self._pid == os.getpid()
+        ):
+            generation = snapshot.generation
+            try:
+                result = func(*args, **kwargs)
+            except BaseException as exc:
+                self._settle_sync(exc, generation, 0, 0.0)
+                raise
+            if not actor.post_report((generation, _SUCCESS, 0.0)):
+                self._request_sync(Report(self.name, generation, _SUCCESS), force=True)
+            return result
+        return self._call_sync_slow_path(func, args, kwargs)
+
+    def _call_sync_slow_path(
+        self, func: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> T:
+        self._rebind_after_fork()
+        snapshot = self._actor.snapshot
+        state = snapshot.state
+        if state is _DISABLED and not self.strict:
+            return func(*args, **kwargs)
+        generation, lease = snapshot.generation, 0
+        if state is not _CLOSED or self.strict:
+            rejection = self._local_rejection(snapshot)
+            if rejection is not None:
+                return cast(T, self._reject_sync(rejection, args, kwargs))
+            admission = cast(Admission, self._request_sync(Acquire(self.name)))
+            if not admission.admitted:
+                rejection = self._rejection(admission.snapshot, admission.retry_after)
+                return cast(T, self._reject_sync(rejection, args, kwargs))
+            generation, lease = admission.generation, admission.lease
+        clock = self._clock
+        started = clock()
+        try:
+            result = func(*args, **kwargs)
+        except BaseException as exc:
+            self._settle_sync(exc, generation, lease, clock() - started)
+            raise
+        duration = clock() - started
+        slow = self._actor.snapshot.slow_call_duration
+        if lease or (slow is not None and duration > slow):
+            self._request_sync(Report(self.name, generation, _SUCCESS, duration, lease), force=True)
+        elif not self._actor.post_report((generation, _SUCCESS, duration)):
+            self._request_sync(Report(self.name, generation, _SUCCESS, duration), force=True)
+        return result
+
+    def _settle_sync(
+        self, exc: BaseException, generation: int, lease: int, duration: float
+    ) -> None:
+        verdict = self._classifier(exc)
+        report = self._report_for(verdict, generation, lease, duration)
+        if report is None:
+            return
+        if _needs_ack(report):
+            try:
+                self._request_sync(report, force=True)
+            except BreakerError:
+                pass  # never mask the caller's own exception with ours
+        else:
+            self._report_nowait(report)
+
+    # -- decorator use ---------------------------------------------------------------
+
+    @overload
+    def __call__(self, func: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]: ...
+    @overload
+    def __call__(self, func: Callable[P, T]) -> Callable[P, T]: ...
+
+    def __call__(self, func: Callable[P, Any]) -> Callable[P, Any]:
+        """Use the breaker as a decorator on a sync or an async function."""
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                return await self.call(func, *args, **kwargs)
+
+            return async_wrapper
+
+        @functools.wraps(func)
+        def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+            return self.call_sync(func, *args, **kwargs)
+
+        return sync_wrapper
+
+    # -- administration ----------------------------------------------------------------
+
+    def force_open(self) -> CircuitState:
+        """Reject every call until ``reset()`` (host-wide in daemon mode)."""
+        return self._admin("force_open")
+
+    def disable(self) -> CircuitState:
+        """Admit every call and record nothing until ``reset()``."""
+        return self._admin("disable")
+
+    def reset(self) -> CircuitState:
+        """Back to ``closed`` with an empty window."""
+        return self._admin("reset")
+
+    def _admin(self, op: AdminOp) -> CircuitState:
+        snapshot = cast(Snapshot, self._request_sync(Admin(self.name, op)))
+        return snapshot.state
+
+    # -- observing transitions -----------------------------------------------------------
+
+    def on_transition(self, callback: Callable[[Transition], None]) -> Callable[[], None]:
+        """Call ``callback(transition)`` after every state change; returns an unsubscribe.
+
+        The callback runs in the actor system's thread: keep it short and
+        do not call this breaker's ``call_sync`` from it.
+        """
+
+        def listener(transition: Transition, snapshot: Snapshot) -> None:
+            callback(transition)
+
+        listeners = self._actor.listeners
+        listeners.append(listener)
+
+        def unsubscribe() -> None:
+            try:
+                listeners.remove(listener)
+            except ValueError:
+                pass
+
+        return unsubscribe
+
+    async def transitions(self) -> AsyncIterator[Transition]:
+        """Async iterator over state changes from now on (asyncio only)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Transition] = asyncio.Queue()
+
+        def forward(transition: Transition) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, transition)
+
+        unsubscribe = self.on_transition(forward)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            unsubscribe()
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _local_rejection(self, snapshot: Snapshot) -> CircuitBreakerOpenError | None:
+        state = snapshot.state
+        if state is _FORCED_OPEN:
+            self._actor.post_rejections(1)
+            return CircuitBreakerOpenError(self.name, None, state.value)
+        if state is _OPEN and snapshot.open_until is not None:
+            remaining = snapshot.open_until - self._clock()
+            if remaining > 0:
+                self._actor.post_rejections(1)
+                return CircuitBreakerOpenError(self.name, remaining, state.value)
+        return None
+
+    def _rejection(self, snapshot: Snapshot, retry_after: float | None) -> CircuitBreakerOpenError:
+        return CircuitBreakerOpenError(self.name, retry_after, snapshot.state.value)
+
+    async def _reject_async(
+        self, error: CircuitBreakerOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        fallback = self.fallback
+        if fallback is None:
+            raise error
+        result = fallback(*args, **kwargs)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    def _reject_sync(
+        self, error: CircuitBreakerOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        fallback = self.fallback
+        if fallback is None:
+            raise error
+        result = fallback(*args, **kwargs)
+        if inspect.isawaitable(result):
+            if inspect.iscoroutine(result):
+                result.close()
+            raise TypeError(
+                f"breaker {self.name!r}: the fallback returned an awaitable, which call_sync "
+                "cannot await; use a sync fallback or `await breaker.call(...)`"
+            )
+        return result
+
+    def _report_for(
+        self, verdict: Verdict, generation: int, lease: int, duration: float
+    ) -> Report | None:
+        if isinstance(verdict, RateLimited):
+            return Report(
+                self.name, generation, Outcome.RATE_LIMITED, duration, lease, verdict.retry_after
+            )
+        if verdict is Outcome.CANCELLED and not lease:
+            return None  # a closed-state permit holds nothing to release
+        return Report(self.name, generation, verdict, duration, lease)
+
+    def _report_nowait(self, report: Report) -> None:
+        if report.lease:
+            # A lease must come back even if the inbox is full: force it in.
+            self._actor.ask(report, None, force=True)
+        elif not self._actor.post_report((report.generation, report.outcome, report.duration)):
+            self._actor.ask(report, None, force=True)
+
+    async def _report_async(self, report: Report, *, ack: bool) -> None:
+        if ack:
+            await self._request_async(report, force=True)
+        else:
+            self._report_nowait(report)
+
+    async def _request_async(self, message: object, *, force: bool = False) -> Any:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            # Not asyncio (trio through anyio): wait in a worker thread instead.
+            return await anyio.to_thread.run_sync(
+                functools.partial(self._request_sync, message, force=force)
+            )
+        future: asyncio.Future[Any] = loop.create_future()
+
+        def reply(result: Any, error: BaseException | None) -> None:
+            loop.call_soon_threadsafe(_settle_future, future, result, error)
+
+        self._actor.ask(message, reply, force=force)
+        return await future
+
+    def _request_sync(self, message: object, *, force: bool = False) -> Any:
+        if threading.get_ident() == self._system.loop_thread_id:
+            raise RuntimeError(
+                "a breaker cannot wait for its own actor thread; "
+                "do not call call_sync() or admin methods from a transition callback"
+            )
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def reply(result: Any, error: BaseException | None) -> None:
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        self._actor.ask(message, reply, force=force)
+        return future.result()
+
+
+def _needs_ack(report: Report) -> bool:
+    # Outcomes that can change the state wait for the actor; so do trials.
+    return (
+        report.lease != 0
+        and report.outcome
+        not in (
+            Outcome.CANCELLED,
+            Outcome.IGNORED,
+        )
+    ) or report.outcome in (Outcome.FAILURE, Outcome.RATE_LIMITED)
+
+
+def _settle_future(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return  # the waiter was cancelled
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

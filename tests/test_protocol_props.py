@@ -1,0 +1,325 @@
+"""Property tests of the wire protocol.
+
+The decoder's promise: whatever bytes arrive, ``next_event`` returns events or
+raises ``ProtocolError``, nothing else. And the codec's: any message survives
+the trip through a client and a server connection unchanged, however the
+bytes are cut up on the way.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from typing import Any
+
+import msgpack
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from breakerd.protocol import (
+    ADMIN_OPS,
+    MAX_MSGID,
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    Acquire,
+    Admin,
+    Admission,
+    BreakerStatus,
+    CircuitState,
+    Connection,
+    ConnectionClosed,
+    Event,
+    Hello,
+    NotificationReceived,
+    Outcome,
+    ProtocolError,
+    Register,
+    Registered,
+    Report,
+    ReportBatch,
+    RequestMessage,
+    RequestReceived,
+    ResponseReceived,
+    ResultMessage,
+    Snapshot,
+    StatePush,
+    Status,
+    StatusRequest,
+    Welcome,
+)
+
+HELLO = Hello(1, PROTOCOL_VERSION, "props", 1)
+WELCOME = Welcome(PROTOCOL_VERSION, "daemon", 2)
+
+
+def drain_or_error(conn: Connection, chunks: list[bytes]) -> tuple[list[Event], bool]:
+    """Feed every chunk and collect events; True if a ProtocolError was raised."""
+    events: list[Event] = []
+    try:
+        for chunk in chunks:
+            conn.receive_data(chunk)
+            while (event := conn.next_event()) is not NEED_DATA:
+                events.append(event)
+                if isinstance(event, ConnectionClosed):
+                    return events, False
+    except ProtocolError:
+        return events, True
+    return events, False
+
+
+def fresh(role: str, greeted: bool) -> Connection:
+    """A connection, optionally past the handshake so later rules get exercised."""
+    if role == "server":
+        server = Connection("server")
+        if greeted:
+            server.receive_data(Connection("client").send_request(0, HELLO))
+            assert isinstance(server.next_event(), RequestReceived)
+            server.send_response(0, WELCOME)
+        return server
+    client = Connection("client")
+    if greeted:
+        client.send_request(0, HELLO)
+    return client
+
+
+# --- arbitrary bytes --------------------------------------------------------------
+
+roles = st.sampled_from(["server", "client"])
+
+
+@given(data=st.binary(), role=roles, greeted=st.booleans())
+@example(data=b"\x00\x00\x00\x01\xc1", role="server", greeted=True)
+@example(data=b"\xff\xff\xff\xff", role="client", greeted=False)
+def test_random_bytes_raise_only_protocol_error(data: bytes, role: str, greeted: bool) -> None:
+    conn = fresh(role, greeted)
+    drain_or_error(conn, [data, b""])
+
+
+@given(chunks=st.lists(st.binary(max_size=64), max_size=8), role=roles)
+def test_random_chunks_raise_only_protocol_error(chunks: list[bytes], role: str) -> None:
+    events, failed = drain_or_error(fresh(role, True), [*chunks, b""])
+    # Without a failure the stream ended cleanly, and said so.
+    assert failed or events[-1] == ConnectionClosed()
+
+
+# Any msgpack value, to get past framing and into the message decoder.
+msgpack_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats()
+    | st.text(max_size=12)
+    | st.binary(max_size=12),
+    lambda inner: (
+        st.lists(inner, max_size=6)
+        | st.dictionaries(st.text(max_size=12) | st.binary(max_size=4), inner, max_size=6)
+    ),
+    max_leaves=30,
+)
+methods = st.sampled_from(
+    ["hello", "register", "acquire", "report", "admin", "status", "reports", "state", "x"]
+)
+# Values shaped like messages, so that the field checks get reached.
+message_like = st.one_of(
+    msgpack_values,
+    st.tuples(st.just(0), st.integers(-1, 2**33), methods, msgpack_values).map(list),
+    st.tuples(st.just(1), st.integers(-1, 2**33), msgpack_values, msgpack_values).map(list),
+    st.tuples(st.just(2), methods, msgpack_values).map(list),
+    st.tuples(
+        st.just(2),
+        st.just("reports"),
+        st.fixed_dictionaries({"items": st.lists(st.lists(msgpack_values, max_size=8))}),
+    ).map(list),
+    st.tuples(
+        st.just(1),
+        st.integers(0, 10),
+        st.none(),
+        st.fixed_dictionaries(
+            {"type": st.sampled_from(["welcome", "registered", "admission", "snapshot"])},
+            optional={
+                "snapshot": msgpack_values,
+                "name": msgpack_values,
+                "state": st.sampled_from(["open", "closed", "nope"]) | msgpack_values,
+                "generation": msgpack_values,
+                "admitted": msgpack_values,
+                "lease": msgpack_values,
+                "version": msgpack_values,
+                "conflicts": msgpack_values,
+            },
+        ),
+    ).map(list),
+)
+
+
+def framed(value: Any) -> bytes:
+    body = msgpack.packb(value)
+    return struct.pack(">I", len(body)) + body
+
+
+@given(value=message_like, role=roles)
+def test_framed_msgpack_values_raise_only_protocol_error(value: Any, role: str) -> None:
+    events, failed = drain_or_error(fresh(role, True), [framed(value), b""])
+    if not failed:
+        assert events[-1] == ConnectionClosed()
+        assert len(events) == 2
+
+
+# --- valid messages -------------------------------------------------------------------
+
+names = st.text(max_size=20)
+ints = st.integers(min_value=-(2**63), max_value=2**64 - 1)
+counts = st.integers(min_value=0, max_value=2**32)
+floats = st.floats(allow_nan=False)  # NaN != NaN would fail equality, not the codec
+opt_floats = st.none() | floats
+msgids = st.integers(min_value=0, max_value=MAX_MSGID)
+
+snapshots = st.builds(
+    Snapshot,
+    name=names,
+    state=st.sampled_from(CircuitState),
+    generation=ints,
+    open_until=opt_floats,
+    failure_rate=opt_floats,
+    slow_call_rate=opt_floats,
+    calls=counts,
+    trials_in_flight=counts,
+    slow_call_duration=opt_floats,
+)
+reports = st.builds(
+    Report,
+    name=names,
+    generation=ints,
+    outcome=st.sampled_from(Outcome),
+    duration=floats,
+    lease=ints,
+    retry_after=opt_floats,
+)
+# Config values come back as msgpack gives them: lists, not tuples; no NaN.
+config_values = st.recursive(
+    st.none() | st.booleans() | ints | floats | st.text(max_size=8) | st.binary(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=12,
+)
+requests: st.SearchStrategy[RequestMessage] = st.one_of(
+    st.builds(Register, name=names, config=st.dictionaries(st.text(max_size=8), config_values)),
+    st.builds(Acquire, name=names),
+    reports,
+    st.builds(Admin, name=names, op=st.sampled_from(sorted(ADMIN_OPS))),
+    st.builds(StatusRequest, name=st.none() | names),
+)
+results: st.SearchStrategy[ResultMessage] = st.one_of(
+    st.builds(Registered, snapshot=snapshots, conflicts=st.lists(names).map(tuple)),
+    st.builds(
+        Admission,
+        admitted=st.booleans(),
+        generation=ints,
+        lease=ints,
+        snapshot=snapshots,
+        retry_after=opt_floats,
+    ),
+    snapshots,
+    st.builds(
+        Status,
+        st.lists(
+            st.builds(
+                BreakerStatus,
+                snapshot=snapshots,
+                successes=counts,
+                failures=counts,
+                rejections=counts,
+                ignored=counts,
+                clients=counts,
+            ),
+            max_size=4,
+        ).map(tuple),
+    ),
+)
+
+
+@given(msgid=msgids, request=requests, result=results)
+def test_any_request_and_result_round_trip(
+    msgid: int, request: RequestMessage, result: ResultMessage
+) -> None:
+    client, server = fresh("client", True), fresh("server", True)
+    server.receive_data(client.send_request(msgid, request))
+    assert server.next_event() == RequestReceived(msgid, request)
+    assert server.next_event() is NEED_DATA
+    client.receive_data(server.send_response(msgid, result))
+    assert client.next_event() == ResponseReceived(msgid, result, None)
+    assert client.next_event() is NEED_DATA
+
+
+@given(batch=st.lists(reports, max_size=20).map(tuple), snapshot=snapshots)
+def test_any_notification_round_trips(batch: tuple[Report, ...], snapshot: Snapshot) -> None:
+    client, server = fresh("client", True), fresh("server", True)
+    server.receive_data(client.send_notification(ReportBatch(batch)))
+    assert server.next_event() == NotificationReceived(ReportBatch(batch))
+    client.receive_data(server.send_notification(StatePush(snapshot)))
+    assert client.next_event() == NotificationReceived(StatePush(snapshot))
+
+
+@st.composite
+def streams_and_cuts(draw: st.DrawFn) -> tuple[bytes, list[Event], list[int]]:
+    """A client's byte stream, the events it should give, and cut points into it."""
+    client = Connection("client")
+    parts = [client.send_request(0, HELLO)]
+    expected: list[Event] = [RequestReceived(0, HELLO)]
+    for msgid, request in enumerate(draw(st.lists(requests, max_size=5)), start=1):
+        parts.append(client.send_request(msgid, request))
+        expected.append(RequestReceived(msgid, request))
+    if draw(st.booleans()):
+        batch = ReportBatch(tuple(draw(st.lists(reports, max_size=5))))
+        parts.append(client.send_notification(batch))
+        expected.append(NotificationReceived(batch))
+    stream = b"".join(parts)
+    cuts = sorted(draw(st.lists(st.integers(0, len(stream)), max_size=10)))
+    return stream, expected, cuts
+
+
+@given(streams_and_cuts())
+def test_any_chunking_gives_the_same_events(case: tuple[bytes, list[Event], list[int]]) -> None:
+    stream, expected, cuts = case
+    bounds = [0, *cuts, len(stream)]
+    # b"" would mean EOF: a transport never passes an empty read otherwise.
+    chunks = [stream[a:b] for a, b in itertools.pairwise(bounds) if a != b]
+    events, failed = drain_or_error(Connection("server"), [*chunks, b""])
+    assert not failed
+    assert events == [*expected, ConnectionClosed()]
+
+
+@given(streams_and_cuts(), st.data())
+def test_truncated_stream_gives_a_prefix_then_protocol_error(
+    case: tuple[bytes, list[Event], list[int]], data: st.DataObject
+) -> None:
+    stream, expected, _ = case
+    cut = data.draw(st.integers(0, len(stream) - 1))
+    events, failed = drain_or_error(Connection("server"), [stream[:cut], b""])
+    assert events[: len(events) - (not failed)] == expected[: len(events) - (not failed)]
+    # Cut between frames the close is clean; cut inside one it is an error.
+    boundaries = frame_boundaries(stream)
+    if cut in boundaries:
+        assert not failed
+        assert events[-1] == ConnectionClosed()
+    else:
+        assert failed
+
+
+def frame_boundaries(stream: bytes) -> set[int]:
+    boundaries, pos = {0}, 0
+    while pos < len(stream):
+        (n,) = struct.unpack_from(">I", stream, pos)
+        pos += 4 + n
+        boundaries.add(pos)
+    return boundaries
+
+
+@given(streams_and_cuts(), st.data())
+def test_corrupted_stream_raises_only_protocol_error(
+    case: tuple[bytes, list[Event], list[int]], data: st.DataObject
+) -> None:
+    stream, _, _ = case
+    buf = bytearray(stream)
+    for _ in range(data.draw(st.integers(1, 4))):
+        pos = data.draw(st.integers(0, len(buf) - 1))
+        buf[pos] = data.draw(st.integers(0, 255))
+    drain_or_error(Connection("server"), [bytes(buf), b""])
