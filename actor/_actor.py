@@ -8,9 +8,16 @@ so the machine is touched by one task only: no locks around state.
 
 Items in the inbox, in arrival order:
 
-* ``(generation, outcome, duration)`` -- a fire-and-forget report;
-* an ``int`` -- rejections a proxy made locally (status bookkeeping only);
+* an ``int`` -- one plain success under that generation (the hot path: no
+  allocation, and runs of them are applied in bulk);
+* ``(generation, outcome, duration)`` -- any other fire-and-forget report;
+* ``REJECTED`` -- one rejection a proxy made locally (status bookkeeping only);
 * an ``Envelope`` -- a request and the callable that answers it.
+
+Fire-and-forget items do not wake a sleeping actor at once: the first one
+schedules a drain ``REPORT_FLUSH_DELAY`` seconds later, so a busy caller pays
+for one wake-up per batch rather than one per call. Requests wake it at once,
+and since the inbox is FIFO, every earlier report is applied before them.
 """
 
 from __future__ import annotations
@@ -51,6 +58,20 @@ TransitionListener: TypeAlias = Callable[[Transition, Snapshot], None]
 
 ReportItem: TypeAlias = tuple[int, Outcome, float]
 
+
+class _Rejected:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "REJECTED"
+
+
+#: Inbox item for one local rejection.
+REJECTED: Final = _Rejected()
+
+#: How long fire-and-forget reports may wait in the inbox before a drain.
+REPORT_FLUSH_DELAY: Final = 0.002
+
 _logger = structlog.get_logger("breakerd")
 
 _EVENTS: Final[dict[tuple[CircuitState, CircuitState] | CircuitState, tuple[str, str]]] = {
@@ -74,11 +95,14 @@ class Envelope:
         self.reply = reply
 
 
+InboxItem: TypeAlias = int | ReportItem | _Rejected | Envelope
+
+
 class BreakerActor:
     """The single owner of one breaker's machine.
 
     Proxies read ``snapshot`` (replaced, never mutated) to admit locally, and
-    talk to the actor through ``post_report``, ``post_rejections`` and
+    talk to the actor through ``post_success``, ``post_report``, ``post_rejection`` and
     ``ask``; all three are safe from any thread.
     """
 
@@ -99,8 +123,9 @@ class BreakerActor:
         self.listeners: list[TransitionListener] = []
         self.restarts = 0
         self._clock = clock
-        self._inbox: deque[ReportItem | int | Envelope] = deque()
+        self._inbox: deque[InboxItem] = deque()
         self._asleep = False
+        self._flush_scheduled = False
         self._stopped = False
         self._wake_event: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -108,21 +133,31 @@ class BreakerActor:
 
     # -- any thread ------------------------------------------------------------
 
+    def post_success(self, generation: int) -> bool:
+        """One plain success, without waiting. False: inbox full, ask instead."""
+        inbox = self._inbox
+        if len(inbox) >= self.max_inbox or self._stopped:
+            return False
+        inbox.append(generation)
+        if self._asleep and not self._flush_scheduled:
+            self._schedule_flush()
+        return True
+
     def post_report(self, item: ReportItem) -> bool:
-        """Hand over an outcome without waiting. False: inbox full, ask instead."""
+        """Any outcome, without waiting. False: inbox full, ask instead."""
         inbox = self._inbox
         if len(inbox) >= self.max_inbox or self._stopped:
             return False
         inbox.append(item)
-        if self._asleep:
-            self._wake()
+        if self._asleep and not self._flush_scheduled:
+            self._schedule_flush()
         return True
 
-    def post_rejections(self, count: int) -> None:
+    def post_rejection(self) -> None:
         if len(self._inbox) < self.max_inbox and not self._stopped:
-            self._inbox.append(count)
-            if self._asleep:
-                self._wake()
+            self._inbox.append(REJECTED)
+            if self._asleep and not self._flush_scheduled:
+                self._schedule_flush()
 
     def ask(self, message: object, reply: Reply | None, *, force: bool = False) -> None:
         """Queue a request; ``reply`` is called exactly once, from the actor's thread.
@@ -155,6 +190,16 @@ class BreakerActor:
         except RuntimeError:
             pass  # loop closed: stop() fails whatever is left
 
+    def _schedule_flush(self) -> None:
+        self._flush_scheduled = True
+        loop, event = self._loop, self._wake_event
+        if loop is None or event is None:
+            return
+        try:
+            loop.call_soon_threadsafe(loop.call_later, REPORT_FLUSH_DELAY, event.set)
+        except RuntimeError:
+            pass
+
     # -- the actor's own task ------------------------------------------------------
 
     async def run(self) -> None:
@@ -163,8 +208,9 @@ class BreakerActor:
         event = self._wake_event = asyncio.Event()
         inbox = self._inbox
         while True:
-            while inbox:
-                self._handle(inbox.popleft())
+            self._flush_scheduled = False
+            if inbox:
+                self._drain()
             self._asleep = True
             if inbox:
                 # A producer appended between our last popleft and the flag.
@@ -178,24 +224,43 @@ class BreakerActor:
                 if delay > 0:
                     with anyio.move_on_after(delay if math.isfinite(delay) else 86_400.0):
                         await event.wait()
-                self._asleep = False
                 self._apply(self.machine.expire(self._clock()))
+            self._asleep = False
             event.clear()
 
-    def _handle(self, item: ReportItem | int | Envelope) -> None:
-        try:
-            if type(item) is tuple:
-                generation, outcome, duration = item
-                result = self.machine.record(generation, outcome, self._clock(), duration=duration)
-                if result.transitions:
-                    self._apply(result.transitions)
-            elif type(item) is int:
-                self.machine.count_rejections(item)
-            else:
-                assert isinstance(item, Envelope)
-                self._serve(item)
-        except Exception as exc:  # a bug in breakerd: restart, never go silent
-            self._crash(item, exc)
+    def _drain(self) -> None:
+        inbox = self._inbox
+        popleft = inbox.popleft
+        machine = self.machine
+        while inbox:
+            item = popleft()
+            try:
+                if type(item) is int:
+                    # Bulk-apply a run of successes of one generation.
+                    count = 1
+                    while inbox and inbox[0] == item and type(inbox[0]) is int:
+                        popleft()
+                        count += 1
+                    transitions = machine.record_successes(item, count, self._clock())
+                    if transitions:
+                        self._apply(transitions)
+                else:
+                    self._handle(item)
+            except Exception as exc:  # a bug in breakerd: restart, never go silent
+                self._crash(item, exc)
+                machine = self.machine
+
+    def _handle(self, item: InboxItem) -> None:
+        if type(item) is tuple:
+            generation, outcome, duration = item
+            result = self.machine.record(generation, outcome, self._clock(), duration=duration)
+            if result.transitions:
+                self._apply(result.transitions)
+        elif item is REJECTED:
+            self.machine.count_rejections(1)
+        else:
+            assert isinstance(item, Envelope)
+            self._serve(item)
 
     def _serve(self, envelope: Envelope) -> None:
         message = envelope.message

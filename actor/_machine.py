@@ -33,6 +33,7 @@ import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from itertools import repeat
 from typing import Any, Final
 
 from breakerd.protocol import CircuitState, Outcome, Snapshot
@@ -222,6 +223,23 @@ class _CountWindow:
         self.total += 1
         self.failures += failed
         self.slow += slow
+
+    def add_successes(self, count: int) -> None:
+        """``count`` plain successes at once (the batched fast path)."""
+        items = self._items
+        overflow = len(items) + count - self.size
+        if overflow >= len(items):
+            items.clear()
+            self.total = self.failures = self.slow = 0
+            count = min(count, self.size)
+        elif overflow > 0:
+            for _ in range(overflow):
+                old = items.popleft()
+                self.failures -= old & 1
+                self.slow -= old >> 1
+            self.total -= overflow
+        items.extend(repeat(0, count))
+        self.total += count
 
     def expire(self, now: float) -> None:
         """Count windows do not age."""
@@ -418,6 +436,32 @@ class Machine:
         window = self._window
         window.add(failed, slow, now)
         return RecordResult(True, self._judge_window(now))
+
+    def record_successes(self, generation: int, count: int, now: float) -> tuple[Transition, ...]:
+        """Apply ``count`` plain (not slow) successes admitted under ``generation``.
+
+        Same result as ``count`` calls of ``record(generation, SUCCESS, now)``.
+        """
+        if generation != self.generation or count <= 0:
+            return _NO_TRANSITIONS
+        window = self._window
+        if (
+            self.state is CLOSED
+            and type(window) is _CountWindow
+            and window.total >= self.config.min_calls
+        ):
+            # Judged already and within the threshold: a plain success can only
+            # lower both rates in a count window, so no judgement can open it.
+            self.successes += count
+            window.add_successes(count)
+            return _NO_TRANSITIONS
+        transitions: tuple[Transition, ...] = ()
+        for _ in range(count):
+            result = self.record(generation, Outcome.SUCCESS, now)
+            if not result.counted:
+                break
+            transitions += result.transitions
+        return transitions
 
     def _count_total(self, outcome: Outcome) -> None:
         if outcome is Outcome.SUCCESS:

@@ -16,6 +16,7 @@ import functools
 import inspect
 import os
 import threading
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final, ParamSpec, TypeVar, cast, overload
@@ -138,6 +139,7 @@ class CircuitBreaker:
         self._explicit_system = system
         self._pid = os.getpid()
         self._bind(system or default_system())
+        _live_breakers.add(self)
 
     def _bind(self, system: ActorSystem) -> None:
         self._system = system
@@ -150,7 +152,16 @@ class CircuitBreaker:
         # The parent's actor thread does not exist in a forked child.
         if self._pid != os.getpid():
             self._pid = os.getpid()
-            self._bind(self._explicit_system or default_system())
+            system = self._explicit_system
+            if system is None or system.pid != self._pid:
+                system = default_system()
+            self._bind(system)
+
+    def _forked(self) -> None:
+        # Runs in the child right after fork(): no thread may be started here,
+        # so point the hot path at a placeholder whose state sends every call
+        # down the slow path, which rebinds first.
+        self._actor = cast(BreakerActor, _ForkedPlaceholder(self.name))
 
     # -- inspection ------------------------------------------------------------
 
@@ -188,7 +199,7 @@ class CircuitBreaker:
             except BaseException as exc:
                 await self._settle_async(exc, generation, 0, 0.0)
                 raise
-            if not actor.post_report((generation, _SUCCESS, 0.0)):
+            if not actor.post_success(generation):
                 await self._report_async(Report(self.name, generation, _SUCCESS), ack=True)
             return result
         return await self._call_slow_path(snapshot, func, args, kwargs)
@@ -259,19 +270,14 @@ class CircuitBreaker:
         """
         actor = self._actor
         snapshot = actor.snapshot
-        if (
-            snapshot.state is _CLOSED
-            and snapshot.slow_call_duration is None
-            and not self.strict
-            and self._pid == os.getpid()
-        ):
+        if snapshot.state is _CLOSED and snapshot.slow_call_duration is None and not self.strict:
             generation = snapshot.generation
             try:
                 result = func(*args, **kwargs)
             except BaseException as exc:
                 self._settle_sync(exc, generation, 0, 0.0)
                 raise
-            if not actor.post_report((generation, _SUCCESS, 0.0)):
+            if not actor.post_success(generation):
                 self._request_sync(Report(self.name, generation, _SUCCESS), force=True)
             return result
         return self._call_sync_slow_path(func, args, kwargs)
@@ -408,12 +414,12 @@ class CircuitBreaker:
     def _local_rejection(self, snapshot: Snapshot) -> CircuitBreakerOpenError | None:
         state = snapshot.state
         if state is _FORCED_OPEN:
-            self._actor.post_rejections(1)
+            self._actor.post_rejection()
             return CircuitBreakerOpenError(self.name, None, state.value)
         if state is _OPEN and snapshot.open_until is not None:
             remaining = snapshot.open_until - self._clock()
             if remaining > 0:
-                self._actor.post_rejections(1)
+                self._actor.post_rejection()
                 return CircuitBreakerOpenError(self.name, remaining, state.value)
         return None
 
@@ -503,6 +509,33 @@ class CircuitBreaker:
 
         self._actor.ask(message, reply, force=force)
         return future.result()
+
+
+class _ForkedPlaceholder:
+    """Stands in for an actor that stayed behind in the parent process."""
+
+    def __init__(self, name: str) -> None:
+        self.snapshot = Snapshot(name, CircuitState.HALF_OPEN, -1)
+
+    def post_success(self, generation: int) -> bool:
+        return True  # a call that straddled fork(): its outcome belongs to no one
+
+    def post_report(self, item: object) -> bool:
+        return True
+
+    def post_rejection(self) -> None:
+        pass
+
+
+_live_breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for breaker in list(_live_breakers):
+        breaker._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _needs_ack(report: Report) -> bool:
