@@ -17,7 +17,7 @@ import inspect
 import os
 import threading
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final, ParamSpec, TypeVar, cast, overload
 
@@ -394,7 +394,7 @@ class CircuitBreaker:
 
         return unsubscribe
 
-    async def transitions(self) -> AsyncIterator[Transition]:
+    async def transitions(self) -> AsyncGenerator[Transition, None]:
         """Async iterator over state changes from now on (asyncio only)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Transition] = asyncio.Queue()
