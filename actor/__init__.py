@@ -1,6 +1,7 @@
 """Breaker actors: the pure state machine, the actor, the actor system, the daemon."""
 
 from ._actor import BreakerActor, Envelope, Reply, TransitionListener
+from ._daemon_config import ConfigError, DaemonSettings, load_config
 from ._machine import (
     BreakerConfig,
     Decision,
@@ -9,12 +10,18 @@ from ._machine import (
     RecordResult,
     Transition,
 )
+from ._server import SERVER_NAME, Daemon, DaemonAlreadyRunningError
 from ._system import ActorSystem, default_system
 
 __all__ = [
+    "SERVER_NAME",
     "ActorSystem",
     "BreakerActor",
     "BreakerConfig",
+    "ConfigError",
+    "Daemon",
+    "DaemonAlreadyRunningError",
+    "DaemonSettings",
     "Decision",
     "Envelope",
     "IllegalTransitionError",
@@ -24,4 +31,5 @@ __all__ = [
     "Transition",
     "TransitionListener",
     "default_system",
+    "load_config",
 ]

@@ -63,6 +63,7 @@ from ._messages import (
     StatusRequest,
     Welcome,
 )
+from ._paths import SOCKET_ENV, default_socket_path
 
 __all__ = [
     "ADMIN_OPS",
@@ -72,6 +73,7 @@ __all__ = [
     "MIN_PROTOCOL_VERSION",
     "NEED_DATA",
     "PROTOCOL_VERSION",
+    "SOCKET_ENV",
     "Acquire",
     "ActorStoppedError",
     "Admin",
@@ -113,6 +115,7 @@ __all__ = [
     "VersionMismatchError",
     "Welcome",
     "decode_message",
+    "default_socket_path",
     "encode_error",
     "encode_notification",
     "encode_request",

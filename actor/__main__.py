@@ -1,0 +1,20 @@
+"""``python -m breakerd.actor --socket PATH [--config FILE]``: run the daemon."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ._serve_main import serve_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m breakerd.actor", description=__doc__)
+    parser.add_argument("--socket", type=Path, default=None, help="Unix socket path")
+    parser.add_argument("--config", type=Path, default=None, help="TOML config file")
+    args = parser.parse_args(argv)
+    return serve_main(args.socket, args.config)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

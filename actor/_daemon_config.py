@@ -1,0 +1,153 @@
+"""The daemon's settings: command-line options and the TOML config file.
+
+Example ``breakerd.toml``::
+
+    [daemon]
+    allowed_uids = [1001]     # besides the daemon's own uid and root
+    socket_mode = "0660"      # default 0600; 0660 opens the socket to its group
+    max_connections = 1024
+    max_inflight = 256        # requests in flight per connection
+    max_outbox = 1048576      # bytes buffered per connection before it is dropped
+
+    [defaults]                # every breaker, unless a client or section says otherwise
+    failure_threshold = 0.5
+    timeout = 30.0
+
+    [breakers.LLM]            # one breaker: wins over any client's settings
+    timeout = 60.0
+    half_open_calls = 2
+
+Precedence for a breaker's settings: its ``[breakers.NAME]`` section (over
+``[defaults]``), then the first client that registers it, then later
+clients (whose differing settings are reported back as conflicts).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ._machine import BreakerConfig
+
+__all__ = ["ConfigError", "DaemonSettings", "load_config"]
+
+_BREAKER_FIELDS = frozenset(f.name for f in fields(BreakerConfig))
+
+
+class ConfigError(ValueError):
+    """The config file is unreadable or holds a bad setting."""
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    socket_path: Path
+    allowed_uids: frozenset[int] = frozenset()
+    socket_mode: int = 0o600
+    max_connections: int = 1024
+    max_inflight: int = 256
+    max_outbox: int = 1 << 20
+    defaults: dict[str, Any] = field(default_factory=dict)
+    breakers: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def configured(self, name: str) -> BreakerConfig | None:
+        """The config-file settings for ``name``, or None when it has no section."""
+        section = self.breakers.get(name)
+        if section is None:
+            return None
+        return BreakerConfig.from_dict({**self.defaults, **section})
+
+    def for_client(self, name: str, requested: dict[str, Any]) -> BreakerConfig:
+        """What a client's registration gets when it is the first one."""
+        configured = self.configured(name)
+        if configured is not None:
+            return configured
+        return BreakerConfig.from_dict({**self.defaults, **requested})
+
+
+def load_config(path: Path | None, socket_path: Path) -> DaemonSettings:
+    if path is None:
+        return DaemonSettings(socket_path=socket_path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    unknown = sorted(set(data) - {"daemon", "defaults", "breakers"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s): {', '.join(unknown)}")
+    daemon = _table(data, "daemon", path)
+    defaults = _table(data, "defaults", path)
+    breakers_table = _table(data, "breakers", path)
+    _check_breaker_keys(defaults, "[defaults]", path)
+    breakers: dict[str, dict[str, Any]] = {}
+    for name, section in breakers_table.items():
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: [breakers.{name}] must be a table")
+        _check_breaker_keys(section, f"[breakers.{name}]", path)
+        breakers[name] = dict(section)
+    known_daemon = {"allowed_uids", "socket_mode", "max_connections", "max_inflight", "max_outbox"}
+    unknown = sorted(set(daemon) - known_daemon)
+    if unknown:
+        raise ConfigError(f"{path}: unknown [daemon] setting(s): {', '.join(unknown)}")
+    settings = DaemonSettings(
+        socket_path=socket_path,
+        allowed_uids=frozenset(_int_list(daemon.get("allowed_uids", []), "allowed_uids", path)),
+        socket_mode=_mode(daemon.get("socket_mode", "0600"), path),
+        max_connections=_positive(daemon.get("max_connections", 1024), "max_connections", path),
+        max_inflight=_positive(daemon.get("max_inflight", 256), "max_inflight", path),
+        max_outbox=_positive(daemon.get("max_outbox", 1 << 20), "max_outbox", path),
+        defaults=dict(defaults),
+        breakers=breakers,
+    )
+    # Validate every breaker now, so a bad file fails at start, not at first use.
+    try:
+        BreakerConfig.from_dict(settings.defaults)
+        for name in breakers:
+            settings.configured(name)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return settings
+
+
+def _table(data: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: [{key}] must be a table")
+    return value
+
+
+def _check_breaker_keys(section: dict[str, Any], where: str, path: Path) -> None:
+    unknown = sorted(set(section) - _BREAKER_FIELDS)
+    if unknown:
+        raise ConfigError(f"{path}: {where}: unknown breaker setting(s): {', '.join(unknown)}")
+
+
+def _int_list(value: object, key: str, path: Path) -> list[int]:
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    ):
+        raise ConfigError(f"{path}: [daemon] {key} must be a list of uids")
+    return value
+
+
+def _positive(value: object, key: str, path: Path) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{path}: [daemon] {key} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _mode(value: object, path: Path) -> int:
+    if isinstance(value, str):
+        try:
+            mode = int(value, 8)
+        except ValueError:
+            mode = -1
+    else:
+        mode = -1
+    if mode not in (0o600, 0o660):
+        raise ConfigError(f'{path}: [daemon] socket_mode must be "0600" or "0660", got {value!r}')
+    return mode

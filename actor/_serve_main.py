@@ -1,0 +1,57 @@
+"""``breakerd serve``: the daemon's entry point (the only place that configures logging)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import anyio
+import structlog
+
+from breakerd.protocol import default_socket_path
+
+from ._daemon_config import ConfigError, load_config
+from ._server import Daemon, DaemonAlreadyRunningError
+
+__all__ = ["configure_daemon_logging", "serve_main"]
+
+
+def configure_daemon_logging(level: int = logging.INFO) -> None:
+    """JSON lines on stderr, context variables first (connection ids etc.)."""
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def serve_main(socket_path: Path | None, config_path: Path | None) -> int:
+    """Run the daemon in the foreground. Returns the process exit status."""
+    configure_daemon_logging()
+    path = socket_path if socket_path is not None else default_socket_path()
+    if len(str(path).encode()) > 107:
+        print(f"breakerd: socket path too long for a Unix socket: {path}", file=sys.stderr)
+        return 2
+    try:
+        settings = load_config(config_path, path)
+    except ConfigError as exc:
+        print(f"breakerd: {exc}", file=sys.stderr)
+        return 2
+    daemon = Daemon(settings)
+    try:
+        anyio.run(daemon.run)
+    except DaemonAlreadyRunningError as exc:
+        print(f"breakerd: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"breakerd: cannot serve on {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,528 @@
+"""The daemon: breaker actors shared by every process on the host.
+
+One asyncio loop runs the actor system and a Unix-socket server. Each
+connection is an ``asyncio.Protocol`` around the sans-IO
+``breakerd.protocol.Connection``: bytes in, messages out, and the messages go
+to the breaker actors' inboxes exactly as an in-process proxy's would. Replies
+and state pushes are written from the same loop thread, so nothing here needs
+a lock either.
+
+What protects the others from one bad client:
+
+* peers are checked with ``SO_PEERCRED``: the daemon's own uid, root, and
+  ``allowed_uids``; anyone else is closed at once and logged;
+* a malformed frame (or an oversized length prefix, refused before its body
+  is buffered) closes that one connection;
+* ``max_connections``, ``max_inflight`` requests per connection (more get a
+  ``busy`` error), and a bounded outbox: a client that stops reading is
+  dropped once ``max_outbox`` bytes wait for it, it never blocks an actor;
+* a connection's half-open trial leases are released when it closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import fcntl
+import itertools
+import os
+import signal
+import socket
+import stat
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import structlog
+
+from breakerd.protocol import (
+    NEED_DATA,
+    Acquire,
+    Admin,
+    Admission,
+    BreakerError,
+    BreakerStatus,
+    Connection,
+    Hello,
+    InboxFullError,
+    InvalidRequestError,
+    NotificationReceived,
+    Outcome,
+    ProtocolError,
+    Register,
+    Registered,
+    Report,
+    ReportBatch,
+    RequestReceived,
+    Snapshot,
+    StatePush,
+    Status,
+    StatusRequest,
+    UnknownBreakerError,
+    VersionMismatchError,
+    Welcome,
+    negotiate_version,
+)
+
+from ._actor import BreakerActor
+from ._daemon_config import DaemonSettings
+from ._machine import BreakerConfig, Transition
+from ._system import ActorSystem
+
+__all__ = ["SERVER_NAME", "Daemon", "DaemonAlreadyRunningError"]
+
+SERVER_NAME = "breakerd/0.1"
+_PEERCRED = struct.Struct("3i")
+_connection_ids = itertools.count(1)
+
+
+class DaemonAlreadyRunningError(RuntimeError):
+    """Another daemon holds the lock for this socket."""
+
+
+class Daemon:
+    """``await Daemon(settings).run()`` serves until ``stop()`` or SIGTERM/SIGINT."""
+
+    def __init__(
+        self,
+        settings: DaemonSettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        handle_signals: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.system = ActorSystem(clock=clock)
+        self.peers: set[_Peer] = set()
+        self.subscribers: dict[str, set[_Peer]] = {}
+        self.uid = os.getuid()
+        self.log = structlog.get_logger("breakerd.daemon")
+        self._handle_signals = handle_signals
+        self._stop = anyio.Event()
+        self._lock_fd: int | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        return self.settings.socket_path
+
+    @property
+    def lock_path(self) -> Path:
+        return self.socket_path.with_name(self.socket_path.name + ".lock")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        self._take_lock()
+        server: asyncio.Server | None = None
+        try:
+            async with anyio.create_task_group() as group:
+                await group.start(self.system.serve)
+                if self._handle_signals:
+                    await group.start(self._watch_signals)
+                # Readiness contract: the socket file appears only once signal
+                # handlers are in place and the listener accepts connections.
+                listener = self._bind()
+                loop = asyncio.get_running_loop()
+                server = await loop.create_unix_server(lambda: _Peer(self), sock=listener)
+                self.log.info(
+                    "daemon_started",
+                    socket=str(self.socket_path),
+                    pid=os.getpid(),
+                    breakers_configured=sorted(self.settings.breakers),
+                )
+                task_status.started()
+                await self._stop.wait()
+                self.log.info("daemon_stopping", connections=len(self.peers))
+                server.close()
+                # Stopping the actors fails every pending request with a
+                # "shutting down" error, written to its peer before we close.
+                self.system.stop()
+                for peer in list(self.peers):
+                    peer.close()
+                group.cancel_scope.cancel()
+        finally:
+            if server is not None:
+                server.close()
+            self._remove_socket()
+            self._release_lock()
+            self.log.info("daemon_stopped")
+
+    async def _watch_signals(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
+            async for signum in signals:
+                self.log.info("signal_received", signal=signal.Signals(signum).name)
+                self.stop()
+                return
+
+    def _take_lock(self) -> None:
+        directory = self.socket_path.parent
+        if not directory.exists():
+            directory.mkdir(mode=0o700, parents=True)
+            os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                try:
+                    holder = self.lock_path.read_text().strip() or "unknown"
+                except OSError:
+                    holder = "unknown"
+                raise DaemonAlreadyRunningError(
+                    f"another breakerd daemon (pid {holder}) is serving {self.socket_path}"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+        if self.socket_path.exists() or self.socket_path.is_symlink():
+            # We hold the lock, so whoever made this socket is gone.
+            if not stat.S_ISSOCK(self.socket_path.lstat().st_mode):
+                self._release_lock()
+                raise RuntimeError(
+                    f"{self.socket_path} exists and is not a socket; not touching it"
+                )
+            self.socket_path.unlink()
+            self.log.warning("stale_socket_removed", socket=str(self.socket_path))
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            try:
+                self.lock_path.unlink()
+            except FileNotFoundError:
+                pass
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _bind(self) -> socket.socket:
+        mode = self.settings.socket_mode
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Bind under a umask that already gives the final mode: no window in
+        # which the socket is open to others.
+        old_umask = os.umask(0o777 & ~mode)
+        try:
+            listener.bind(str(self.socket_path))
+        except BaseException:
+            listener.close()
+            raise
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.socket_path, mode)
+        listener.listen(1024)
+        listener.setblocking(False)
+        return listener
+
+    def _remove_socket(self) -> None:
+        if self._lock_fd is None:
+            return  # not ours
+        try:
+            self.socket_path.unlink()
+        except FileNotFoundError:
+            pass
+
+    # -- breakers ----------------------------------------------------------------
+
+    def register(
+        self, name: str, requested: dict[str, Any]
+    ) -> tuple[BreakerActor, tuple[str, ...]]:
+        """The actor for ``name``; the config file wins, then the first client."""
+        try:
+            requested_config = BreakerConfig.from_dict(requested)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequestError(f"breaker {name!r}: {exc}") from None
+        existing = self.system.get(name)
+        if existing is None:
+            try:
+                config = self.settings.for_client(name, requested)
+            except (TypeError, ValueError) as exc:
+                raise InvalidRequestError(f"breaker {name!r}: {exc}") from None
+            actor, _ = self.system.actor(name, config)
+            if actor.listeners == []:
+                actor.listeners.append(self._pusher(name))
+            existing = actor
+        conflicts = existing.config.differences(requested_config)
+        if conflicts:
+            self.log.warning(
+                "breaker_config_conflict",
+                breaker=name,
+                settings=list(conflicts),
+                rule="config file first, then the first client",
+            )
+        return existing, conflicts
+
+    def actor(self, name: str) -> BreakerActor:
+        actor = self.system.get(name)
+        if actor is None:
+            raise UnknownBreakerError(f"no breaker named {name!r} is registered with this daemon")
+        return actor
+
+    def _pusher(self, name: str) -> Callable[[Transition, Snapshot], None]:
+        def push(transition: Transition, snapshot: Snapshot) -> None:
+            message = StatePush(snapshot)
+            for peer in tuple(self.subscribers.get(name, ())):
+                peer.push(message)
+
+        return push
+
+
+class _Peer(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.conn = Connection("server", max_frame_size=1 << 20)
+        self.transport: asyncio.Transport | None = None
+        self.id = next(_connection_ids)
+        self.log = daemon.log.bind(conn=self.id)
+        self.closed = False
+        self.inflight = 0
+        self.names: set[str] = set()
+        # (breaker name, lease) -> generation: trial permits this peer holds.
+        self.leases: dict[tuple[str, int], int] = {}
+
+    # -- asyncio callbacks -------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        daemon = self.daemon
+        sock = transport.get_extra_info("socket")
+        pid, uid, gid = _PEERCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        )
+        self.log = self.log.bind(peer_pid=pid, peer_uid=uid)
+        if uid not in (daemon.uid, 0) and uid not in daemon.settings.allowed_uids:
+            self.log.warning("peer_refused", reason="uid not allowed", peer_gid=gid)
+            self.closed = True
+            transport.abort()
+            return
+        if len(daemon.peers) >= daemon.settings.max_connections:
+            self.log.warning("peer_refused", reason="too many connections")
+            self.closed = True
+            transport.abort()
+            return
+        daemon.peers.add(self)
+        self.log.info("client_connected")
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        conn = self.conn
+        try:
+            conn.receive_data(data)
+            while True:
+                event = conn.next_event()
+                if event is NEED_DATA:
+                    break
+                if type(event) is NotificationReceived:
+                    self._reports(event.message)
+                elif type(event) is RequestReceived:
+                    self._request(event.msgid, event.message)
+                else:
+                    # ConnectionClosed or anything a server should never get.
+                    break
+        except ProtocolError as exc:
+            self.log.warning("protocol_error", error=str(exc))
+            self.close(abort=True)
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        daemon = self.daemon
+        if self not in daemon.peers:
+            return
+        daemon.peers.discard(self)
+        for name in self.names:
+            subscribers = daemon.subscribers.get(name)
+            if subscribers is not None:
+                subscribers.discard(self)
+        released = 0
+        for (name, lease), generation in self.leases.items():
+            actor = daemon.system.get(name)
+            if actor is not None:
+                released += 1
+                try:
+                    actor.ask(
+                        Report(name, generation, Outcome.CANCELLED, lease=lease), None, force=True
+                    )
+                except BreakerError:
+                    pass  # shutting down: the lease dies with the actor
+        self.leases.clear()
+        self.log.info(
+            "client_disconnected", leases_released=released, error=repr(exc) if exc else None
+        )
+
+    # -- writing -----------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        transport = self.transport
+        if self.closed or transport is None:
+            return
+        transport.write(data)
+        if transport.get_write_buffer_size() > self.daemon.settings.max_outbox:
+            self.log.warning("client_too_slow", buffered=transport.get_write_buffer_size())
+            self.close(abort=True)
+
+    def push(self, message: StatePush) -> None:
+        if not self.closed:
+            try:
+                self._write(self.conn.send_notification(message))
+            except ProtocolError:
+                self.close(abort=True)
+
+    def close(self, *, abort: bool = False) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        if abort:
+            transport.abort()
+        else:
+            transport.close()
+        self.closed = True
+
+    def _reply(self, msgid: int, result: Any, error: BaseException | None) -> None:
+        self.inflight -= 1
+        if self.closed:
+            return
+        try:
+            if error is None:
+                self._write(self.conn.send_response(msgid, result))
+            else:
+                if not isinstance(error, BreakerError):
+                    error = BreakerError(repr(error))
+                self._write(self.conn.send_error(msgid, error))
+        except ProtocolError as exc:
+            self.log.error("reply_failed", error=str(exc))
+            self.close(abort=True)
+
+    # -- reading -------------------------------------------------------------------
+
+    def _request(self, msgid: int, message: object) -> None:
+        self.inflight += 1
+        try:
+            if self.inflight > self.daemon.settings.max_inflight:
+                raise InboxFullError(
+                    f"too many requests in flight on this connection "
+                    f"(limit {self.daemon.settings.max_inflight})"
+                )
+            kind = type(message)
+            if kind is Acquire or kind is Report or kind is Admin:
+                self._ask_actor(msgid, message)
+            elif kind is Hello:
+                self._hello(msgid, message)  # type: ignore[arg-type]
+            elif kind is Register:
+                self._register(msgid, message)  # type: ignore[arg-type]
+            elif kind is StatusRequest:
+                self._status(msgid, message)  # type: ignore[arg-type]
+            else:
+                raise InvalidRequestError(f"unexpected request {kind.__name__}")
+        except BreakerError as exc:
+            self._reply(msgid, None, exc)
+            if isinstance(exc, VersionMismatchError):
+                self.close()
+
+    def _hello(self, msgid: int, hello: Hello) -> None:
+        version = negotiate_version(hello)
+        self.log = self.log.bind(client=hello.client)
+        self._reply(msgid, Welcome(version, SERVER_NAME, os.getpid()), None)
+
+    def _register(self, msgid: int, message: Register) -> None:
+        actor, conflicts = self.daemon.register(message.name, dict(message.config))
+        if message.name not in self.names:
+            self.names.add(message.name)
+            self.daemon.subscribers.setdefault(message.name, set()).add(self)
+        self._reply(msgid, Registered(actor.snapshot, conflicts), None)
+
+    def _ask_actor(self, msgid: int, message: Any) -> None:
+        actor = self.daemon.actor(message.name)
+        if type(message) is Report and message.lease:
+            self.leases.pop((message.name, message.lease), None)
+        if type(message) is Acquire:
+
+            def reply(result: Any, error: BaseException | None) -> None:
+                if error is None and isinstance(result, Admission) and result.lease:
+                    if self.closed:
+                        # Granted after we left: give it straight back.
+                        actor.ask(
+                            Report(
+                                message.name,
+                                result.generation,
+                                Outcome.CANCELLED,
+                                lease=result.lease,
+                            ),
+                            None,
+                            force=True,
+                        )
+                    else:
+                        self.leases[(message.name, result.lease)] = result.generation
+                self._reply(msgid, result, error)
+
+            actor.ask(message, reply)
+        else:
+            actor.ask(message, lambda result, error: self._reply(msgid, result, error))
+
+    def _status(self, msgid: int, message: StatusRequest) -> None:
+        daemon = self.daemon
+        if message.name is not None:
+            actors = [daemon.actor(message.name)]
+        else:
+            actors = daemon.system.actors()
+        if not actors:
+            self._reply(msgid, Status(()), None)
+            return
+        results: dict[str, BreakerStatus] = {}
+        failed: list[BaseException] = []
+
+        def collect(name: str) -> Callable[[Any, BaseException | None], None]:
+            def on_status(result: Any, error: BaseException | None) -> None:
+                if error is not None:
+                    failed.append(error)
+                else:
+                    clients = len(daemon.subscribers.get(name, ()))
+                    results[name] = dataclasses.replace(result, clients=clients)
+                if len(results) + len(failed) == len(actors):
+                    if failed:
+                        self._reply(msgid, None, failed[0])
+                    else:
+                        ordered = tuple(results[n] for n in sorted(results))
+                        self._reply(msgid, Status(ordered), None)
+
+            return on_status
+
+        for actor in actors:
+            actor.ask(StatusRequest(actor.name), collect(actor.name), force=True)
+
+    def _reports(self, message: object) -> None:
+        if type(message) is not ReportBatch:
+            return
+        daemon = self.daemon
+        for report in message.items:
+            actor = daemon.system.get(report.name)
+            if actor is None:
+                self.log.warning("report_for_unknown_breaker", breaker=report.name)
+                continue
+            if report.lease:
+                self.leases.pop((report.name, report.lease), None)
+                actor.ask(report, None, force=True)
+            elif report.outcome is Outcome.SUCCESS and actor.config.slow_call_duration is None:
+                if not actor.post_success(report.generation):
+                    actor.ask(report, None, force=True)
+            elif report.outcome is Outcome.RATE_LIMITED or not actor.post_report(
+                (report.generation, report.outcome, report.duration)
+            ):
+                actor.ask(report, None, force=True)
