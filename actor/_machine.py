@@ -124,6 +124,11 @@ class BreakerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise bad(name, "an integer >= 1")
+        if self.window_seconds is None and self.min_calls > self.window_size:
+            raise ValueError(
+                f"min_calls ({self.min_calls}) must not exceed window_size "
+                f"({self.window_size}): the window could never be judged"
+            )
         if self.window_seconds is not None and (
             not finite(self.window_seconds) or self.window_seconds < 1
         ):
@@ -261,7 +266,7 @@ class _TimeWindow:
     def expire(self, now: float) -> None:
         # A bucket for second s covers [s, s+1); it leaves the window once all
         # of it is older than ``seconds``.
-        oldest_kept = math.floor(now - self.seconds) + 1
+        oldest_kept = math.floor(now - self.seconds)
         buckets = self._buckets
         while buckets and buckets[0][0] < oldest_kept:
             _, total, failures, slow = buckets.popleft()
@@ -387,7 +392,8 @@ class Machine:
                     decision.retry_after,
                     transitions + decision.transitions,
                 )
-        if len(self._leases) >= self.config.half_open_calls:
+        trials = len(self._leases) + self._trial_successes + self._trial_failures
+        if trials >= self.config.half_open_calls:
             self.rejections += 1
             # No deadline to promise: the trials in flight decide.
             return Decision(False, self.generation, transitions=transitions)
@@ -497,6 +503,10 @@ class Machine:
         retry_after: float | None,
         now: float,
     ) -> RecordResult:
+        expired = self.expire(now)
+        if expired:
+            # The lease ran out before this report came: its verdict is given.
+            return RecordResult(False, expired)
         if self._leases.pop(lease, None) is None:
             # Unknown or already expired lease: its verdict was given already.
             return RecordResult(False)

@@ -356,7 +356,7 @@ async def test_admin_operations(system: ActorSystem) -> None:
 
 
 def test_call_sync_from_eight_threads_counts_exactly(system: ActorSystem) -> None:
-    breaker = CircuitBreaker("svc", min_calls=100_000, system=system)
+    breaker = CircuitBreaker("svc", min_calls=100_000, window_size=100_000, system=system)
     per_thread = 2_000
     barrier = threading.Barrier(8)
     errors: list[BaseException] = []
