@@ -88,7 +88,8 @@ class BreakerConfig:
         slow_call_threshold: Open when the slow-call rate is greater than this.
         backoff: Each consecutive re-open multiplies the open duration by this.
             1.0 (default) keeps it constant. Closing resets it.
-        max_timeout: Upper bound on the open duration under backoff.
+        max_timeout: Upper bound on the open duration under backoff, and on a
+            server's ``retry_after`` (``None``: no bound).
         jitter: Spread the open duration by up to this fraction either way
             (0.1 means +-10%), so many breakers do not retry in step.
         half_open_max_wait: A trial lease not reported within this many
@@ -576,7 +577,10 @@ class Machine:
         failure_rate: float | None = None,
     ) -> Transition:
         if retry_after is not None and math.isfinite(retry_after) and retry_after >= 0:
-            duration = retry_after
+            # A server's word is capped like our own backoff: one bad header
+            # must not lock a breaker for a day.
+            cap = self.config.max_timeout
+            duration = retry_after if cap is None else min(retry_after, cap)
         else:
             config = self.config
             duration = config.timeout * config.backoff**self._open_streak

@@ -78,6 +78,8 @@ __all__ = ["SERVER_NAME", "Daemon", "DaemonAlreadyRunningError"]
 
 SERVER_NAME = "breakerd/0.1"
 _PEERCRED = struct.Struct("3i")
+# Many workers may start at once (gunicorn forking 64 of them, say).
+_BACKLOG = 1024
 _connection_ids = itertools.count(1)
 
 
@@ -132,7 +134,9 @@ class Daemon:
                 # handlers are in place and the listener accepts connections.
                 listener = self._bind()
                 loop = asyncio.get_running_loop()
-                server = await loop.create_unix_server(lambda: _Peer(self), sock=listener)
+                server = await loop.create_unix_server(
+                    lambda: _Peer(self), sock=listener, backlog=_BACKLOG
+                )
                 self.log.info(
                     "daemon_started",
                     socket=str(self.socket_path),
@@ -221,7 +225,7 @@ class Daemon:
         finally:
             os.umask(old_umask)
         os.chmod(self.socket_path, mode)
-        listener.listen(1024)
+        listener.listen(_BACKLOG)
         listener.setblocking(False)
         return listener
 

@@ -46,7 +46,10 @@ def parse_retry_after(headers: Mapping[str, str] | Any) -> float | None:
     try:
         raw_ms = headers.get("retry-after-ms")
         if raw_ms is not None:
-            value = float(raw_ms) / 1000.0
+            try:
+                value = float(raw_ms) / 1000.0
+            except ValueError:
+                value = math.nan  # a bad ms header must not hide a good retry-after
             if math.isfinite(value) and value >= 0:
                 return value
         raw = headers.get("retry-after")

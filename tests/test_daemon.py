@@ -1,0 +1,285 @@
+"""The daemon as a real process on a real Unix socket, with real client processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import stat
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from daemon_helpers import (
+    DaemonProcess,
+    RawClient,
+    short_tmpdir,
+    spawn_worker,
+    wait_for,
+    worker_result,
+)
+
+from breakerd.protocol import (
+    CircuitState,
+    Connection,
+    Hello,
+    Outcome,
+    UnknownBreakerError,
+)
+
+
+@pytest.fixture
+def tmp_short() -> Iterator[Path]:
+    path = short_tmpdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(tmp_short: Path) -> Iterator[DaemonProcess]:
+    process = DaemonProcess(tmp_short / "s.sock").wait_ready()
+    yield process
+    process.kill()
+
+
+def test_sigterm_exits_zero_and_removes_the_socket(daemon: DaemonProcess) -> None:
+    client = RawClient(daemon.socket_path)
+    client.register("svc")
+    client.close()
+    assert daemon.terminate() == 0
+    assert not daemon.socket_path.exists()
+    assert not daemon.socket_path.with_name("s.sock.lock").exists()
+    events = [e["event"] for e in daemon.log_events()]
+    assert events[0] == "daemon_started"
+    assert events[-1] == "daemon_stopped"
+
+
+def test_a_second_daemon_is_refused_and_the_first_untouched(daemon: DaemonProcess) -> None:
+    second = subprocess.run(
+        [sys.executable, "-m", "breakerd.actor", "--socket", str(daemon.socket_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert second.returncode == 1
+    assert "another breakerd daemon" in second.stderr
+    assert str(daemon.proc.pid) in second.stderr
+    # The first one still serves.
+    client = RawClient(daemon.socket_path)
+    assert client.register("svc").state is CircuitState.CLOSED
+    client.close()
+
+
+def test_a_stale_socket_from_a_killed_daemon_is_cleaned_up(tmp_short: Path) -> None:
+    first = DaemonProcess(tmp_short / "s.sock").wait_ready()
+    first.kill()  # SIGKILL: no cleanup, the socket file stays behind
+    assert first.socket_path.exists()
+    second = DaemonProcess(tmp_short / "s.sock", log_path=tmp_short / "2.log")
+    second.wait_ready(started_log=True)
+    try:
+        client = RawClient(second.socket_path)
+        assert client.register("svc").state is CircuitState.CLOSED
+        client.close()
+        assert "stale_socket_removed" in [e["event"] for e in second.log_events()]
+    finally:
+        assert second.terminate() == 0
+
+
+def test_socket_is_private(tmp_short: Path) -> None:
+    process = DaemonProcess(tmp_short / "sub" / "s.sock", log_path=tmp_short / "d.log")
+    process.wait_ready()
+    try:
+        assert stat.S_IMODE(process.socket_path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(process.socket_path.parent.stat().st_mode) == 0o700
+    finally:
+        process.kill()
+
+
+_OTHER_UID = 65534  # nobody
+
+# Runs as nobody, who cannot read this Python's stdlib under /root: only
+# builtin modules here, and the hello frame comes ready-made from the parent.
+_CONNECT_AS_NOBODY = """
+import os, socket, sys
+os.setgid(65534); os.setuid(65534)
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+except PermissionError:
+    print("connect-denied"); sys.exit(0)
+s.sendall(bytes.fromhex(sys.argv[2]))
+s.settimeout(10)
+try:
+    data = s.recv(65536)
+except ConnectionResetError:
+    data = b""
+print("closed" if data == b"" else "answered")
+"""
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another uid")
+def test_another_uid_cannot_reach_a_breaker(daemon: DaemonProcess) -> None:
+    os.chmod(daemon.socket_path.parent, 0o755)  # let nobody find the socket at all
+    hello = Connection("client").send_request(1, Hello(1, 1, "intruder", 1)).hex()
+    result = subprocess.run(
+        [sys.executable, "-c", _CONNECT_AS_NOBODY, str(daemon.socket_path), hello],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.stdout.strip() == "connect-denied", result.stderr
+    # Even with the socket opened to everyone, SO_PEERCRED turns the peer away.
+    os.chmod(daemon.socket_path, 0o666)
+    hello = Connection("client").send_request(1, Hello(1, 1, "intruder", 1)).hex()
+    result = subprocess.run(
+        [sys.executable, "-c", _CONNECT_AS_NOBODY, str(daemon.socket_path), hello],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.stdout.strip() == "closed", result.stderr
+    refused = [e for e in daemon.log_events() if e["event"] == "peer_refused"]
+    assert refused
+    assert refused[0]["peer_uid"] == _OTHER_UID
+
+
+def test_failures_from_several_processes_trip_one_breaker(daemon: DaemonProcess) -> None:
+    config = {"min_calls": 6, "failure_threshold": 0.5, "timeout": 600.0}
+    workers = [
+        spawn_worker(daemon.socket_path, [["register", "LLM", config], ["fail", "LLM", 2]])
+        for _ in range(3)
+    ]
+    states = [worker_result(w)[-1] for w in workers]
+    # No process alone reached min_calls; together they tripped the breaker.
+    assert sorted(states) == ["closed", "closed", "open"]
+    client = RawClient(daemon.socket_path)
+    client.register("LLM", **config)
+    admission = client.acquire("LLM")
+    assert not admission.admitted
+    assert admission.retry_after is not None
+    assert admission.retry_after > 500
+    status = client.status("LLM").breakers[0]
+    assert (status.failures, status.snapshot.state) == (6, CircuitState.OPEN)
+    client.close()
+
+
+def test_state_changes_are_pushed_to_every_registered_connection(daemon: DaemonProcess) -> None:
+    watcher = RawClient(daemon.socket_path)
+    watcher.register("svc", min_calls=1)
+    actor = RawClient(daemon.socket_path)
+    actor.register("svc", min_calls=1)
+    actor.report("svc", 0, Outcome.FAILURE)
+    # The watcher made no request; its next reply carries the push before it.
+    watcher.status("svc")
+    assert [p.state for p in watcher.pushes] == [CircuitState.OPEN]
+    assert actor.pushes[0].state is CircuitState.OPEN
+    watcher.close()
+    actor.close()
+
+
+def test_exactly_half_open_calls_trials_run_host_wide(daemon: DaemonProcess) -> None:
+    config = {"min_calls": 1, "timeout": 0.0, "half_open_calls": 2}
+    setup = RawClient(daemon.socket_path)
+    setup.register("svc", **config)
+    setup.report("svc", 0, Outcome.FAILURE)  # open, with a deadline already passed
+    steps: list[list[Any]] = [["register", "svc", config], ["acquire_and_wait", "svc"]]
+    workers = [spawn_worker(daemon.socket_path, steps) for _ in range(6)]
+    admitted = []
+    for worker in workers:  # every worker holds its connection until stdin closes
+        assert worker.stdout is not None
+        admitted.append(json.loads(worker.stdout.readline())[-1])
+    assert admitted.count(True) == 2
+    assert admitted.count(False) == 4
+    for worker in workers:
+        worker_result(worker)
+    setup.close()
+
+
+def test_a_killed_process_holding_the_trial_does_not_wedge_the_breaker(
+    daemon: DaemonProcess,
+) -> None:
+    config = {"min_calls": 1, "timeout": 0.0, "half_open_calls": 1}
+    client = RawClient(daemon.socket_path)
+    client.register("svc", **config)
+    client.report("svc", 0, Outcome.FAILURE)
+    holder = spawn_worker(daemon.socket_path, [["register", "svc", config], ["hold", "svc"]])
+    assert holder.stdout is not None
+    assert holder.stdout.readline().strip() == '["open", true]'
+    assert client.acquire("svc").admitted is False  # the trial is taken
+    holder.kill()
+    holder.wait(10)
+    # The daemon sees the connection close and releases the lease.
+
+    def trial_available() -> bool:
+        admission = client.acquire("svc")
+        if admission.admitted:
+            client.report("svc", admission.generation, Outcome.SUCCESS, lease=admission.lease)
+        return admission.admitted
+
+    wait_for(trial_available, what="the dead process's lease to be released")
+    assert client.status("svc").breakers[0].snapshot.state is CircuitState.CLOSED
+    released = [e for e in daemon.log_events() if e["event"] == "client_disconnected"]
+    assert any(e["leases_released"] == 1 for e in released)
+    client.close()
+
+
+def test_every_outcome_from_busy_processes_is_counted(daemon: DaemonProcess) -> None:
+    config = {"min_calls": 100, "window_size": 100}
+    steps: list[list[Any]] = [
+        ["register", "svc", config],
+        ["succeed", "svc", 20_000],
+        ["fail", "svc", 10],
+    ]
+    workers = [spawn_worker(daemon.socket_path, steps) for _ in range(4)]
+    for worker in workers:
+        worker_result(worker, timeout=60)
+    client = RawClient(daemon.socket_path)
+    status = client.status("svc").breakers[0]
+    assert status.successes == 80_000
+    assert status.failures == 40
+    client.close()
+
+
+def test_bad_clients_do_not_hurt_the_others(daemon: DaemonProcess) -> None:
+    good = RawClient(daemon.socket_path)
+    good.register("svc")
+
+    def raw() -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(10)
+        sock.connect(str(daemon.socket_path))
+        return sock
+
+    garbage = raw()
+    garbage.sendall(b"\x00\x00\x00\x05\xc1\xc1\xc1\xc1\xc1")  # 0xc1 is never valid msgpack
+    absurd = raw()
+    absurd.sendall(struct.pack(">I", 0xFFFF_FFFF) + b"x" * 100)
+    half = raw()
+    half.sendall(struct.pack(">I", 1000) + b"\x93")  # then silence
+    no_hello = raw()
+    # Well-formed, but not the hello that must come first.
+    body = msgpack.packb([0, 1, "register", {"name": "svc", "config": {}}])
+    no_hello.sendall(struct.pack(">I", len(body)) + body)
+    idle = [raw() for _ in range(300)]
+
+    for bad in (garbage, absurd, no_hello):
+        assert bad.recv(100) == b""  # closed by the daemon
+
+    # The well-behaved client is still served, promptly and correctly.
+    assert good.acquire("svc").admitted
+    with pytest.raises(UnknownBreakerError):
+        good.acquire("nope")
+    assert good.status("svc").breakers[0].snapshot.state is CircuitState.CLOSED
+    errors = [e for e in daemon.log_events() if e["event"] == "protocol_error"]
+    assert len(errors) >= 3
+    for sock in [half, *idle]:
+        sock.close()
+    no_hello.close()
+    good.close()
+    assert daemon.terminate() == 0
