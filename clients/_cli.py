@@ -16,6 +16,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn, TextIO
 
+from breakerd.protocol import BreakerError
+
+from ._cli_daemon import add_admin_commands, add_serve, add_status
+
 __all__ = ["main"]
 
 PROG = "breakerd"
@@ -99,7 +103,12 @@ def _run_demo(args: argparse.Namespace) -> int:
     )
 
 
-_COMMANDS: tuple[Callable[[argparse._SubParsersAction[_Parser]], None], ...] = (_add_demo,)
+_COMMANDS: tuple[Callable[[argparse._SubParsersAction[_Parser]], None], ...] = (
+    _add_demo,
+    add_serve,
+    add_status,
+    add_admin_commands,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,6 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args)
+    except BreakerError as exc:
+        # The daemon's own errors (unknown breaker, no daemon, ...) are for operators.
+        _fail(sys.stderr, f"{PROG}: {exc}")
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         _fail(sys.stderr, f"{PROG}: interrupted")
         return EXIT_INTERRUPTED

@@ -1,0 +1,74 @@
+"""A one-shot blocking client for the command line: connect, ask, close."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from breakerd.protocol import (
+    MIN_PROTOCOL_VERSION,
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    Connection,
+    DaemonUnavailableError,
+    Hello,
+    ProtocolError,
+    RequestMessage,
+    ResponseReceived,
+)
+
+__all__ = ["ask_daemon"]
+
+
+def ask_daemon(socket_path: Path, *messages: RequestMessage, timeout: float = 10.0) -> list[Any]:
+    """Send ``messages`` after a hello and return their results in order.
+
+    Raises the daemon's error for the first request that failed, and
+    ``DaemonUnavailableError`` when there is no daemon to ask.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(str(socket_path))
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise DaemonUnavailableError(
+                f"no breakerd daemon at {socket_path} (is 'breakerd serve' running?)"
+            ) from exc
+        except PermissionError as exc:
+            raise DaemonUnavailableError(
+                f"not allowed to connect to {socket_path}: {exc.strerror}"
+            ) from exc
+        conn = Connection("client")
+        hello = Hello(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, "breakerd-cli", os.getpid())
+        data = conn.send_request(0, hello)
+        for msgid, message in enumerate(messages, start=1):
+            data += conn.send_request(msgid, message)
+        sock.sendall(data)
+        results: dict[int, Any] = {}
+        while len(results) < len(messages) + 1:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                try:
+                    chunk = sock.recv(65536)
+                except OSError as exc:
+                    raise DaemonUnavailableError(
+                        f"lost the daemon at {socket_path}: {exc}"
+                    ) from exc
+                if not chunk:
+                    raise DaemonUnavailableError(
+                        f"the daemon at {socket_path} closed the connection"
+                    )
+                conn.receive_data(chunk)
+                continue
+            if isinstance(event, ResponseReceived):
+                if event.error is not None:
+                    raise event.error
+                results[event.msgid] = event.result
+        return [results[msgid] for msgid in range(1, len(messages) + 1)]
+    except ProtocolError as exc:
+        raise DaemonUnavailableError(f"the daemon at {socket_path} spoke gibberish: {exc}") from exc
+    finally:
+        sock.close()

@@ -1,0 +1,146 @@
+"""The daemon's subcommands: ``serve``, ``status``, ``open``/``close``/``reset``/``disable``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from breakerd.protocol import (
+    Admin,
+    AdminOp,
+    BreakerStatus,
+    Status,
+    StatusRequest,
+    default_socket_path,
+)
+
+from ._admin import ask_daemon
+
+__all__ = ["add_admin_commands", "add_serve", "add_status"]
+
+_ADMIN: dict[str, tuple[AdminOp, str]] = {
+    "open": ("force_open", "force a breaker open: reject every call until it is reset"),
+    "close": ("reset", "close a breaker (back to closed with an empty window)"),
+    "reset": ("reset", "reset a breaker to closed with an empty window"),
+    "disable": ("disable", "disable a breaker: admit every call and record nothing"),
+}
+
+
+def _socket_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="the daemon's Unix socket (default: $BREAKERD_SOCKET, else "
+        "$XDG_RUNTIME_DIR/breakerd/breakerd.sock, else /tmp/breakerd-$UID/breakerd.sock)",
+    )
+
+
+def _socket(args: argparse.Namespace) -> Path:
+    path: Path | None = args.socket
+    return path if path is not None else default_socket_path()
+
+
+def add_serve(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the daemon in the foreground (JSON logs on stderr)",
+        description="Serve breakers to every local process over a Unix socket. "
+        "Exits 0 on SIGTERM/SIGINT after failing pending requests and removing the socket.",
+    )
+    _socket_option(parser)
+    parser.add_argument("--config", type=Path, default=None, metavar="FILE", help="TOML config")
+    parser.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from breakerd.actor._serve_main import serve_main
+
+    return serve_main(_socket(args), args.config)
+
+
+def add_status(subparsers: Any) -> None:
+    parser = subparsers.add_parser("status", help="show every breaker the daemon serves")
+    _socket_option(parser)
+    parser.add_argument("--json", action="store_true", help="print a JSON list of objects")
+    parser.set_defaults(handler=_run_status)
+
+
+def status_record(status: BreakerStatus, now: float) -> dict[str, Any]:
+    snapshot = status.snapshot
+    open_for = None
+    if snapshot.open_until is not None:
+        open_for = round(max(0.0, snapshot.open_until - now), 3)
+    return {
+        "name": snapshot.name,
+        "state": snapshot.state.value,
+        "failure_rate": snapshot.failure_rate,
+        "slow_call_rate": snapshot.slow_call_rate,
+        "calls": snapshot.calls,
+        "open_for": open_for,
+        "trials_in_flight": snapshot.trials_in_flight,
+        "clients": status.clients,
+        "successes": status.successes,
+        "failures": status.failures,
+        "rejections": status.rejections,
+        "ignored": status.ignored,
+        "generation": snapshot.generation,
+    }
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    (status,) = ask_daemon(_socket(args), StatusRequest(None))
+    assert isinstance(status, Status)
+    # CLOCK_MONOTONIC is system-wide on Linux: the daemon's deadlines are ours.
+    now = time.monotonic()
+    records = [status_record(b, now) for b in status.breakers]
+    if args.json:
+        json.dump(records, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    if not records:
+        print("no breakers registered")
+        return 0
+    headers = ["NAME", "STATE", "FAILURES", "SLOW", "CALLS", "OPEN FOR", "TRIALS", "CLIENTS"]
+    rows = [
+        [
+            r["name"],
+            r["state"],
+            _percent(r["failure_rate"]),
+            _percent(r["slow_call_rate"]),
+            str(r["calls"]),
+            "-" if r["open_for"] is None else f"{r['open_for']:.1f}s",
+            str(r["trials_in_flight"]),
+            str(r["clients"]),
+        ]
+        for r in records
+    ]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
+    for row in [headers, *rows]:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    return 0
+
+
+def _percent(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate:.0%}"
+
+
+def add_admin_commands(subparsers: Any) -> None:
+    for command, (op, help_text) in _ADMIN.items():
+        parser = subparsers.add_parser(command, help=help_text, description=help_text)
+        parser.add_argument("name", metavar="NAME", help="the breaker's name")
+        _socket_option(parser)
+        parser.set_defaults(handler=_run_admin, admin_op=op)
+
+
+def _run_admin(args: argparse.Namespace) -> int:
+    (snapshot,) = ask_daemon(_socket(args), Admin(args.name, args.admin_op))
+    print(f"{args.name}: {snapshot.state.value}")
+    return 0
