@@ -30,8 +30,17 @@ from breakerd.protocol import (
     Connection,
     Hello,
     Outcome,
+    StatusRequest,
     UnknownBreakerError,
 )
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """The daemon closed this connection (an EOF, or a reset when it aborted)."""
+    try:
+        return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
 
 
 @pytest.fixture
@@ -269,7 +278,7 @@ def test_bad_clients_do_not_hurt_the_others(daemon: DaemonProcess) -> None:
     idle = [raw() for _ in range(300)]
 
     for bad in (garbage, absurd, no_hello):
-        assert bad.recv(100) == b""  # closed by the daemon
+        assert closed_by_peer(bad)
 
     # The well-behaved client is still served, promptly and correctly.
     assert good.acquire("svc").admitted
@@ -283,3 +292,41 @@ def test_bad_clients_do_not_hurt_the_others(daemon: DaemonProcess) -> None:
     no_hello.close()
     good.close()
     assert daemon.terminate() == 0
+
+
+def test_connection_limit_and_a_client_that_stops_reading(tmp_short: Path) -> None:
+    config = tmp_short / "d.toml"
+    config.write_text("[daemon]\nmax_connections = 2\nmax_outbox = 65536\n")
+    process = DaemonProcess(tmp_short / "s.sock", config=config).wait_ready()
+    try:
+        good = RawClient(process.socket_path)
+        good.register("svc")
+        # A client that floods requests and never reads its replies.
+        greedy = RawClient(process.socket_path)
+        flood = b"".join(
+            greedy.conn.send_request(msgid, StatusRequest("svc")) for msgid in range(10, 30_010)
+        )
+        greedy.sock.settimeout(30)
+
+        def flood_until_dropped() -> None:
+            for _ in range(20):
+                greedy.sock.sendall(flood)
+
+        # The daemon drops it: the next write fails with EPIPE or ECONNRESET.
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            flood_until_dropped()
+        wait_for(lambda: "client_too_slow" in process.log(), what="the daemon to drop the reader")
+        third = RawClient(process.socket_path)  # the dropped one freed its slot
+        extra = socket.socket(socket.AF_UNIX)
+        extra.settimeout(10)
+        extra.connect(str(process.socket_path))
+        extra.sendall(b"\x00")
+        assert closed_by_peer(extra)  # over max_connections: closed at once
+        assert good.status("svc").breakers[0].snapshot.state is CircuitState.CLOSED
+        refused = [e for e in process.log_events() if e["event"] == "peer_refused"]
+        assert [e["reason"] for e in refused] == ["too many connections"]
+        for sock in (good, third):
+            sock.close()
+        extra.close()
+    finally:
+        assert process.terminate() == 0
