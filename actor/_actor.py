@@ -1,23 +1,25 @@
 """One breaker actor: owns one ``Machine`` and drains one inbox.
 
-The inbox is a ``deque`` that any thread may append to. That is the whole
-trick of the fast path: ``deque.append`` is atomic under the GIL, so a proxy
-in any thread hands over a report without a lock and without waking the
-actor's event loop unless the actor is asleep. The actor is the only reader,
-so the machine is touched by one task only: no locks around state.
+Proxies in any thread hand things over without a lock, relying on operations
+that are atomic under the GIL:
 
-Items in the inbox, in arrival order:
+* plain successes go into a *tally*: a list bound to the current generation,
+  to which a proxy appends a count (``list.append``); the actor takes what is
+  there with ``len`` and ``del tally[:n]`` and applies it in bulk. No inbox
+  item, no allocation, no per-success work in the actor;
+* local rejections go into a second tally, for status only;
+* everything else goes into the inbox, a ``deque`` (``append``/``popleft``):
+  ``(generation, outcome, duration)`` for other fire-and-forget reports, and
+  an ``Envelope`` for a request and the callable that answers it.
 
-* an ``int`` -- one plain success under that generation (the hot path: no
-  allocation, and runs of them are applied in bulk);
-* ``(generation, outcome, duration)`` -- any other fire-and-forget report;
-* ``REJECTED`` -- one rejection a proxy made locally (status bookkeeping only);
-* an ``Envelope`` -- a request and the callable that answers it.
+The actor applies the tally before every inbox item, so a thread's successes
+always count before its own later failure. A transition swaps in a fresh
+tally; successes added to the old one after that are stale and dropped, as
+any report from an older generation is.
 
-Fire-and-forget items do not wake a sleeping actor at once: the first one
+Fire-and-forget reports do not wake a sleeping actor at once: the first one
 schedules a drain ``REPORT_FLUSH_DELAY`` seconds later, so a busy caller pays
-for one wake-up per batch rather than one per call. Requests wake it at once,
-and since the inbox is FIFO, every earlier report is applied before them.
+for one wake-up per batch rather than one per call. Requests wake it at once.
 """
 
 from __future__ import annotations
@@ -59,16 +61,6 @@ TransitionListener: TypeAlias = Callable[[Transition, Snapshot], None]
 ReportItem: TypeAlias = tuple[int, Outcome, float]
 
 
-class _Rejected:
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "REJECTED"
-
-
-#: Inbox item for one local rejection.
-REJECTED: Final = _Rejected()
-
 #: How long fire-and-forget reports may wait in the inbox before a drain.
 REPORT_FLUSH_DELAY: Final = 0.002
 
@@ -95,7 +87,7 @@ class Envelope:
         self.reply = reply
 
 
-InboxItem: TypeAlias = int | ReportItem | _Rejected | Envelope
+InboxItem: TypeAlias = ReportItem | Envelope
 
 
 class BreakerActor:
@@ -124,6 +116,10 @@ class BreakerActor:
         self.restarts = 0
         self._clock = clock
         self._inbox: deque[InboxItem] = deque()
+        # (generation, tally): read as one attribute so a proxy never pairs
+        # one generation's check with another generation's tally.
+        self._tally: tuple[int, list[int]] = (self.machine.generation, [])
+        self._rejections: list[int] = []
         self._asleep = False
         self._flush_scheduled = False
         self._stopped = False
@@ -133,14 +129,13 @@ class BreakerActor:
 
     # -- any thread ------------------------------------------------------------
 
-    def post_success(self, generation: int) -> bool:
-        """One plain success, without waiting. False: inbox full, ask instead."""
-        inbox = self._inbox
-        if len(inbox) >= self.max_inbox or self._stopped:
-            return False
-        inbox.append(generation)
-        if self._asleep and not self._flush_scheduled:
-            self._schedule_flush()
+    def post_success(self, generation: int, count: int = 1) -> bool:
+        """Count ``count`` plain successes admitted under ``generation``, without waiting."""
+        tally_generation, tally = self._tally
+        if tally_generation == generation:
+            tally.append(count)
+            if self._asleep and not self._flush_scheduled:
+                self._schedule_flush()
         return True
 
     def post_report(self, item: ReportItem) -> bool:
@@ -153,11 +148,13 @@ class BreakerActor:
             self._schedule_flush()
         return True
 
-    def post_rejection(self) -> None:
-        if len(self._inbox) < self.max_inbox and not self._stopped:
-            self._inbox.append(REJECTED)
-            if self._asleep and not self._flush_scheduled:
-                self._schedule_flush()
+    def post_rejection(self, count: int = 1) -> None:
+        self._rejections.append(count)
+
+    @property
+    def backlog(self) -> int:
+        """Items waiting in the inbox (tallies not included: they are counts)."""
+        return len(self._inbox)
 
     def ask(self, message: object, reply: Reply | None, *, force: bool = False) -> None:
         """Queue a request; ``reply`` is called exactly once, from the actor's thread.
@@ -209,11 +206,10 @@ class BreakerActor:
         inbox = self._inbox
         while True:
             self._flush_scheduled = False
-            if inbox:
-                self._drain()
+            self._drain()
             self._asleep = True
-            if inbox:
-                # A producer appended between our last popleft and the flag.
+            if inbox or self._tally[1]:
+                # A producer added something between our drain and the flag.
                 self._asleep = False
                 continue
             deadline = self.machine.next_deadline()
@@ -228,39 +224,44 @@ class BreakerActor:
             self._asleep = False
             event.clear()
 
+    def _take_tallies(self) -> None:
+        generation, tally = self._tally
+        taken = len(tally)
+        if taken:
+            count = sum(tally[:taken])
+            del tally[:taken]
+            try:
+                transitions = self.machine.record_successes(generation, count, self._clock())
+                if transitions:
+                    self._apply(transitions)
+            except Exception as exc:  # a bug in breakerd: restart, never go silent
+                self._crash(None, exc)
+        rejections = self._rejections
+        taken = len(rejections)
+        if taken:
+            self.machine.count_rejections(sum(rejections[:taken]))
+            del rejections[:taken]
+
     def _drain(self) -> None:
         inbox = self._inbox
         popleft = inbox.popleft
-        machine = self.machine
+        self._take_tallies()
         while inbox:
             item = popleft()
             try:
-                if type(item) is int:
-                    # Bulk-apply a run of successes of one generation.
-                    count = 1
-                    while inbox and inbox[0] == item and type(inbox[0]) is int:
-                        popleft()
-                        count += 1
-                    transitions = machine.record_successes(item, count, self._clock())
-                    if transitions:
-                        self._apply(transitions)
+                if type(item) is tuple:
+                    generation, outcome, duration = item
+                    result = self.machine.record(
+                        generation, outcome, self._clock(), duration=duration
+                    )
+                    if result.transitions:
+                        self._apply(result.transitions)
                 else:
-                    self._handle(item)
+                    assert isinstance(item, Envelope)
+                    self._take_tallies()
+                    self._serve(item)
             except Exception as exc:  # a bug in breakerd: restart, never go silent
                 self._crash(item, exc)
-                machine = self.machine
-
-    def _handle(self, item: InboxItem) -> None:
-        if type(item) is tuple:
-            generation, outcome, duration = item
-            result = self.machine.record(generation, outcome, self._clock(), duration=duration)
-            if result.transitions:
-                self._apply(result.transitions)
-        elif item is REJECTED:
-            self.machine.count_rejections(1)
-        else:
-            assert isinstance(item, Envelope)
-            self._serve(item)
 
     def _serve(self, envelope: Envelope) -> None:
         message = envelope.message
@@ -337,7 +338,11 @@ class BreakerActor:
                     self._log.exception("transition_listener_failed")
 
     def _publish(self) -> None:
-        self.snapshot = self.machine.snapshot()
+        snapshot = self.machine.snapshot()
+        if snapshot.generation != self._tally[0]:
+            # Successes still arriving for the old generation are stale.
+            self._tally = (snapshot.generation, [])
+        self.snapshot = snapshot
 
     def _log_transition(self, transition: Transition) -> None:
         key: tuple[CircuitState, CircuitState] | CircuitState = (

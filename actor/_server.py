@@ -515,18 +515,53 @@ class _Peer(asyncio.Protocol):
         if type(message) is not ReportBatch:
             return
         daemon = self.daemon
+        system = daemon.system
+        successes: dict[tuple[str, int], int] = {}
+        busy: BreakerActor | None = None
         for report in message.items:
-            actor = daemon.system.get(report.name)
+            actor = system.get(report.name)
             if actor is None:
                 self.log.warning("report_for_unknown_breaker", breaker=report.name)
                 continue
             if report.lease:
                 self.leases.pop((report.name, report.lease), None)
                 actor.ask(report, None, force=True)
-            elif report.outcome is Outcome.SUCCESS and actor.config.slow_call_duration is None:
-                if not actor.post_success(report.generation):
-                    actor.ask(report, None, force=True)
+            elif report.outcome is Outcome.SUCCESS and (
+                actor.config.slow_call_duration is None
+                or report.duration <= actor.config.slow_call_duration
+            ):
+                key = (report.name, report.generation)
+                successes[key] = successes.get(key, 0) + 1
             elif report.outcome is Outcome.RATE_LIMITED or not actor.post_report(
                 (report.generation, report.outcome, report.duration)
             ):
+                # The batched tuple form has no room for retry_after; a full
+                # inbox still takes it, and this peer is paused below.
                 actor.ask(report, None, force=True)
+            if actor.backlog > actor.max_inbox // 2:
+                busy = actor
+        for (name, generation), count in successes.items():
+            actor = system.get(name)
+            if actor is not None:
+                actor.post_success(generation, count)
+        if busy is not None:
+            self._pause_until_drained(busy)
+
+    def _pause_until_drained(self, actor: BreakerActor) -> None:
+        # Backpressure: stop reading this peer's socket until the actor has
+        # caught up; its writes then block in its own process, not in ours.
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        transport.pause_reading()
+        loop = asyncio.get_running_loop()
+
+        def resume() -> None:
+            if self.closed:
+                return
+            if actor.backlog > actor.max_inbox // 4:
+                loop.call_later(0.001, resume)
+            else:
+                transport.resume_reading()
+
+        loop.call_later(0.001, resume)

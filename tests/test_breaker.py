@@ -508,10 +508,12 @@ def test_stop_fails_pending_requests_instead_of_hanging(clock: FakeClock) -> Non
 def test_inbox_is_bounded(clock: FakeClock) -> None:
     actor = BreakerActor("svc", BreakerConfig(), clock=clock, max_inbox=2)
     actor.ask(StatusRequest("svc"), None)
-    assert actor.post_success(0)
+    assert actor.post_report((0, Outcome.IGNORED, 0.0))
     with pytest.raises(InboxFullError):
         actor.ask(StatusRequest("svc"), None)
-    assert not actor.post_success(0)
+    assert not actor.post_report((0, Outcome.IGNORED, 0.0))
+    # Successes are counts in a tally, not inbox items: never refused.
+    assert actor.post_success(0, 5)
     # Reports that must not be lost can still be forced in.
     actor.ask(Report("svc", 0, Outcome.FAILURE), None, force=True)
 

@@ -122,12 +122,12 @@ try:
     s.connect(sys.argv[1])
 except PermissionError:
     print("connect-denied"); sys.exit(0)
-s.sendall(bytes.fromhex(sys.argv[2]))
 s.settimeout(10)
 try:
+    s.sendall(bytes.fromhex(sys.argv[2]))
     data = s.recv(65536)
-except ConnectionResetError:
-    data = b""
+except (BrokenPipeError, ConnectionResetError):
+    data = b""  # the daemon hung up first
 print("closed" if data == b"" else "answered")
 """
 
