@@ -36,14 +36,21 @@ class CircuitBreakerOpenError(BreakerError):
         state: str = "open",
         message: str | None = None,
     ) -> None:
+        # Rejections are the hot path of an open breaker: the message is built
+        # only if someone looks at it (BaseException.__new__ keeps the args).
         self.name = name
         self.retry_after = retry_after
         self.state = state
+        self._message = message
+
+    def __str__(self) -> str:
+        message = self._message
         if message is None:
-            message = f"circuit breaker {name!r} is {state}"
-            if retry_after is not None:
-                message += f"; retry after {retry_after:.3f}s"
-        super().__init__(message)
+            message = f"circuit breaker {self.name!r} is {self.state}"
+            if self.retry_after is not None:
+                message += f"; retry after {self.retry_after:.3f}s"
+            self._message = message
+        return message
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.name, self.retry_after, self.state, str(self)))
