@@ -9,6 +9,7 @@ from breakerd.protocol import (
     BreakerStatus,
     CircuitBreakerOpenError,
     CircuitState,
+    DaemonUnavailableError,
     Outcome,
     Snapshot,
 )
@@ -16,6 +17,7 @@ from breakerd.protocol import (
 from ._breaker import CircuitBreaker
 from ._classify import Classifier, ClassifyFunc, RateLimited, Verdict
 from ._openai import classify_openai, parse_retry_after
+from ._remote import DaemonClient, OnUnavailable, RemoteBreaker
 
 __all__ = [
     "ActorSystem",
@@ -27,8 +29,12 @@ __all__ = [
     "CircuitState",
     "Classifier",
     "ClassifyFunc",
+    "DaemonClient",
+    "DaemonUnavailableError",
+    "OnUnavailable",
     "Outcome",
     "RateLimited",
+    "RemoteBreaker",
     "Snapshot",
     "Transition",
     "Verdict",

@@ -16,6 +16,7 @@ import functools
 import inspect
 import os
 import threading
+import time
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
@@ -37,9 +38,11 @@ from breakerd.protocol import (
     Report,
     Snapshot,
     StatusRequest,
+    default_socket_path,
 )
 
 from ._classify import Classifier, ClassifyFunc, RateLimited, Verdict
+from ._remote import ON_UNAVAILABLE, OnUnavailable, RemoteBreaker, check_socket_path
 
 __all__ = ["CircuitBreaker"]
 
@@ -60,6 +63,8 @@ class CircuitBreaker:
     actor (async and sync callers alike); the first one created fixes the
     settings, later ones with different settings join it and get a warning in
     the log (``breaker_config_conflict``, and ``config_conflicts`` here).
+    With ``daemon=``, the breaker is the daemon's instead, shared by every
+    process on the host that uses the same socket and name.
 
     Args:
         name: The protected service, e.g. ``"LLM"``.
@@ -70,9 +75,26 @@ class CircuitBreaker:
         fallback: ``fallback(*args, **kwargs)``, sync or async, returns the
             answer for a rejected call instead of raising
             ``CircuitBreakerOpenError``. It gets the arguments of the call.
-        half_open_calls: Trial calls allowed while half-open.
-        daemon: ``None`` for an in-process breaker; the daemon mode is not
-            available yet and raises ``NotImplementedError``.
+        half_open_calls: Trial calls allowed while half-open (host-wide in
+            daemon mode).
+        daemon: ``None`` (or False) for an in-process breaker. ``True`` shares
+            the breaker with every process on the host through the
+            ``breakerd serve`` daemon at the default socket
+            (``$BREAKERD_SOCKET``, else ``$XDG_RUNTIME_DIR/breakerd/breakerd.sock``,
+            else ``/tmp/breakerd-$UID/breakerd.sock``); a ``str`` or ``Path``
+            names the socket. The settings here register the breaker; the
+            daemon's config file and the first client to register win over
+            them (``config_conflicts`` lists what differs). One connection
+            per process and socket is shared by all its breakers; a process
+            forked after connecting opens its own.
+        on_unavailable: Daemon mode only: what a call does while the daemon
+            cannot be reached (not started, restarting, killed, hung).
+            ``"local"`` (default) uses an in-process breaker with the same
+            settings; ``"allow"`` admits every call and records nothing
+            (fail open); ``"deny"`` raises ``DaemonUnavailableError`` (fail
+            closed). A warning is logged once per outage; the client
+            reconnects in the background and switches back by itself, and
+            no call waits for a dead daemon.
         window_size, window_seconds, slow_call_duration, slow_call_threshold,
         backoff, max_timeout, jitter, half_open_max_wait: see ``BreakerConfig``.
         record: Exception types that count as failures (default: all).
@@ -82,7 +104,9 @@ class CircuitBreaker:
         openai: Apply the openai SDK rules (see ``breakerd.clients.classify_openai``).
         strict: Send every acquire to the actor instead of admitting from the
             snapshot (slower; exact admission under heavy concurrency).
-        system: The actor system to use (default: the process-wide one).
+        system: The actor system to use (default: the process-wide one). In
+            daemon mode, the one that hosts the ``"local"`` fallback; it must
+            run on ``time.monotonic``, the clock of the daemon's deadlines.
     """
 
     def __init__(
@@ -109,13 +133,11 @@ class CircuitBreaker:
         openai: bool = True,
         strict: bool = False,
         system: ActorSystem | None = None,
+        on_unavailable: OnUnavailable = "local",
     ) -> None:
         if fallback is not None and not callable(fallback):
             raise TypeError(f"fallback must be callable, got {fallback!r}")
-        if daemon is not None and daemon is not False:
-            raise NotImplementedError(
-                "daemon mode is not available in this version of breakerd; use daemon=None"
-            )
+        daemon_path = _daemon_path(daemon, on_unavailable, system)
         self.config = BreakerConfig(
             failure_threshold=failure_threshold,
             timeout=timeout,
@@ -137,25 +159,61 @@ class CircuitBreaker:
             record=record, ignore=ignore, classify=classify, openai=openai
         )
         self._explicit_system = system
+        #: The daemon's socket in daemon mode, else None.
+        self.daemon_path = daemon_path
+        self.on_unavailable: OnUnavailable = on_unavailable
         self._pid = os.getpid()
-        self._bind(system or default_system())
+        if daemon_path is None:
+            self._bind(system or default_system())
+        else:
+            self._bind_daemon(daemon_path)
         _live_breakers.add(self)
 
     def _bind(self, system: ActorSystem) -> None:
-        self._system = system
+        self._system: ActorSystem | None = system
         self._clock = system.clock
         actor, conflicts = system.actor(self.name, self.config)
         self._actor: BreakerActor = actor
         self.config_conflicts: tuple[str, ...] = conflicts
 
+    def _bind_daemon(self, path: str) -> None:
+        system = self._explicit_system
+        link = RemoteBreaker.open(
+            path,
+            self.name,
+            self.config,
+            self.on_unavailable,
+            system if system is not None and system.pid == os.getpid() else None,
+        )
+        self._system = None
+        # The daemon's open deadlines are time.monotonic() instants (one clock
+        # for the whole host on Linux): durations and deadlines use it too.
+        self._clock = time.monotonic
+        # Duck-typed: RemoteBreaker has the surface of BreakerActor used here.
+        self._actor = cast(BreakerActor, link)
+        self.config_conflicts = link.conflicts
+
     def _rebind_after_fork(self) -> None:
-        # The parent's actor thread does not exist in a forked child.
+        # The parent's actor thread (or daemon connection) does not exist in a
+        # forked child.
         if self._pid != os.getpid():
+            if self.daemon_path is not None:
+                # The pid last: if this raises, the next call tries again.
+                self._bind_daemon(self.daemon_path)
+                self._pid = os.getpid()
+                return
             self._pid = os.getpid()
             system = self._explicit_system
             if system is None or system.pid != self._pid:
                 system = default_system()
             self._bind(system)
+
+    def _in_breaker_thread(self) -> bool:
+        # A thread that answers this breaker's requests must never wait for one.
+        if self.daemon_path is not None:
+            return cast(RemoteBreaker, self._actor).in_own_thread()
+        system = self._system
+        return system is not None and threading.get_ident() == system.loop_thread_id
 
     def _forked(self) -> None:
         # Runs in the child right after fork(): no thread may be started here,
@@ -179,7 +237,8 @@ class CircuitBreaker:
         return cast(BreakerStatus, self._request_sync(StatusRequest(self.name)))
 
     def __repr__(self) -> str:
-        return f"<CircuitBreaker {self.name!r} {self.state.value}>"
+        where = "" if self.daemon_path is None else f" daemon={self.daemon_path!r}"
+        return f"<CircuitBreaker {self.name!r} {self.state.value}{where}>"
 
     # -- the async call --------------------------------------------------------------
 
@@ -376,8 +435,13 @@ class CircuitBreaker:
     def on_transition(self, callback: Callable[[Transition], None]) -> Callable[[], None]:
         """Call ``callback(transition)`` after every state change; returns an unsubscribe.
 
-        The callback runs in the actor system's thread: keep it short and
-        do not call this breaker's ``call_sync`` from it.
+        The callback runs in the actor system's thread (in daemon mode, the
+        daemon client's IO thread, or the local fallback's thread): keep it
+        short and do not call this breaker's ``call_sync`` from it. In daemon
+        mode a transition is reported when the state this process sees
+        changes: a push from the daemon (reason ``"daemon"``) or a switch
+        between the daemon and the ``on_unavailable`` fallback (reasons
+        ``"daemon_unavailable"``, ``"daemon_available"``).
         """
 
         def listener(transition: Transition, snapshot: Snapshot) -> None:
@@ -494,7 +558,9 @@ class CircuitBreaker:
         return await future
 
     def _request_sync(self, message: object, *, force: bool = False) -> Any:
-        if threading.get_ident() == self._system.loop_thread_id:
+        if self._pid != os.getpid():
+            self._rebind_after_fork()  # status() or an admin call first thing in a child
+        if self._in_breaker_thread():
             raise RuntimeError(
                 "a breaker cannot wait for its own actor thread; "
                 "do not call call_sync() or admin methods from a transition callback"
@@ -536,6 +602,37 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _daemon_path(
+    daemon: bool | str | Path | None, on_unavailable: object, system: ActorSystem | None
+) -> str | None:
+    """Check the daemon-mode arguments; the socket path, or None for embedded mode."""
+    if on_unavailable not in ON_UNAVAILABLE:
+        raise ValueError(
+            f"on_unavailable must be 'local', 'allow' or 'deny', not {on_unavailable!r}"
+        )
+    if daemon is None or daemon is False:
+        if on_unavailable != "local":
+            raise ValueError(
+                f"on_unavailable={on_unavailable!r} only applies in daemon mode; "
+                "pass daemon=True or daemon=<socket path>"
+            )
+        return None
+    if daemon is True:
+        path = check_socket_path(default_socket_path())
+    elif isinstance(daemon, (str, os.PathLike)) and not isinstance(daemon, bytes):
+        path = check_socket_path(daemon)
+    else:
+        raise TypeError(
+            f"daemon must be None, True or a socket path (str or pathlib.Path), got {daemon!r}"
+        )
+    if system is not None and system.clock is not time.monotonic:
+        raise ValueError(
+            "in daemon mode the actor system (which hosts the on_unavailable='local' "
+            "fallback) must use time.monotonic: the daemon's deadlines are on that clock"
+        )
+    return path
 
 
 def _needs_ack(report: Report) -> bool:

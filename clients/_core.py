@@ -1,0 +1,377 @@
+"""The sans-IO core of a daemon client: everything but the socket.
+
+A shell keeps one ``ClientCore`` for its whole life and calls ``connect()``
+for each new socket. The core holds the logic of the client side of the
+protocol:
+
+* msgid allocation and the pending table (msgid -> reply callback and the
+  instant after which the shell should give up on the daemon);
+* the per-breaker state cache: the newest ``Snapshot`` of each breaker, from
+  replies and ``state`` pushes alike;
+* report batching: fire-and-forget outcomes queue up here and leave as one
+  ``reports`` notification (split so no frame nears the size limit);
+* error mapping: replies that carry an error complete with that
+  ``BreakerError``; a lost connection completes every pending request with
+  ``DaemonUnavailableError`` naming the socket and the reason.
+
+No sockets, no threads, no clock: the shell passes ``now`` in, feeds the bytes
+it reads to ``receive_data``, writes the bytes the methods return, and runs
+the ``Action`` values they hand back (outside its lock: a reply callback may
+do anything). It is not thread-safe, except ``post``, whose single
+``deque.append`` is atomic under the GIL so the hot path can skip the shell's
+lock.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, TypeAlias
+
+from breakerd.protocol import (
+    MAX_FRAME_SIZE,
+    MAX_MSGID,
+    MIN_PROTOCOL_VERSION,
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    Admission,
+    ConnectionClosed,
+    DaemonUnavailableError,
+    Hello,
+    NotificationReceived,
+    Outcome,
+    ProtocolError,
+    Registered,
+    RemoteProtocolError,
+    Report,
+    ReportBatch,
+    RequestMessage,
+    ResponseReceived,
+    Snapshot,
+    StatePush,
+    Status,
+)
+from breakerd.protocol import Connection as _Connection
+
+__all__ = [
+    "Action",
+    "ClientCore",
+    "Completion",
+    "NotConnectedError",
+    "Reply",
+    "ReportItem",
+    "SnapshotChanged",
+]
+
+#: ``reply(result, None)`` or ``reply(None, error)``, called exactly once.
+Reply: TypeAlias = Callable[[Any, BaseException | None], None]
+
+#: A queued fire-and-forget outcome:
+#: ``(name, generation, outcome, duration, lease, retry_after)``, the field
+#: order of a ``reports`` item on the wire. A tuple, not a ``Report``: it is
+#: built on the caller's hot path, the ``Report`` only at flush time.
+ReportItem: TypeAlias = tuple[str, int, Outcome, float, int, float | None]
+
+#: Queued outcomes beyond this are refused (``post`` returns False), so a
+#: process that outruns its flusher falls back to requests, which push back.
+DEFAULT_MAX_QUEUED_REPORTS: Final = 100_000
+
+# A ``reports`` item costs its name plus at most ~50 bytes of msgpack (array
+# header, a 9-byte generation, the outcome string, a 9-byte float, a lease, a
+# retry_after). Frames are cut at half the limit so the estimate never has to
+# be exact.
+_ITEM_OVERHEAD: Final = 56
+_BATCH_BUDGET: Final = MAX_FRAME_SIZE // 2
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """Run ``reply(result, error)``: the end of one request."""
+
+    reply: Reply
+    result: Any
+    error: BaseException | None
+
+    def run(self) -> None:
+        self.reply(self.result, self.error)
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotChanged:
+    """The cached state of breaker ``snapshot.name`` moved on (``previous`` was cached)."""
+
+    snapshot: Snapshot
+    previous: Snapshot | None
+
+
+Action: TypeAlias = Completion | SnapshotChanged
+
+
+class NotConnectedError(RuntimeError):
+    """``request`` was called with no connection (a bug in the shell, or a race it handles)."""
+
+
+class ClientCore:
+    """Protocol logic of one daemon client, free of IO.
+
+    Args:
+        socket_path: Only for error messages: which daemon was unavailable.
+        client: Name sent in ``hello``.
+        pid: Process id sent in ``hello``.
+        request_timeout: Seconds a request may wait for its reply before the
+            shell should consider the daemon hung (see ``next_deadline``).
+        max_queued_reports: Bound on outcomes waiting for a flush.
+    """
+
+    def __init__(
+        self,
+        *,
+        socket_path: str,
+        client: str,
+        pid: int,
+        request_timeout: float = 5.0,
+        max_queued_reports: int = DEFAULT_MAX_QUEUED_REPORTS,
+    ) -> None:
+        if request_timeout <= 0:
+            raise ValueError(f"request_timeout must be > 0, got {request_timeout!r}")
+        if max_queued_reports < 1:
+            raise ValueError(f"max_queued_reports must be >= 1, got {max_queued_reports!r}")
+        self.socket_path = socket_path
+        self.client = client
+        self.pid = pid
+        self.request_timeout = request_timeout
+        self.max_queued_reports = max_queued_reports
+        #: The newest snapshot of each breaker seen on the current connection.
+        self.snapshots: dict[str, Snapshot] = {}
+        #: Why the current connection must be dropped (a protocol error), if it must.
+        self.failure: str | None = None
+        self._conn: _Connection | None = None
+        # Insertion order is deadline order: every request gets the same
+        # timeout and `now` never goes back, so the first entry expires first.
+        self._pending: dict[int, tuple[Reply, float]] = {}
+        self._next_msgid = 1
+        self._reports: deque[ReportItem] = deque()
+        self._name_sizes: dict[str, int] = {}
+
+    # -- the connection's lifetime ---------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    def connect(self, on_welcome: Reply, now: float) -> bytes:
+        """Start a new connection: the bytes of its ``hello``.
+
+        ``on_welcome`` completes with the ``Welcome`` or the daemon's error.
+        Outcomes queued before this belong to another connection (perhaps
+        another daemon, whose generations mean nothing here) and are dropped.
+        """
+        if self._conn is not None:
+            raise RuntimeError("connect() while connected: call connection_lost() first")
+        self._conn = _Connection("client")
+        self.failure = None
+        self.snapshots.clear()
+        self._reports.clear()
+        hello = Hello(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, self.client, self.pid)
+        return self.request(hello, on_welcome, now, flush=False)
+
+    def connection_lost(self, reason: str) -> list[Action]:
+        """The socket is gone: every pending request fails with ``DaemonUnavailableError``.
+
+        Queued outcomes are dropped: the daemon that should have counted them
+        is unreachable, and a later daemon would not know their generations.
+        """
+        self._conn = None
+        self._reports.clear()
+        pending = list(self._pending.values())
+        self._pending.clear()
+        error = self.unavailable_error(reason)
+        return [Completion(reply, None, error) for reply, _ in pending]
+
+    def unavailable_error(self, reason: str) -> DaemonUnavailableError:
+        return DaemonUnavailableError(
+            f"the breakerd daemon at {self.socket_path} is unavailable: {reason}"
+        )
+
+    # -- requests --------------------------------------------------------------------
+
+    def request(
+        self, message: RequestMessage, reply: Reply, now: float, *, flush: bool = True
+    ) -> bytes:
+        """The bytes of a request; ``reply`` will complete it.
+
+        With ``flush`` (the default) queued outcomes go first, so the daemon
+        applies a caller's earlier successes before its next request, as the
+        in-process actor does with its FIFO inbox.
+
+        Raises ``NotConnectedError`` without a connection and ``ProtocolError``
+        when the message cannot be sent (the connection is then dead:
+        ``failure`` says why).
+        """
+        conn = self._conn
+        if conn is None:
+            raise NotConnectedError("no connection to the daemon")
+        msgid = self._allocate_msgid()
+        head = self.take_batch() if flush and self._reports else b""
+        try:
+            data = conn.send_request(msgid, message)
+        except ProtocolError as exc:
+            self.failure = f"cannot send a request: {exc}"
+            raise
+        self._pending[msgid] = (reply, now + self.request_timeout)
+        return head + data if head else data
+
+    def _allocate_msgid(self) -> int:
+        msgid = self._next_msgid
+        pending = self._pending
+        # msgids wrap at 2**32; skip any still waiting for its reply.
+        while msgid in pending:
+            msgid = msgid + 1 if msgid < MAX_MSGID else 1
+        self._next_msgid = msgid + 1 if msgid < MAX_MSGID else 1
+        return msgid
+
+    @property
+    def pending(self) -> int:
+        """Requests sent and not answered yet."""
+        return len(self._pending)
+
+    def next_deadline(self) -> float | None:
+        """When the oldest pending request times out (None: nothing pending)."""
+        for _, deadline in self._pending.values():
+            return deadline
+        return None
+
+    def timed_out(self, now: float) -> bool:
+        """True when some request has waited past its deadline: drop the connection."""
+        deadline = self.next_deadline()
+        return deadline is not None and now >= deadline
+
+    # -- fire-and-forget outcomes ---------------------------------------------------------
+
+    def post(self, item: ReportItem) -> bool:
+        """Queue one outcome for the next batch. False when the queue is full.
+
+        Safe from any thread without the shell's lock (one ``deque.append``).
+        """
+        reports = self._reports
+        if len(reports) >= self.max_queued_reports:
+            return False
+        reports.append(item)
+        return True
+
+    @property
+    def queued_reports(self) -> int:
+        return len(self._reports)
+
+    def take_batch(self) -> bytes:
+        """Every queued outcome as ``reports`` notifications (``b""`` if none or no connection)."""
+        reports = self._reports
+        conn = self._conn
+        if conn is None:
+            reports.clear()
+            return b""
+        chunks: list[bytes] = []
+        items: list[Report] = []
+        size = 0
+        sizes = self._name_sizes
+        # Reports are immutable, so equal items share one: a batch is mostly
+        # the same plain success over and over, and building a frozen
+        # dataclass per item would cost more than everything else here.
+        made: dict[ReportItem, Report] = {}
+        popleft = reports.popleft
+        # popleft until empty (one flusher at a time: the shell's lock) rather
+        # than up to a length read first: posters may append meanwhile, and
+        # what they add either leaves now or waits for the next flush.
+        while reports:
+            item = popleft()
+            report = made.get(item)
+            if report is None:
+                report = made[item] = Report(*item)
+            item_size = sizes.get(report.name)
+            if item_size is None:
+                item_size = sizes[report.name] = len(report.name.encode()) + _ITEM_OVERHEAD
+            if size + item_size > _BATCH_BUDGET and items:
+                chunks.append(self._notification(conn, items))
+                items = []
+                size = 0
+            items.append(report)
+            size += item_size
+        if items:
+            chunks.append(self._notification(conn, items))
+        return b"".join(chunks)
+
+    def _notification(self, conn: _Connection, items: list[Report]) -> bytes:
+        try:
+            return conn.send_notification(ReportBatch(tuple(items)))
+        except ProtocolError as exc:
+            self.failure = f"cannot send reports: {exc}"
+            raise
+
+    # -- receiving --------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[Action]:
+        """Feed bytes read from the socket; returns what to run, in order.
+
+        For a reply that carries snapshots, the ``SnapshotChanged`` actions come
+        before its ``Completion``, so a caller woken by the reply already
+        sees the new state (read your own writes).
+
+        Never raises for what the bytes say: a protocol violation sets
+        ``failure`` (the shell must drop the connection) and returns the
+        actions of the frames before it. ``data`` must not be empty: the shell
+        calls ``connection_lost`` at EOF.
+        """
+        conn = self._conn
+        if conn is None or self.failure is not None:
+            return []
+        actions: list[Action] = []
+        try:
+            conn.receive_data(data)
+            while True:
+                event = conn.next_event()
+                if event is NEED_DATA:
+                    break
+                if isinstance(event, ResponseReceived):
+                    self._response(event, actions)
+                elif isinstance(event, NotificationReceived):
+                    message = event.message
+                    if isinstance(message, StatePush):
+                        self._note(message.snapshot, actions)
+                elif isinstance(event, ConnectionClosed):  # pragma: no cover - b"" never fed
+                    break
+                else:  # pragma: no cover - Connection refuses requests from a server
+                    raise RemoteProtocolError("the daemon sent a request")
+        except ProtocolError as exc:
+            self.failure = f"protocol error: {exc}"
+        return actions
+
+    def _response(self, event: ResponseReceived, actions: list[Action]) -> None:
+        entry = self._pending.pop(event.msgid, None)
+        if entry is None:
+            raise RemoteProtocolError(f"a reply to msgid {event.msgid}, which is not pending")
+        reply = entry[0]
+        if event.error is not None:
+            actions.append(Completion(reply, None, event.error))
+            return
+        result = event.result
+        if isinstance(result, Snapshot):
+            self._note(result, actions)
+        elif isinstance(result, (Admission, Registered)):
+            self._note(result.snapshot, actions)
+        elif isinstance(result, Status):
+            for status in result.breakers:
+                self._note(status.snapshot, actions)
+        actions.append(Completion(reply, result, None))
+
+    def _note(self, snapshot: Snapshot, actions: list[Action]) -> None:
+        previous = self.snapshots.get(snapshot.name)
+        # Replies and pushes travel in the order the daemon wrote them, which
+        # need not be the order its actor made them; the generation only moves
+        # forward within one daemon, so an older one is stale news.
+        if previous is not None and snapshot.generation < previous.generation:
+            return
+        if previous == snapshot:
+            return
+        self.snapshots[snapshot.name] = snapshot
+        actions.append(SnapshotChanged(snapshot, previous))

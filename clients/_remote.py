@@ -1,0 +1,1077 @@
+"""The IO shell of daemon mode: one connection per process and socket, one link per breaker.
+
+``DaemonClient`` owns the Unix socket to one daemon for one process and moves
+bytes between it and a ``ClientCore`` (``_core``), which holds every protocol
+decision. ``RemoteBreaker`` is what a ``CircuitBreaker`` talks to in daemon
+mode: it offers the duck-typed surface of ``BreakerActor`` (``snapshot``,
+``listeners``, ``post_success``, ``post_report``, ``post_rejection``, ``ask``),
+so the facade runs unchanged on top of it.
+
+Threads and locks
+-----------------
+One background IO thread per ``DaemonClient`` reads the socket, runs reply
+callbacks and state pushes, flushes batched reports, times out requests, and
+reconnects with backoff. Writers take ``DaemonClient._lock`` (which also
+guards the core) and write to the socket themselves: a request costs the
+caller one ``sendall`` and the reply one thread hop, instead of two hops
+through a writer thread. Reply callbacks and transition listeners run in the
+IO thread *outside* the lock.
+
+This one thread-based shell serves sync and async callers alike: async
+callers wait on an asyncio future that the reply callback settles with
+``loop.call_soon_threadsafe`` (the facade's ``_request_async``), so there is
+no separate anyio shell.
+
+The hot path (a success while ``closed``) takes no lock: it appends a tuple
+to the core's deque (atomic under the GIL) and, only when no flush is armed
+yet, writes one byte to the IO thread's wake-up pipe. The IO thread then
+sends everything queued ``FLUSH_DELAY`` seconds later as one ``reports``
+notification, whether or not the process makes another call.
+
+Disconnects, forks and exit
+---------------------------
+* A lost connection (EOF, a write error, a protocol error, or a request left
+  unanswered for ``request_timeout`` seconds: a hung daemon) fails every
+  pending request at once; links switch to their ``on_unavailable`` policy
+  first, and requests that failed this way are answered by that policy
+  (a local breaker, fail open, or ``DaemonUnavailableError``). Only the IO
+  thread closes the socket; other threads ``shutdown()`` it to hand it over.
+* The IO thread reconnects with exponential backoff and jitter, says
+  ``hello`` again and re-registers every live link; each link switches back
+  to the daemon when its ``Registered`` arrives.
+* After ``fork()`` the child forgets every client (closing its copies of
+  their file descriptors, never touching the parent's connection); the
+  facade's fork hook sends the child's next call down the slow path, which
+  opens the child's own connection.
+* At exit every client flushes its queued reports and closes its connection.
+
+Generations
+-----------
+While the daemon is out of reach with ``on_unavailable="local"``, the link
+shows the local breaker's snapshots with generations moved up by
+``LOCAL_GENERATION_OFFSET``: an outcome carries the generation of the
+snapshot that admitted it, so it goes back to the breaker that admitted it
+even if the daemon came back meanwhile (a local trial lease must return to
+the local breaker, a daemon lease must never reach it). ``allow`` admits with
+generation -1, and those outcomes are not counted anywhere.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import random
+import select
+import socket
+import sys
+import threading
+import time
+import weakref
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeAlias, cast
+
+import structlog
+
+from breakerd.actor import ActorSystem, BreakerActor, BreakerConfig, Transition, default_system
+from breakerd.protocol import (
+    Acquire,
+    ActorStoppedError,
+    Admin,
+    Admission,
+    BreakerError,
+    BreakerStatus,
+    CircuitState,
+    DaemonUnavailableError,
+    Outcome,
+    ProtocolError,
+    Register,
+    Registered,
+    Report,
+    RequestMessage,
+    Snapshot,
+    Status,
+    StatusRequest,
+    UnknownBreakerError,
+    Welcome,
+)
+
+from ._core import Action, ClientCore, Completion, NotConnectedError, Reply, ReportItem
+
+__all__ = [
+    "FLUSH_DELAY",
+    "LOCAL_GENERATION_OFFSET",
+    "ON_UNAVAILABLE",
+    "ActorSurface",
+    "DaemonClient",
+    "OnUnavailable",
+    "RemoteBreaker",
+    "check_socket_path",
+    "close_all_clients",
+    "get_client",
+]
+
+OnUnavailable: TypeAlias = Literal["local", "allow", "deny"]
+ON_UNAVAILABLE: Final[frozenset[str]] = frozenset({"local", "allow", "deny"})
+
+#: How long a fire-and-forget report may wait before its batch is sent.
+FLUSH_DELAY: Final = 0.002
+#: Generations of the local fallback breaker, as a link shows them.
+LOCAL_GENERATION_OFFSET: Final = 1 << 48
+#: The generation of the "allow" policy's admissions: counted nowhere.
+_NO_GENERATION: Final = -1
+#: sun_path holds 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH: Final = 107
+
+_READ_SIZE: Final = 65536
+#: What a link forwards to the daemon; anything else is answered by the policy.
+_DAEMON_REQUESTS: Final[frozenset[type]] = frozenset({Acquire, Admin, Report, StatusRequest})
+_SUCCESS: Final = Outcome.SUCCESS
+
+_logger = structlog.get_logger("breakerd")
+
+
+class ActorSurface(Protocol):
+    """What ``CircuitBreaker`` uses of its breaker: ``BreakerActor`` and ``RemoteBreaker``."""
+
+    @property
+    def snapshot(self) -> Snapshot: ...
+
+    @property
+    def listeners(self) -> list[Any]: ...
+
+    def post_success(self, generation: int) -> bool: ...
+
+    def post_report(self, item: tuple[int, Outcome, float]) -> bool: ...
+
+    def post_rejection(self) -> None: ...
+
+    def ask(self, message: object, reply: Reply | None, *, force: bool = False) -> None: ...
+
+
+def check_socket_path(path: str | Path) -> str:
+    """The socket path as a string, or ``ValueError`` saying why it cannot be one."""
+    text = os.fspath(path)
+    if not text:
+        raise ValueError("daemon socket path is empty")
+    if "\0" in text:
+        raise ValueError(f"daemon socket path {text!r} contains a NUL byte")
+    size = len(os.fsencode(text))
+    if size > MAX_SOCKET_PATH:
+        raise ValueError(
+            f"daemon socket path {text!r} is {size} bytes long; a Unix socket path "
+            f"holds at most {MAX_SOCKET_PATH} (use a shorter directory)"
+        )
+    return text
+
+
+class DaemonClient:
+    """One process's connection to one daemon, with its IO thread.
+
+    Use ``get_client(path)``, which shares one client per process and socket.
+
+    Args:
+        path: The daemon's Unix socket.
+        request_timeout: A request unanswered this long means the daemon is
+            hung: the connection is dropped and every pending request fails.
+            Also bounds a blocked write.
+        connect_timeout: Bound on ``connect()`` and on how long a new breaker
+            waits for its registration before it starts in fallback mode.
+        backoff_min, backoff_max: Reconnect delays (doubling, +-20% jitter).
+        flush_delay: How long batched reports wait before they are sent
+            (default: ``FLUSH_DELAY``, read when the client is made).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        request_timeout: float = 5.0,
+        connect_timeout: float = 1.0,
+        backoff_min: float = 0.05,
+        backoff_max: float = 2.0,
+        flush_delay: float | None = None,
+    ) -> None:
+        self.path = check_socket_path(path)
+        if connect_timeout <= 0:
+            raise ValueError(f"connect_timeout must be > 0, got {connect_timeout!r}")
+        if not 0 < backoff_min <= backoff_max:
+            raise ValueError(
+                f"need 0 < backoff_min <= backoff_max, got {backoff_min!r}, {backoff_max!r}"
+            )
+        if flush_delay is None:
+            flush_delay = FLUSH_DELAY
+        if flush_delay < 0:
+            raise ValueError(f"flush_delay must be >= 0, got {flush_delay!r}")
+        self.pid = os.getpid()
+        self.request_timeout = request_timeout
+        self.connect_timeout = connect_timeout
+        self.backoff_min = backoff_min
+        self.backoff_max = backoff_max
+        self.flush_delay = flush_delay
+        self.core = ClientCore(
+            socket_path=self.path,
+            client=_client_name(),
+            pid=self.pid,
+            request_timeout=request_timeout,
+        )
+        #: The daemon's Welcome on the current connection, once received.
+        self.welcome: Welcome | None = None
+        #: Connections established so far (each one re-registers every link).
+        self.epoch = 0
+        #: Why the daemon is out of reach, while it is (None when connected or never tried).
+        self.outage: str | None = None
+        #: Connection attempts made so far, failed or not.
+        self.attempts = 0
+        # Guards the core, the socket's writing side and the link registry.
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._break_reason: str | None = None
+        self._links: dict[str, weakref.WeakSet[RemoteBreaker]] = {}
+        # Set by posters, cleared by the IO thread; see post() for the race.
+        self._flush_armed = False
+        self._had_welcome = False
+        self._closing = False
+        self._first_attempt = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._thread = threading.Thread(
+            target=self._run, name=f"breakerd-client {self.path}", daemon=True
+        )
+        self._log = _logger.bind(socket=self.path)
+
+    def __repr__(self) -> str:
+        state = "connected" if self._sock is not None else "disconnected"
+        return f"<DaemonClient {self.path!r} {state} epoch={self.epoch}>"
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> DaemonClient:
+        """Start the IO thread; returns after its first connection attempt (bounded)."""
+        self._thread.start()
+        self._first_attempt.wait(self.connect_timeout + 1.0)
+        return self
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    def in_io_thread(self) -> bool:
+        return threading.get_ident() == self._thread.ident
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Flush queued reports, close the connection, stop the IO thread.
+
+        Pending requests fail (and are answered by each link's policy).
+        """
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            if self._sock is not None:
+                self._flush_locked()
+        self._wake()
+        if self._thread.is_alive() and not self.in_io_thread():
+            self._thread.join(timeout)
+        _forget(self)
+
+    def flush(self) -> None:
+        """Send every queued report now (the IO thread does this on its own within ms)."""
+        with self._lock:
+            self._flush_locked()
+
+    def _abandon_in_child(self) -> None:
+        # In a forked child: the IO thread does not exist here and the socket is
+        # the parent's. Close our copies of the descriptors (the parent's
+        # connection lives on) without touching a lock a parent thread may hold.
+        self._closing = True
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # -- links -------------------------------------------------------------------
+
+    def attach(self, link: RemoteBreaker) -> bool:
+        """Track ``link`` (re-registered on every reconnect) and register it now if connected.
+
+        Returns True if a ``Register`` is on its way (its reply settles the link).
+        """
+        with self._lock:
+            self._links.setdefault(link.name, weakref.WeakSet()).add(link)
+            if self._sock is None:
+                return False
+            self._send_request_locked(
+                Register(link.name, link.config.as_dict()), link._registered_reply(self.epoch)
+            )
+            return True
+
+    def detach(self, link: RemoteBreaker) -> None:
+        with self._lock:
+            links = self._links.get(link.name)
+            if links is not None:
+                links.discard(link)
+
+    def _all_links(self) -> list[RemoteBreaker]:
+        with self._lock:
+            return [link for links in self._links.values() for link in links]
+
+    def _links_named(self, name: str) -> list[RemoteBreaker]:
+        with self._lock:
+            links = self._links.get(name)
+            return list(links) if links is not None else []
+
+    # -- any thread: requests and reports ----------------------------------------------
+
+    def request(self, message: RequestMessage, reply: Reply) -> bool:
+        """Send a request; ``reply`` will be called exactly once, from the IO thread.
+
+        Returns False, without calling ``reply``, when there is no connection.
+        """
+        with self._lock:
+            if self._sock is None:
+                return False
+            return self._send_request_locked(message, reply)
+
+    def _send_request_locked(self, message: RequestMessage, reply: Reply) -> bool:
+        sock = self._sock
+        assert sock is not None
+        try:
+            data = self.core.request(message, reply, time.monotonic())
+        except NotConnectedError:
+            return False
+        except ProtocolError as exc:
+            # Our own encoding failed: a bug, but the connection is unusable either way.
+            self._log.error("daemon_request_unsendable", error=str(exc))
+            self._break_locked(self.core.failure or str(exc))
+            return False
+        # From here the reply is in the pending table: a failed write breaks
+        # the connection and the IO thread fails the request with the others.
+        self._write_locked(sock, data)
+        return True
+
+    def post(self, item: ReportItem) -> bool:
+        """Queue a fire-and-forget outcome (no lock). False: the queue is full, send a request."""
+        if not self.core.post(item):
+            return False
+        # Append first, check the flag second; the IO thread clears the flag
+        # first and drains second. So either it drains this item, or we see
+        # the flag down and wake it: an item is never left without a flush.
+        if not self._flush_armed:
+            self._flush_armed = True
+            self._wake()
+        return True
+
+    def _flush_locked(self) -> None:
+        sock = self._sock
+        try:
+            data = self.core.take_batch()
+        except ProtocolError as exc:
+            self._log.error("daemon_reports_unsendable", error=str(exc))
+            self._break_locked(self.core.failure or str(exc))
+            return
+        if data and sock is not None:
+            self._write_locked(sock, data)
+
+    def _write_locked(self, sock: socket.socket, data: bytes) -> None:
+        try:
+            sock.sendall(data)
+        except OSError as exc:
+            self._break_locked(f"write failed: {exc.strerror or exc!r}")
+
+    def _break_locked(self, reason: str) -> None:
+        # Hand the socket over to the IO thread: shutdown() wakes its poll with
+        # an EOF, and it alone closes the descriptor (closing it here could let
+        # the number be reused under its poll).
+        if self._break_reason is None:
+            self._break_reason = reason
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:
+            pass  # the pipe is full (a wake-up is pending anyway) or closed
+
+    # -- the IO thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff = self.backoff_min
+        try:
+            while not self._closing:
+                if self._sock is None:
+                    connected = self._connect()
+                    self._first_attempt.set()
+                    if not connected:
+                        self._sleep(backoff * random.uniform(0.8, 1.2))
+                        backoff = min(backoff * 2, self.backoff_max)
+                        continue
+                self._pump()
+                if self._had_welcome:
+                    # A working connection dropped: try again at once.
+                    backoff = self.backoff_min
+                elif not self._closing:
+                    # Dropped before the handshake (a hung daemon, a refused
+                    # peer): back off, or it would be a tight loop.
+                    self._sleep(backoff * random.uniform(0.8, 1.2))
+                    backoff = min(backoff * 2, self.backoff_max)
+        except BaseException:  # pragma: no cover - a bug here must not go silent
+            self._log.exception("daemon_client_crashed")
+            raise
+        finally:
+            self._first_attempt.set()
+            for fd in (self._wake_r, self._wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def _sleep(self, seconds: float) -> None:
+        """Wait for the backoff delay, or less if woken (close)."""
+        try:
+            ready, _, _ = select.select([self._wake_r], [], [], seconds)
+        except OSError:  # pragma: no cover
+            return
+        if ready:
+            self._drain_wake()
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except OSError:
+            pass
+
+    def _connect(self) -> bool:
+        self.attempts += 1
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.connect_timeout)
+        try:
+            sock.connect(self.path)
+        except OSError as exc:
+            sock.close()
+            self._note_outage(f"cannot connect ({exc.strerror or exc!r})")
+            return False
+        # Bounds a write to a daemon that stopped reading; reads only happen
+        # after poll() says there is data, so they never wait on it.
+        sock.settimeout(self.request_timeout)
+        with self._lock:
+            # Listed under the lock that attach() takes: a link is either in
+            # this list or sees the socket and registers itself, never neither.
+            links = [link for named in self._links.values() for link in named]
+            if self._closing:
+                sock.close()
+                return False
+            self.epoch += 1
+            self.welcome = None
+            self._had_welcome = False
+            self._break_reason = None
+            self._sock = sock
+            now = time.monotonic()
+            data = [self.core.connect(self._welcomed(self.epoch), now)]
+            # Pipelined behind hello: the daemon answers them in order.
+            for link in links:
+                data.append(
+                    self.core.request(
+                        Register(link.name, link.config.as_dict()),
+                        link._registered_reply(self.epoch),
+                        now,
+                        flush=False,
+                    )
+                )
+            self._write_locked(sock, b"".join(data))
+        return True
+
+    def _welcomed(self, epoch: int) -> Reply:
+        def on_welcome(result: Any, error: BaseException | None) -> None:
+            if epoch != self.epoch or isinstance(error, DaemonUnavailableError):
+                return  # the connection died first; connection_lost said why
+            if error is not None or not isinstance(result, Welcome):
+                self._log.error("daemon_handshake_failed", error=str(error or result))
+                with self._lock:
+                    self._break_locked(f"handshake refused: {error or result}")
+                return
+            self.welcome = result
+            self._had_welcome = True
+            fields: dict[str, Any] = {
+                "server": result.server,
+                "daemon_pid": result.pid,
+                "version": result.version,
+            }
+            if self.outage is not None:
+                self._log.info("daemon_reconnected", after=self.outage, **fields)
+                self.outage = None
+            else:
+                self._log.debug("daemon_connected", **fields)
+
+        return on_welcome
+
+    def _pump(self) -> None:
+        """Serve one connection until it is lost or the client closes."""
+        sock = self._sock
+        assert sock is not None
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        wake_r = self._wake_r
+        flush_at: float | None = None
+        while True:
+            now = time.monotonic()
+            if flush_at is None and self._flush_armed:
+                flush_at = now + self.flush_delay
+            with self._lock:
+                deadline = self.core.next_deadline()
+            # Callers do not wake this thread when they send a request (that
+            # would cost every request a syscall), so it looks at the pending
+            # table on a tick: a hung daemon is noticed within 1.25 timeouts.
+            tick = now + self.request_timeout / 4
+            if deadline is None or tick < deadline:
+                deadline = tick
+            if flush_at is not None and flush_at < deadline:
+                deadline = flush_at
+            timeout = max(0, int((deadline - now) * 1000) + 1)
+            for fd, _ in poller.poll(timeout):
+                if fd == wake_r:
+                    self._drain_wake()
+                    continue
+                try:
+                    data = sock.recv(_READ_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as exc:
+                    self._lost(sock, self._break_reason or f"read failed: {exc.strerror or exc!r}")
+                    return
+                if not data:
+                    self._lost(sock, self._break_reason or "the daemon closed the connection")
+                    return
+                with self._lock:
+                    actions = self.core.receive_data(data)
+                    failure = self.core.failure
+                self._dispatch(actions)
+                if failure is not None:
+                    self._log.error("daemon_protocol_error", error=failure)
+                    self._lost(sock, failure)
+                    return
+            if self._closing:
+                self._lost(sock, "the client was closed")
+                return
+            now = time.monotonic()
+            if flush_at is not None and now >= flush_at:
+                flush_at = None
+                # Down before draining: see post().
+                self._flush_armed = False
+                with self._lock:
+                    self._flush_locked()
+                    timed_out = self.core.timed_out(now)
+            else:
+                with self._lock:
+                    timed_out = self.core.timed_out(now)
+            if timed_out:
+                self._log.warning("daemon_request_timeout", timeout=self.request_timeout)
+                self._lost(sock, f"no reply within {self.request_timeout:g}s")
+                return
+
+    def _lost(self, sock: socket.socket, reason: str) -> None:
+        with self._lock:
+            self._sock = None
+            self.welcome = None
+            actions = self.core.connection_lost(reason)
+        try:
+            sock.close()
+        except OSError:
+            pass
+        if not self._closing:
+            self._note_outage(reason)
+        # Links first: a request failed below is re-answered by its link's
+        # policy, which must already see the daemon as gone.
+        for link in self._all_links():
+            link._daemon_lost(announce=not self._closing)
+        self._dispatch(actions)
+
+    def _note_outage(self, reason: str) -> None:
+        if self.outage is None:
+            # Once per outage, not once per reconnect attempt.
+            self._log.warning(
+                "daemon_unavailable",
+                reason=reason,
+                fallback="each breaker's on_unavailable policy; reconnecting in the background",
+            )
+        self.outage = reason
+
+    def _dispatch(self, actions: list[Action]) -> None:
+        for action in actions:
+            try:
+                if isinstance(action, Completion):
+                    action.run()
+                else:
+                    for link in self._links_named(action.snapshot.name):
+                        link._daemon_snapshot(action.snapshot)
+            except Exception:
+                self._log.exception("daemon_callback_failed")
+
+
+# -- the per-process registry ----------------------------------------------------------
+
+_clients: dict[str, DaemonClient] = {}
+_clients_lock = threading.Lock()
+
+
+def get_client(path: str | Path) -> DaemonClient:
+    """The client of this process for the daemon at ``path``, started on first use."""
+    key = check_socket_path(path)
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None or client.pid != os.getpid() or client.closed:
+            client = DaemonClient(key)
+            _clients[key] = client
+            # Under the lock, so two threads never open two connections; the
+            # first attempt is bounded by connect_timeout.
+            client.start()
+        return client
+
+
+def _forget(client: DaemonClient) -> None:
+    with _clients_lock:
+        if _clients.get(client.path) is client:
+            del _clients[client.path]
+
+
+def close_all_clients() -> None:
+    """Flush and close every client of this process (run at exit)."""
+    with _clients_lock:
+        clients = [c for c in _clients.values() if c.pid == os.getpid()]
+    for client in clients:
+        client.close()
+
+
+def _after_fork_in_child() -> None:
+    global _clients_lock
+    # The lock may have been held by a parent thread at fork time.
+    _clients_lock = threading.Lock()
+    clients = list(_clients.values())
+    _clients.clear()
+    for client in clients:
+        client._abandon_in_child()
+
+
+atexit.register(close_all_clients)
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _client_name() -> str:
+    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    return f"breakerd.clients ({program})"
+
+
+# -- one breaker's link ------------------------------------------------------------------
+
+
+class RemoteBreaker:
+    """One breaker as seen through a ``DaemonClient``: the facade's actor in daemon mode.
+
+    While registered on the live connection it shows the daemon's snapshot and
+    sends outcomes there; otherwise it follows ``on_unavailable``:
+
+    * ``"local"``: an in-process breaker with the same settings, from
+      ``system`` (or the process-wide default system);
+    * ``"allow"``: fail open, a ``closed`` snapshot and nothing recorded;
+    * ``"deny"``: fail closed, every acquire answered with
+      ``DaemonUnavailableError``.
+    """
+
+    def __init__(
+        self,
+        client: DaemonClient,
+        name: str,
+        config: BreakerConfig,
+        on_unavailable: OnUnavailable = "local",
+        system: ActorSystem | None = None,
+    ) -> None:
+        if on_unavailable not in ON_UNAVAILABLE:
+            raise ValueError(
+                f"on_unavailable must be 'local', 'allow' or 'deny', not {on_unavailable!r}"
+            )
+        self.name = name
+        self.config = config
+        self.on_unavailable: OnUnavailable = on_unavailable
+        self.client = client
+        #: Called (in the IO thread, or the local breaker's thread) after every change of state.
+        self.listeners: list[Any] = []
+        #: Settings the daemon kept different from ours (its config file or an earlier client won).
+        self.conflicts: tuple[str, ...] = ()
+        self._system = system
+        self._remote = False
+        self._remote_snapshot = Snapshot(name, CircuitState.CLOSED, _NO_GENERATION)
+        self._local: BreakerActor | None = None
+        self._local_system: ActorSystem | None = None
+        self._local_view: tuple[Snapshot, Snapshot] | None = None
+        self._local_lock = threading.Lock()
+        self._allow_snapshot = Snapshot(name, CircuitState.CLOSED, _NO_GENERATION)
+        self._deny_snapshot = Snapshot(name, CircuitState.OPEN, _NO_GENERATION)
+        self._announce_lock = threading.Lock()
+        self._announced: CircuitState | None = None
+        self._settled = threading.Event()
+        self._register_error: BaseException | None = None
+        self._log = _logger.bind(breaker=name, socket=client.path)
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        name: str,
+        config: BreakerConfig,
+        on_unavailable: OnUnavailable = "local",
+        system: ActorSystem | None = None,
+        *,
+        client: DaemonClient | None = None,
+    ) -> RemoteBreaker:
+        """Register ``name`` with the daemon at ``path`` and return its link.
+
+        Waits at most the client's ``connect_timeout`` for the registration;
+        a daemon that is not there (or slow) leaves the link in its
+        ``on_unavailable`` mode, and it switches over once registered.
+        Raises the daemon's error if it refuses the registration.
+        """
+        if client is None:
+            client = get_client(path)
+        link = cls(client, name, config, on_unavailable, system)
+        if client.attach(link):
+            link._settled.wait(client.connect_timeout)
+        error = link._register_error
+        if error is not None:
+            client.detach(link)
+            raise error
+        if not link._remote:
+            link.snapshot  # noqa: B018 - build the fallback breaker now, not on the first call
+        link._announced = link.snapshot.state
+        return link
+
+    def __repr__(self) -> str:
+        mode = "daemon" if self._remote else self.on_unavailable
+        return f"<RemoteBreaker {self.name!r} {mode} {self.snapshot.state.value}>"
+
+    @property
+    def remote(self) -> bool:
+        """True while the daemon's breaker is in use (registered on the live connection)."""
+        return self._remote
+
+    @property
+    def local_actor(self) -> BreakerActor | None:
+        """The fallback breaker, once ``on_unavailable="local"`` has needed it."""
+        return self._local
+
+    def in_own_thread(self) -> bool:
+        """True in a thread that must never wait for this link (it would wait for itself)."""
+        if self.client.in_io_thread():
+            return True
+        system = self._local_system
+        return system is not None and threading.get_ident() == system.loop_thread_id
+
+    # -- the actor surface (any thread) -----------------------------------------------
+
+    @property
+    def snapshot(self) -> Snapshot:
+        if self._remote:
+            return self._remote_snapshot
+        return self._fallback_snapshot()
+
+    def _fallback_snapshot(self) -> Snapshot:
+        policy = self.on_unavailable
+        if policy == "allow":
+            return self._allow_snapshot
+        if policy == "deny":
+            return self._deny_snapshot
+        return self._to_local_view(self._ensure_local().snapshot)
+
+    def post_success(self, generation: int) -> bool:
+        if generation >= LOCAL_GENERATION_OFFSET:
+            local = self._local
+            if local is None:  # pragma: no cover - its snapshot made the generation
+                return True
+            return local.post_success(generation - LOCAL_GENERATION_OFFSET)
+        if generation < 0 or not self._remote:
+            # Admitted by "allow", or by a daemon now out of reach: nowhere to count it.
+            return True
+        return self.client.post((self.name, generation, _SUCCESS, 0.0, 0, None))
+
+    def post_report(self, item: tuple[int, Outcome, float]) -> bool:
+        generation, outcome, duration = item
+        if generation >= LOCAL_GENERATION_OFFSET:
+            local = self._local
+            if local is None:  # pragma: no cover
+                return True
+            return local.post_report((generation - LOCAL_GENERATION_OFFSET, outcome, duration))
+        if generation < 0 or not self._remote:
+            return True
+        return self.client.post((self.name, generation, outcome, duration, 0, None))
+
+    def post_rejection(self) -> None:
+        # The wire has no message for a rejection made locally: the daemon's
+        # rejection count covers only the acquires it refused itself.
+        if not self._remote and self._local is not None:
+            self._local.post_rejection()
+
+    def ask(self, message: object, reply: Reply | None, *, force: bool = False) -> None:
+        """Send a request; ``reply(result, error)`` is called exactly once (maybe at once).
+
+        Never raises: errors, ``DaemonUnavailableError`` included, go to ``reply``.
+        """
+        if type(message) is Report:
+            name, generation = message.name, message.generation
+            if generation >= LOCAL_GENERATION_OFFSET:
+                self._ask_local(
+                    replace(message, generation=generation - LOCAL_GENERATION_OFFSET),
+                    reply,
+                    force,
+                )
+                return
+            if generation < 0 or not self._remote:
+                _answer(reply, self.snapshot, None)
+                return
+            if (
+                reply is None
+                and not message.lease
+                and self.client.post(
+                    (name, generation, message.outcome, message.duration, 0, message.retry_after)
+                )
+            ):
+                return  # fire and forget: batched like post_report
+        if (
+            self._remote
+            and type(message) in _DAEMON_REQUESTS
+            and self.client.request(
+                cast(RequestMessage, message), self._remote_reply(message, reply, force)
+            )
+        ):
+            return
+        self._ask_unavailable(message, reply, force)
+
+    # -- replies ---------------------------------------------------------------------------
+
+    def _remote_reply(self, message: object, reply: Reply | None, force: bool) -> Reply:
+        def on_reply(result: Any, error: BaseException | None) -> None:
+            if error is not None:
+                if isinstance(error, (DaemonUnavailableError, ActorStoppedError)):
+                    # The daemon went away under this request: answer it as if
+                    # it had come after (an outcome for a lost daemon is dropped).
+                    if type(message) is Report:
+                        _answer(reply, self.snapshot, None)
+                    else:
+                        self._ask_unavailable(message, reply, force)
+                    return
+                if reply is None:
+                    self._log.warning("daemon_report_failed", error=str(error))
+                    return
+                reply(None, error)
+                return
+            if isinstance(message, StatusRequest) and isinstance(result, Status):
+                # The facade wants what an actor answers: this breaker's status.
+                mine = [s for s in result.breakers if s.snapshot.name == self.name]
+                if not mine:
+                    _answer(reply, None, UnknownBreakerError(f"no breaker {self.name!r}"))
+                    return
+                result = mine[0]
+            _answer(reply, result, None)
+
+        return on_reply
+
+    def _ask_unavailable(self, message: object, reply: Reply | None, force: bool) -> None:
+        policy = self.on_unavailable
+        if policy == "local":
+            if type(message) is Report:
+                # A daemon-space outcome with the daemon gone: nowhere to count it.
+                _answer(reply, self.snapshot, None)
+                return
+            self._ask_local(message, reply, force)
+            return
+        if type(message) is Acquire:
+            if policy == "allow":
+                _answer(reply, Admission(True, _NO_GENERATION, 0, self._allow_snapshot), None)
+            else:
+                _answer(reply, None, self._unavailable_error())
+            return
+        if type(message) is Report:
+            _answer(reply, self.snapshot, None)
+            return
+        _answer(reply, None, self._unavailable_error())
+
+    def _unavailable_error(self) -> DaemonUnavailableError:
+        reason = self.client.outage or "not registered with it yet"
+        return DaemonUnavailableError(
+            f"breaker {self.name!r}: the breakerd daemon at {self.client.path} is "
+            f"unavailable ({reason}) and on_unavailable={self.on_unavailable!r}"
+            + (" fails closed" if self.on_unavailable == "deny" else "")
+        )
+
+    def _ask_local(self, message: object, reply: Reply | None, force: bool) -> None:
+        try:
+            local = self._ensure_local()
+        except BreakerError as exc:
+            _answer(reply, None, exc)
+            return
+
+        def from_local(result: Any, error: BaseException | None) -> None:
+            if error is not None:
+                _answer(reply, None, error)
+            else:
+                _answer(reply, self._from_local(result), None)
+
+        try:
+            local.ask(message, from_local if reply is not None else None, force=force)
+        except BreakerError as exc:
+            _answer(reply, None, exc)
+
+    # -- the local fallback ------------------------------------------------------------------
+
+    def _ensure_local(self) -> BreakerActor:
+        local = self._local
+        if local is not None:
+            return local
+        with self._local_lock:
+            if self._local is None:
+                system = self._system
+                if system is None or system.pid != os.getpid():
+                    system = default_system()
+                actor, _ = system.actor(self.name, self.config)
+                actor.listeners.append(self._local_transition)
+                self._local_system = system
+                self._local = actor
+                self._log.info("breaker_local_fallback", reason=self.client.outage)
+            return self._local
+
+    def _to_local_view(self, snapshot: Snapshot) -> Snapshot:
+        # One tuple, read and written whole, so racing threads never pair a
+        # snapshot with another one's view.
+        view = self._local_view
+        if view is None or view[0] is not snapshot:
+            view = (
+                snapshot,
+                replace(snapshot, generation=snapshot.generation + LOCAL_GENERATION_OFFSET),
+            )
+            self._local_view = view
+        return view[1]
+
+    def _from_local(self, result: Any) -> Any:
+        if isinstance(result, Snapshot):
+            return self._to_local_view(result)
+        if isinstance(result, Admission):
+            return replace(
+                result,
+                generation=result.generation + LOCAL_GENERATION_OFFSET,
+                snapshot=self._to_local_view(result.snapshot),
+            )
+        if isinstance(result, BreakerStatus):
+            return replace(result, snapshot=self._to_local_view(result.snapshot))
+        return result
+
+    def _local_transition(self, transition: Transition, snapshot: Snapshot) -> None:
+        if self._remote:
+            return  # the daemon's state is the one shown
+        view = self._to_local_view(snapshot)
+        moved = replace(transition, generation=transition.generation + LOCAL_GENERATION_OFFSET)
+        with self._announce_lock:
+            self._announced = transition.to_state
+        self._notify(moved, view)
+
+    # -- called by the client's IO thread ---------------------------------------------------
+
+    def _registered_reply(self, epoch: int) -> Reply:
+        def on_registered(result: Any, error: BaseException | None) -> None:
+            if epoch != self.client.epoch:
+                return  # an answer from a connection that is gone
+            if error is not None:
+                if not isinstance(error, DaemonUnavailableError):
+                    self._log.error("breaker_register_failed", error=str(error))
+                    self._register_error = error
+                self._settled.set()
+                return
+            assert isinstance(result, Registered)
+            if result.conflicts:
+                self._log.warning(
+                    "breaker_config_conflict",
+                    settings=list(result.conflicts),
+                    rule="the daemon's config file, then the first client, wins",
+                )
+            self.conflicts = result.conflicts
+            # The core's cache holds this snapshot or a newer push.
+            self._remote_snapshot = self.client.core.snapshots.get(self.name, result.snapshot)
+            self._remote = True
+            self._register_error = None
+            self._settled.set()
+            self._announce(self._remote_snapshot, "daemon_available")
+
+        return on_registered
+
+    def _daemon_snapshot(self, snapshot: Snapshot) -> None:
+        self._remote_snapshot = snapshot
+        if self._remote:
+            self._announce(snapshot, "daemon")
+
+    def _daemon_lost(self, *, announce: bool) -> None:
+        was_remote = self._remote
+        self._remote = False
+        self._settled.set()
+        # Not when the client closes (at exit): announcing would build the
+        # local fallback, and its actor thread, for nothing.
+        if was_remote and announce:
+            try:
+                snapshot = self.snapshot
+            except BreakerError:  # the local actor system is stopped (exit)
+                return
+            self._announce(snapshot, "daemon_unavailable")
+
+    def _announce(self, snapshot: Snapshot, reason: str) -> None:
+        # Pushes and mode switches carry no Transition: make one when the
+        # state shown to the facade changes, so on_transition() works as in
+        # embedded mode.
+        with self._announce_lock:
+            previous = self._announced
+            if previous is None or previous is snapshot.state:
+                self._announced = snapshot.state
+                return
+            self._announced = snapshot.state
+        transition = Transition(
+            previous,
+            snapshot.state,
+            snapshot.generation,
+            reason,
+            snapshot.failure_rate,
+            snapshot.slow_call_rate,
+            snapshot.open_until,
+        )
+        self._notify(transition, snapshot)
+
+    def _notify(self, transition: Transition, snapshot: Snapshot) -> None:
+        for listener in tuple(self.listeners):
+            try:
+                listener(transition, snapshot)
+            except Exception:
+                self._log.exception("transition_listener_failed")
+
+
+def _answer(reply: Reply | None, result: Any, error: BaseException | None) -> None:
+    if reply is not None:
+        reply(result, error)
+
+
+if TYPE_CHECKING:
+    # Both implement the surface the facade relies on.
+    _actor_conforms: ActorSurface = BreakerActor("x", BreakerConfig(), clock=time.monotonic)
+    _link_conforms: ActorSurface = RemoteBreaker(DaemonClient("x"), "x", BreakerConfig())

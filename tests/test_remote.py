@@ -1,0 +1,1133 @@
+# Tests read `breaker.state` before and after calls that change it on another
+# thread; mypy narrows the property after one assert and flags the next.
+# mypy: disable-error-code="comparison-overlap"
+"""The daemon-mode client: the sans-IO core, and the shells against a fake daemon.
+
+The fake daemon speaks the real protocol (``Connection("server")``) over real
+Unix sockets under /tmp, one thread per peer. Nothing here sleeps to let time
+pass: tests wait for socket events (a frame arriving, a connection closing)
+with a timeout.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import structlog.testing
+
+from breakerd.actor import ActorSystem, BreakerConfig, Transition
+from breakerd.actor.testing import FakeClock
+from breakerd.clients import (
+    CircuitBreaker,
+    CircuitBreakerOpenError,
+    CircuitState,
+    DaemonClient,
+    DaemonUnavailableError,
+    RemoteBreaker,
+)
+from breakerd.clients._core import ClientCore, Completion, NotConnectedError, SnapshotChanged
+from breakerd.clients._remote import LOCAL_GENERATION_OFFSET, close_all_clients, get_client
+from breakerd.protocol import (
+    MAX_FRAME_SIZE,
+    MAX_MSGID,
+    NEED_DATA,
+    Acquire,
+    Admin,
+    Admission,
+    BreakerError,
+    BreakerStatus,
+    Connection,
+    Hello,
+    InvalidRequestError,
+    NotificationReceived,
+    Outcome,
+    ProtocolError,
+    Register,
+    Registered,
+    Report,
+    ReportBatch,
+    RequestMessage,
+    RequestReceived,
+    ResultMessage,
+    Snapshot,
+    StatePush,
+    Status,
+    StatusRequest,
+    UnknownBreakerError,
+    Welcome,
+    negotiate_version,
+)
+
+pytestmark = pytest.mark.anyio
+
+T = TypeVar("T")
+WAIT = 10.0  # generous bound on a socket event; tests finish far sooner
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def ok_sync(value: int = 1) -> int:
+    return value
+
+
+class Boom(Exception):
+    pass
+
+
+def fail_sync() -> int:
+    raise Boom("upstream failed")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = WAIT) -> T:
+    """Wait for a condition another thread or process makes true (not for time to pass)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.002)
+
+
+# -- the fake daemon -------------------------------------------------------------------
+
+
+class Peer:
+    """One client connection as the fake daemon sees it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.conn = Connection("server")
+        self.lock = threading.Lock()
+        self.hello: Hello | None = None
+        self.names: set[str] = set()
+        self.closed = False
+        size = struct.calcsize("3i")
+        self.cred_pid, _, _ = struct.unpack(
+            "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, size)
+        )
+
+    def respond(self, msgid: int, result: ResultMessage) -> None:
+        with self.lock:
+            self._send(self.conn.send_response(msgid, result))
+
+    def fail(self, msgid: int, error: BreakerError) -> None:
+        with self.lock:
+            self._send(self.conn.send_error(msgid, error))
+
+    def push(self, snapshot: Snapshot) -> None:
+        with self.lock:
+            self._send(self.conn.send_notification(StatePush(snapshot)))
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            pass
+
+    def kill(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class FakeDaemon:
+    """Just enough of ``breakerd serve`` to test clients against real sockets.
+
+    Breakers start ``closed``; a ``failure`` report opens one (generation + 1,
+    pushed to every peer that registered it). Requests whose type is in
+    ``hold`` are kept in ``held`` for the test to answer with ``reply``.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.cond = threading.Condition()
+        self.peers: list[Peer] = []
+        self.requests: list[tuple[Peer, RequestMessage]] = []
+        self.batches: list[tuple[Peer, ReportBatch]] = []
+        self.states: dict[str, Snapshot] = {}
+        self.conflicts: dict[str, tuple[str, ...]] = {}
+        self.hold: set[type] = set()
+        self.held: list[tuple[Peer, int, RequestMessage]] = []
+        self._lease = 0
+        self._stopping = False
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(path)
+        self._listener.listen(64)
+        self._listener.settimeout(0.05)
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> FakeDaemon:
+        self._spawn(self._accept)
+        return self
+
+    def _spawn(self, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def stop(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        # Accepting ends first, so every peer is in the list that is killed next.
+        self._threads[0].join(WAIT)
+        self._listener.close()
+        os.unlink(self.path)
+        self.kill_peers()
+        for thread in self._threads:
+            thread.join(WAIT)
+            assert not thread.is_alive()
+
+    def kill_peers(self) -> None:
+        with self.cond:
+            peers = list(self.peers)
+        for peer in peers:
+            peer.kill()
+
+    def _accept(self) -> None:
+        while not self._stopping:
+            try:
+                sock, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            sock.settimeout(None)
+            peer = Peer(sock)
+            with self.cond:
+                self.peers.append(peer)
+                self.cond.notify_all()
+            self._spawn(self._serve, peer)
+
+    def _serve(self, peer: Peer) -> None:
+        try:
+            while True:
+                data = peer.sock.recv(65536)
+                if not data:
+                    return
+                peer.conn.receive_data(data)
+                while (event := peer.conn.next_event()) is not NEED_DATA:
+                    if isinstance(event, RequestReceived):
+                        self._request(peer, event.msgid, event.message)
+                    elif isinstance(event, NotificationReceived):
+                        assert isinstance(event.message, ReportBatch)
+                        with self.cond:
+                            self.batches.append((peer, event.message))
+                            self.cond.notify_all()
+        except (OSError, ProtocolError):
+            return
+        finally:
+            peer.sock.close()
+            with self.cond:
+                peer.closed = True
+                self.cond.notify_all()
+
+    def _request(self, peer: Peer, msgid: int, message: RequestMessage) -> None:
+        with self.cond:
+            self.requests.append((peer, message))
+            self.cond.notify_all()
+            held = type(message) in self.hold
+            if held:
+                self.held.append((peer, msgid, message))
+        if isinstance(message, Hello):
+            peer.hello = message
+            peer.respond(msgid, Welcome(negotiate_version(message), "fake", os.getpid()))
+            return
+        if held:
+            return
+        try:
+            result = self.answer(peer, message)
+        except BreakerError as exc:
+            peer.fail(msgid, exc)
+        else:
+            peer.respond(msgid, result)
+
+    def answer(self, peer: Peer, message: RequestMessage) -> ResultMessage:
+        with self.cond:
+            if isinstance(message, Register):
+                peer.names.add(message.name)
+                snapshot = self.states.setdefault(
+                    message.name, Snapshot(message.name, CircuitState.CLOSED, 0)
+                )
+                return Registered(snapshot, self.conflicts.get(message.name, ()))
+            if isinstance(message, StatusRequest):
+                return Status(
+                    tuple(
+                        BreakerStatus(s, self.count(s.name, Outcome.SUCCESS), 0, 0, 0)
+                        for s in self.states.values()
+                        if message.name in (None, s.name)
+                    )
+                )
+            assert isinstance(message, (Acquire, Report, Admin))
+            found = self.states.get(message.name)
+            if found is None:
+                raise UnknownBreakerError(f"no breaker {message.name!r}")
+            snapshot = found
+            if isinstance(message, Acquire):
+                admitted = snapshot.state in (CircuitState.CLOSED, CircuitState.HALF_OPEN)
+                lease = 0
+                if admitted and snapshot.state is CircuitState.HALF_OPEN:
+                    self._lease += 1
+                    lease = self._lease
+                return Admission(admitted, snapshot.generation, lease, snapshot)
+            if isinstance(message, Admin):
+                state = {"force_open": CircuitState.FORCED_OPEN, "reset": CircuitState.CLOSED}
+                opened = Snapshot(message.name, state.get(message.op, CircuitState.DISABLED), 9)
+                self._set(opened)
+                return opened
+            if message.outcome is Outcome.FAILURE and snapshot.generation == message.generation:
+                snapshot = Snapshot(
+                    message.name,
+                    CircuitState.OPEN,
+                    snapshot.generation + 1,
+                    open_until=time.monotonic() + 30.0,
+                )
+                self._set(snapshot)
+            return snapshot
+
+    def push(self, snapshot: Snapshot) -> None:
+        with self.cond:
+            self._set(snapshot)
+
+    def _set(self, snapshot: Snapshot) -> None:
+        self.states[snapshot.name] = snapshot
+        for peer in self.peers:
+            if snapshot.name in peer.names and not peer.closed:
+                peer.push(snapshot)
+
+    def wait_for(self, predicate: Callable[[], T], timeout: float = WAIT) -> T:
+        with self.cond:
+            result = self.cond.wait_for(predicate, timeout)
+        assert result, "the fake daemon did not see what the test waited for"
+        return result
+
+    # -- what the daemon saw ----------------------------------------------------------
+
+    def received(self, kind: type[T]) -> list[T]:
+        with self.cond:
+            return [m for _, m in self.requests if isinstance(m, kind)]
+
+    def reported(self) -> list[Report]:
+        with self.cond:
+            return [r for _, b in self.batches for r in b.items]
+
+    def count(self, name: str, outcome: Outcome) -> int:
+        batched = sum(
+            1 for _, b in self.batches for r in b.items if (r.name, r.outcome) == (name, outcome)
+        )
+        asked = sum(
+            1
+            for _, m in self.requests
+            if isinstance(m, Report) and (m.name, m.outcome) == (name, outcome)
+        )
+        return batched + asked
+
+    def live_peers(self) -> list[Peer]:
+        with self.cond:
+            return [p for p in self.peers if not p.closed]
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[str]:
+    path = tempfile.mkdtemp(dir="/tmp", prefix="bd")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def sock_path(sock_dir: str) -> str:
+    return os.path.join(sock_dir, "d.sock")
+
+
+@pytest.fixture
+def daemon(sock_path: str) -> Iterator[FakeDaemon]:
+    fake = FakeDaemon(sock_path).start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    close_all_clients()
+
+
+@pytest.fixture
+def system() -> Iterator[ActorSystem]:
+    with ActorSystem().running_in_thread() as running:
+        yield running
+
+
+@pytest.fixture
+def make_client(sock_path: str) -> Iterator[Callable[..., DaemonClient]]:
+    clients: list[DaemonClient] = []
+
+    def make(**kwargs: Any) -> DaemonClient:
+        client = DaemonClient(sock_path, **kwargs).start()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+def ask(link: RemoteBreaker, message: object) -> Any:
+    """A blocking request through a link, as the facade's ``_request_sync`` does it."""
+    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+    def reply(result: Any, error: BaseException | None) -> None:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    link.ask(message, reply)
+    return future.result(WAIT)
+
+
+# -- the sans-IO core ------------------------------------------------------------------
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, BaseException | None]] = []
+
+    def __call__(self, result: Any, error: BaseException | None) -> None:
+        self.calls.append((result, error))
+
+
+def server_events(server: Connection, data: bytes) -> list[Any]:
+    server.receive_data(data)
+    events = []
+    while (event := server.next_event()) is not NEED_DATA:
+        events.append(event)
+    return events
+
+
+def run(actions: list[Completion | SnapshotChanged]) -> None:
+    for action in actions:
+        if isinstance(action, Completion):
+            action.run()
+
+
+@pytest.fixture
+def linked() -> tuple[ClientCore, Connection]:
+    """A core whose hello the server side has answered."""
+    core = ClientCore(socket_path="/tmp/x.sock", client="test", pid=42, request_timeout=5.0)
+    server = Connection("server")
+    welcome = Recorder()
+    (hello,) = server_events(server, core.connect(welcome, now=100.0))
+    assert isinstance(hello.message, Hello)
+    assert hello.message.pid == 42
+    run(core.receive_data(server.send_response(hello.msgid, Welcome(1, "fake", 7))))
+    assert welcome.calls == [(Welcome(1, "fake", 7), None)]
+    return core, server
+
+
+def snap(name: str, state: CircuitState = CircuitState.CLOSED, generation: int = 0) -> Snapshot:
+    return Snapshot(name, state, generation)
+
+
+def test_core_reply_completes_its_request_after_updating_the_cache(
+    linked: tuple[ClientCore, Connection],
+) -> None:
+    core, server = linked
+    reply = Recorder()
+    (request,) = server_events(server, core.request(Acquire("svc"), reply, now=100.0))
+    assert request.message == Acquire("svc")
+    admission = Admission(True, 3, 0, snap("svc", generation=3))
+    actions = core.receive_data(server.send_response(request.msgid, admission))
+    # The snapshot lands before the completion: a woken caller reads its own write.
+    assert actions == [
+        SnapshotChanged(snap("svc", generation=3), None),
+        Completion(reply, admission, None),
+    ]
+    assert core.snapshots["svc"] == snap("svc", generation=3)
+    assert core.pending == 0
+
+
+def test_core_out_of_order_replies_reach_their_own_callers(
+    linked: tuple[ClientCore, Connection],
+) -> None:
+    core, server = linked
+    first, second = Recorder(), Recorder()
+    (r1,) = server_events(server, core.request(StatusRequest("a"), first, now=100.0))
+    (r2,) = server_events(server, core.request(StatusRequest("b"), second, now=100.0))
+    assert r1.msgid != r2.msgid
+    status_b = Status((BreakerStatus(snap("b"), 2, 0, 0, 0),))
+    status_a = Status((BreakerStatus(snap("a"), 1, 0, 0, 0),))
+    run(core.receive_data(server.send_response(r2.msgid, status_b)))
+    assert (first.calls, second.calls) == ([], [(status_b, None)])
+    run(core.receive_data(server.send_response(r1.msgid, status_a)))
+    assert first.calls == [(status_a, None)]
+
+
+def test_core_error_replies_become_the_daemons_exception(
+    linked: tuple[ClientCore, Connection],
+) -> None:
+    core, server = linked
+    reply = Recorder()
+    (request,) = server_events(server, core.request(Acquire("nope"), reply, now=100.0))
+    run(core.receive_data(server.send_error(request.msgid, UnknownBreakerError("no 'nope'"))))
+    ((result, error),) = reply.calls
+    assert result is None
+    assert isinstance(error, UnknownBreakerError)
+    assert "no 'nope'" in str(error)
+
+
+def test_core_pushes_update_the_cache_and_stale_ones_are_ignored(
+    linked: tuple[ClientCore, Connection],
+) -> None:
+    core, server = linked
+    opened = snap("svc", CircuitState.OPEN, 2)
+    data = server.send_notification(StatePush(opened))
+    data += server.send_notification(StatePush(snap("svc", CircuitState.CLOSED, 1)))
+    data += server.send_notification(StatePush(opened))
+    assert core.receive_data(data) == [SnapshotChanged(opened, None)]
+    assert core.snapshots["svc"] is not None
+    assert core.snapshots["svc"].state is CircuitState.OPEN
+
+
+def test_core_batches_many_outcomes_into_one_notification(
+    linked: tuple[ClientCore, Connection],
+) -> None:
+    core, server = linked
+    for _ in range(500):
+        assert core.post(("svc", 0, Outcome.SUCCESS, 0.0, 0, None))
+    assert core.post(("svc", 0, Outcome.IGNORED, 0.25, 0, None))
+    (event,) = server_events(server, core.take_batch())
+    assert isinstance(event.message, ReportBatch)
+    items = event.message.items
+    assert len(items) == 501
+    assert items[0] == Report("svc", 0, Outcome.SUCCESS)
+    assert items[-1] == Report("svc", 0, Outcome.IGNORED, 0.25)
+    assert core.take_batch() == b""
+
+
+def test_core_splits_a_huge_batch_below_the_frame_limit(
+    linked: tuple[ClientCore, Connection],
+) -> None:
+    core, server = linked
+    name = "n" * 2000
+    count = 800  # ~1.6 MB of names: more than one frame can hold
+    for _ in range(count):
+        core.post((name, 0, Outcome.SUCCESS, 0.0, 0, None))
+    data = core.take_batch()
+    events = server_events(server, data)
+    assert len(events) >= 2
+    assert sum(len(e.message.items) for e in events) == count
+    assert len(data) < len(events) * MAX_FRAME_SIZE
+
+
+def test_core_request_sends_queued_outcomes_first(linked: tuple[ClientCore, Connection]) -> None:
+    core, server = linked
+    core.post(("svc", 0, Outcome.SUCCESS, 0.0, 0, None))
+    events = server_events(server, core.request(Report("svc", 0, Outcome.FAILURE), Recorder(), 1.0))
+    assert [type(e.message) for e in events] == [ReportBatch, Report]
+    assert core.queued_reports == 0
+
+
+def test_core_queue_is_bounded() -> None:
+    core = ClientCore(socket_path="/tmp/x", client="t", pid=1, max_queued_reports=2)
+    item = ("svc", 0, Outcome.SUCCESS, 0.0, 0, None)
+    assert core.post(item)
+    assert core.post(item)
+    assert not core.post(item)
+
+
+def test_core_connection_lost_fails_every_pending_request(
+    linked: tuple[ClientCore, Connection],
+) -> None:
+    core, _ = linked
+    replies = [Recorder(), Recorder()]
+    for reply in replies:
+        core.request(Acquire("svc"), reply, now=100.0)
+    core.post(("svc", 0, Outcome.SUCCESS, 0.0, 0, None))
+    run(core.connection_lost("the daemon closed the connection"))
+    for reply in replies:
+        ((result, error),) = reply.calls
+        assert result is None
+        assert isinstance(error, DaemonUnavailableError)
+        assert "/tmp/x.sock" in str(error)
+        assert "closed the connection" in str(error)
+    assert core.pending == 0
+    assert core.queued_reports == 0
+    assert not core.connected
+    with pytest.raises(NotConnectedError):
+        core.request(Acquire("svc"), Recorder(), now=100.0)
+
+
+def test_core_deadline_is_the_oldest_requests(linked: tuple[ClientCore, Connection]) -> None:
+    core, _ = linked  # the hello was answered: nothing pending
+    assert core.next_deadline() is None
+    core.request(Acquire("a"), Recorder(), now=200.0)
+    core.request(Acquire("b"), Recorder(), now=201.0)
+    assert core.next_deadline() == 205.0
+    assert not core.timed_out(204.9)
+    assert core.timed_out(205.0)
+
+
+def test_core_msgids_wrap_and_skip_pending_ones(linked: tuple[ClientCore, Connection]) -> None:
+    core, server = linked
+    core._next_msgid = MAX_MSGID
+    ids = [server_events(server, core.request(Acquire("a"), Recorder(), 1.0))[0].msgid]
+    ids.append(server_events(server, core.request(Acquire("a"), Recorder(), 1.0))[0].msgid)
+    assert ids == [MAX_MSGID, 1]
+    core._next_msgid = MAX_MSGID  # both still pending: the next free one is 2
+    (event,) = server_events(server, core.request(Acquire("a"), Recorder(), 1.0))
+    assert event.msgid == 2
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"\x00\x00\x00\x03abc", struct.pack(">I", MAX_FRAME_SIZE + 1)],
+    ids=["garbage", "huge frame"],
+)
+def test_core_protocol_violations_mark_the_connection_failed(
+    linked: tuple[ClientCore, Connection], data: bytes
+) -> None:
+    core, _ = linked
+    assert core.receive_data(data) == []
+    assert core.failure is not None
+    assert "protocol error" in core.failure
+
+
+def test_core_a_reply_to_nothing_pending_is_a_protocol_error(
+    linked: tuple[ClientCore, Connection],
+) -> None:
+    core, server = linked
+    assert core.receive_data(server.send_response(77, snap("svc"))) == []
+    assert core.failure is not None
+    assert "msgid 77" in core.failure
+
+
+def test_core_connect_drops_outcomes_meant_for_the_last_connection(
+    linked: tuple[ClientCore, Connection],
+) -> None:
+    core, _ = linked
+    core.post(("svc", 0, Outcome.SUCCESS, 0.0, 0, None))
+    core.snapshots["svc"] = snap("svc", CircuitState.OPEN, 4)
+    core.connection_lost("gone")
+    core.connect(Recorder(), now=1.0)
+    assert core.queued_reports == 0
+    assert core.snapshots == {}
+
+
+# -- DaemonClient and RemoteBreaker over a real socket ----------------------------------------
+
+
+def test_link_registers_and_answers_requests(
+    daemon: FakeDaemon, make_client: Callable[..., DaemonClient]
+) -> None:
+    daemon.states["svc"] = snap("svc", CircuitState.CLOSED, 5)
+    client = make_client()
+    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(min_calls=3), client=client)
+    assert link.remote
+    assert link.snapshot == snap("svc", CircuitState.CLOSED, 5)
+    (register,) = daemon.received(Register)
+    assert register.config["min_calls"] == 3
+    assert register.config == BreakerConfig(min_calls=3).as_dict()
+    admission = ask(link, Acquire("svc"))
+    assert admission == Admission(True, 5, 0, snap("svc", CircuitState.CLOSED, 5))
+    # The facade asks its actor for one breaker's status; the daemon answers with a list.
+    status = ask(link, StatusRequest("svc"))
+    assert isinstance(status, BreakerStatus)
+    assert status.snapshot.name == "svc"
+    (peer,) = daemon.live_peers()
+    assert peer.hello is not None
+    assert peer.hello.pid == os.getpid()
+
+
+def test_replies_out_of_order_over_the_socket(
+    daemon: FakeDaemon, make_client: Callable[..., DaemonClient]
+) -> None:
+    daemon.states["svc"] = snap("svc", CircuitState.HALF_OPEN, 1)
+    client = make_client()
+    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), client=client)
+    daemon.hold.add(Acquire)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(ask, link, Acquire("svc"))
+        daemon.wait_for(lambda: len(daemon.held) == 1)
+        second = pool.submit(ask, link, Acquire("svc"))
+        daemon.wait_for(lambda: len(daemon.held) == 2)
+        (p1, id1, _), (p2, id2, _) = daemon.held
+        half_open = snap("svc", CircuitState.HALF_OPEN, 1)
+        p2.respond(id2, Admission(True, 1, 22, half_open))
+        assert second.result(WAIT).lease == 22
+        assert not first.done()
+        p1.respond(id1, Admission(True, 1, 11, half_open))
+        assert first.result(WAIT).lease == 11
+
+
+def test_pushes_update_the_snapshot_and_fire_transitions(
+    daemon: FakeDaemon, make_client: Callable[..., DaemonClient]
+) -> None:
+    client = make_client()
+    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), client=client)
+    seen: list[Transition] = []
+    got = threading.Event()
+
+    def listener(transition: Transition, snapshot: Snapshot) -> None:
+        seen.append(transition)
+        got.set()
+
+    link.listeners.append(listener)
+    opened = Snapshot("svc", CircuitState.OPEN, 1, open_until=time.monotonic() + 30)
+    daemon.push(opened)
+    assert got.wait(WAIT)
+    assert link.snapshot == opened
+    (transition,) = seen
+    assert (transition.from_state, transition.to_state) == (CircuitState.CLOSED, CircuitState.OPEN)
+    assert transition.generation == 1
+    assert transition.reason == "daemon"
+
+
+def test_successes_travel_as_one_batch(
+    daemon: FakeDaemon, make_client: Callable[..., DaemonClient]
+) -> None:
+    client = make_client(flush_delay=3600.0)  # only flush() sends: one batch, on demand
+    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), client=client)
+    for _ in range(200):
+        assert link.post_success(0)
+    assert link.post_report((0, Outcome.IGNORED, 0.5))
+    assert daemon.batches == []
+    client.flush()
+    daemon.wait_for(lambda: len(daemon.batches) == 1)
+    ((_, batch),) = daemon.batches
+    assert len(batch.items) == 201
+    assert batch.items[0] == Report("svc", 0, Outcome.SUCCESS)
+    assert batch.items[-1] == Report("svc", 0, Outcome.IGNORED, 0.5)
+
+
+def test_batched_reports_leave_without_any_further_call(daemon: FakeDaemon, sock_path: str) -> None:
+    breaker = CircuitBreaker("svc", daemon=sock_path)
+    assert breaker.call_sync(ok_sync, 3) == 3
+    # No flush(), no other call: the IO thread's timer sends it.
+    daemon.wait_for(lambda: len(daemon.reported()) == 1)
+    assert daemon.reported() == [Report("svc", 0, Outcome.SUCCESS)]
+
+
+def test_many_threads_every_success_counted_once(daemon: FakeDaemon, sock_path: str) -> None:
+    breaker = CircuitBreaker("svc", daemon=sock_path)
+    threads, calls = 8, 400
+
+    def work() -> None:
+        for i in range(calls):
+            assert breaker.call_sync(ok_sync, i) == i
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        for future in [pool.submit(work) for _ in range(threads)]:
+            future.result(WAIT)
+    daemon.wait_for(lambda: daemon.count("svc", Outcome.SUCCESS) >= threads * calls)
+    assert daemon.count("svc", Outcome.SUCCESS) == threads * calls
+    assert len(daemon.live_peers()) == 1  # one connection for the whole process
+
+
+def test_failure_is_acked_and_read_back_at_once(daemon: FakeDaemon, sock_path: str) -> None:
+    breaker = CircuitBreaker("svc", daemon=sock_path)
+    with pytest.raises(Boom):
+        breaker.call_sync(fail_sync)
+    # The report was a request: its reply (the open snapshot) is already here.
+    assert breaker.state is CircuitState.OPEN
+    assert daemon.received(Report) == [Report("svc", 0, Outcome.FAILURE)]
+    with pytest.raises(CircuitBreakerOpenError) as info:
+        breaker.call_sync(ok_sync)
+    assert info.value.retry_after is not None
+    assert 0 < info.value.retry_after <= 30.0
+
+
+async def test_async_calls_through_the_daemon(daemon: FakeDaemon, sock_path: str) -> None:
+    breaker = CircuitBreaker("svc", daemon=sock_path, strict=True)
+
+    async def ok() -> str:
+        return "fine"
+
+    async def fail() -> str:
+        raise Boom("no")
+
+    assert await breaker.call(ok) == "fine"
+    assert daemon.received(Acquire) == [Acquire("svc")]  # strict: acquired from the daemon
+    with pytest.raises(Boom):
+        await breaker.call(fail)
+    assert breaker.state is CircuitState.OPEN
+    with pytest.raises(CircuitBreakerOpenError):
+        await breaker.call(ok)
+
+
+def test_admin_and_status_go_to_the_daemon(daemon: FakeDaemon, sock_path: str) -> None:
+    breaker = CircuitBreaker("svc", daemon=sock_path)
+    assert breaker.force_open() is CircuitState.FORCED_OPEN
+    assert daemon.received(Admin) == [Admin("svc", "force_open")]
+    assert breaker.state is CircuitState.FORCED_OPEN
+    assert breaker.status().snapshot.state is CircuitState.FORCED_OPEN
+
+
+def test_config_conflicts_come_back_from_the_daemon(daemon: FakeDaemon, sock_path: str) -> None:
+    daemon.conflicts["svc"] = ("timeout",)
+    with structlog.testing.capture_logs() as logs:
+        breaker = CircuitBreaker("svc", timeout=5.0, daemon=sock_path)
+    assert breaker.config_conflicts == ("timeout",)
+    assert any(e["event"] == "breaker_config_conflict" for e in logs)
+
+
+def test_a_refused_registration_raises(daemon: FakeDaemon, sock_path: str) -> None:
+    def refuse(peer: Peer, message: RequestMessage) -> ResultMessage:
+        raise InvalidRequestError("bad settings")
+
+    daemon.answer = refuse  # type: ignore[method-assign]
+    with pytest.raises(InvalidRequestError, match="bad settings"):
+        CircuitBreaker("svc", daemon=sock_path)
+
+
+# -- a daemon that goes away ------------------------------------------------------------
+
+
+def test_pending_requests_fail_at_once_when_the_daemon_drops(
+    daemon: FakeDaemon, sock_path: str
+) -> None:
+    breaker = CircuitBreaker("svc", daemon=sock_path, strict=True, on_unavailable="deny")
+    daemon.hold.add(Acquire)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        call = pool.submit(breaker.call_sync, ok_sync)
+        daemon.wait_for(lambda: len(daemon.held) == 1)
+        assert not call.done()
+        daemon.kill_peers()
+        with pytest.raises(DaemonUnavailableError, match=sock_path):
+            call.result(WAIT)
+
+
+def test_a_request_in_flight_is_served_locally_when_the_daemon_drops(
+    daemon: FakeDaemon, sock_path: str, system: ActorSystem
+) -> None:
+    breaker = CircuitBreaker("svc", daemon=sock_path, strict=True, system=system)
+    daemon.hold.add(Acquire)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        call = pool.submit(breaker.call_sync, ok_sync, 7)
+        daemon.wait_for(lambda: len(daemon.held) == 1)
+        daemon.kill_peers()
+        assert call.result(WAIT) == 7
+    assert system.get("svc") is not None
+
+
+def test_a_hung_daemon_times_out(
+    daemon: FakeDaemon, make_client: Callable[..., DaemonClient]
+) -> None:
+    client = make_client(request_timeout=0.2, backoff_min=60.0, backoff_max=60.0)
+    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), "deny", client=client)
+    (peer,) = daemon.live_peers()
+    daemon.hold.add(Acquire)
+    with pytest.raises(DaemonUnavailableError, match=r"no reply within 0\.2s"):
+        ask(link, Acquire("svc"))
+    daemon.wait_for(lambda: peer.closed)  # the client hung up on it
+
+
+def test_local_policy_without_a_daemon(sock_path: str, system: ActorSystem) -> None:
+    with structlog.testing.capture_logs() as logs:
+        breaker = CircuitBreaker("svc", min_calls=1, daemon=sock_path, system=system)
+        client = get_client(sock_path)
+        wait_until(lambda: client.attempts >= 3)  # it keeps trying in the background
+    warnings = [e for e in logs if e["event"] == "daemon_unavailable"]
+    assert len(warnings) == 1
+    assert warnings[0]["log_level"] == "warning"
+    assert breaker.state is CircuitState.CLOSED
+    assert breaker.call_sync(ok_sync, 2) == 2
+    for _ in range(2):  # 2 failures in 3 calls: over the 0.5 threshold
+        with pytest.raises(Boom):
+            breaker.call_sync(fail_sync)
+    # The embedded fallback counted them and opened.
+    assert breaker.state is CircuitState.OPEN
+    with pytest.raises(CircuitBreakerOpenError):
+        breaker.call_sync(ok_sync)
+    local = system.get("svc")
+    assert local is not None
+    assert local.snapshot.state is CircuitState.OPEN
+
+
+def test_allow_policy_fails_open(sock_path: str) -> None:
+    breaker = CircuitBreaker("svc", min_calls=1, daemon=sock_path, on_unavailable="allow")
+    for _ in range(5):
+        with pytest.raises(Boom):
+            breaker.call_sync(fail_sync)
+    assert breaker.state is CircuitState.CLOSED
+    assert breaker.call_sync(ok_sync, 4) == 4
+    strict = CircuitBreaker("svc2", daemon=sock_path, on_unavailable="allow", strict=True)
+    assert strict.call_sync(ok_sync, 5) == 5
+
+
+async def test_deny_policy_fails_closed(sock_path: str) -> None:
+    breaker = CircuitBreaker(
+        "svc", daemon=sock_path, on_unavailable="deny", fallback=lambda: "fallback"
+    )
+    with pytest.raises(DaemonUnavailableError) as info:
+        breaker.call_sync(ok_sync)
+    message = str(info.value)
+    assert sock_path in message
+    assert "deny" in message
+
+    async def ok() -> int:
+        return 1
+
+    with pytest.raises(DaemonUnavailableError):
+        await breaker.call(ok)
+    with pytest.raises(DaemonUnavailableError):
+        breaker.status()
+
+
+def test_reconnects_reregisters_and_switches_back(
+    daemon: FakeDaemon, sock_path: str, system: ActorSystem
+) -> None:
+    breaker = CircuitBreaker("svc", daemon=sock_path, system=system)
+    link = breaker._actor
+    assert isinstance(link, RemoteBreaker)
+    assert link.remote
+    seen: list[Transition] = []
+    breaker.on_transition(seen.append)
+    daemon.push(Snapshot("svc", CircuitState.OPEN, 1, open_until=time.monotonic() + 30))
+    wait_until(lambda: breaker.state is CircuitState.OPEN)
+
+    daemon.stop()
+    wait_until(lambda: not link.remote)
+    # The local fallback is closed: the switch is a transition too.
+    assert breaker.state is CircuitState.CLOSED
+    assert breaker.call_sync(ok_sync, 1) == 1
+    assert breaker.snapshot.generation >= LOCAL_GENERATION_OFFSET
+
+    again = FakeDaemon(sock_path).start()
+    try:
+        wait_until(lambda: link.remote)
+        assert again.received(Register) == [Register("svc", breaker.config.as_dict())]
+        assert breaker.state is CircuitState.CLOSED
+        assert breaker.snapshot.generation == 0
+        assert breaker.call_sync(ok_sync, 2) == 2
+        again.wait_for(lambda: again.count("svc", Outcome.SUCCESS) == 1)
+    finally:
+        again.stop()
+    assert [(t.from_state, t.to_state, t.reason) for t in seen[:2]] == [
+        (CircuitState.CLOSED, CircuitState.OPEN, "daemon"),
+        (CircuitState.OPEN, CircuitState.CLOSED, "daemon_unavailable"),
+    ]
+
+
+def test_an_outcome_goes_back_to_the_breaker_that_admitted_it(
+    daemon: FakeDaemon, sock_path: str, system: ActorSystem
+) -> None:
+    # Admitted by the daemon, reported after it died: dropped, never counted locally.
+    breaker = CircuitBreaker("svc", min_calls=1, daemon=sock_path, system=system)
+    gate, release = threading.Event(), threading.Event()
+
+    def slow_failure() -> int:
+        gate.set()
+        assert release.wait(WAIT)
+        raise Boom("late")
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        call = pool.submit(breaker.call_sync, slow_failure)
+        assert gate.wait(WAIT)
+        daemon.stop()
+        link = breaker._actor
+        assert isinstance(link, RemoteBreaker)
+        wait_until(lambda: not link.remote)
+        release.set()
+        with pytest.raises(Boom):
+            call.result(WAIT)
+    local = system.get("svc")
+    assert local is not None
+    assert local.snapshot.state is CircuitState.CLOSED  # the daemon's failure did not leak in
+
+
+def test_a_local_outcome_stays_local_when_the_daemon_comes_back(
+    sock_path: str, system: ActorSystem
+) -> None:
+    # Admitted by the local fallback, reported once the daemon is back: it
+    # belongs to the local breaker, whose generations the daemon never had.
+    breaker = CircuitBreaker("svc", min_calls=1, daemon=sock_path, system=system)
+    link = breaker._actor
+    assert isinstance(link, RemoteBreaker)
+    assert not link.remote
+    gate, release = threading.Event(), threading.Event()
+
+    def slow_failure() -> int:
+        gate.set()
+        assert release.wait(WAIT)
+        raise Boom("late")
+
+    daemon = None
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            call = pool.submit(breaker.call_sync, slow_failure)
+            assert gate.wait(WAIT)
+            daemon = FakeDaemon(sock_path).start()
+            wait_until(lambda: link.remote)
+            release.set()
+            with pytest.raises(Boom):
+                call.result(WAIT)
+        local = system.get("svc")
+        assert local is not None
+        assert local.snapshot.state is CircuitState.OPEN
+        assert daemon.received(Report) == []
+        assert breaker.state is CircuitState.CLOSED  # the daemon's view
+    finally:
+        if daemon is not None:
+            daemon.stop()
+
+
+# -- fork and exit --------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_forked_child_opens_its_own_connection(daemon: FakeDaemon, sock_path: str) -> None:
+    breaker = CircuitBreaker("svc", daemon=sock_path)
+    assert breaker.call_sync(ok_sync) == 1
+    (parent_peer,) = daemon.live_peers()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            if breaker.call_sync(ok_sync, 5) == 5 and breaker.status().snapshot.name == "svc":
+                code = 0
+        finally:
+            os.write(write_end, bytes([code]))
+            os._exit(code)
+    os.close(write_end)
+    verdict = os.read(read_end, 1)
+    os.close(read_end)
+    _, status = os.waitpid(pid, 0)
+    assert verdict == b"\x00"
+    assert os.waitstatus_to_exitcode(status) == 0
+    child_peers = [p for p in daemon.peers if p is not parent_peer]
+    assert len(child_peers) == 1
+    child = child_peers[0]
+    assert child.cred_pid == pid != parent_peer.cred_pid
+    assert child.hello is not None
+    assert child.hello.pid == pid
+    assert parent_peer.hello is not None
+    assert parent_peer.hello.pid == os.getpid()
+    daemon.wait_for(lambda: child.closed)  # the child's exit closed only its own
+    # The parent's connection is untouched and still answers.
+    assert not parent_peer.closed
+    assert breaker.status().snapshot.name == "svc"
+    assert len(daemon.live_peers()) == 1
+
+
+def test_reports_are_flushed_at_exit(daemon: FakeDaemon, sock_path: str) -> None:
+    script = (
+        "import breakerd.clients._remote as remote\n"
+        "remote.FLUSH_DELAY = 3600.0  # only the exit hook can send it now\n"
+        "from breakerd.clients import CircuitBreaker\n"
+        f"breaker = CircuitBreaker('exiting', daemon={sock_path!r})\n"
+        "assert breaker._actor.remote\n"
+        "for _ in range(3):\n"
+        "    breaker.call_sync(int)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=WAIT, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    daemon.wait_for(lambda: daemon.count("exiting", Outcome.SUCCESS) == 3)
+
+
+# -- arguments ---------------------------------------------------------------------------
+
+
+def test_daemon_arguments_are_checked(sock_path: str) -> None:
+    with pytest.raises(ValueError, match="on_unavailable"):
+        CircuitBreaker("svc", daemon=sock_path, on_unavailable="maybe")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="only applies in daemon mode"):
+        CircuitBreaker("svc", on_unavailable="deny")
+    with pytest.raises(TypeError, match="daemon must be"):
+        CircuitBreaker("svc", daemon=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at most 107"):
+        CircuitBreaker("svc", daemon="/tmp/" + "x" * 120)
+    with pytest.raises(ValueError, match="empty"):
+        CircuitBreaker("svc", daemon="")
+    with pytest.raises(ValueError, match=r"time\.monotonic"):
+        CircuitBreaker("svc", daemon=sock_path, system=ActorSystem(clock=FakeClock()))
+
+
+def test_daemon_true_uses_the_default_socket(
+    daemon: FakeDaemon, sock_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BREAKERD_SOCKET", sock_path)
+    breaker = CircuitBreaker("svc", daemon=True)
+    assert breaker.daemon_path == sock_path
+    assert daemon.received(Register) == [Register("svc", breaker.config.as_dict())]
+    breaker_path = CircuitBreaker("svc", daemon=Path(sock_path))
+    assert breaker_path.daemon_path == sock_path
+
+
+# -- end to end: the real daemon ---------------------------------------------------------
+
+
+def _answers(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+        return True
+
+
+def _start_real_daemon(path: str) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "breakerd.actor", "--socket", path],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    # Readiness is the socket file (DESIGN.md): wait for it, not for time. A
+    # socket left by a killed daemon is there already: wait until it answers.
+    wait_until(lambda: _answers(path) or process.poll() is not None)
+    assert process.poll() is None, "the daemon exited at start"
+    return process
+
+
+def test_against_the_real_daemon_killed_and_restarted(sock_path: str, system: ActorSystem) -> None:
+    daemon = _start_real_daemon(sock_path)
+    try:
+        breaker = CircuitBreaker("e2e", min_calls=2, daemon=sock_path, system=system)
+        link = breaker._actor
+        assert isinstance(link, RemoteBreaker)
+        assert link.remote
+        for _ in range(50):
+            breaker.call_sync(ok_sync)
+        # status() is a request: the queued successes go out ahead of it.
+        assert breaker.status().successes == 50
+        other = CircuitBreaker("e2e-trip", min_calls=2, daemon=sock_path)
+        for _ in range(2):
+            with pytest.raises(Boom):
+                other.call_sync(fail_sync)
+        assert other.state is CircuitState.OPEN
+
+        daemon.kill()
+        daemon.wait()
+        wait_until(lambda: not link.remote)
+        assert breaker.call_sync(ok_sync, 9) == 9  # served by the local fallback
+
+        # The killed daemon left its socket file: the new one must replace it.
+        daemon = _start_real_daemon(sock_path)
+        wait_until(lambda: link.remote)
+        breaker.call_sync(ok_sync)
+        assert breaker.status().successes == 1  # a new daemon, counting afresh
+    finally:
+        daemon.terminate()
+        assert daemon.wait(WAIT) == 0
