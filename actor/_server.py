@@ -540,10 +540,19 @@ class _Peer(asyncio.Protocol):
                 actor.ask(report, None, force=True)
             if actor.backlog > actor.max_inbox // 2:
                 busy = actor
+        for name, generation, count in message.successes:
+            key = (name, generation)
+            successes[key] = successes.get(key, 0) + count
         for (name, generation), count in successes.items():
             actor = system.get(name)
             if actor is not None:
                 actor.post_success(generation, count)
+            else:
+                self.log.warning("report_for_unknown_breaker", breaker=name)
+        for name, count in message.rejections:
+            actor = system.get(name)
+            if actor is not None:
+                actor.post_rejection(count)
         if busy is not None:
             self._pause_until_drained(busy)
 

@@ -589,7 +589,7 @@ class _ForkedPlaceholder:
     def post_report(self, item: object) -> bool:
         return True
 
-    def post_rejection(self) -> None:
+    def post_rejection(self, count: int = 1) -> None:
         pass
 
 

@@ -71,6 +71,7 @@ Reply: TypeAlias = Callable[[Any, BaseException | None], None]
 #: ``(name, generation, outcome, duration, lease, retry_after)``, the field
 #: order of a ``reports`` item on the wire. A tuple, not a ``Report``: it is
 #: built on the caller's hot path, the ``Report`` only at flush time.
+_SUCCESS: Final = Outcome.SUCCESS
 ReportItem: TypeAlias = tuple[str, int, Outcome, float, int, float | None]
 
 #: Queued outcomes beyond this are refused (``post`` returns False), so a
@@ -152,6 +153,8 @@ class ClientCore:
         self._pending: dict[int, tuple[Reply, float]] = {}
         self._next_msgid = 1
         self._reports: deque[ReportItem] = deque()
+        # Names of breakers that rejected a call locally, one entry per call.
+        self._rejections: deque[str] = deque()
         self._name_sizes: dict[str, int] = {}
 
     # -- the connection's lifetime ---------------------------------------------------
@@ -260,6 +263,14 @@ class ClientCore:
         reports.append(item)
         return True
 
+    def post_rejection(self, name: str) -> bool:
+        """Count one local rejection for the next batch (one ``deque.append``)."""
+        rejections = self._rejections
+        if len(rejections) >= self.max_queued_reports:
+            return False  # status totals only: dropping beats growing without bound
+        rejections.append(name)
+        return True
+
     @property
     def queued_reports(self) -> int:
         return len(self._reports)
@@ -279,12 +290,19 @@ class ClientCore:
         # the same plain success over and over, and building a frozen
         # dataclass per item would cost more than everything else here.
         made: dict[ReportItem, Report] = {}
+        # Plain successes leave as counts per (name, generation): a busy
+        # process sends one entry per breaker, not one per call.
+        successes: dict[tuple[str, int], int] = {}
         popleft = reports.popleft
         # popleft until empty (one flusher at a time: the shell's lock) rather
         # than up to a length read first: posters may append meanwhile, and
         # what they add either leaves now or waits for the next flush.
         while reports:
             item = popleft()
+            if item[2] is _SUCCESS and not item[3] and not item[4] and item[5] is None:
+                key = (item[0], item[1])
+                successes[key] = successes.get(key, 0) + 1
+                continue
             report = made.get(item)
             if report is None:
                 report = made[item] = Report(*item)
@@ -299,11 +317,27 @@ class ClientCore:
             size += item_size
         if items:
             chunks.append(self._notification(conn, items))
+        rejected: dict[str, int] = {}
+        rejections = self._rejections
+        while rejections:
+            name = rejections.popleft()
+            rejected[name] = rejected.get(name, 0) + 1
+        if successes or rejected:
+            counts = ReportBatch(
+                (),
+                tuple((name, generation, n) for (name, generation), n in successes.items()),
+                tuple(rejected.items()),
+            )
+            # Counts first: a thread's successes count before its later outcomes.
+            chunks.insert(0, self._send_batch(conn, counts))
         return b"".join(chunks)
 
     def _notification(self, conn: _Connection, items: list[Report]) -> bytes:
+        return self._send_batch(conn, ReportBatch(tuple(items)))
+
+    def _send_batch(self, conn: _Connection, batch: ReportBatch) -> bytes:
         try:
-            return conn.send_notification(ReportBatch(tuple(items)))
+            return conn.send_notification(batch)
         except ProtocolError as exc:
             self.failure = f"cannot send reports: {exc}"
             raise

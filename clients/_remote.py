@@ -144,7 +144,7 @@ class ActorSurface(Protocol):
 
     def post_report(self, item: tuple[int, Outcome, float]) -> bool: ...
 
-    def post_rejection(self) -> None: ...
+    def post_rejection(self, count: int = 1) -> None: ...
 
     def ask(self, message: object, reply: Reply | None, *, force: bool = False) -> None: ...
 
@@ -373,6 +373,12 @@ class DaemonClient:
             self._flush_armed = True
             self._wake()
         return True
+
+    def post_rejection(self, name: str) -> None:
+        """Count one local rejection of ``name`` for the daemon's status (no lock)."""
+        if self.core.post_rejection(name) and not self._flush_armed:
+            self._flush_armed = True
+            self._wake()
 
     def _flush_locked(self) -> None:
         sock = self._sock
@@ -822,11 +828,11 @@ class RemoteBreaker:
             return True
         return self.client.post((self.name, generation, outcome, duration, 0, None))
 
-    def post_rejection(self) -> None:
-        # The wire has no message for a rejection made locally: the daemon's
-        # rejection count covers only the acquires it refused itself.
-        if not self._remote and self._local is not None:
-            self._local.post_rejection()
+    def post_rejection(self, count: int = 1) -> None:
+        if self._remote:
+            self.client.post_rejection(self.name)
+        elif self._local is not None:
+            self._local.post_rejection(count)
 
     def ask(self, message: object, reply: Reply | None, *, force: bool = False) -> None:
         """Send a request; ``reply(result, error)`` is called exactly once (maybe at once).

@@ -419,11 +419,39 @@ _REPORT_ITEM_FIELDS: Final = ("name", "generation", "outcome", "duration", "leas
 
 
 def _reports_map(m: ReportBatch) -> _Map:
-    return {
+    params: _Map = {
         "items": [
             [r.name, r.generation, r.outcome, r.duration, r.lease, r.retry_after] for r in m.items
         ]
     }
+    if m.successes:
+        params["successes"] = [list(entry) for entry in m.successes]
+    if m.rejections:
+        params["rejections"] = [list(entry) for entry in m.rejections]
+    return params
+
+
+def _counts(d: _Map, key: str, width: int) -> list[tuple[Any, ...]]:
+    # Optional arrays of [name, (generation,) count]: absent means none.
+    raw = d.get(key)
+    if raw is None:
+        return []
+    if type(raw) is not list:
+        raise _bad("reports params", key, "an array", raw)
+    entries = []
+    for i, entry in enumerate(raw):
+        if (
+            type(entry) is not list
+            or len(entry) < width
+            or type(entry[0]) is not str
+            or not all(type(v) is int and v >= 0 for v in entry[1:width])
+        ):
+            raise RemoteProtocolError(
+                f"reports params: {key}[{i}] must be an array of a name and "
+                f"{width - 1} non-negative integer(s), got {_wire_type(entry)}"
+            )
+        entries.append(tuple(entry[:width]))
+    return entries
 
 
 def _reports(d: _Map) -> ReportBatch:
@@ -463,7 +491,9 @@ def _reports(d: _Map) -> ReportBatch:
                 raise _bad_report_item(i, item)
             retry_after = float(retry_after)
         batch.append(Report(name, generation, oc, duration, lease, retry_after))
-    return ReportBatch(tuple(batch))
+    successes = _counts(d, "successes", 3)
+    rejections = _counts(d, "rejections", 2)
+    return ReportBatch(tuple(batch), tuple(successes), tuple(rejections))
 
 
 def _bad_report_item(i: int, item: list[Any]) -> RemoteProtocolError:

@@ -138,9 +138,15 @@ class ReportBatch:
     """Outcomes sent together, fire-and-forget (the ``reports`` notification).
 
     Plain successes while CLOSED travel this way: one frame for many calls.
+    ``successes`` carries them as counts, ``(name, generation, count)``, so a
+    batch costs the daemon one entry per breaker rather than one per call;
+    ``rejections`` counts calls a client rejected locally from its cached
+    state, ``(name, count)``, for the daemon's status totals.
     """
 
-    items: tuple[Report, ...]
+    items: tuple[Report, ...] = ()
+    successes: tuple[tuple[str, int, int], ...] = ()
+    rejections: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -208,7 +208,12 @@ def test_decoded_enums_are_enum_members() -> None:
     assert type(push.message.snapshot.state) is CircuitState
 
 
-@pytest.mark.parametrize("batch", [BATCH, ReportBatch(())], ids=["every-outcome", "empty"])
+COUNTS = ReportBatch((), (("llm", 3, 500), ("db", 0, 1)), (("llm", 7),))
+
+
+@pytest.mark.parametrize(
+    "batch", [BATCH, ReportBatch(()), COUNTS], ids=["every-outcome", "empty", "counts"]
+)
 def test_report_batch_round_trips(batch: ReportBatch) -> None:
     client, server = greeted_pair()
     assert drain(server, client.send_notification(batch)) == [NotificationReceived(batch)]
@@ -822,3 +827,21 @@ def test_an_unknown_error_code_becomes_a_plain_breaker_error() -> None:
 def test_only_breaker_errors_go_on_the_wire() -> None:
     with pytest.raises(TypeError, match="only BreakerError"):
         error_to_wire(ValueError("x"))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("key", "entry"),
+    [
+        ("successes", ["llm", 1]),
+        ("successes", ["llm", 1, -5]),
+        ("successes", [7, 1, 5]),
+        ("rejections", ["llm", "many"]),
+        ("rejections", "llm"),
+    ],
+)
+def test_bad_counts_are_refused(key: str, entry: Any) -> None:
+    _, server = greeted_pair()
+    params = {"items": [], key: entry if isinstance(entry, str) else [entry]}
+    server.receive_data(frame([2, "reports", params]))
+    with pytest.raises(RemoteProtocolError, match=key):
+        server.next_event()

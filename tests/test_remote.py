@@ -334,6 +334,9 @@ class FakeDaemon:
         batched = sum(
             1 for _, b in self.batches for r in b.items if (r.name, r.outcome) == (name, outcome)
         )
+        if outcome is Outcome.SUCCESS:
+            # Plain successes travel as counts per (name, generation).
+            batched += sum(n for _, b in self.batches for nm, _, n in b.successes if nm == name)
         asked = sum(
             1
             for _, m in self.requests
@@ -515,12 +518,15 @@ def test_core_batches_many_outcomes_into_one_notification(
     for _ in range(500):
         assert core.post(("svc", 0, Outcome.SUCCESS, 0.0, 0, None))
     assert core.post(("svc", 0, Outcome.IGNORED, 0.25, 0, None))
-    (event,) = server_events(server, core.take_batch())
-    assert isinstance(event.message, ReportBatch)
-    items = event.message.items
-    assert len(items) == 501
-    assert items[0] == Report("svc", 0, Outcome.SUCCESS)
-    assert items[-1] == Report("svc", 0, Outcome.IGNORED, 0.25)
+    assert core.post_rejection("svc")
+    assert core.post_rejection("svc")
+    counts, others = server_events(server, core.take_batch())
+    assert isinstance(counts.message, ReportBatch)
+    assert counts.message.successes == (("svc", 0, 500),)
+    assert counts.message.rejections == (("svc", 2),)
+    assert counts.message.items == ()
+    assert isinstance(others.message, ReportBatch)
+    assert others.message.items == (Report("svc", 0, Outcome.IGNORED, 0.25),)
     assert core.take_batch() == b""
 
 
@@ -531,7 +537,7 @@ def test_core_splits_a_huge_batch_below_the_frame_limit(
     name = "n" * 2000
     count = 800  # ~1.6 MB of names: more than one frame can hold
     for _ in range(count):
-        core.post((name, 0, Outcome.SUCCESS, 0.0, 0, None))
+        core.post((name, 0, Outcome.IGNORED, 0.0, 0, None))
     data = core.take_batch()
     events = server_events(server, data)
     assert len(events) >= 2
@@ -712,19 +718,19 @@ def test_successes_travel_as_one_batch(
     assert link.post_report((0, Outcome.IGNORED, 0.5))
     assert daemon.batches == []
     client.flush()
-    daemon.wait_for(lambda: len(daemon.batches) == 1)
-    ((_, batch),) = daemon.batches
-    assert len(batch.items) == 201
-    assert batch.items[0] == Report("svc", 0, Outcome.SUCCESS)
-    assert batch.items[-1] == Report("svc", 0, Outcome.IGNORED, 0.5)
+    daemon.wait_for(lambda: len(daemon.batches) == 2)
+    (_, counts), (_, others) = daemon.batches
+    assert counts.successes == (("svc", 0, 200),)
+    assert others.items == (Report("svc", 0, Outcome.IGNORED, 0.5),)
 
 
 def test_batched_reports_leave_without_any_further_call(daemon: FakeDaemon, sock_path: str) -> None:
     breaker = CircuitBreaker("svc", daemon=sock_path)
     assert breaker.call_sync(ok_sync, 3) == 3
     # No flush(), no other call: the IO thread's timer sends it.
-    daemon.wait_for(lambda: len(daemon.reported()) == 1)
-    assert daemon.reported() == [Report("svc", 0, Outcome.SUCCESS)]
+    daemon.wait_for(lambda: daemon.count("svc", Outcome.SUCCESS) == 1)
+    ((_, batch),) = daemon.batches
+    assert batch.successes == (("svc", 0, 1),)
 
 
 def test_many_threads_every_success_counted_once(daemon: FakeDaemon, sock_path: str) -> None:
