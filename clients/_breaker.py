@@ -163,6 +163,9 @@ class CircuitBreaker:
         self.daemon_path = daemon_path
         self.on_unavailable: OnUnavailable = on_unavailable
         self._pid = os.getpid()
+        # Set in a forked child (by an at-fork hook): the slow path rebinds
+        # first. A flag, because os.getpid() is a system call per check.
+        self._needs_rebind = False
         if daemon_path is None:
             self._bind(system or default_system())
         else:
@@ -201,12 +204,14 @@ class CircuitBreaker:
                 # The pid last: if this raises, the next call tries again.
                 self._bind_daemon(self.daemon_path)
                 self._pid = os.getpid()
+                self._needs_rebind = False
                 return
             self._pid = os.getpid()
             system = self._explicit_system
             if system is None or system.pid != self._pid:
                 system = default_system()
             self._bind(system)
+        self._needs_rebind = False
 
     def _in_breaker_thread(self) -> bool:
         # A thread that answers this breaker's requests must never wait for one.
@@ -220,6 +225,7 @@ class CircuitBreaker:
         # so point the hot path at a placeholder whose state sends every call
         # down the slow path, which rebinds first.
         self._actor = cast(BreakerActor, _ForkedPlaceholder(self.name))
+        self._needs_rebind = True
 
     # -- inspection ------------------------------------------------------------
 
@@ -261,6 +267,11 @@ class CircuitBreaker:
             if not actor.post_success(generation):
                 await self._report_async(Report(self.name, generation, _SUCCESS), ack=True)
             return result
+        if (state is _OPEN or state is _FORCED_OPEN) and self.fallback is None:
+            # Raised here, one frame deep: a rejection's cost is mostly its traceback.
+            rejection = self._local_rejection(snapshot)
+            if rejection is not None:
+                raise rejection
         return await self._call_slow_path(snapshot, func, args, kwargs)
 
     async def _call_slow_path(
@@ -270,7 +281,7 @@ class CircuitBreaker:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> T:
-        if self._pid != os.getpid():
+        if self._needs_rebind:
             self._rebind_after_fork()
             snapshot = self._actor.snapshot
         state = snapshot.state
@@ -339,12 +350,18 @@ class CircuitBreaker:
             if not actor.post_success(generation):
                 self._request_sync(Report(self.name, generation, _SUCCESS), force=True)
             return result
+        state = snapshot.state
+        if (state is _OPEN or state is _FORCED_OPEN) and self.fallback is None:
+            rejection = self._local_rejection(snapshot)
+            if rejection is not None:
+                raise rejection
         return self._call_sync_slow_path(func, args, kwargs)
 
     def _call_sync_slow_path(
         self, func: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> T:
-        self._rebind_after_fork()
+        if self._needs_rebind:
+            self._rebind_after_fork()
         snapshot = self._actor.snapshot
         state = snapshot.state
         if state is _DISABLED and not self.strict:
@@ -558,7 +575,7 @@ class CircuitBreaker:
         return await future
 
     def _request_sync(self, message: object, *, force: bool = False) -> Any:
-        if self._pid != os.getpid():
+        if self._needs_rebind:
             self._rebind_after_fork()  # status() or an admin call first thing in a child
         if self._in_breaker_thread():
             raise RuntimeError(
