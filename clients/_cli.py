@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NoReturn, TextIO
 
 from breakerd.protocol import BreakerError
@@ -88,10 +89,36 @@ def _add_demo(subparsers: argparse._SubParsersAction[_Parser]) -> None:
         action="store_true",
         help="also show breakerd's own structlog events, on stderr",
     )
+    parser.add_argument(
+        "--daemon",
+        action="store_true",
+        help="run the calls in several worker processes that share the breaker through a "
+        "breakerd daemon (a private one, started and stopped by the demo)",
+    )
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="with --daemon: use the daemon serving this socket (under a breaker name of "
+        "the demo's own), or start one there",
+    )
     parser.set_defaults(handler=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    if args.daemon:
+        from ._demo_daemon import main_demo_daemon
+
+        return main_demo_daemon(
+            sys.stdout,
+            socket=args.socket,
+            open_timeout=args.open_timeout,
+            client_timeout=args.client_timeout,
+            verbose=args.verbose,
+        )
+    if args.socket is not None:
+        raise UsageError(f"{PROG} demo: --socket only applies with --daemon")
     # Imported here so that other subcommands do not pay for the openai SDK.
     from ._demo import main_demo
 

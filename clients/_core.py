@@ -216,7 +216,7 @@ class ClientCore:
         if conn is None:
             raise NotConnectedError("no connection to the daemon")
         msgid = self._allocate_msgid()
-        head = self.take_batch() if flush and self._reports else b""
+        head = self.take_batch() if flush and (self._reports or self._rejections) else b""
         try:
             data = conn.send_request(msgid, message)
         except ProtocolError as exc:
