@@ -736,6 +736,11 @@ class RemoteBreaker:
         self._settled = threading.Event()
         self._register_error: BaseException | None = None
         self._log = _logger.bind(breaker=name, socket=client.path)
+        # The hot path: one prebuilt report per generation, appended straight
+        # to the core's queue (the same atomic deque.append client.post does).
+        self._success_item: ReportItem = (name, _NO_GENERATION, _SUCCESS, 0.0, 0, None)
+        self._queue = client.core._reports
+        self._queue_limit = client.core.max_queued_reports
 
     @classmethod
     def open(
@@ -807,6 +812,20 @@ class RemoteBreaker:
         return self._to_local_view(self._ensure_local().snapshot)
 
     def post_success(self, generation: int) -> bool:
+        item = self._success_item
+        if item[1] == generation and self._remote:
+            queue = self._queue
+            if len(queue) >= self._queue_limit:
+                return False
+            queue.append(item)
+            client = self.client
+            if not client._flush_armed:
+                client._flush_armed = True
+                client._wake()
+            return True
+        return self._post_success_slow(generation)
+
+    def _post_success_slow(self, generation: int) -> bool:
         if generation >= LOCAL_GENERATION_OFFSET:
             local = self._local
             if local is None:  # pragma: no cover - its snapshot made the generation
@@ -815,7 +834,9 @@ class RemoteBreaker:
         if generation < 0 or not self._remote:
             # Admitted by "allow", or by a daemon now out of reach: nowhere to count it.
             return True
-        return self.client.post((self.name, generation, _SUCCESS, 0.0, 0, None))
+        item = (self.name, generation, _SUCCESS, 0.0, 0, None)
+        self._success_item = item
+        return self.client.post(item)
 
     def post_report(self, item: tuple[int, Outcome, float]) -> bool:
         generation, outcome, duration = item
