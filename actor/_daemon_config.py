@@ -4,7 +4,7 @@ Example ``breakerd.toml``::
 
     [daemon]
     allowed_uids = [1001]     # besides the daemon's own uid and root
-    socket_mode = "0660"      # default 0600; 0660 opens the socket to its group
+    socket_group = "workers"  # open the socket (mode 0660) to this group's members
     max_connections = 1024
     max_inflight = 256        # requests in flight per connection
     max_outbox = 1048576      # bytes buffered per connection before it is dropped
@@ -24,6 +24,7 @@ clients (whose differing settings are reported back as conflicts).
 
 from __future__ import annotations
 
+import grp
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -45,6 +46,8 @@ class DaemonSettings:
     socket_path: Path
     allowed_uids: frozenset[int] = frozenset()
     socket_mode: int = 0o600
+    #: The group the socket is opened to (mode 0660), and whose members may connect.
+    socket_gid: int | None = None
     max_connections: int = 1024
     max_inflight: int = 256
     max_outbox: int = 1 << 20
@@ -89,14 +92,21 @@ def load_config(path: Path | None, socket_path: Path) -> DaemonSettings:
             raise ConfigError(f"{path}: [breakers.{name}] must be a table")
         _check_breaker_keys(section, f"[breakers.{name}]", path)
         breakers[name] = dict(section)
-    known_daemon = {"allowed_uids", "socket_mode", "max_connections", "max_inflight", "max_outbox"}
+    known_daemon = {
+        "allowed_uids",
+        "socket_group",
+        "max_connections",
+        "max_inflight",
+        "max_outbox",
+    }
     unknown = sorted(set(daemon) - known_daemon)
     if unknown:
         raise ConfigError(f"{path}: unknown [daemon] setting(s): {', '.join(unknown)}")
     settings = DaemonSettings(
         socket_path=socket_path,
         allowed_uids=frozenset(_int_list(daemon.get("allowed_uids", []), "allowed_uids", path)),
-        socket_mode=_mode(daemon.get("socket_mode", "0600"), path),
+        socket_mode=0o660 if "socket_group" in daemon else 0o600,
+        socket_gid=_group(daemon["socket_group"], path) if "socket_group" in daemon else None,
         max_connections=_positive(daemon.get("max_connections", 1024), "max_connections", path),
         max_inflight=_positive(daemon.get("max_inflight", 256), "max_inflight", path),
         max_outbox=_positive(daemon.get("max_outbox", 1 << 20), "max_outbox", path),
@@ -140,14 +150,12 @@ def _positive(value: object, key: str, path: Path) -> int:
     return value
 
 
-def _mode(value: object, path: Path) -> int:
-    if isinstance(value, str):
+def _group(value: object, path: Path) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value:
         try:
-            mode = int(value, 8)
-        except ValueError:
-            mode = -1
-    else:
-        mode = -1
-    if mode not in (0o600, 0o660):
-        raise ConfigError(f'{path}: [daemon] socket_mode must be "0600" or "0660", got {value!r}')
-    return mode
+            return grp.getgrnam(value).gr_gid
+        except KeyError:
+            raise ConfigError(f"{path}: [daemon] socket_group: no group named {value!r}") from None
+    raise ConfigError(f"{path}: [daemon] socket_group must be a group name or gid, got {value!r}")

@@ -25,8 +25,10 @@ import asyncio
 import dataclasses
 import errno
 import fcntl
+import grp
 import itertools
 import os
+import pwd
 import signal
 import socket
 import stat
@@ -117,6 +119,22 @@ class Daemon:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def peer_allowed(self, uid: int, gid: int) -> bool:
+        """The daemon's own uid, root, ``allowed_uids``, and ``socket_group``'s members."""
+        settings = self.settings
+        if uid in (self.uid, 0) or uid in settings.allowed_uids:
+            return True
+        group = settings.socket_gid
+        if group is None:
+            return False
+        if gid == group:
+            return True
+        try:
+            members = grp.getgrgid(group).gr_mem
+            return pwd.getpwuid(uid).pw_name in members
+        except KeyError:
+            return False
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -224,6 +242,8 @@ class Daemon:
             raise
         finally:
             os.umask(old_umask)
+        if self.settings.socket_gid is not None:
+            os.chown(self.socket_path, -1, self.settings.socket_gid)
         os.chmod(self.socket_path, mode)
         listener.listen(_BACKLOG)
         listener.setblocking(False)
@@ -308,7 +328,7 @@ class _Peer(asyncio.Protocol):
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
         )
         self.log = self.log.bind(peer_pid=pid, peer_uid=uid)
-        if uid not in (daemon.uid, 0) and uid not in daemon.settings.allowed_uids:
+        if not daemon.peer_allowed(uid, gid):
             self.log.warning("peer_refused", reason="uid not allowed", peer_gid=gid)
             self.closed = True
             transport.abort()

@@ -330,3 +330,28 @@ def test_connection_limit_and_a_client_that_stops_reading(tmp_short: Path) -> No
         extra.close()
     finally:
         assert process.terminate() == 0
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another uid")
+def test_socket_group_opens_the_daemon_to_that_group(tmp_short: Path) -> None:
+    import grp
+
+    group = grp.getgrgid(_OTHER_UID)  # nobody's own group
+    config = tmp_short / "d.toml"
+    config.write_text(f'[daemon]\nsocket_group = "{group.gr_name}"\n')
+    process = DaemonProcess(tmp_short / "s.sock", config=config).wait_ready()
+    try:
+        info = process.socket_path.stat()
+        assert stat.S_IMODE(info.st_mode) == 0o660
+        assert info.st_gid == group.gr_gid
+        os.chmod(process.socket_path.parent, 0o755)
+        hello = Connection("client").send_request(1, Hello(1, 1, "member", 1)).hex()
+        result = subprocess.run(
+            [sys.executable, "-c", _CONNECT_AS_NOBODY, str(process.socket_path), hello],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.stdout.strip() == "answered", result.stderr
+    finally:
+        assert process.terminate() == 0
