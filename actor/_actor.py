@@ -332,6 +332,7 @@ class BreakerActor:
             result = self.snapshot
         elif type(message) is StatusRequest:
             self._apply(self.machine.expire(now))
+            self.machine.age(now)
             result = self.status()
         else:
             raise InvalidRequestError(f"a breaker actor cannot handle {type(message).__name__}")

@@ -351,6 +351,11 @@ class Machine:
             return min(self._leases.values())
         return None
 
+    def age(self, now: float) -> None:
+        """Let a time window forget outcomes older than it, so status shows
+        current rates. Never a transition: only a recorded outcome is judged."""
+        self._window.expire(now)
+
     def snapshot(self) -> Snapshot:
         return Snapshot(
             name=self.name,

@@ -556,3 +556,15 @@ def test_forked_child_gets_its_own_actor() -> None:
     # The child's failure never reached the parent's breaker.
     assert breaker.state is CircuitState.CLOSED
     assert breaker.status().failures == 0
+
+
+def test_status_shows_a_time_window_aging(system: ActorSystem, clock: FakeClock) -> None:
+    breaker = CircuitBreaker("svc", window_seconds=10, min_calls=5, system=system)
+    with pytest.raises(Boom):
+        breaker.call_sync(fail_sync)
+    assert breaker.status().snapshot.calls == 1
+    clock.advance(30)
+    status = breaker.status()
+    assert status.snapshot.calls == 0
+    assert status.snapshot.failure_rate is None
+    assert status.failures == 1  # totals never age
