@@ -1029,11 +1029,14 @@ def print_scenario(
     *,
     also_vs: Sequence[str] = (),
     goals: Mapping[str, float] | None = None,
+    cpu_of: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Print one table and breakerd's ratios; returns the ratios for the JSON report.
 
     Ratios are against the best peer (lowest median) and every peer in
     ``also_vs``; ``goals`` maps ``"best"`` or a peer key to a target ratio.
+    ``cpu_of`` names, per contender key, the thread whose CPU time
+    ``actor_cpu`` read (default: "its actor thread").
     """
     goals = goals or {}
     base = Stats.of([v / 1000.0 for v in result.absolute_ns[result.baseline_key]])
@@ -1065,7 +1068,8 @@ def print_scenario(
         )
     for key, cpu in result.actor_cpu_ns.items():
         print(
-            f"   ({key}: CPU time of its actor thread, inside the timing: "
+            f"   ({key}: CPU time of {(cpu_of or {}).get(key, 'its actor thread')}, "
+            "inside the timing: "
             f"median {statistics.median(cpu) / 1000:.4f} us/call)"
         )
     ratios: dict[str, Any] = {}
