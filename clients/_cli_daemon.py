@@ -94,11 +94,17 @@ def status_record(status: BreakerStatus, now: float) -> dict[str, Any]:
 
 
 def _run_status(args: argparse.Namespace) -> int:
-    (status,) = ask_daemon(_socket(args), StatusRequest(None))
-    assert isinstance(status, Status)
+    breakers: list[BreakerStatus] = []
+    offset: int | None = 0
+    while offset is not None:
+        # A page at a time: every breaker's status may not fit in one frame.
+        (status,) = ask_daemon(_socket(args), StatusRequest(None, offset))
+        assert isinstance(status, Status)
+        breakers.extend(status.breakers)
+        offset = status.next_offset
     # CLOCK_MONOTONIC is system-wide on Linux: the daemon's deadlines are ours.
     now = time.monotonic()
-    records = [status_record(b, now) for b in status.breakers]
+    records = [status_record(b, now) for b in breakers]
     if args.json:
         json.dump(records, sys.stdout, indent=2)
         sys.stdout.write("\n")

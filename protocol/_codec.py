@@ -538,11 +538,21 @@ def _snapshot_result(d: _Map) -> Snapshot:
 
 
 def _status_request_map(m: StatusRequest) -> _Map:
-    return {"name": m.name}
+    params: _Map = {"name": m.name}
+    if m.offset:
+        params["offset"] = m.offset
+    if m.limit:
+        params["limit"] = m.limit
+    return params
 
 
 def _status_request(d: _Map) -> StatusRequest:
-    return StatusRequest(_opt_str(d, "name", "status params"))
+    where = "status params"
+    offset = _int(d, "offset", where, 0)
+    limit = _int(d, "limit", where, 0)
+    if offset < 0 or limit < 0:
+        raise RemoteProtocolError(f"{where}: offset and limit must be >= 0")
+    return StatusRequest(_opt_str(d, "name", where), offset, limit)
 
 
 def _status_map(m: Status) -> _Map:
@@ -559,6 +569,7 @@ def _status_map(m: Status) -> _Map:
             }
             for b in m.breakers
         ],
+        "next_offset": m.next_offset,
     }
 
 
@@ -578,7 +589,10 @@ def _status(d: _Map) -> Status:
                 clients=_int(b, "clients", w, 0),
             )
         )
-    return Status(tuple(breakers))
+    next_offset = d.get("next_offset")
+    if next_offset is not None and (type(next_offset) is not int or next_offset < 0):
+        raise _bad("status result", "next_offset", "a non-negative integer or nil", next_offset)
+    return Status(tuple(breakers), next_offset)
 
 
 # state push

@@ -179,6 +179,9 @@ class Connection:
             # 0 means no cap on unread bytes: one read may hold many frames, and
             # each frame is already bounded by the header check.
             max_buffer_size=0,
+            # Start small and grow on demand: a daemon holds one Unpacker per
+            # connection, and the default start size costs ~40 KiB each.
+            read_size=4096,
             # These bound what one small frame can make msgpack allocate: five
             # bytes can announce an array of four billion entries.
             max_str_len=max_frame_size,

@@ -157,9 +157,17 @@ class Admin:
 
 @dataclass(frozen=True, slots=True)
 class StatusRequest:
-    """Ask for every breaker's status (``name=None``) or one breaker's."""
+    """Ask for every breaker's status (``name=None``) or one breaker's.
+
+    Every breaker's status comes a page at a time so a reply always fits in a
+    frame: ``offset`` into the breakers sorted by name, at most ``limit`` of
+    them (0: the daemon's page size); ``Status.next_offset`` says where the
+    next page starts, None after the last.
+    """
 
     name: str | None = None
+    offset: int = 0
+    limit: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +183,7 @@ class BreakerStatus:
 @dataclass(frozen=True, slots=True)
 class Status:
     breakers: tuple[BreakerStatus, ...]
+    next_offset: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
