@@ -26,7 +26,14 @@ from ._codec import (
     error_to_wire,
     method_of,
 )
-from ._connection import NEED_DATA, Connection, NeedData, Role, negotiate_version
+from ._connection import (
+    NEED_DATA,
+    Connection,
+    NeedData,
+    Role,
+    frame_notification,
+    negotiate_version,
+)
 from ._errors import (
     ERROR_CODES,
     ActorStoppedError,
@@ -123,6 +130,7 @@ __all__ = [
     "error_from_code",
     "error_from_wire",
     "error_to_wire",
+    "frame_notification",
     "method_of",
     "negotiate_version",
 ]

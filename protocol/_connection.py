@@ -93,6 +93,21 @@ _HEADER_SIZE: Final = 4
 _MAX_FRAME_LIMIT: Final = 0xFFFF_FFFF  # what a 4-byte length can say
 
 
+def frame_notification(message: NotificationMessage) -> bytes:
+    """One framed notification, encoded once for many connections.
+
+    For a server pushing the same state to every subscriber: the bytes are
+    what ``Connection.send_notification`` would return on each of them, minus
+    its checks, so only send them on connections past their handshake.
+    """
+    body = msgpack.packb(encode_notification(message), use_bin_type=True, datetime=False)
+    if len(body) > MAX_FRAME_SIZE:
+        raise LocalProtocolError(
+            f"the notification takes {len(body)} bytes, over the frame limit of {MAX_FRAME_SIZE}"
+        )
+    return _HEADER.pack(len(body)) + body
+
+
 class NeedData(Enum):
     """The type of ``NEED_DATA``."""
 

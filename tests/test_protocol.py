@@ -56,6 +56,7 @@ from breakerd.protocol import (
     Welcome,
     error_from_wire,
     error_to_wire,
+    frame_notification,
     negotiate_version,
 )
 
@@ -845,3 +846,11 @@ def test_bad_counts_are_refused(key: str, entry: Any) -> None:
     server.receive_data(frame([2, "reports", params]))
     with pytest.raises(RemoteProtocolError, match=key):
         server.next_event()
+
+
+def test_a_notification_framed_once_reads_like_a_connections_own() -> None:
+    client, server = greeted_pair()
+    push = StatePush(SNAP)
+    shared = frame_notification(push)
+    assert shared == server.send_notification(push)
+    assert drain(client, shared) == [NotificationReceived(push)]
