@@ -131,14 +131,28 @@ class BreakerActor:
 
     # -- any thread ------------------------------------------------------------
 
-    def post_success(self, generation: int, count: int = 1) -> bool:
-        """Count ``count`` plain successes admitted under ``generation``, without waiting."""
+    def post_success(self, generation: int, count: int = 1, *, flush: bool = True) -> bool:
+        """Count ``count`` plain successes admitted under ``generation``, without waiting.
+
+        ``flush=False`` (the actor's own loop thread only) arms no drain: the
+        caller calls ``flush_soon()`` once it is done, unless a request served
+        inline has applied the count meanwhile.
+        """
         tally_generation, tally = self._tally
         if tally_generation == generation:
             tally.append(count)
-            if self._asleep and not self._flush_scheduled:
+            if flush and self._asleep and not self._flush_scheduled:
                 self._schedule_flush()
         return True
+
+    def flush_soon(self) -> None:
+        """Arm the drain that ``post_success(flush=False)`` left out, if still needed."""
+        if (
+            self._asleep
+            and not self._flush_scheduled
+            and (self._tally[1] or self._inbox or self._rejections)
+        ):
+            self._schedule_flush()
 
     def post_report(self, item: ReportItem) -> bool:
         """Any outcome, without waiting. False: inbox full, ask instead."""
@@ -215,6 +229,12 @@ class BreakerActor:
         self._flush_scheduled = True
         loop, event = self._loop, self._wake_event
         if loop is None or event is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            # The daemon's connections post from the actor's own loop: arm the
+            # timer directly, not through the self-pipe (a send, a wake-up and
+            # a recv for a timer this thread could set itself).
+            loop.call_later(REPORT_FLUSH_DELAY, event.set)
             return
         try:
             loop.call_soon_threadsafe(loop.call_later, REPORT_FLUSH_DELAY, event.set)
@@ -356,12 +376,14 @@ class BreakerActor:
         self._publish()
         snapshot = self.snapshot
         for transition in transitions:
-            self._log_transition(transition)
+            # Listeners first (the daemon's pushes to every client), the log
+            # line after: formatting it must not delay the trip's propagation.
             for listener in tuple(self.listeners):
                 try:
                     listener(transition, snapshot)
                 except Exception:
                     self._log.exception("transition_listener_failed")
+            self._log_transition(transition)
 
     def _publish(self) -> None:
         snapshot = self.machine.snapshot()

@@ -453,8 +453,10 @@ class CircuitBreaker:
         """Call ``callback(transition)`` after every state change; returns an unsubscribe.
 
         The callback runs in the actor system's thread (in daemon mode, the
-        daemon client's IO thread, or the local fallback's thread): keep it
-        short and do not call this breaker's ``call_sync`` from it. In daemon
+        thread reading the daemon's socket -- the client's IO thread, or a
+        ``call_sync`` caller reading its own reply -- or the local fallback's
+        thread): keep it short and do not call this breaker's ``call_sync``
+        from it. In daemon
         mode a transition is reported when the state this process sees
         changes: a push from the daemon (reason ``"daemon"``) or a switch
         between the daemon and the ``on_unavailable`` fallback (reasons
@@ -582,6 +584,9 @@ class CircuitBreaker:
                 "a breaker cannot wait for its own actor thread; "
                 "do not call call_sync() or admin methods from a transition callback"
             )
+        if self.daemon_path is not None:
+            # The link waits itself: it may read the reply off the socket in this thread.
+            return cast(RemoteBreaker, self._actor).ask_sync(message, force=force)
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
         def reply(result: Any, error: BaseException | None) -> None:

@@ -153,6 +153,9 @@ class ClientCore:
         self._pending: dict[int, tuple[Reply, float]] = {}
         self._next_msgid = 1
         self._reports: deque[ReportItem] = deque()
+        # Actions of a receive_data call that did not return (interrupted):
+        # the next call, or connection_lost, hands them over.
+        self._undelivered: list[Action] = []
         # Names of breakers that rejected a call locally, one entry per call.
         self._rejections: deque[str] = deque()
         self._name_sizes: dict[str, int] = {}
@@ -190,7 +193,9 @@ class ClientCore:
         pending = list(self._pending.values())
         self._pending.clear()
         error = self.unavailable_error(reason)
-        return [Completion(reply, None, error) for reply, _ in pending]
+        actions, self._undelivered = self._undelivered, []
+        actions.extend(Completion(reply, None, error) for reply, _ in pending)
+        return actions
 
     def unavailable_error(self, reason: str) -> DaemonUnavailableError:
         return DaemonUnavailableError(
@@ -212,6 +217,12 @@ class ClientCore:
         when the message cannot be sent (the connection is then dead:
         ``failure`` says why).
         """
+        return self.send_request(message, reply, now, flush=flush)[1]
+
+    def send_request(
+        self, message: RequestMessage, reply: Reply, now: float, *, flush: bool = True
+    ) -> tuple[int, bytes]:
+        """``request``, and the msgid it got: ``is_pending(msgid)`` until its reply is in."""
         conn = self._conn
         if conn is None:
             raise NotConnectedError("no connection to the daemon")
@@ -223,7 +234,7 @@ class ClientCore:
             self.failure = f"cannot send a request: {exc}"
             raise
         self._pending[msgid] = (reply, now + self.request_timeout)
-        return head + data if head else data
+        return msgid, head + data if head else data
 
     def _allocate_msgid(self) -> int:
         msgid = self._next_msgid
@@ -238,6 +249,15 @@ class ClientCore:
     def pending(self) -> int:
         """Requests sent and not answered yet."""
         return len(self._pending)
+
+    def is_pending(self, msgid: int) -> bool:
+        """True until the reply to ``msgid`` is in (or the connection is lost).
+
+        Its ``Completion`` is among the actions of the ``receive_data`` (or
+        ``connection_lost``) call that ends this. One dict lookup, atomic under
+        the GIL: a shell may ask without its lock.
+        """
+        return msgid in self._pending
 
     def next_deadline(self) -> float | None:
         """When the oldest pending request times out (None: nothing pending)."""
@@ -282,6 +302,13 @@ class ClientCore:
         if conn is None:
             reports.clear()
             return b""
+        if len(reports) == 1 and not self._rejections:
+            # The usual batch in front of a request (a strict caller's last
+            # success): one count, without the general case's tables.
+            item = reports[0]
+            if item[2] is _SUCCESS and not item[3] and not item[4] and item[5] is None:
+                reports.popleft()  # still item: only flushers pop, one at a time
+                return self._send_batch(conn, ReportBatch((), ((item[0], item[1], 1),)))
         chunks: list[bytes] = []
         items: list[Report] = []
         size = 0
@@ -359,7 +386,10 @@ class ClientCore:
         conn = self._conn
         if conn is None or self.failure is not None:
             return []
-        actions: list[Action] = []
+        # Appended to in place: if this call is interrupted (an exception
+        # raised in the middle of it by a signal handler), the replies it took
+        # out of the pending table are still here for connection_lost.
+        actions = self._undelivered
         try:
             conn.receive_data(data)
             while True:
@@ -378,6 +408,7 @@ class ClientCore:
                     raise RemoteProtocolError("the daemon sent a request")
         except ProtocolError as exc:
             self.failure = f"protocol error: {exc}"
+        self._undelivered = []
         return actions
 
     def _response(self, event: ResponseReceived, actions: list[Action]) -> None:

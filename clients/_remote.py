@@ -13,9 +13,36 @@ One background IO thread per ``DaemonClient`` reads the socket, runs reply
 callbacks and state pushes, flushes batched reports, times out requests, and
 reconnects with backoff. Writers take ``DaemonClient._lock`` (which also
 guards the core) and write to the socket themselves: a request costs the
-caller one ``sendall`` and the reply one thread hop, instead of two hops
-through a writer thread. Reply callbacks and transition listeners run in the
-IO thread *outside* the lock.
+caller one ``write``, instead of two hops through a writer thread. Reply
+callbacks and transition listeners run *outside* the lock.
+
+Reading is passed around with a baton, ``DaemonClient._reader_ident`` (the
+holder's thread id, taken under ``_lock`` and never waited for): whoever
+holds it may read the socket, feed the core and run what the core returns.
+A sync caller (``RemoteBreaker.ask_sync``) that finds the baton free takes
+it, sends its request and reads its own reply: the kernel wakes the one
+thread that waits for it, where a hand-over through the IO thread costs two
+wake-ups (the IO thread, then the caller) and a GIL hand-off. While it reads,
+it runs every event it gets -- other callers' replies, state pushes -- as the
+IO thread would, then hands the baton back. A caller that finds it taken
+waits for its reply callback, as every caller did before. On Linux the IO
+thread waits on an epoll set in which the socket is one-shot: it reports
+readable data once and stays silent until re-armed. A reader disarms it
+before its request leaves (so the reply does not wake the IO thread as well)
+and re-arms it after letting go; the IO thread, woken for data while a caller
+holds the baton, just goes back to waiting, and the re-arm wakes it if
+anything is left. So it neither spins nor blocks on a reader, and nothing
+on the socket goes unread. Only the IO thread closes the socket, and only
+while holding the baton: to drop a connection it ``shutdown()``s it, which
+ends any reader's wait at once, and takes over when the reader lets go.
+Without epoll (not Linux) callers never read; the IO thread does it all.
+
+A caller reading in the main thread can be interrupted there (``KeyboardInterrupt``,
+``SystemExit`` from a signal handler), which the IO thread never is. So the
+baton is given back in a ``finally``, and an interrupted reader drops the
+connection (what it had read may be lost or half fed), runs the replies it
+still holds for other callers, and lets the interrupt go on: no caller is left
+waiting for a reply that nobody will deliver.
 
 This one thread-based shell serves sync and async callers alike: async
 callers wait on an asyncio future that the reply callback settles with
@@ -32,10 +59,11 @@ Disconnects, forks and exit
 ---------------------------
 * A lost connection (EOF, a write error, a protocol error, or a request left
   unanswered for ``request_timeout`` seconds: a hung daemon) fails every
-  pending request at once; links switch to their ``on_unavailable`` policy
-  first, and requests that failed this way are answered by that policy
-  (a local breaker, fail open, or ``DaemonUnavailableError``). Only the IO
-  thread closes the socket; other threads ``shutdown()`` it to hand it over.
+  pending request at once, whichever thread was reading; links switch to
+  their ``on_unavailable`` policy first, and requests that failed this way
+  are answered by that policy (a local breaker, fail open, or
+  ``DaemonUnavailableError``). Only the IO thread closes the socket, holding
+  the baton; other threads ``shutdown()`` it to hand it over.
 * The IO thread reconnects with exponential backoff and jitter, says
   ``hello`` again and re-registers every live link; each link switches back
   to the daemon when its ``Registered`` arrives.
@@ -124,6 +152,8 @@ _NO_GENERATION: Final = -1
 MAX_SOCKET_PATH: Final = 107
 
 _READ_SIZE: Final = 65536
+#: Callers read their own replies where the IO thread can be kept off the socket (epoll).
+_BATON: Final = hasattr(select, "epoll")
 #: What a link forwards to the daemon; anything else is answered by the policy.
 _DAEMON_REQUESTS: Final[frozenset[type]] = frozenset({Acquire, Admin, Report, StatusRequest})
 _SUCCESS: Final = Outcome.SUCCESS
@@ -226,6 +256,16 @@ class DaemonClient:
         # Guards the core, the socket's writing side and the link registry.
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
+        # The reader baton (see the module docstring): the id of the thread
+        # reading the socket (the IO thread or a caller), or None. Taken under
+        # _lock, given back by a plain store.
+        self._reader_ident: int | None = None
+        # The IO thread's id once it runs (Thread.ident is a property call).
+        self._io_ident: int | None = None
+        # The IO thread's wait set (made by the IO thread) and, per
+        # connection, the poll object a caller holding the baton waits on.
+        self._poller: _IOPoller | None = None
+        self._read_poll: select.poll | None = None
         self._break_reason: str | None = None
         self._links: dict[str, weakref.WeakSet[RemoteBreaker]] = {}
         # Set by posters, cleared by the IO thread; see post() for the race.
@@ -262,7 +302,9 @@ class DaemonClient:
         return self._closing
 
     def in_io_thread(self) -> bool:
-        return threading.get_ident() == self._thread.ident
+        """True in the IO thread, and in a caller's thread while it reads (and runs callbacks)."""
+        ident = threading.get_ident()
+        return ident == self._io_ident or ident == self._reader_ident
 
     def close(self, timeout: float = 1.0) -> None:
         """Flush queued reports, close the connection, stop the IO thread.
@@ -296,6 +338,9 @@ class DaemonClient:
                 sock.close()
             except OSError:
                 pass
+        poller, self._poller = self._poller, None
+        if poller is not None:
+            poller.close()
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
@@ -335,32 +380,133 @@ class DaemonClient:
 
     # -- any thread: requests and reports ----------------------------------------------
 
-    def request(self, message: RequestMessage, reply: Reply) -> bool:
-        """Send a request; ``reply`` will be called exactly once, from the IO thread.
+    def request(self, message: RequestMessage, reply: Reply, *, read: bool = False) -> bool:
+        """Send a request; ``reply`` will be called exactly once, by the thread reading.
+
+        That is the IO thread, or a caller that sent with ``read``: if no
+        other thread is reading, this thread reads the socket until the reply
+        is in (see the module docstring), running on the way whatever else
+        comes in -- other callers' replies, state pushes -- outside ``_lock``,
+        as the IO thread would. It stops at the reply, at the request's
+        deadline (the IO thread times the request out, within a quarter of
+        ``request_timeout``) and when the connection breaks (the IO thread
+        takes over and fails the request); the caller then waits for
+        ``reply`` as usual.
 
         Returns False, without calling ``reply``, when there is no connection.
         """
+        if read and _BATON:
+            return self._request_reading(message, reply)
         with self._lock:
             if self._sock is None:
                 return False
-            return self._send_request_locked(message, reply)
+            return self._send_request_locked(message, reply) != 0
 
-    def _send_request_locked(self, message: RequestMessage, reply: Reply) -> bool:
+    def _request_reading(self, message: RequestMessage, reply: Reply) -> bool:
+        me = threading.get_ident()
+        if me == self._reader_ident or me == self._io_ident:
+            # Called back while reading for others: it would wait for itself.
+            raise RuntimeError("a breaker cannot wait for a reply in the thread that reads them")
+        poller = self._poller
+        took = False
+        fd = -1
+        try:
+            with self._lock:
+                sock = self._sock
+                if sock is None:
+                    return False
+                if self._reader_ident is None and poller is not None and self._break_reason is None:
+                    fd = sock.fileno()
+                    # Two plain stores, nothing between them that an interrupt
+                    # can stop at: the finally gives back exactly what we took.
+                    self._reader_ident = me
+                    took = True
+                    # Before the request leaves: its reply must not wake the IO thread.
+                    poller.disarm(fd)
+                msgid = self._send_request_locked(message, reply)
+                read_poll = self._read_poll
+            if not took or not msgid or read_poll is None:
+                return msgid != 0
+            # Holding the baton: nobody else reads, and the socket cannot be
+            # closed under us (that takes the baton). The pending table is the
+            # core's: `msgid in pending` is core.is_pending(msgid), inlined.
+            pending = self.core._pending
+            deadline = time.monotonic() + self.request_timeout
+            while msgid in pending and self._break_reason is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break  # the IO thread's timeout check fails it
+                if not read_poll.poll(int(remaining * 1000) + 1):
+                    continue
+                reason = self._read_socket(fd)
+                if reason is not None:
+                    with self._lock:
+                        self._break_locked(reason)
+                    break
+            return True
+        finally:
+            if took:
+                self._reader_ident = None
+                # Given back first, re-armed second, by every holder: the IO
+                # thread, woken for data while we held the baton, left its
+                # entry off; the re-arm wakes it if anything is left, and then
+                # it finds the baton free (or held by a reader who re-arms in
+                # turn). Nothing readable is left unwatched.
+                assert poller is not None
+                poller.arm(fd)
+
+    def _send_request_locked(self, message: RequestMessage, reply: Reply) -> int:
+        # The request's msgid, or 0 if it was not sent (``reply`` unused).
         sock = self._sock
         assert sock is not None
         try:
-            data = self.core.request(message, reply, time.monotonic())
+            msgid, data = self.core.send_request(message, reply, time.monotonic())
         except NotConnectedError:
-            return False
+            return 0
         except ProtocolError as exc:
             # Our own encoding failed: a bug, but the connection is unusable either way.
             self._log.error("daemon_request_unsendable", error=str(exc))
             self._break_locked(self.core.failure or str(exc))
-            return False
+            return 0
         # From here the reply is in the pending table: a failed write breaks
         # the connection and the IO thread fails the request with the others.
         self._write_locked(sock, data)
-        return True
+        return msgid
+
+    def _read_socket(self, fd: int) -> str | None:
+        """Holding the baton: one read, fed to the core, and what it returns run.
+
+        Returns why the connection must be dropped, or None.
+        """
+        actions: list[Action] | None = None
+        try:
+            try:
+                data = os.read(fd, _READ_SIZE)
+            except BlockingIOError:
+                return None
+            except OSError as exc:
+                return self._break_reason or f"read failed: {exc.strerror or exc!r}"
+            if not data:
+                return self._break_reason or "the daemon closed the connection"
+            with self._lock:
+                actions = self.core.receive_data(data)
+                failure = self.core.failure
+        except BaseException:
+            # Interrupted (a reader in the main thread): bytes may have been
+            # read and not fed, or fed halfway. The stream cannot be trusted:
+            # drop it. The IO thread fails what is pending and delivers what
+            # the core decoded but did not hand over.
+            with self._lock:
+                self._break_locked("interrupted while reading from the daemon")
+            if actions is not None:
+                self._dispatch(actions)  # interrupted on the way out of the lock
+            raise
+        self._dispatch(actions)
+        if failure is not None:
+            if self._break_reason is None:
+                self._log.error("daemon_protocol_error", error=failure)
+            return failure
+        return None
 
     def post(self, item: ReportItem) -> bool:
         """Queue a fire-and-forget outcome (no lock). False: the queue is full, send a request."""
@@ -393,7 +539,15 @@ class DaemonClient:
 
     def _write_locked(self, sock: socket.socket, data: bytes) -> None:
         try:
-            sock.sendall(data)
+            # One write(2) on the non-blocking descriptor first: sendall() on a
+            # socket with a timeout polls before every send, a system call
+            # that is nearly always wasted. It finishes what is left.
+            try:
+                sent = os.write(sock.fileno(), data)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(data):
+                sock.sendall(memoryview(data)[sent:])
         except OSError as exc:
             self._break_locked(f"write failed: {exc.strerror or exc!r}")
 
@@ -419,8 +573,10 @@ class DaemonClient:
     # -- the IO thread ---------------------------------------------------------------
 
     def _run(self) -> None:
+        self._io_ident = threading.get_ident()
         backoff = self.backoff_min
         try:
+            self._poller = _IOPoller(self._wake_r)
             while not self._closing:
                 if self._sock is None:
                     connected = self._connect()
@@ -443,6 +599,9 @@ class DaemonClient:
             raise
         finally:
             self._first_attempt.set()
+            poller, self._poller = self._poller, None
+            if poller is not None:
+                poller.close()
             for fd in (self._wake_r, self._wake_w):
                 try:
                     os.close(fd)
@@ -489,6 +648,11 @@ class DaemonClient:
             self.welcome = None
             self._had_welcome = False
             self._break_reason = None
+            assert self._poller is not None
+            self._poller.add(sock.fileno())
+            read_poll = select.poll()
+            read_poll.register(sock.fileno(), select.POLLIN)
+            self._read_poll = read_poll
             self._sock = sock
             now = time.monotonic()
             data = [self.core.connect(self._welcomed(self.epoch), now)]
@@ -532,73 +696,96 @@ class DaemonClient:
     def _pump(self) -> None:
         """Serve one connection until it is lost or the client closes."""
         sock = self._sock
+        poller = self._poller
         assert sock is not None
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+        assert poller is not None
+        fd = sock.fileno()
         wake_r = self._wake_r
+        me = threading.get_ident()
         flush_at: float | None = None
         while True:
             now = time.monotonic()
-            if flush_at is None and self._flush_armed:
-                flush_at = now + self.flush_delay
-            with self._lock:
-                deadline = self.core.next_deadline()
             # Callers do not wake this thread when they send a request (that
             # would cost every request a syscall), so it looks at the pending
             # table on a tick: a hung daemon is noticed within 1.25 timeouts.
-            tick = now + self.request_timeout / 4
-            if deadline is None or tick < deadline:
-                deadline = tick
-            if flush_at is not None and flush_at < deadline:
-                deadline = flush_at
-            timeout = max(0, int((deadline - now) * 1000) + 1)
-            for fd, _ in poller.poll(timeout):
-                if fd == wake_r:
+            deadline = now + self.request_timeout / 4
+            if self._break_reason is None:
+                if flush_at is None and self._flush_armed:
+                    flush_at = now + self.flush_delay
+                with self._lock:
+                    pending = self.core.next_deadline()
+                if pending is not None and pending < deadline:
+                    deadline = pending
+                if flush_at is not None and flush_at < deadline:
+                    deadline = flush_at
+            # else: dropping the connection, waiting only for a reader to let go.
+            socket_ready = False
+            for ready in poller.wait(max(0, int((deadline - now) * 1000) + 1)):
+                if ready == wake_r:
                     self._drain_wake()
                     continue
+                # The socket; its one-shot entry is off until re-armed.
+                socket_ready = True
+                with self._lock:
+                    if self._reader_ident is not None:
+                        continue  # a caller is reading: it re-arms the entry when it lets go
+                    self._reader_ident = me
                 try:
-                    data = sock.recv(_READ_SIZE)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError as exc:
-                    self._lost(sock, self._break_reason or f"read failed: {exc.strerror or exc!r}")
-                    return
-                if not data:
-                    self._lost(sock, self._break_reason or "the daemon closed the connection")
-                    return
-                with self._lock:
-                    actions = self.core.receive_data(data)
-                    failure = self.core.failure
-                self._dispatch(actions)
-                if failure is not None:
-                    self._log.error("daemon_protocol_error", error=failure)
-                    self._lost(sock, failure)
-                    return
+                    reason = self._break_reason or self._read_socket(fd)
+                    if reason is not None:
+                        self._lost(sock, reason)
+                        return
+                finally:
+                    self._reader_ident = None
+                poller.arm(fd)
+            if not socket_ready and self._reader_ident is None:
+                # Woken for something else with nobody reading: re-arm anyway,
+                # so a re-arm that a reader missed (interrupted in its
+                # finally) costs at most one wake-up, never the connection.
+                poller.arm(fd)
+            if self._break_reason is None:
+                now = time.monotonic()
+                if flush_at is not None and now >= flush_at:
+                    flush_at = None
+                    # Down before draining: see post().
+                    self._flush_armed = False
+                    with self._lock:
+                        self._flush_locked()
+                        timed_out = self.core.timed_out(now)
+                else:
+                    with self._lock:
+                        timed_out = self.core.timed_out(now)
+                if timed_out:
+                    self._log.warning("daemon_request_timeout", timeout=self.request_timeout)
+                    with self._lock:
+                        self._break_locked(f"no reply within {self.request_timeout:g}s")
             if self._closing:
-                self._lost(sock, "the client was closed")
-                return
-            now = time.monotonic()
-            if flush_at is not None and now >= flush_at:
-                flush_at = None
-                # Down before draining: see post().
-                self._flush_armed = False
                 with self._lock:
-                    self._flush_locked()
-                    timed_out = self.core.timed_out(now)
-            else:
+                    self._break_locked("the client was closed")
+            if self._break_reason is not None:
                 with self._lock:
-                    timed_out = self.core.timed_out(now)
-            if timed_out:
-                self._log.warning("daemon_request_timeout", timeout=self.request_timeout)
-                self._lost(sock, f"no reply within {self.request_timeout:g}s")
-                return
+                    free = self._reader_ident is None
+                    if free:
+                        self._reader_ident = me
+                if free:
+                    # Nobody is reading: drop it now. Otherwise shutdown() has
+                    # ended the reader's wait, and its re-arm wakes us when it
+                    # lets go.
+                    try:
+                        self._lost(sock, self._break_reason)
+                        return
+                    finally:
+                        self._reader_ident = None
 
     def _lost(self, sock: socket.socket, reason: str) -> None:
+        # Called holding the baton: no other thread reads this socket or will.
         with self._lock:
             self._sock = None
+            self._read_poll = None
             self.welcome = None
             actions = self.core.connection_lost(reason)
+        if self._poller is not None:
+            self._poller.remove(sock.fileno())
         try:
             sock.close()
         except OSError:
@@ -622,15 +809,98 @@ class DaemonClient:
         self.outage = reason
 
     def _dispatch(self, actions: list[Action]) -> None:
-        for action in actions:
+        for index, action in enumerate(actions):
             try:
-                if isinstance(action, Completion):
-                    action.run()
-                else:
-                    for link in self._links_named(action.snapshot.name):
-                        link._daemon_snapshot(action.snapshot)
+                self._run_action(action)
             except Exception:
                 self._log.exception("daemon_callback_failed")
+            except BaseException:
+                # Interrupted (a reader in the main thread): the other actions
+                # are other callers' replies. Run this one again -- the
+                # interrupt may have come before it started, and replies are
+                # idempotent -- and the rest, then let the interrupt go on.
+                try:
+                    self._run_action(action)
+                except BaseException:
+                    self._log.exception("daemon_callback_failed")
+                self._dispatch(actions[index + 1 :])
+                raise
+
+    def _run_action(self, action: Action) -> None:
+        if isinstance(action, Completion):
+            action.run()
+        else:
+            for link in self._links_named(action.snapshot.name):
+                link._daemon_snapshot(action.snapshot)
+
+
+class _IOPoller:
+    """What the IO thread waits on: its wake-up pipe and the connection's socket.
+
+    With epoll (Linux) the socket's entry is one-shot: it reports the socket
+    once, then stays off until ``arm``; ``disarm`` turns it off early. A
+    caller reading its own reply keeps it off, so the IO thread is neither
+    woken by that reply nor left spinning on data it may not read. Without
+    epoll, a poll set with the socket always in it (callers never read then).
+    """
+
+    def __init__(self, wake_r: int) -> None:
+        self._epoll: Any = None
+        self._poll: Any = None
+        if _BATON:
+            self._epoll = select.epoll()
+            self._epoll.register(wake_r, select.EPOLLIN)
+        else:  # pragma: no cover - not Linux
+            self._poll = select.poll()
+            self._poll.register(wake_r, select.POLLIN)
+
+    def add(self, fd: int) -> None:
+        if self._epoll is not None:
+            try:
+                self._epoll.register(fd, select.EPOLLIN | select.EPOLLONESHOT)
+            except FileExistsError:  # pragma: no cover - a remove() that failed
+                self._epoll.modify(fd, select.EPOLLIN | select.EPOLLONESHOT)
+        else:  # pragma: no cover - not Linux
+            self._poll.register(fd, select.POLLIN)
+
+    def remove(self, fd: int) -> None:
+        try:
+            if self._epoll is not None:
+                self._epoll.unregister(fd)
+            else:  # pragma: no cover - not Linux
+                self._poll.unregister(fd)
+        except (OSError, ValueError, KeyError):
+            pass
+
+    def arm(self, fd: int) -> None:
+        # May race with the connection's end (the entry gone, the set
+        # closed): then there is nothing left to watch. If the number is
+        # already another connection's, arming it only costs a spare wake-up.
+        epoll = self._epoll
+        if epoll is not None:
+            try:
+                epoll.modify(fd, select.EPOLLIN | select.EPOLLONESHOT)
+            except (OSError, ValueError):
+                pass
+
+    def disarm(self, fd: int) -> None:
+        # EPOLLHUP and EPOLLERR cannot be masked; one-shot, they wake the IO
+        # thread at most once (it finds the baton taken and waits again).
+        epoll = self._epoll
+        if epoll is not None:
+            try:
+                epoll.modify(fd, select.EPOLLONESHOT)
+            except (OSError, ValueError):
+                pass
+
+    def wait(self, timeout_ms: int) -> list[int]:
+        if self._epoll is not None:
+            return [fd for fd, _ in self._epoll.poll(timeout_ms / 1000)]
+        return [fd for fd, _ in self._poll.poll(timeout_ms)]  # pragma: no cover
+
+    def close(self) -> None:
+        if self._epoll is not None:
+            self._epoll.close()
 
 
 # -- the per-process registry ----------------------------------------------------------
@@ -840,6 +1110,13 @@ class RemoteBreaker:
 
     def post_report(self, item: tuple[int, Outcome, float]) -> bool:
         generation, outcome, duration = item
+        if outcome is _SUCCESS and self._remote and 0 <= generation < LOCAL_GENERATION_OFFSET:
+            slow = self._remote_snapshot.slow_call_duration
+            if slow is None or duration <= slow:
+                # The daemon counts it as a plain success, whatever its duration
+                # (its actor's slow_call_duration is the snapshot's): send it as
+                # one, a count per batch rather than an item per call.
+                return self.post_success(generation)
         if generation >= LOCAL_GENERATION_OFFSET:
             local = self._local
             if local is None:  # pragma: no cover
@@ -860,6 +1137,19 @@ class RemoteBreaker:
 
         Never raises: errors, ``DaemonUnavailableError`` included, go to ``reply``.
         """
+        self._ask(message, reply, force, False)
+
+    def ask_sync(self, message: object, *, force: bool = False) -> Any:
+        """``ask``, and wait in this thread: the result, or the error raised.
+
+        A request that goes to the daemon is read off the socket by this
+        thread if no other thread is reading (``DaemonClient.request(read=True)``).
+        """
+        waiter = _SyncReply()
+        self._ask(message, waiter, force, True)
+        return waiter.wait()
+
+    def _ask(self, message: object, reply: Reply | None, force: bool, read: bool) -> None:
         if type(message) is Report:
             name, generation = message.name, message.generation
             if generation >= LOCAL_GENERATION_OFFSET:
@@ -884,7 +1174,7 @@ class RemoteBreaker:
             self._remote
             and type(message) in _DAEMON_REQUESTS
             and self.client.request(
-                cast(RequestMessage, message), self._remote_reply(message, reply, force)
+                cast(RequestMessage, message), self._remote_reply(message, reply, force), read=read
             )
         ):
             return
@@ -1096,6 +1386,35 @@ class RemoteBreaker:
 def _answer(reply: Reply | None, result: Any, error: BaseException | None) -> None:
     if reply is not None:
         reply(result, error)
+
+
+class _SyncReply:
+    """A reply callback that one thread waits on (lighter than a ``concurrent.futures.Future``)."""
+
+    __slots__ = ("_error", "_lock", "_result", "done")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self.done = False
+
+    def __call__(self, result: Any, error: BaseException | None) -> None:
+        if self.done:
+            return  # run again after an interrupted dispatch: the first answer stands
+        self._result = result
+        self._error = error
+        self.done = True
+        self._lock.release()
+
+    def wait(self) -> Any:
+        if not self.done:
+            self._lock.acquire()
+        error = self._error
+        if error is not None:
+            raise error
+        return self._result
 
 
 if TYPE_CHECKING:

@@ -270,6 +270,47 @@ def _snapshot_map(s: Snapshot) -> _Map:
 
 
 def _snapshot(d: _Map, where: str) -> Snapshot:
+    # Every reply carries one: check the usual shape in one expression, and
+    # leave anything else (ints for floats, missing or bad fields) to the
+    # field-by-field decoder, which converts or names the fault.
+    get = d.get
+    name = get("name")
+    state = get("state")
+    generation = get("generation")
+    open_until = get("open_until")
+    failure_rate = get("failure_rate")
+    slow_call_rate = get("slow_call_rate")
+    calls = get("calls", 0)
+    trials_in_flight = get("trials_in_flight", 0)
+    slow_call_duration = get("slow_call_duration")
+    if (
+        type(name) is str
+        and type(state) is str
+        and type(generation) is int
+        and type(calls) is int
+        and type(trials_in_flight) is int
+        and (open_until is None or type(open_until) is float)
+        and (failure_rate is None or type(failure_rate) is float)
+        and (slow_call_rate is None or type(slow_call_rate) is float)
+        and (slow_call_duration is None or type(slow_call_duration) is float)
+    ):
+        member = _STATES.get(state)
+        if member is not None:
+            return Snapshot(
+                name,
+                member,
+                generation,
+                open_until,
+                failure_rate,
+                slow_call_rate,
+                calls,
+                trials_in_flight,
+                slow_call_duration,
+            )
+    return _snapshot_fields(d, where)
+
+
+def _snapshot_fields(d: _Map, where: str) -> Snapshot:
     return Snapshot(
         name=_str(d, "name", where),
         state=_enum(d, "state", where, _STATES),
@@ -379,6 +420,26 @@ def _admission_map(m: Admission) -> _Map:
 
 
 def _admission(d: _Map) -> Admission:
+    # The strict caller's hot path: the usual shape first, as for snapshots.
+    get = d.get
+    admitted = get("admitted")
+    generation = get("generation")
+    lease = get("lease")
+    snapshot = get("snapshot")
+    retry_after = get("retry_after")
+    if (
+        type(admitted) is bool
+        and type(generation) is int
+        and type(lease) is int
+        and type(snapshot) is dict
+        and (retry_after is None or type(retry_after) is float)
+    ):
+        nested = _snapshot(snapshot, "admission result.snapshot")
+        return Admission(admitted, generation, lease, nested, retry_after)
+    return _admission_fields(d)
+
+
+def _admission_fields(d: _Map) -> Admission:
     w = "admission result"
     return Admission(
         admitted=_bool(d, "admitted", w),
@@ -440,11 +501,15 @@ def _counts(d: _Map, key: str, width: int) -> list[tuple[Any, ...]]:
         raise _bad("reports params", key, "an array", raw)
     entries = []
     for i, entry in enumerate(raw):
+        # Inline checks for both widths (2: name, count; 3: name, generation,
+        # count): one of these comes with nearly every request.
         if (
             type(entry) is not list
             or len(entry) < width
             or type(entry[0]) is not str
-            or not all(type(v) is int and v >= 0 for v in entry[1:width])
+            or type(entry[1]) is not int
+            or entry[1] < 0
+            or (width > 2 and (type(entry[2]) is not int or entry[2] < 0))
         ):
             raise RemoteProtocolError(
                 f"reports params: {key}[{i}] must be an array of a name and "

@@ -518,6 +518,37 @@ def test_inbox_is_bounded(clock: FakeClock) -> None:
     actor.ask(Report("svc", 0, Outcome.FAILURE), None, force=True)
 
 
+def test_successes_posted_without_a_drain_are_drained_by_flush_soon(system: ActorSystem) -> None:
+    # The daemon posts a batch's counts with flush=False and arms the drain
+    # once the whole read is handled, unless a request served inline took them.
+    actor, _ = system.actor("svc", BreakerConfig())
+    loop = system._loop
+    assert loop is not None
+    armed: list[bool] = []
+    drained = threading.Event()
+
+    def post() -> None:  # on the actor's loop, as the daemon's connections are
+        if not actor._asleep:
+            loop.call_soon(post)  # not parked yet: look again on the next turn
+            return
+        actor.post_success(0, 3, flush=False)
+        armed.append(actor._flush_scheduled)
+        actor.flush_soon()
+        armed.append(actor._flush_scheduled)
+        actor.flush_soon()  # armed once, not twice
+        loop.call_soon(check)
+
+    def check() -> None:
+        if actor.machine.successes == 3:
+            drained.set()
+        else:
+            loop.call_soon(check)
+
+    loop.call_soon_threadsafe(post)
+    assert drained.wait(10)
+    assert armed == [False, True]
+
+
 def test_invalid_settings_are_clear_errors(system: ActorSystem) -> None:
     with pytest.raises(ValueError, match="failure_threshold"):
         CircuitBreaker("svc", failure_threshold=1.5, system=system)

@@ -8,6 +8,7 @@ bytes are cut up on the way.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import struct
 from typing import Any
@@ -46,6 +47,7 @@ from breakerd.protocol import (
     Status,
     StatusRequest,
     Welcome,
+    _codec,
 )
 
 HELLO = Hello(1, PROTOCOL_VERSION, "props", 1)
@@ -323,3 +325,77 @@ def test_corrupted_stream_raises_only_protocol_error(
         pos = data.draw(st.integers(0, len(buf) - 1))
         buf[pos] = data.draw(st.integers(0, 255))
     drain_or_error(Connection("server"), [bytes(buf), b""])
+
+
+# The decoders' fast paths (the usual shape of a snapshot, of an admission)
+# must decode exactly as the field-by-field checks do: the same message, or
+# the same error.
+
+wire_values = (
+    st.none()
+    | st.booleans()
+    | ints
+    | floats
+    | st.text(max_size=4)
+    | st.sampled_from([s.value for s in CircuitState])
+    | st.lists(st.integers(), max_size=2)
+    | st.dictionaries(st.text(max_size=2), st.integers(), max_size=2)
+)
+
+
+def _decoded(decode: Any, *args: Any) -> object:
+    try:
+        return decode(*args)
+    except ProtocolError as exc:
+        return (type(exc), str(exc))
+
+
+def _wire_map(message: object) -> dict[str, Any]:
+    # What msgpack hands the decoder: enums as their strings, tuples as lists.
+    packed = msgpack.packb(_codec._RESULT_ENCODERS[type(message)](message))
+    result: dict[str, Any] = msgpack.unpackb(packed)
+    return result
+
+
+_SNAPSHOT_KEYS = [f.name for f in dataclasses.fields(Snapshot)]
+
+
+def _mutate(data: st.DataObject, d: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+    d = dict(d)
+    for key in data.draw(st.lists(st.sampled_from(keys), max_size=3)):
+        if data.draw(st.booleans()):
+            d.pop(key, None)
+        else:
+            d[key] = data.draw(wire_values)
+    return d
+
+
+@given(snapshot=snapshots, data=st.data())
+def test_the_snapshot_fast_path_decodes_as_the_field_checks(
+    snapshot: Snapshot, data: st.DataObject
+) -> None:
+    d = _mutate(data, _wire_map(snapshot), [*_SNAPSHOT_KEYS, "type", "extra"])
+    fast = _decoded(_codec._snapshot, d, "w")
+    assert fast == _decoded(_codec._snapshot_fields, d, "w")
+    if isinstance(fast, Snapshot) and d == _wire_map(snapshot):
+        assert fast == snapshot
+
+
+@given(
+    admission=st.builds(
+        Admission,
+        admitted=st.booleans(),
+        generation=ints,
+        lease=ints,
+        snapshot=snapshots,
+        retry_after=opt_floats,
+    ),
+    data=st.data(),
+)
+def test_the_admission_fast_path_decodes_as_the_field_checks(
+    admission: Admission, data: st.DataObject
+) -> None:
+    d = _mutate(data, _wire_map(admission), [*_wire_map(admission)])
+    if "snapshot" in d and type(d["snapshot"]) is dict and data.draw(st.booleans()):
+        d["snapshot"] = _mutate(data, d["snapshot"], _SNAPSHOT_KEYS)
+    assert _decoded(_codec._admission, d) == _decoded(_codec._admission_fields, d)

@@ -11,9 +11,11 @@ with a timeout.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -997,6 +999,337 @@ def test_a_local_outcome_stays_local_when_the_daemon_comes_back(
             daemon.stop()
 
 
+# -- the reader baton: sync callers read their own replies -----------------------------
+
+
+class ReadSpy:
+    """Which threads fed the client's core (``DaemonClient._read_socket``), and how often."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.threads: list[int] = []
+        read = DaemonClient._read_socket
+
+        def spy(client: DaemonClient, fd: int) -> str | None:
+            self.threads.append(threading.get_ident())
+            return read(client, fd)
+
+        monkeypatch.setattr(DaemonClient, "_read_socket", spy)
+
+
+def caller_reading(client: DaemonClient) -> int:
+    """Wait until a caller (not the IO thread) holds the reader baton; its thread id."""
+    io_thread = client._thread.ident
+
+    def reading() -> int:
+        ident = client._reader_ident
+        return ident if ident is not None and ident != io_thread else 0
+
+    return wait_until(reading)
+
+
+def baton_free(client: DaemonClient) -> None:
+    """Wait until nobody reads (the IO thread may still be running the last callbacks)."""
+    wait_until(lambda: client._reader_ident is None)
+
+
+def numbered_admissions(daemon: FakeDaemon) -> None:
+    """Answer every ``Acquire`` with lease = its rank among that breaker's acquires (1, 2...)."""
+    answer = daemon.answer
+    served: dict[str, int] = {}
+
+    def numbered(peer: Peer, message: RequestMessage) -> ResultMessage:
+        if isinstance(message, Acquire):
+            with daemon.cond:
+                rank = served[message.name] = served.get(message.name, 0) + 1
+                snapshot = daemon.states[message.name]
+            return Admission(True, snapshot.generation, rank, snapshot)
+        return answer(peer, message)
+
+    daemon.answer = numbered  # type: ignore[method-assign]
+
+
+def test_a_sync_caller_reads_its_own_reply(
+    daemon: FakeDaemon, make_client: Callable[..., DaemonClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = make_client()
+    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), client=client)
+    spy = ReadSpy(monkeypatch)
+    for _ in range(50):
+        assert link.ask_sync(Acquire("svc")).admitted
+    # Every reply was read by the caller: none went through the IO thread.
+    assert spy.threads == [threading.get_ident()] * 50
+    baton_free(client)  # given back, not leaked
+    # With the baton free again, the IO thread still reads what nobody asked for.
+    opened = Snapshot("svc", CircuitState.OPEN, 1, open_until=time.monotonic() + 30)
+    daemon.push(opened)
+    wait_until(lambda: link.snapshot == opened)
+    assert spy.threads[-1] == client._thread.ident
+
+
+def test_many_threads_reading_for_each_other_each_get_their_own_replies(
+    daemon: FakeDaemon, make_client: Callable[..., DaemonClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads, calls = 8, 300
+    numbered_admissions(daemon)
+    client = make_client()
+    links = [
+        RemoteBreaker.open(client.path, f"svc{t}", BreakerConfig(), client=client)
+        for t in range(threads)
+    ]
+    spy = ReadSpy(monkeypatch)
+    start = threading.Barrier(threads)
+
+    def work(link: RemoteBreaker) -> list[int]:
+        start.wait(WAIT)
+        leases = []
+        for _ in range(calls):
+            admission = link.ask_sync(Acquire(link.name))
+            assert admission.snapshot.name == link.name  # a reply meant for this breaker
+            leases.append(admission.lease)
+        return leases
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(work, links))
+    # Each caller got its own replies, in order, whichever thread read them.
+    assert results == [list(range(1, calls + 1))] * threads
+    assert client.core.pending == 0
+    readers = set(spy.threads)
+    assert readers - {client._thread.ident}, "no caller ever read for itself"
+    baton_free(client)  # given back, not leaked
+    # After all those hand-overs the socket is still watched: a push gets through.
+    for t, link in enumerate(links):
+        opened = Snapshot(link.name, CircuitState.OPEN, 1 + t, open_until=time.monotonic() + 30)
+        daemon.push(opened)
+        wait_until(lambda: link.snapshot == opened)  # noqa: B023 - waited on at once
+
+
+def test_strict_calls_from_many_threads_are_all_counted(daemon: FakeDaemon, sock_path: str) -> None:
+    breaker = CircuitBreaker("svc", daemon=sock_path, strict=True)
+    threads, calls = 8, 200
+
+    def work(t: int) -> list[int]:
+        return [breaker.call_sync(ok_sync, t * calls + i) for i in range(calls)]
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(work, range(threads)))
+    assert results == [list(range(t * calls, (t + 1) * calls)) for t in range(threads)]
+    assert len(daemon.received(Acquire)) == threads * calls
+    daemon.wait_for(lambda: daemon.count("svc", Outcome.SUCCESS) == threads * calls)
+
+
+async def test_async_and_sync_strict_callers_share_the_connection(
+    daemon: FakeDaemon, sock_path: str
+) -> None:
+    numbered_admissions(daemon)
+    breaker = CircuitBreaker("svc", daemon=sock_path, strict=True)
+    mixed = CircuitBreaker("sync", daemon=sock_path, strict=True)
+    async_link, sync_link = breaker._actor, mixed._actor
+    assert isinstance(async_link, RemoteBreaker)
+    assert isinstance(sync_link, RemoteBreaker)
+    loop = asyncio.get_running_loop()
+    threads, calls = 4, 150
+    stop = threading.Event()
+
+    def sync_work() -> int:
+        done = 0
+        while not stop.is_set() or done < calls:
+            assert mixed.call_sync(ok_sync, done) == done
+            done += 1
+        return done
+
+    async def ask_async(message: object) -> Any:
+        future: asyncio.Future[Any] = loop.create_future()
+
+        def reply(result: Any, error: BaseException | None) -> None:
+            loop.call_soon_threadsafe(
+                lambda: future.set_exception(error) if error else future.set_result(result)
+            )
+
+        async_link.ask(message, reply)
+        return await future
+
+    async def ok(value: int) -> int:
+        return value
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        workers = [pool.submit(sync_work) for _ in range(threads)]
+        # Async replies are read by whichever thread holds the baton: the IO
+        # thread or a sync caller reading for itself.
+        admissions = await asyncio.gather(*(ask_async(Acquire("svc")) for _ in range(calls)))
+        results = await asyncio.gather(*(breaker.call(ok, i) for i in range(calls)))
+        stop.set()
+        synced = sum(await asyncio.gather(*(asyncio.wrap_future(w) for w in workers)))
+    assert sorted(a.lease for a in admissions) == list(range(1, calls + 1))
+    assert results == list(range(calls))
+    assert len([m for m in daemon.received(Acquire) if m.name == "svc"]) == 2 * calls
+    assert len([m for m in daemon.received(Acquire) if m.name == "sync"]) == synced
+    daemon.wait_for(lambda: daemon.count("sync", Outcome.SUCCESS) == synced)
+    daemon.wait_for(lambda: daemon.count("svc", Outcome.SUCCESS) == calls)
+
+
+def test_a_reader_fails_at_once_when_the_daemon_drops(
+    daemon: FakeDaemon, make_client: Callable[..., DaemonClient]
+) -> None:
+    # A long request timeout: only the dropped connection can end the wait.
+    client = make_client(request_timeout=120.0)
+    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), "deny", client=client)
+    baton_free(client)
+    daemon.hold.add(Acquire)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        call = pool.submit(link.ask_sync, Acquire("svc"))
+        daemon.wait_for(lambda: len(daemon.held) == 1)
+        caller_reading(client)  # the caller holds the baton
+        started = time.monotonic()
+        daemon.kill_peers()
+        with pytest.raises(DaemonUnavailableError, match="closed the connection"):
+            call.result(WAIT)
+    assert time.monotonic() - started < WAIT
+    baton_free(client)  # given back, not leaked
+    # The IO thread reconnects, and callers read for themselves again.
+    daemon.hold.clear()
+    wait_until(lambda: link.remote)
+    assert link.ask_sync(Acquire("svc")).admitted
+
+
+def test_a_reader_of_a_hung_daemon_times_out(
+    daemon: FakeDaemon, make_client: Callable[..., DaemonClient]
+) -> None:
+    client = make_client(request_timeout=0.2, backoff_min=60.0, backoff_max=60.0)
+    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), "deny", client=client)
+    (peer,) = daemon.live_peers()
+    daemon.hold.add(Acquire)
+    with pytest.raises(DaemonUnavailableError, match=r"no reply within 0\.2s"):
+        link.ask_sync(Acquire("svc"))
+    daemon.wait_for(lambda: peer.closed)
+    baton_free(client)  # given back, not leaked
+
+
+def test_closing_the_client_ends_a_readers_wait(
+    daemon: FakeDaemon, make_client: Callable[..., DaemonClient]
+) -> None:
+    client = make_client(request_timeout=120.0)
+    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), "deny", client=client)
+    baton_free(client)
+    daemon.hold.add(Acquire)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        call = pool.submit(link.ask_sync, Acquire("svc"))
+        caller_reading(client)
+        client.close()
+        with pytest.raises(DaemonUnavailableError, match="on_unavailable='deny'"):
+            call.result(WAIT)
+    assert not client._thread.is_alive()
+
+
+def test_a_callback_run_by_a_reader_cannot_wait_for_a_reply(
+    daemon: FakeDaemon, sock_path: str
+) -> None:
+    waiting = CircuitBreaker("waiting", daemon=sock_path, strict=True)
+    watched = CircuitBreaker("watched", daemon=sock_path, strict=True)
+    client = get_client(sock_path)
+    seen: list[tuple[int, BaseException | None]] = []
+
+    def on_transition(transition: Transition) -> None:
+        try:
+            waiting.call_sync(ok_sync)  # closed and strict: it needs the daemon's answer
+        except BaseException as exc:  # recorded for the test
+            seen.append((threading.get_ident(), exc))
+        else:
+            seen.append((threading.get_ident(), None))
+
+    watched.on_transition(on_transition)
+    baton_free(client)
+    daemon.hold.add(Acquire)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        call = pool.submit(waiting.call_sync, ok_sync, 4)
+        (held,) = daemon.wait_for(lambda: list(daemon.held))
+        reader = caller_reading(client)
+        # The push reaches the reader: it runs the callback in its own thread,
+        # where waiting for a reply would wait for itself.
+        daemon.push(Snapshot("watched", CircuitState.OPEN, 1, open_until=time.monotonic() + 30))
+        wait_until(lambda: seen)
+        peer, msgid, _ = held
+        peer.respond(msgid, Admission(True, 0, 0, daemon.states["waiting"]))
+        assert call.result(WAIT) == 4
+    ((thread, error),) = seen
+    assert thread == reader
+    assert isinstance(error, RuntimeError)
+    assert "cannot wait for its own actor thread" in str(error)
+
+
+def test_a_reader_interrupted_while_reading_drops_the_connection_not_the_replies(
+    daemon: FakeDaemon, make_client: Callable[..., DaemonClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = make_client(request_timeout=120.0)
+    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), "deny", client=client)
+    baton_free(client)
+    daemon.hold.add(Acquire)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        # B waits for its reply without reading; A reads, and is interrupted
+        # (as by Ctrl-C in the main thread) just after the core took B's reply
+        # out of the pending table, before handing it over.
+        other = pool.submit(ask, link, Acquire("svc"))
+        daemon.wait_for(lambda: len(daemon.held) == 1)
+        reader = pool.submit(link.ask_sync, Acquire("svc"))
+        daemon.wait_for(lambda: len(daemon.held) == 2)
+        reader_ident = caller_reading(client)
+        response = ClientCore._response
+
+        def interrupted(core: ClientCore, event: Any, actions: list[Any]) -> None:
+            response(core, event, actions)
+            if threading.get_ident() == reader_ident:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(ClientCore, "_response", interrupted)
+        (peer, msgid, _), _ = daemon.held
+        peer.respond(msgid, Admission(True, 0, 7, daemon.states["svc"]))
+        with pytest.raises(KeyboardInterrupt):
+            reader.result(WAIT)
+        # B still gets the daemon's answer: the connection was dropped, and
+        # the IO thread delivered what the interrupted reader had decoded.
+        assert other.result(WAIT).lease == 7
+    assert client._reader_ident != reader_ident
+    baton_free(client)  # given back, not leaked
+    wait_until(lambda: link.remote)  # reconnected
+    monkeypatch.setattr(ClientCore, "_response", response)
+    daemon.hold.clear()
+    assert link.ask_sync(Acquire("svc")).admitted
+
+
+def test_a_reader_interrupted_while_dispatching_still_delivers_the_others(
+    daemon: FakeDaemon, make_client: Callable[..., DaemonClient]
+) -> None:
+    client = make_client(request_timeout=120.0)
+    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), "deny", client=client)
+    baton_free(client)
+    daemon.hold.add(Acquire)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        other = pool.submit(ask, link, Acquire("svc"))
+        daemon.wait_for(lambda: len(daemon.held) == 1)
+        reader = pool.submit(link.ask_sync, Acquire("svc"))
+        daemon.wait_for(lambda: len(daemon.held) == 2)
+        reader_ident = caller_reading(client)
+
+        def listener(transition: Transition, snapshot: Snapshot) -> None:
+            if threading.get_ident() == reader_ident:
+                raise KeyboardInterrupt  # as a signal handler would, mid-dispatch
+
+        link.listeners.append(listener)
+        (peer, msgid, _), _ = daemon.held
+        opened = Snapshot("svc", CircuitState.OPEN, 1, open_until=time.monotonic() + 30)
+        # One write: the reader gets the push and B's reply in one read.
+        with peer.lock:
+            peer._send(
+                peer.conn.send_notification(StatePush(opened))
+                + peer.conn.send_response(msgid, Admission(True, 0, 8, opened))
+            )
+        with pytest.raises(KeyboardInterrupt):
+            reader.result(WAIT)
+        assert other.result(WAIT).lease == 8
+    assert client._reader_ident != reader_ident
+    baton_free(client)  # given back, not leaked
+    assert link.snapshot == opened
+
+
 # -- fork and exit --------------------------------------------------------------------
 
 
@@ -1137,3 +1470,26 @@ def test_against_the_real_daemon_killed_and_restarted(sock_path: str, system: Ac
     finally:
         daemon.terminate()
         assert daemon.wait(WAIT) == 0
+
+
+def test_a_reader_fails_at_once_when_the_real_daemon_is_killed(sock_path: str) -> None:
+    daemon = _start_real_daemon(sock_path)
+    try:
+        breaker = CircuitBreaker("svc", daemon=sock_path, strict=True, on_unavailable="deny")
+        assert breaker.call_sync(ok_sync, 1) == 1
+        client = get_client(sock_path)
+        baton_free(client)
+        daemon.send_signal(signal.SIGSTOP)  # hung: the next acquire goes unanswered
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            call = pool.submit(breaker.call_sync, ok_sync, 2)
+            caller_reading(client)  # the caller holds the baton
+            started = time.monotonic()
+            daemon.kill()
+            with pytest.raises(DaemonUnavailableError):
+                call.result(WAIT)
+        # Well inside the request timeout: the EOF ended the wait, not the clock.
+        assert time.monotonic() - started < client.request_timeout
+        baton_free(client)  # given back, not leaked
+    finally:
+        daemon.kill()
+        daemon.wait(WAIT)
