@@ -68,6 +68,7 @@ from breakerd.protocol import (
     UnknownBreakerError,
     VersionMismatchError,
     Welcome,
+    frame_notification,
     negotiate_version,
 )
 
@@ -85,6 +86,8 @@ _BACKLOG = 1024
 #: Bytes read from a connection at a time, into the daemon's one receive buffer.
 _READ_SIZE = 1 << 18
 _connection_ids = itertools.count(1)
+#: Breakers per status page: ~200 bytes each plus the name, far below a frame.
+STATUS_PAGE = 1000
 
 
 class DaemonAlreadyRunningError(RuntimeError):
@@ -281,7 +284,10 @@ class Daemon:
                 config = self.settings.for_client(name, requested)
             except (TypeError, ValueError) as exc:
                 raise InvalidRequestError(f"breaker {name!r}: {exc}") from None
-            actor, _ = self.system.actor(name, config)
+            try:
+                actor, _ = self.system.actor(name, config)
+            except ValueError as exc:
+                raise InvalidRequestError(str(exc)) from None
             if actor.listeners == []:
                 actor.listeners.append(self._pusher(name))
             existing = actor
@@ -303,9 +309,13 @@ class Daemon:
 
     def _pusher(self, name: str) -> Callable[[Transition, Snapshot], None]:
         def push(transition: Transition, snapshot: Snapshot) -> None:
-            message = StatePush(snapshot)
-            for peer in tuple(self.subscribers.get(name, ())):
-                peer.push(message)
+            subscribers = self.subscribers.get(name)
+            if not subscribers:
+                return
+            # Encoded once for every subscriber: all of them are past hello.
+            frame = frame_notification(StatePush(snapshot))
+            for peer in tuple(subscribers):
+                peer.push_frame(frame)
 
         return push
 
@@ -426,12 +436,9 @@ class _Peer(asyncio.BufferedProtocol):
             self.log.warning("client_too_slow", buffered=transport.get_write_buffer_size())
             self.close(abort=True)
 
-    def push(self, message: StatePush) -> None:
+    def push_frame(self, frame: bytes) -> None:
         if not self.closed:
-            try:
-                self._write(self.conn.send_notification(message))
-            except ProtocolError:
-                self.close(abort=True)
+            self._write(frame)
 
     def close(self, *, abort: bool = False) -> None:
         transport = self.transport
@@ -526,12 +533,19 @@ class _Peer(asyncio.BufferedProtocol):
 
     def _status(self, msgid: int, message: StatusRequest) -> None:
         daemon = self.daemon
+        next_offset: int | None = None
         if message.name is not None:
             actors = [daemon.actor(message.name)]
         else:
-            actors = daemon.system.actors()
+            # A page at a time, so that every reply fits in one frame.
+            everyone = sorted(daemon.system.actors(), key=lambda actor: actor.name)
+            limit = min(message.limit or STATUS_PAGE, STATUS_PAGE)
+            end = message.offset + limit
+            actors = everyone[message.offset : end]
+            if end < len(everyone):
+                next_offset = end
         if not actors:
-            self._reply(msgid, Status(()), None)
+            self._reply(msgid, Status((), None), None)
             return
         results: dict[str, BreakerStatus] = {}
         failed: list[BaseException] = []
@@ -548,7 +562,7 @@ class _Peer(asyncio.BufferedProtocol):
                         self._reply(msgid, None, failed[0])
                     else:
                         ordered = tuple(results[n] for n in sorted(results))
-                        self._reply(msgid, Status(ordered), None)
+                        self._reply(msgid, Status(ordered, next_offset), None)
 
             return on_status
 

@@ -27,7 +27,10 @@ from breakerd.protocol import ActorStoppedError
 from ._actor import BreakerActor
 from ._machine import BreakerConfig
 
-__all__ = ["ActorSystem", "default_system"]
+__all__ = ["MAX_NAME_LENGTH", "ActorSystem", "default_system"]
+
+#: Long enough for any service name; short enough that a page of status fits a frame.
+MAX_NAME_LENGTH = 200
 
 _logger = structlog.get_logger("breakerd")
 
@@ -74,8 +77,11 @@ class ActorSystem:
         Returns the actor and the names of the settings in ``config`` that
         differ from the existing breaker's (empty when created or equal).
         """
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"a breaker name must be a non-empty string, got {name!r}")
+        if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH:
+            raise ValueError(
+                f"a breaker name must be a non-empty string of at most "
+                f"{MAX_NAME_LENGTH} characters, got {name!r:.80}"
+            )
         with self._lock:
             if self._stopped:
                 raise ActorStoppedError("the actor system is stopped")

@@ -29,6 +29,7 @@ from breakerd.protocol import (
     CircuitState,
     Connection,
     Hello,
+    InvalidRequestError,
     Outcome,
     StatusRequest,
     UnknownBreakerError,
@@ -355,3 +356,23 @@ def test_socket_group_opens_the_daemon_to_that_group(tmp_short: Path) -> None:
         assert result.stdout.strip() == "answered", result.stderr
     finally:
         assert process.terminate() == 0
+
+
+def test_status_comes_in_pages_and_names_are_bounded(daemon: DaemonProcess) -> None:
+    client = RawClient(daemon.socket_path)
+    names = [f"svc-{i:04d}" for i in range(1, 1101)]
+    for name in names:
+        client.register(name)
+    first = client.request(StatusRequest(None))
+    assert len(first.breakers) == 1000
+    assert first.next_offset == 1000
+    second = client.request(StatusRequest(None, first.next_offset))
+    assert second.next_offset is None
+    got = [b.snapshot.name for b in (*first.breakers, *second.breakers)]
+    assert got == names
+    small = client.request(StatusRequest(None, 10, 5))
+    assert [b.snapshot.name for b in small.breakers] == names[10:15]
+    with pytest.raises(InvalidRequestError, match="at most 200"):
+        client.register("x" * 201)
+    assert client.status("svc-0001").breakers[0].snapshot.name == "svc-0001"
+    client.close()
