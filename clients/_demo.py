@@ -184,11 +184,15 @@ def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
     return parts[0], parts[1], parts[2], headers
 
 
+_CREATED = 1_700_000_000
+
+
 def _completion(number: int, model: str, text: str) -> dict[str, Any]:
     return {
         "id": f"chatcmpl-standin-{number}",
         "object": "chat.completion",
-        "created": int(time.time()),
+        # The SDK wants a Unix timestamp here; the stand-in has no use for a real one.
+        "created": _CREATED,
         "model": model,
         "choices": [
             {

@@ -29,7 +29,7 @@ from __future__ import annotations
 import email.utils
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
@@ -41,8 +41,14 @@ __all__ = ["classify_openai", "parse_retry_after"]
 _logger = structlog.get_logger("breakerd")
 
 
-def parse_retry_after(headers: Mapping[str, str] | Any) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` or ``retry-after`` (seconds or HTTP date)."""
+def parse_retry_after(
+    headers: Mapping[str, str] | Any, *, wall_clock: Callable[[], float] = time.time
+) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` or ``retry-after`` (seconds or HTTP date).
+
+    An HTTP date names a wall-clock instant, so that one case needs the wall
+    clock (injectable for tests); only the difference leaves this function.
+    """
     try:
         raw_ms = headers.get("retry-after-ms")
         if raw_ms is not None:
@@ -61,8 +67,7 @@ def parse_retry_after(headers: Mapping[str, str] | Any) -> float | None:
             parsed = email.utils.parsedate_tz(raw)
             if parsed is None:
                 return None
-            # An HTTP date is wall-clock by definition; only the difference is kept.
-            value = email.utils.mktime_tz(parsed) - time.time()
+            value = email.utils.mktime_tz(parsed) - wall_clock()
         if not math.isfinite(value):
             return None
         return max(0.0, value)

@@ -15,8 +15,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from breakerd.protocol import (
     NEED_DATA,
@@ -38,6 +39,7 @@ from breakerd.protocol import (
 )
 
 HERE = Path(__file__).resolve().parent
+T = TypeVar("T")
 
 
 def short_tmpdir() -> Path:
@@ -45,13 +47,29 @@ def short_tmpdir() -> Path:
     return Path(tempfile.mkdtemp(prefix="bd", dir="/tmp"))
 
 
-def wait_for(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
-    """Wait for a real-world event (a file, a process), not for time to pass."""
+def poll_until(predicate: Callable[[], T], timeout: float) -> T | None:
+    """The predicate's first truthy value, or None after ``timeout`` seconds.
+
+    For events another thread or process brings about (a file, a connection,
+    a push), never for time to pass: logic tests move a fake clock instead.
+    The short naps only keep the poll from hogging one of two CPUs.
+    """
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while True:
+        value = predicate()
+        if value:
+            return value
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.005)
+            return None
+        time.sleep(0.002)
+
+
+def wait_for(
+    predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition"
+) -> None:
+    """Wait for a real-world event (a file, a process), not for time to pass."""
+    if poll_until(predicate, timeout) is None:
+        raise TimeoutError(f"timed out waiting for {what}")
 
 
 class DaemonProcess:

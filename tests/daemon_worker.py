@@ -55,6 +55,7 @@ from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
 import structlog
+from daemon_helpers import poll_until
 
 from breakerd.clients import CircuitBreaker, CircuitBreakerOpenError, DaemonUnavailableError
 from breakerd.clients import _remote as remote
@@ -133,12 +134,7 @@ def one_call(breaker: CircuitBreaker, fn: str) -> dict[str, Any]:
 
 
 def wait(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.002)
-    return True
+    return poll_until(predicate, timeout) is not None
 
 
 def state_is(breaker: CircuitBreaker, state: str) -> Callable[[], bool]:

@@ -1,7 +1,11 @@
 # Tests read `breaker.state` before and after calls that change it on another
 # thread; mypy narrows the property after one assert and flags the next.
 # mypy: disable-error-code="comparison-overlap"
-"""The embedded facade and its actor: fake clock, real actor thread, no sleeps."""
+"""The embedded facade and its actor: fake clock, real actor thread, no sleeps.
+
+Time passes only by ``clock.advance``; the actor thread is real, so tests
+await its answers (events, futures), never a duration.
+"""
 
 from __future__ import annotations
 
@@ -189,13 +193,14 @@ async def test_half_open_admits_exactly_the_trial_permits(
         return "trial"
 
     tasks = [asyncio.create_task(breaker.call(slow_trial)) for _ in range(5)]
-    await asyncio.sleep(0)  # let every task reach its acquire
-    for _ in range(50):
-        if sum(t.done() for t in tasks) == 2:
-            break
-        await asyncio.sleep(0.01)
+    # The rejected calls finish as soon as the actor answers; the trials wait.
+    rejected: set[asyncio.Task[str]] = set()
+    pending: set[asyncio.Task[str]] = set(tasks)
+    while len(rejected) < 2:
+        done, pending = await asyncio.wait(pending, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+        assert done, "no call was rejected"
+        rejected |= done
     assert started == 3
-    rejected = [t for t in tasks if t.done()]
     assert len(rejected) == 2
     for task in rejected:
         assert isinstance(task.exception(), CircuitBreakerOpenError)
@@ -457,7 +462,7 @@ async def test_transition_observers(system: ActorSystem, clock: FakeClock) -> No
     unsubscribe = breaker.on_transition(seen.append)
     stream = breaker.transitions()
     first = asyncio.ensure_future(stream.__anext__())
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # a yield, not a wait: lets the iterator subscribe
     await outcomes(breaker, [fail])
     streamed = await asyncio.wait_for(first, 5)
     assert (streamed.from_state, streamed.to_state) == (CircuitState.CLOSED, CircuitState.OPEN)

@@ -537,6 +537,13 @@ def test_parse_retry_after_http_date() -> None:
     assert parse_retry_after({"retry-after": past}) == 0.0
 
 
+def test_parse_retry_after_http_date_with_an_injected_wall_clock() -> None:
+    date = "Wed, 21 Oct 2026 07:28:00 GMT"
+    instant = email.utils.mktime_tz(email.utils.parsedate_tz(date))  # type: ignore[arg-type]
+    assert parse_retry_after({"retry-after": date}, wall_clock=lambda: instant - 42.0) == 42.0
+    assert parse_retry_after({"retry-after": date}, wall_clock=lambda: instant + 5.0) == 0.0
+
+
 @pytest.mark.parametrize("headers", [None, 42, "retry-after: 7", ["retry-after", "7"]])
 def test_parse_retry_after_tolerates_non_mappings(headers: Any) -> None:
     assert parse_retry_after(headers) is None

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import pytest
 import structlog.testing
+from daemon_helpers import poll_until
 
 from breakerd.actor import ActorSystem, BreakerConfig, Transition
 from breakerd.actor.testing import FakeClock
@@ -98,14 +99,10 @@ def fail_sync() -> int:
 
 def wait_until(predicate: Callable[[], T], timeout: float = WAIT) -> T:
     """Wait for a condition another thread or process makes true (not for time to pass)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.002)
+    value = poll_until(predicate, timeout)
+    if value is None:
+        raise AssertionError("condition not reached in time")
+    return value
 
 
 # -- the fake daemon -------------------------------------------------------------------
