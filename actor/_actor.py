@@ -114,6 +114,10 @@ class BreakerActor:
         self.snapshot: Snapshot = self.machine.snapshot()
         self.max_inbox = max_inbox
         self.listeners: list[TransitionListener] = []
+        #: Called with every snapshot the actor publishes, before listeners
+        #: hear of a transition (the daemon's state table: the cheapest way
+        #: to tell every client goes first).
+        self.on_publish: Callable[[Snapshot], None] | None = None
         self.restarts = 0
         self._clock = clock
         self._inbox: deque[InboxItem] = deque()
@@ -391,6 +395,9 @@ class BreakerActor:
             # Successes still arriving for the old generation are stale.
             self._tally = (snapshot.generation, [])
         self.snapshot = snapshot
+        on_publish = self.on_publish
+        if on_publish is not None:
+            on_publish(snapshot)
 
     def _log_transition(self, transition: Transition) -> None:
         key: tuple[CircuitState, CircuitState] | CircuitState = (

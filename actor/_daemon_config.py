@@ -8,6 +8,7 @@ Example ``breakerd.toml``::
     max_connections = 1024
     max_inflight = 256        # requests in flight per connection
     max_outbox = 1048576      # bytes buffered per connection before it is dropped
+    state_table_slots = 65536 # breakers in the shared state table (+1 header); 0: off
 
     [defaults]                # every breaker, unless a client or section says otherwise
     failure_threshold = 0.5
@@ -31,10 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from ._machine import BreakerConfig
+from ._state_table import DEFAULT_STATE_TABLE_SLOTS
 
 __all__ = ["ConfigError", "DaemonSettings", "load_config"]
 
 _BREAKER_FIELDS = frozenset(f.name for f in fields(BreakerConfig))
+# 512 MiB of address space: far beyond any host's breakers, and a typo in the
+# file must not make the daemon reserve terabytes.
+_MAX_TABLE_SLOTS = 1 << 24
 
 
 class ConfigError(ValueError):
@@ -51,6 +56,8 @@ class DaemonSettings:
     max_connections: int = 1024
     max_inflight: int = 256
     max_outbox: int = 1 << 20
+    #: Slots in the shared state table (the header included); 0: no table.
+    state_table_slots: int = DEFAULT_STATE_TABLE_SLOTS
     defaults: dict[str, Any] = field(default_factory=dict)
     breakers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -98,6 +105,7 @@ def load_config(path: Path | None, socket_path: Path) -> DaemonSettings:
         "max_connections",
         "max_inflight",
         "max_outbox",
+        "state_table_slots",
     }
     unknown = sorted(set(daemon) - known_daemon)
     if unknown:
@@ -110,6 +118,9 @@ def load_config(path: Path | None, socket_path: Path) -> DaemonSettings:
         max_connections=_positive(daemon.get("max_connections", 1024), "max_connections", path),
         max_inflight=_positive(daemon.get("max_inflight", 256), "max_inflight", path),
         max_outbox=_positive(daemon.get("max_outbox", 1 << 20), "max_outbox", path),
+        state_table_slots=_table_slots(
+            daemon.get("state_table_slots", DEFAULT_STATE_TABLE_SLOTS), path
+        ),
         defaults=dict(defaults),
         breakers=breakers,
     )
@@ -147,6 +158,15 @@ def _int_list(value: object, key: str, path: Path) -> list[int]:
 def _positive(value: object, key: str, path: Path) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{path}: [daemon] {key} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _table_slots(value: object, path: Path) -> int:
+    if type(value) is not int or value == 1 or not 0 <= value <= _MAX_TABLE_SLOTS:
+        raise ConfigError(
+            f"{path}: [daemon] state_table_slots must be 0 (no table) or an integer "
+            f"from 2 to {_MAX_TABLE_SLOTS}, got {value!r}"
+        )
     return value
 
 

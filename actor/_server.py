@@ -75,6 +75,7 @@ from breakerd.protocol import (
 from ._actor import BreakerActor
 from ._daemon_config import DaemonSettings
 from ._machine import BreakerConfig, Transition
+from ._state_table import SharedStateTable, StateTableUnavailableError
 from ._system import ActorSystem
 
 __all__ = ["SERVER_NAME", "Daemon", "DaemonAlreadyRunningError"]
@@ -119,6 +120,8 @@ class Daemon:
         # which glibc maps, shrinks and unmaps: three system calls and a page
         # fault per request.
         self.read_buffer = bytearray(_READ_SIZE)
+        #: The shared state table, once run() has made it (None: not offered).
+        self.state_table: SharedStateTable | None = None
 
     @property
     def socket_path(self) -> Path:
@@ -155,6 +158,7 @@ class Daemon:
         self._take_lock()
         server: asyncio.Server | None = None
         try:
+            self._make_state_table()
             async with anyio.create_task_group() as group:
                 await group.start(self.system.serve)
                 if self._handle_signals:
@@ -185,9 +189,25 @@ class Daemon:
         finally:
             if server is not None:
                 server.close()
+            if self.state_table is not None:
+                self.state_table.close()
+                self.state_table = None
             self._remove_socket()
             self._release_lock()
             self.log.info("daemon_stopped")
+
+    def _make_state_table(self) -> None:
+        slots = self.settings.state_table_slots
+        if not slots:
+            return
+        try:
+            self.state_table = SharedStateTable(slots)
+        except StateTableUnavailableError as exc:
+            self.log.warning(
+                "state_table_unavailable",
+                error=str(exc),
+                effect="clients learn of transitions by push only",
+            )
 
     async def _watch_signals(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -290,6 +310,10 @@ class Daemon:
                 raise InvalidRequestError(str(exc)) from None
             if actor.listeners == []:
                 actor.listeners.append(self._pusher(name))
+                table = self.state_table
+                if table is not None and table.slot_for(name):
+                    actor.on_publish = table.publish
+                    table.publish(actor.snapshot)
             existing = actor
         conflicts = existing.config.differences(requested_config)
         if conflicts:
@@ -494,14 +518,46 @@ class _Peer(asyncio.BufferedProtocol):
     def _hello(self, msgid: int, hello: Hello) -> None:
         version = negotiate_version(hello)
         self.log = self.log.bind(client=hello.client)
+        table = self.daemon.state_table
+        if table is not None and self._send_with_table(
+            msgid, Welcome(version, SERVER_NAME, os.getpid(), table.slots), table.reader_fd
+        ):
+            return
         self._reply(msgid, Welcome(version, SERVER_NAME, os.getpid()), None)
 
+    def _send_with_table(self, msgid: int, welcome: Welcome, table_fd: int) -> bool:
+        """Send ``welcome`` with the table's descriptor attached; False if it cannot go first.
+
+        The descriptor rides on the reply's first byte (``SCM_RIGHTS``), so a
+        client finds it exactly when it reads its welcome. The transport
+        must have nothing queued, or the reply would overtake it.
+        """
+        transport = self.transport
+        if self.closed or transport is None or transport.get_write_buffer_size():
+            return False
+        data = self.conn.send_response(msgid, welcome)
+        self.inflight -= 1
+        sent = 0
+        try:
+            # A descriptor of its own: the transport keeps its socket object.
+            with transport.get_extra_info("socket").dup() as sock:
+                sent = socket.send_fds(sock, [data], [table_fd])
+        except OSError as exc:
+            # Nothing went out; the client finds no descriptor and does without.
+            self.log.warning("state_table_not_sent", error=str(exc))
+        if sent < len(data):
+            self._write(data[sent:])
+        return True
+
     def _register(self, msgid: int, message: Register) -> None:
-        actor, conflicts = self.daemon.register(message.name, dict(message.config))
+        daemon = self.daemon
+        actor, conflicts = daemon.register(message.name, dict(message.config))
         if message.name not in self.names:
             self.names.add(message.name)
-            self.daemon.subscribers.setdefault(message.name, set()).add(self)
-        self._reply(msgid, Registered(actor.snapshot, conflicts), None)
+            daemon.subscribers.setdefault(message.name, set()).add(self)
+        table = daemon.state_table
+        slot = table.slot_for(message.name) if table is not None else 0
+        self._reply(msgid, Registered(actor.snapshot, conflicts, slot), None)
 
     def _ask_actor(self, msgid: int, message: Any) -> None:
         actor = self.daemon.actor(message.name)

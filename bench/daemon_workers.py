@@ -19,7 +19,10 @@ Kinds:
   records ``time.monotonic()`` first thing and reports it; the main thread
   just blocks. Mode ``spin``: on each ``arm`` command the main thread spins on
   ``breaker.state`` until it reads ``open``, records the instant, then spins
-  until ``closed``.
+  until ``closed``. Mode ``calls``: on each ``arm`` it calls ``call_sync``
+  (yielding the CPU between calls) until a call is rejected locally, and
+  reports that instant and the start of its last admitted call; ``check``
+  reports the state.
 * ``fanout``: the reference for ``trip``: blocks in ``poll`` on a socket it
   inherited; for every byte it reports the instant ``recv`` returned.
 * ``hold``: many idle connections, each after ``hello`` and ``register``
@@ -269,6 +272,9 @@ def run_trip(args: dict[str, Any]) -> None:
         emit(ready=True, remote=is_remote(breaker), pid=os.getpid())
         sys.stdin.read()  # until EOF
         return
+    if args["mode"] == "calls":
+        run_trip_calls(breaker)
+        return
     opened = CircuitState.OPEN
     emit(ready=True, remote=is_remote(breaker), pid=os.getpid())
     for _command in commands():  # "arm"
@@ -286,6 +292,48 @@ def run_trip(args: dict[str, Any]) -> None:
             if not spins & 0xFFFF and monotonic() > give_up:
                 break
         emit(state=breaker.state.value, t=monotonic())
+
+
+def run_trip_calls(breaker: CircuitBreaker) -> None:
+    """A process with traffic: calls until its first local rejection, yielding between calls.
+
+    Yielding the CPU after each call lets 16 of these share 2 vCPUs with the
+    daemon and the tripping client, as request handlers blocked on IO would.
+    Reports the instant the first rejected call returned, and the start of
+    the last admitted one (a call that started after the trip's ack and was
+    still admitted would mean a process missed the trip).
+    """
+    monotonic = time.monotonic
+    call_sync = breaker.call_sync
+    yield_cpu = os.sched_yield
+    emit(ready=True, remote=is_remote(breaker), pid=os.getpid())
+    for command in commands():  # "arm", or "check" after the reset
+        if command.get("op") == "check":
+            emit(state=breaker.state.value, t=monotonic())
+            continue
+        emit(armed=True)
+        last_admitted = 0.0
+        calls = 0
+        give_up = monotonic() + 30.0
+        rejected_at = None
+        while rejected_at is None:
+            start = monotonic()
+            try:
+                call_sync(work)
+            except CircuitBreakerOpenError:
+                rejected_at = monotonic()
+                break
+            last_admitted = start
+            calls += 1
+            if start > give_up:
+                break
+            yield_cpu()
+        emit(
+            state=breaker.state.value,
+            t=rejected_at if rejected_at is not None else monotonic(),
+            last_admitted=last_admitted,
+            calls=calls,
+        )
 
 
 def run_fanout(args: dict[str, Any]) -> None:

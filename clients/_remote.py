@@ -73,6 +73,18 @@ Disconnects, forks and exit
   opens the child's own connection.
 * At exit every client flushes its queued reports and closes its connection.
 
+The state table
+---------------
+A daemon that can offer it sends a read-only descriptor of its state table
+with the ``welcome`` (see ``breakerd.protocol.state_table``); the client
+maps it, and each link gets its breaker's slot with ``Registered``. A link's
+``snapshot`` then compares one word of shared memory (the slot's ``seq``)
+with the last one it read, on every call, and rebuilds its snapshot from
+the slot when it moved: a trip reaches every process on the host the moment
+the daemon writes it, without waking any of them. Pushes still come (they
+carry the failure rate and the rest, and drive ``on_transition``); a push
+older than what the table already showed is ignored.
+
 Generations
 -----------
 While the daemon is out of reach with ``on_unavailable="local"``, the link
@@ -87,6 +99,7 @@ generation -1, and those outcomes are not counted anywhere.
 from __future__ import annotations
 
 import atexit
+import mmap
 import os
 import random
 import select
@@ -122,6 +135,7 @@ from breakerd.protocol import (
     StatusRequest,
     UnknownBreakerError,
     Welcome,
+    state_table,
 )
 
 from ._core import Action, ClientCore, Completion, NotConnectedError, Reply, ReportItem
@@ -152,6 +166,8 @@ _NO_GENERATION: Final = -1
 MAX_SOCKET_PATH: Final = 107
 
 _READ_SIZE: Final = 65536
+#: Descriptors accepted with a welcome (the daemon sends one; more are closed).
+_MAX_WELCOME_FDS: Final = 4
 #: Callers read their own replies where the IO thread can be kept off the socket (epoll).
 _BATON: Final = hasattr(select, "epoll")
 #: What a link forwards to the daemon; anything else is answered by the policy.
@@ -247,6 +263,11 @@ class DaemonClient:
         )
         #: The daemon's Welcome on the current connection, once received.
         self.welcome: Welcome | None = None
+        #: The daemon's state table, mapped read-only (None: not offered, or not connected).
+        self.state_table: MappedStateTable | None = None
+        # Until the welcome is in, reads pick up the table's descriptor.
+        self._awaiting_welcome = False
+        self._table_fd: int | None = None
         #: Connections established so far (each one re-registers every link).
         self.epoch = 0
         #: Why the daemon is out of reach, while it is (None when connected or never tried).
@@ -481,7 +502,10 @@ class DaemonClient:
         actions: list[Action] | None = None
         try:
             try:
-                data = os.read(fd, _READ_SIZE)
+                if self._awaiting_welcome:
+                    data = self._read_with_descriptors()
+                else:
+                    data = os.read(fd, _READ_SIZE)
             except BlockingIOError:
                 return None
             except OSError as exc:
@@ -507,6 +531,21 @@ class DaemonClient:
                 self._log.error("daemon_protocol_error", error=failure)
             return failure
         return None
+
+    def _read_with_descriptors(self) -> bytes:
+        # Holding the baton: the socket stays open. A plain read would drop
+        # (close) a descriptor that came with the bytes it read.
+        sock = self._sock
+        assert sock is not None
+        data, fds, _, _ = socket.recv_fds(
+            sock, _READ_SIZE, _MAX_WELCOME_FDS, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT
+        )
+        for received in fds:
+            if self._table_fd is None:
+                self._table_fd = received
+            else:
+                os.close(received)
+        return data
 
     def post(self, item: ReportItem) -> bool:
         """Queue a fire-and-forget outcome (no lock). False: the queue is full, send a request."""
@@ -646,6 +685,8 @@ class DaemonClient:
                 return False
             self.epoch += 1
             self.welcome = None
+            self.state_table = None
+            self._awaiting_welcome = True
             self._had_welcome = False
             self._break_reason = None
             assert self._poller is not None
@@ -673,6 +714,12 @@ class DaemonClient:
         def on_welcome(result: Any, error: BaseException | None) -> None:
             if epoch != self.epoch or isinstance(error, DaemonUnavailableError):
                 return  # the connection died first; connection_lost said why
+            self._awaiting_welcome = False
+            table_fd, self._table_fd = self._table_fd, None
+            if isinstance(result, Welcome) and result.state_table and table_fd is not None:
+                self.state_table = self._map_state_table(table_fd, result.state_table)
+            elif table_fd is not None:
+                os.close(table_fd)
             if error is not None or not isinstance(result, Welcome):
                 self._log.error("daemon_handshake_failed", error=str(error or result))
                 with self._lock:
@@ -692,6 +739,16 @@ class DaemonClient:
                 self._log.debug("daemon_connected", **fields)
 
         return on_welcome
+
+    def _map_state_table(self, fd: int, slots: int) -> MappedStateTable | None:
+        try:
+            return MappedStateTable(fd, slots)
+        except (OSError, ValueError) as exc:
+            # Pushes alone still work: slower to spread a trip, never wrong.
+            self._log.warning("state_table_unusable", error=str(exc))
+            return None
+        finally:
+            os.close(fd)
 
     def _pump(self) -> None:
         """Serve one connection until it is lost or the client closes."""
@@ -783,6 +840,11 @@ class DaemonClient:
             self._sock = None
             self._read_poll = None
             self.welcome = None
+            self.state_table = None
+            self._awaiting_welcome = False
+            if self._table_fd is not None:
+                os.close(self._table_fd)
+                self._table_fd = None
             actions = self.core.connection_lost(reason)
         if self._poller is not None:
             self._poller.remove(sock.fileno())
@@ -909,6 +971,30 @@ _clients: dict[str, DaemonClient] = {}
 _clients_lock = threading.Lock()
 
 
+class MappedStateTable:
+    """A daemon's state table, mapped read-only into this process.
+
+    The mapping lives as long as a slot view of it does (a link switching to
+    a new connection never pulls memory from under a thread reading the old
+    one); the daemon's seals keep it from shrinking under us.
+    """
+
+    def __init__(self, fd: int, slots: int) -> None:
+        size = os.fstat(fd).st_size
+        if size != slots * state_table.SLOT_SIZE:
+            raise state_table.StateTableError(
+                f"the daemon announced {slots} slots; its table is {size} bytes"
+            )
+        self._buffer = memoryview(mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ))
+        self.slots = state_table.check_header(self._buffer)
+
+    def slot(self, slot: int) -> memoryview | None:
+        """The words of ``slot`` (from ``Registered.slot``), or None for no or a bad slot."""
+        if not 1 <= slot < self.slots:
+            return None
+        return state_table.slot_words(self._buffer, slot)
+
+
 def get_client(path: str | Path) -> DaemonClient:
     """The client of this process for the daemon at ``path``, started on first use."""
     key = check_socket_path(path)
@@ -995,6 +1081,10 @@ class RemoteBreaker:
         self._system = system
         self._remote = False
         self._remote_snapshot = Snapshot(name, CircuitState.CLOSED, _NO_GENERATION)
+        # The breaker's slot in the daemon's state table (None: no table), and
+        # the slot's seq when _remote_snapshot last caught up with it.
+        self._slot_words: memoryview | None = None
+        self._slot_seq = -1
         self._local: BreakerActor | None = None
         self._local_system: ActorSystem | None = None
         self._local_view: tuple[Snapshot, Snapshot] | None = None
@@ -1070,8 +1160,31 @@ class RemoteBreaker:
     @property
     def snapshot(self) -> Snapshot:
         if self._remote:
+            words = self._slot_words
+            if words is not None and words[0] != self._slot_seq:
+                return self._snapshot_from_table(words)
             return self._remote_snapshot
         return self._fallback_snapshot()
+
+    def _snapshot_from_table(self, words: memoryview) -> Snapshot:
+        # Any thread, no lock: racing threads build equal snapshots.
+        current = self._remote_snapshot
+        slot = state_table.read_slot(words)
+        if slot is None:
+            return current  # mid-write on every try (a daemon killed writing): keep ours
+        seq, generation, state, open_until = slot
+        if generation > current.generation:
+            # The rates and counts come with the push that follows.
+            current = Snapshot(
+                self.name,
+                state,
+                generation,
+                open_until,
+                slow_call_duration=current.slow_call_duration,
+            )
+            self._remote_snapshot = current
+        self._slot_seq = seq
+        return current
 
     def _fallback_snapshot(self) -> Snapshot:
         policy = self.on_unavailable
@@ -1329,6 +1442,9 @@ class RemoteBreaker:
             self.conflicts = result.conflicts
             # The core's cache holds this snapshot or a newer push.
             self._remote_snapshot = self.client.core.snapshots.get(self.name, result.snapshot)
+            table = self.client.state_table
+            self._slot_seq = -1  # before the new slot: its first read catches up
+            self._slot_words = table.slot(result.slot) if table is not None else None
             self._remote = True
             self._register_error = None
             self._settled.set()
@@ -1337,6 +1453,8 @@ class RemoteBreaker:
         return on_registered
 
     def _daemon_snapshot(self, snapshot: Snapshot) -> None:
+        if self._slot_words is not None and snapshot.generation < self._remote_snapshot.generation:
+            return  # the table showed a newer state first; its push is on the way
         self._remote_snapshot = snapshot
         if self._remote:
             self._announce(snapshot, "daemon")
@@ -1344,6 +1462,7 @@ class RemoteBreaker:
     def _daemon_lost(self, *, announce: bool) -> None:
         was_remote = self._remote
         self._remote = False
+        self._slot_words = None
         self._settled.set()
         # Not when the client closes (at exit): announcing would build the
         # local fallback, and its actor thread, for nothing.

@@ -4,6 +4,7 @@ Pure: no IO and no clock. The in-process channel passes these message
 objects as they are; the socket channel encodes them with msgpack.
 """
 
+from . import _state_table as state_table
 from ._codec import (
     MAX_FRAME_SIZE,
     MAX_MSGID,
@@ -133,4 +134,5 @@ __all__ = [
     "frame_notification",
     "method_of",
     "negotiate_version",
+    "state_table",
 ]

@@ -351,12 +351,20 @@ def _hello(d: _Map) -> Hello:
 
 
 def _welcome_map(m: Welcome) -> _Map:
-    return {"type": "welcome", "version": m.version, "server": m.server, "pid": m.pid}
+    out: _Map = {"type": "welcome", "version": m.version, "server": m.server, "pid": m.pid}
+    if m.state_table:
+        out["state_table"] = m.state_table
+    return out
 
 
 def _welcome(d: _Map) -> Welcome:
     w = "welcome result"
-    return Welcome(_int(d, "version", w), _str(d, "server", w), _int(d, "pid", w))
+    return Welcome(
+        _int(d, "version", w),
+        _str(d, "server", w),
+        _int(d, "pid", w),
+        _int(d, "state_table", w, 0),
+    )
 
 
 # register
@@ -380,21 +388,29 @@ def _register(d: _Map) -> Register:
 
 
 def _registered_map(m: Registered) -> _Map:
-    return {"type": "registered", "snapshot": _snapshot_map(m.snapshot), "conflicts": m.conflicts}
+    out: _Map = {
+        "type": "registered",
+        "snapshot": _snapshot_map(m.snapshot),
+        "conflicts": m.conflicts,
+    }
+    if m.slot:
+        out["slot"] = m.slot
+    return out
 
 
 def _registered(d: _Map) -> Registered:
     w = "registered result"
     snapshot = _nested_snapshot(d, w)
+    slot = _int(d, "slot", w, 0)
     if "conflicts" not in d:
-        return Registered(snapshot)
+        return Registered(snapshot, (), slot)
     conflicts = _array(d, "conflicts", w)
     for item in conflicts:
         if type(item) is not str:
             raise RemoteProtocolError(
                 f"{w}: field 'conflicts' must hold strings, not {_wire_type(item)}"
             )
-    return Registered(snapshot, tuple(conflicts))
+    return Registered(snapshot, tuple(conflicts), slot)
 
 
 # acquire

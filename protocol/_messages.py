@@ -80,6 +80,9 @@ class Welcome:
     version: int
     server: str
     pid: int
+    #: Slots in the daemon's state table, whose read-only descriptor came
+    #: with this reply (``SCM_RIGHTS``); 0: no table (see ``_state_table``).
+    state_table: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +98,8 @@ class Registered:
     snapshot: Snapshot
     #: Settings the caller asked for that differ from the breaker's (first wins).
     conflicts: tuple[str, ...] = ()
+    #: The breaker's slot in the state table (0: none).
+    slot: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,7 +61,7 @@ from breakerd.protocol import (
 )
 
 HELLO = Hello(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, "breakerd-test", 4242)
-WELCOME = Welcome(PROTOCOL_VERSION, "breakerd-daemon", 1)
+WELCOME = Welcome(PROTOCOL_VERSION, "breakerd-daemon", 1, state_table=65_536)
 
 # Every field away from its default, so a codec that drops one is caught.
 SNAP = Snapshot(
@@ -81,7 +81,7 @@ SNAP_BARE = Snapshot("db", CircuitState.CLOSED, 0)
 EXCHANGES: list[tuple[RequestMessage, ResultMessage]] = [
     (
         Register("llm", {"failure_threshold": 0.5, "timeout": 30, "tags": ["a", {"b": None}]}),
-        Registered(SNAP, ("timeout", "min_calls")),
+        Registered(SNAP, ("timeout", "min_calls"), slot=17),
     ),
     (Register("db"), Registered(SNAP_BARE)),
     (Acquire("llm"), Admission(True, 7, 42, SNAP)),

@@ -210,7 +210,12 @@ requests: st.SearchStrategy[RequestMessage] = st.one_of(
     st.builds(StatusRequest, name=st.none() | names),
 )
 results: st.SearchStrategy[ResultMessage] = st.one_of(
-    st.builds(Registered, snapshot=snapshots, conflicts=st.lists(names).map(tuple)),
+    st.builds(
+        Registered,
+        snapshot=snapshots,
+        conflicts=st.lists(names).map(tuple),
+        slot=st.integers(0, 2**32),
+    ),
     st.builds(
         Admission,
         admitted=st.booleans(),

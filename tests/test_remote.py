@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import os
 import shutil
 import signal
@@ -32,6 +33,7 @@ import structlog.testing
 from daemon_helpers import poll_until
 
 from breakerd.actor import ActorSystem, BreakerConfig, Transition
+from breakerd.actor._state_table import SharedStateTable
 from breakerd.actor.testing import FakeClock
 from breakerd.clients import (
     CircuitBreaker,
@@ -123,9 +125,13 @@ class Peer:
             "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, size)
         )
 
-    def respond(self, msgid: int, result: ResultMessage) -> None:
+    def respond(self, msgid: int, result: ResultMessage, *, fds: tuple[int, ...] = ()) -> None:
         with self.lock:
-            self._send(self.conn.send_response(msgid, result))
+            data = self.conn.send_response(msgid, result)
+            if fds:
+                socket.send_fds(self.sock, [data], list(fds))
+            else:
+                self._send(data)
 
     def fail(self, msgid: int, error: BreakerError) -> None:
         with self.lock:
@@ -166,6 +172,10 @@ class FakeDaemon:
         self.conflicts: dict[str, tuple[str, ...]] = {}
         self.hold: set[type] = set()
         self.held: list[tuple[Peer, int, RequestMessage]] = []
+        #: Offered with every welcome when set (as ``breakerd serve`` does).
+        self.table: SharedStateTable | None = None
+        #: Send this descriptor with the welcome instead of the table's (-1: none at all).
+        self.table_fd_override: int | None = None
         self._lease = 0
         self._stopping = False
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -187,6 +197,8 @@ class FakeDaemon:
         if self._stopping:
             return
         self._stopping = True
+        if self.table is not None:
+            self.table.close()
         # Accepting ends first, so every peer is in the list that is killed next.
         self._threads[0].join(WAIT)
         self._listener.close()
@@ -249,7 +261,17 @@ class FakeDaemon:
                 self.held.append((peer, msgid, message))
         if isinstance(message, Hello):
             peer.hello = message
-            peer.respond(msgid, Welcome(negotiate_version(message), "fake", os.getpid()))
+            version = negotiate_version(message)
+            table = self.table
+            if table is None:
+                peer.respond(msgid, Welcome(version, "fake", os.getpid()))
+                return
+            fd = table.reader_fd if self.table_fd_override is None else self.table_fd_override
+            peer.respond(
+                msgid,
+                Welcome(version, "fake", os.getpid(), table.slots),
+                fds=(fd,) if fd >= 0 else (),
+            )
             return
         if held:
             return
@@ -267,7 +289,11 @@ class FakeDaemon:
                 snapshot = self.states.setdefault(
                     message.name, Snapshot(message.name, CircuitState.CLOSED, 0)
                 )
-                return Registered(snapshot, self.conflicts.get(message.name, ()))
+                slot = 0
+                if self.table is not None:
+                    slot = self.table.slot_for(message.name)
+                    self.table.publish(snapshot)
+                return Registered(snapshot, self.conflicts.get(message.name, ()), slot)
             if isinstance(message, StatusRequest):
                 return Status(
                     tuple(
@@ -307,8 +333,17 @@ class FakeDaemon:
         with self.cond:
             self._set(snapshot)
 
+    def write_table(self, snapshot: Snapshot) -> None:
+        """Change a breaker's state in the shared table only: no push, no reply."""
+        assert self.table is not None
+        with self.cond:
+            self.states[snapshot.name] = snapshot
+            self.table.publish(snapshot)
+
     def _set(self, snapshot: Snapshot) -> None:
         self.states[snapshot.name] = snapshot
+        if self.table is not None:
+            self.table.publish(snapshot)  # the table first, as the real daemon does
         for peer in self.peers:
             if snapshot.name in peer.names and not peer.closed:
                 peer.push(snapshot)
@@ -705,6 +740,132 @@ def test_pushes_update_the_snapshot_and_fire_transitions(
     assert (transition.from_state, transition.to_state) == (CircuitState.CLOSED, CircuitState.OPEN)
     assert transition.generation == 1
     assert transition.reason == "daemon"
+
+
+# -- the shared state table ---------------------------------------------------------------
+
+
+def table_daemon(daemon: FakeDaemon, slots: int = 16) -> SharedStateTable:
+    table = daemon.table = SharedStateTable(slots)
+    return table
+
+
+def test_a_trip_in_the_table_is_seen_without_any_push(
+    daemon: FakeDaemon, make_client: Callable[..., DaemonClient]
+) -> None:
+    table_daemon(daemon)
+    client = make_client()
+    breaker = CircuitBreaker("svc", daemon=client.path, min_calls=1)
+    link = breaker._actor
+    assert isinstance(link, RemoteBreaker)
+    assert client.state_table is not None
+    assert client.state_table.slots == 16
+    assert breaker.state is CircuitState.CLOSED
+    opened = Snapshot("svc", CircuitState.OPEN, 1, open_until=time.monotonic() + 30)
+    # The client's lock held: its IO thread could not apply a push even if one came.
+    with client._lock:
+        daemon.write_table(opened)
+        assert breaker.state is CircuitState.OPEN
+        with pytest.raises(CircuitBreakerOpenError) as info:
+            breaker.call_sync(ok_sync)
+    assert info.value.retry_after is not None
+    assert 29 < info.value.retry_after <= 30
+    assert breaker.snapshot.generation == 1
+    assert breaker.snapshot.open_until == opened.open_until
+
+
+def test_a_push_older_than_the_table_is_ignored_and_a_current_one_fills_in(
+    daemon: FakeDaemon, make_client: Callable[..., DaemonClient]
+) -> None:
+    table_daemon(daemon)
+    client = make_client()
+    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), client=client)
+    seen: list[Transition] = []
+    got = threading.Event()
+
+    def listener(transition: Transition, snapshot: Snapshot) -> None:
+        seen.append(transition)
+        got.set()
+
+    link.listeners.append(listener)
+    reopened = Snapshot("svc", CircuitState.OPEN, 3, open_until=time.monotonic() + 30)
+    daemon.write_table(reopened)
+    assert link.snapshot.generation == 3
+    # A push from before that state arrives late: the table's newer state stays.
+    stale = Snapshot("svc", CircuitState.HALF_OPEN, 2)
+    with daemon.cond:
+        for peer in daemon.peers:
+            peer.push(stale)
+    daemon.push(dataclasses.replace(reopened, failure_rate=0.75, calls=4))
+    assert got.wait(WAIT)
+    wait_until(lambda: link.snapshot.failure_rate == 0.75)
+    assert link.snapshot.state is CircuitState.OPEN
+    assert link.snapshot.generation == 3
+    assert [(t.from_state, t.to_state) for t in seen] == [(CircuitState.CLOSED, CircuitState.OPEN)]
+
+
+def test_without_the_tables_descriptor_the_client_lives_on_pushes(
+    daemon: FakeDaemon, make_client: Callable[..., DaemonClient]
+) -> None:
+    table_daemon(daemon)
+    daemon.table_fd_override = -1  # the welcome announces a table but brings no descriptor
+    client = make_client()
+    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), client=client)
+    assert link.remote
+    assert client.state_table is None
+    assert link._slot_words is None
+    opened = Snapshot("svc", CircuitState.OPEN, 1, open_until=time.monotonic() + 30)
+    daemon.push(opened)
+    wait_until(lambda: link.snapshot == opened)
+
+
+def test_a_descriptor_that_is_not_a_table_is_refused_with_a_warning(
+    daemon: FakeDaemon, make_client: Callable[..., DaemonClient], tmp_path: Path
+) -> None:
+    table_daemon(daemon)
+    bogus = tmp_path / "bogus"
+    bogus.write_bytes(b"\0" * 16 * 32)  # the announced size, but no header
+    fd = os.open(bogus, os.O_RDONLY)
+    daemon.table_fd_override = fd
+    try:
+        with structlog.testing.capture_logs() as logs:
+            client = make_client()
+            link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), client=client)
+    finally:
+        os.close(fd)
+    assert link.remote
+    assert client.state_table is None
+    (warning,) = [e for e in logs if e["event"] == "state_table_unusable"]
+    assert "magic" in warning["error"]
+    opened = Snapshot("svc", CircuitState.OPEN, 1, open_until=time.monotonic() + 30)
+    daemon.push(opened)
+    wait_until(lambda: link.snapshot == opened)
+
+
+def test_a_reconnected_client_reads_the_new_daemons_table(
+    daemon: FakeDaemon, make_client: Callable[..., DaemonClient]
+) -> None:
+    table_daemon(daemon)
+    client = make_client()
+    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), client=client)
+    first = client.state_table
+    assert first is not None
+    daemon.write_table(Snapshot("svc", CircuitState.OPEN, 5, open_until=time.monotonic() + 30))
+    assert link.snapshot.generation == 5
+    old_table = daemon.table
+    assert old_table is not None
+    table_daemon(daemon)  # the next welcome brings a new table...
+    with daemon.cond:
+        daemon.states.clear()  # ...from a daemon whose breakers start over
+    daemon.kill_peers()
+    wait_until(lambda: client.epoch == 2 and link.remote)
+    assert client.state_table is not None
+    assert client.state_table is not first
+    # The new daemon's breaker starts over at generation 0; only its table counts now.
+    assert link.snapshot.generation == 0
+    daemon.write_table(Snapshot("svc", CircuitState.FORCED_OPEN, 1))
+    assert link.snapshot.state is CircuitState.FORCED_OPEN
+    old_table.close()
 
 
 def test_successes_travel_as_one_batch(
