@@ -20,9 +20,9 @@ Kinds:
   just blocks. Mode ``spin``: on each ``arm`` command the main thread spins on
   ``breaker.state`` until it reads ``open``, records the instant, then spins
   until ``closed``. Mode ``calls``: on each ``arm`` it calls ``call_sync``
-  (yielding the CPU between calls) until a call is rejected locally, and
-  reports that instant and the start of its last admitted call; ``check``
-  reports the state.
+  every ``pause`` seconds until a call is rejected locally, and reports that
+  instant and the start of its last admitted call; ``check`` reports the
+  state.
 * ``fanout``: the reference for ``trip``: blocks in ``poll`` on a socket it
   inherited; for every byte it reports the instant ``recv`` returned.
 * ``hold``: many idle connections, each after ``hello`` and ``register``
@@ -273,7 +273,7 @@ def run_trip(args: dict[str, Any]) -> None:
         sys.stdin.read()  # until EOF
         return
     if args["mode"] == "calls":
-        run_trip_calls(breaker)
+        run_trip_calls(breaker, float(args.get("pause", 0.0)))
         return
     opened = CircuitState.OPEN
     emit(ready=True, remote=is_remote(breaker), pid=os.getpid())
@@ -294,18 +294,16 @@ def run_trip(args: dict[str, Any]) -> None:
         emit(state=breaker.state.value, t=monotonic())
 
 
-def run_trip_calls(breaker: CircuitBreaker) -> None:
-    """A process with traffic: calls until its first local rejection, yielding between calls.
+def run_trip_calls(breaker: CircuitBreaker, pause: float) -> None:
+    """A process with traffic: calls until its first local rejection, pausing between calls.
 
-    Yielding the CPU after each call lets 16 of these share 2 vCPUs with the
-    daemon and the tripping client, as request handlers blocked on IO would.
-    Reports the instant the first rejected call returned, and the start of
-    the last admitted one (a call that started after the trip's ack and was
-    still admitted would mean a process missed the trip).
+    Reports when its first rejected call ended (the state it read was read
+    before that instant) and when its last admitted call started (the state
+    it read was read after that one).
     """
     monotonic = time.monotonic
     call_sync = breaker.call_sync
-    yield_cpu = os.sched_yield
+    sleep = time.sleep
     emit(ready=True, remote=is_remote(breaker), pid=os.getpid())
     for command in commands():  # "arm", or "check" after the reset
         if command.get("op") == "check":
@@ -327,7 +325,7 @@ def run_trip_calls(breaker: CircuitBreaker) -> None:
             calls += 1
             if start > give_up:
                 break
-            yield_cpu()
+            sleep(pause)
         emit(
             state=breaker.state.value,
             t=rejected_at if rejected_at is not None else monotonic(),

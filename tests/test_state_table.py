@@ -16,6 +16,7 @@ from daemon_helpers import DaemonProcess, RawClient, short_tmpdir
 from hypothesis import given
 from hypothesis import strategies as st
 
+from breakerd.actor._daemon_config import ConfigError, load_config
 from breakerd.actor._state_table import SharedStateTable
 from breakerd.clients import CircuitBreaker, CircuitState, RemoteBreaker
 from breakerd.protocol import (
@@ -345,3 +346,20 @@ def test_a_bad_table_size_in_the_config_stops_the_daemon_before_it_binds(
     process.kill()
     assert "state_table_slots must be 0" in process.log()
     assert not (tmp_short / "s.sock").exists()
+
+
+@pytest.mark.parametrize(
+    ("line", "slots"), [("", 65_536), ("state_table_slots = 0", 0), ("state_table_slots = 2", 2)]
+)
+def test_the_config_file_sizes_the_table(tmp_path: Path, line: str, slots: int) -> None:
+    config = tmp_path / "d.toml"
+    config.write_text(f"[daemon]\n{line}\n")
+    assert load_config(config, tmp_path / "s.sock").state_table_slots == slots
+
+
+@pytest.mark.parametrize("value", ["1", "-1", "true", '"many"', "2.5", str((1 << 24) + 1)])
+def test_a_table_size_that_cannot_be_is_a_config_error(tmp_path: Path, value: str) -> None:
+    config = tmp_path / "d.toml"
+    config.write_text(f"[daemon]\nstate_table_slots = {value}\n")
+    with pytest.raises(ConfigError, match=r"state_table_slots must be 0 .* or an integer from 2"):
+        load_config(config, tmp_path / "s.sock")
