@@ -362,7 +362,8 @@ class DaemonClient:
         poller, self._poller = self._poller, None
         if poller is not None:
             poller.close()
-        for fd in (self._wake_r, self._wake_w):
+        table_fd, self._table_fd = self._table_fd, None
+        for fd in (self._wake_r, self._wake_w) + ((table_fd,) if table_fd is not None else ()):
             try:
                 os.close(fd)
             except OSError:
