@@ -5,15 +5,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._serve_main import serve_main
+from ._serve_main import LOOPS, serve_main
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m breakerd.actor", description=__doc__)
     parser.add_argument("--socket", type=Path, default=None, help="Unix socket path")
     parser.add_argument("--config", type=Path, default=None, help="TOML config file")
+    parser.add_argument(
+        "--loop", choices=LOOPS, default="auto", help="event loop (auto: uvloop if installed)"
+    )
     args = parser.parse_args(argv)
-    return serve_main(args.socket, args.config)
+    return serve_main(args.socket, args.config, args.loop)
 
 
 if __name__ == "__main__":

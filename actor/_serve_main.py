@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
 from pathlib import Path
+from typing import Final, Literal
 
 import anyio
 import structlog
@@ -14,7 +16,11 @@ from breakerd.protocol import default_socket_path
 from ._daemon_config import ConfigError, load_config
 from ._server import Daemon, DaemonAlreadyRunningError
 
-__all__ = ["configure_daemon_logging", "serve_main"]
+__all__ = ["LOOPS", "configure_daemon_logging", "resolve_loop", "serve_main"]
+
+#: ``--loop`` values: ``auto`` is uvloop when it is installed, asyncio otherwise.
+LOOPS: Final = ("auto", "asyncio", "uvloop")
+Loop = Literal["asyncio", "uvloop"]
 
 
 def configure_daemon_logging(level: int = logging.INFO) -> None:
@@ -33,9 +39,26 @@ def configure_daemon_logging(level: int = logging.INFO) -> None:
     )
 
 
-def serve_main(socket_path: Path | None, config_path: Path | None) -> int:
+def resolve_loop(requested: str) -> Loop:
+    """The event loop ``--loop requested`` runs on; ``ValueError`` if it cannot be had."""
+    if requested not in LOOPS:
+        raise ValueError(f"--loop must be one of {', '.join(LOOPS)}, not {requested!r}")
+    installed = importlib.util.find_spec("uvloop") is not None
+    if requested == "uvloop" and not installed:
+        raise ValueError("--loop uvloop: uvloop is not installed (pip install 'breakerd[uvloop]')")
+    if requested == "asyncio" or not installed:
+        return "asyncio"
+    return "uvloop"
+
+
+def serve_main(socket_path: Path | None, config_path: Path | None, loop: str = "auto") -> int:
     """Run the daemon in the foreground. Returns the process exit status."""
     configure_daemon_logging()
+    try:
+        chosen = resolve_loop(loop)
+    except ValueError as exc:
+        print(f"breakerd: {exc}", file=sys.stderr)
+        return 2
     path = socket_path if socket_path is not None else default_socket_path()
     if len(str(path).encode()) > 107:
         print(f"breakerd: socket path too long for a Unix socket: {path}", file=sys.stderr)
@@ -45,9 +68,10 @@ def serve_main(socket_path: Path | None, config_path: Path | None) -> int:
     except ConfigError as exc:
         print(f"breakerd: {exc}", file=sys.stderr)
         return 2
-    daemon = Daemon(settings)
+    daemon = Daemon(settings, loop_name=chosen)
     try:
-        anyio.run(daemon.run)
+        # uvloop's C loop costs the daemon less per request than asyncio's.
+        anyio.run(daemon.run, backend_options={"use_uvloop": chosen == "uvloop"})
     except DaemonAlreadyRunningError as exc:
         print(f"breakerd: {exc}", file=sys.stderr)
         return 1

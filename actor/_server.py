@@ -36,7 +36,7 @@ import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import anyio.abc
@@ -104,8 +104,11 @@ class Daemon:
         *,
         clock: Callable[[], float] = time.monotonic,
         handle_signals: bool = True,
+        loop_name: str = "asyncio",
     ) -> None:
         self.settings = settings
+        #: For the log: which event loop ``run`` was started on.
+        self.loop_name = loop_name
         self.system = ActorSystem(clock=clock)
         self.peers: set[_Peer] = set()
         self.subscribers: dict[str, set[_Peer]] = {}
@@ -174,6 +177,8 @@ class Daemon:
                     "daemon_started",
                     socket=str(self.socket_path),
                     pid=os.getpid(),
+                    loop=self.loop_name,
+                    state_table_slots=self.state_table.slots if self.state_table else 0,
                     breakers_configured=sorted(self.settings.breakers),
                 )
                 task_status.started()
@@ -363,9 +368,9 @@ class _Peer(asyncio.BufferedProtocol):
 
     # -- asyncio callbacks -------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        # uvloop's transports have the whole Transport API without subclassing it.
+        transport = self.transport = cast(asyncio.Transport, base)
         daemon = self.daemon
         sock = transport.get_extra_info("socket")
         pid, uid, gid = _PEERCRED.unpack(
@@ -539,8 +544,10 @@ class _Peer(asyncio.BufferedProtocol):
         self.inflight -= 1
         sent = 0
         try:
-            # A descriptor of its own: the transport keeps its socket object.
-            with transport.get_extra_info("socket").dup() as sock:
+            # A descriptor of its own: the transport keeps its socket object
+            # (under uvloop a stand-in that cannot send ancillary data).
+            raw = transport.get_extra_info("socket").fileno()
+            with socket.socket(fileno=os.dup(raw)) as sock:
                 sent = socket.send_fds(sock, [data], [table_fd])
         except OSError as exc:
             # Nothing went out; the client finds no descriptor and does without.

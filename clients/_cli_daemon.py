@@ -55,13 +55,19 @@ def add_serve(subparsers: Any) -> None:
     )
     _socket_option(parser)
     parser.add_argument("--config", type=Path, default=None, metavar="FILE", help="TOML config")
+    parser.add_argument(
+        "--loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="the daemon's event loop (default auto: uvloop when installed, else asyncio)",
+    )
     parser.set_defaults(handler=_run_serve)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     from breakerd.actor._serve_main import serve_main
 
-    return serve_main(_socket(args), args.config)
+    return serve_main(_socket(args), args.config, args.loop)
 
 
 def add_status(subparsers: Any) -> None:

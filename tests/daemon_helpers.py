@@ -74,10 +74,17 @@ def wait_for(
 
 class DaemonProcess:
     def __init__(
-        self, socket_path: Path, config: Path | None = None, log_path: Path | None = None
+        self,
+        socket_path: Path,
+        config: Path | None = None,
+        log_path: Path | None = None,
+        *,
+        loop: str = "auto",
     ) -> None:
         self.socket_path = socket_path
+        self.loop = loop
         args = [sys.executable, "-m", "breakerd.actor", "--socket", str(socket_path)]
+        args += ["--loop", loop]
         if config is not None:
             args += ["--config", str(config)]
         self.stderr_path = log_path or socket_path.parent / "daemon.log"

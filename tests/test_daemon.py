@@ -51,11 +51,18 @@ def tmp_short() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-def daemon(tmp_short: Path) -> Iterator[DaemonProcess]:
-    process = DaemonProcess(tmp_short / "s.sock").wait_ready()
+@pytest.fixture(params=["asyncio", "uvloop"])
+def daemon(tmp_short: Path, request: pytest.FixtureRequest) -> Iterator[DaemonProcess]:
+    """The daemon on each event loop it supports (uvloop comes with the dev extra)."""
+    process = DaemonProcess(tmp_short / "s.sock", loop=request.param).wait_ready()
     yield process
     process.kill()
+
+
+def test_the_daemon_says_which_loop_it_runs_on(daemon: DaemonProcess) -> None:
+    (started,) = [e for e in daemon.log_events() if e["event"] == "daemon_started"]
+    assert started["loop"] == daemon.loop
+    assert started["state_table_slots"] == 65_536
 
 
 def test_sigterm_exits_zero_and_removes_the_socket(daemon: DaemonProcess) -> None:

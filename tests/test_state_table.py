@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import mmap
 import os
 import shutil
@@ -17,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from breakerd.actor._daemon_config import ConfigError, load_config
+from breakerd.actor._serve_main import resolve_loop
 from breakerd.actor._state_table import SharedStateTable
 from breakerd.clients import CircuitBreaker, CircuitState, RemoteBreaker
 from breakerd.protocol import (
@@ -234,9 +236,9 @@ def tmp_short() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-def daemon(tmp_short: Path) -> Iterator[DaemonProcess]:
-    process = DaemonProcess(tmp_short / "s.sock").wait_ready()
+@pytest.fixture(params=["asyncio", "uvloop"])
+def daemon(tmp_short: Path, request: pytest.FixtureRequest) -> Iterator[DaemonProcess]:
+    process = DaemonProcess(tmp_short / "s.sock", loop=request.param).wait_ready()
     yield process
     process.kill()
 
@@ -363,3 +365,11 @@ def test_a_table_size_that_cannot_be_is_a_config_error(tmp_path: Path, value: st
     config.write_text(f"[daemon]\nstate_table_slots = {value}\n")
     with pytest.raises(ConfigError, match=r"state_table_slots must be 0 .* or an integer from 2"):
         load_config(config, tmp_path / "s.sock")
+
+
+def test_the_loop_option_resolves_to_an_installed_loop() -> None:
+    installed = importlib.util.find_spec("uvloop") is not None
+    assert resolve_loop("auto") == ("uvloop" if installed else "asyncio")
+    assert resolve_loop("asyncio") == "asyncio"
+    with pytest.raises(ValueError, match="must be one of auto, asyncio, uvloop"):
+        resolve_loop("trio")
