@@ -571,6 +571,10 @@ class _Peer(asyncio.BufferedProtocol):
         if type(message) is Report and message.lease:
             self.leases.pop((message.name, message.lease), None)
         if type(message) is Acquire:
+            if message.successes:
+                # Counted first; served inline, the acquire applies them.
+                actor.post_success(message.successes_generation, message.successes, flush=False)
+                self._unflushed.append(actor)
 
             def reply(result: Any, error: BaseException | None) -> None:
                 if error is None and isinstance(result, Admission) and result.lease:

@@ -417,11 +417,25 @@ def _registered(d: _Map) -> Registered:
 
 
 def _acquire_map(m: Acquire) -> _Map:
-    return {"name": m.name}
+    if not m.successes and not m.successes_generation:
+        return {"name": m.name}
+    return {
+        "name": m.name,
+        "successes": m.successes,
+        "successes_generation": m.successes_generation,
+    }
 
 
 def _acquire(d: _Map) -> Acquire:
-    return Acquire(_str(d, "name", "acquire params"))
+    w = "acquire params"
+    name = _str(d, "name", w)
+    if "successes" not in d and "successes_generation" not in d:
+        return Acquire(name)
+    successes = _int(d, "successes", w)
+    generation = _int(d, "successes_generation", w)
+    if successes < 0 or generation < 0:
+        raise RemoteProtocolError(f"{w}: successes and successes_generation must be >= 0")
+    return Acquire(name, successes, generation)
 
 
 def _admission_map(m: Admission) -> _Map:

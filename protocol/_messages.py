@@ -107,6 +107,11 @@ class Acquire:
     """Ask the actor for a permit (the first call after the open deadline, trials, strict mode)."""
 
     name: str
+    #: Plain successes of this breaker, admitted under ``successes_generation``
+    #: and not reported yet, to count before the permit is decided: a strict
+    #: caller's previous call rides on its next acquire, not in a frame of its own.
+    successes: int = 0
+    successes_generation: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -85,6 +85,7 @@ EXCHANGES: list[tuple[RequestMessage, ResultMessage]] = [
     ),
     (Register("db"), Registered(SNAP_BARE)),
     (Acquire("llm"), Admission(True, 7, 42, SNAP)),
+    (Acquire("llm", successes=3, successes_generation=7), Admission(True, 7, 0, SNAP)),
     (Acquire("llm"), Admission(False, 8, 0, SNAP_OPEN, retry_after=3.5)),
     (Report("llm", 7, Outcome.FAILURE, 0.75, 42), SNAP_OPEN),
     (Report("llm", 7, Outcome.RATE_LIMITED, 0.1, 0, retry_after=30.0), SNAP_OPEN),
@@ -531,6 +532,16 @@ REPORT_OK = {"name": "llm", "generation": 1, "outcome": "success"}
 BAD_FIELDS: dict[str, tuple[str, dict[str, Any], str]] = {
     "missing name": ("acquire", {}, "acquire params: missing required field 'name'"),
     "name not a string": ("acquire", {"name": 5}, "field 'name' must be a string, got an integer"),
+    "negative successes": (
+        "acquire",
+        {"name": "x", "successes": -1, "successes_generation": 0},
+        "acquire params: successes and successes_generation must be >= 0",
+    ),
+    "successes without their generation": (
+        "acquire",
+        {"name": "x", "successes": 2},
+        "acquire params: missing required field 'successes_generation'",
+    ),
     "boolean generation": (
         "report",
         REPORT_OK | {"generation": True},

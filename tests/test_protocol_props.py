@@ -204,7 +204,12 @@ config_values = st.recursive(
 )
 requests: st.SearchStrategy[RequestMessage] = st.one_of(
     st.builds(Register, name=names, config=st.dictionaries(st.text(max_size=8), config_values)),
-    st.builds(Acquire, name=names),
+    st.builds(
+        Acquire,
+        name=names,
+        successes=st.integers(0, 2**32),
+        successes_generation=st.integers(0, 2**63),
+    ),
     reports,
     st.builds(Admin, name=names, op=st.sampled_from(sorted(ADMIN_OPS))),
     st.builds(StatusRequest, name=st.none() | names),

@@ -376,6 +376,11 @@ class FakeDaemon:
             for _, m in self.requests
             if isinstance(m, Report) and (m.name, m.outcome) == (name, outcome)
         )
+        if outcome is Outcome.SUCCESS:
+            # A strict caller's last success rides on its next acquire.
+            asked += sum(
+                m.successes for _, m in self.requests if isinstance(m, Acquire) and m.name == name
+            )
         return batched + asked
 
     def live_peers(self) -> list[Peer]:
@@ -1271,8 +1276,24 @@ def test_strict_calls_from_many_threads_are_all_counted(daemon: FakeDaemon, sock
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         results = list(pool.map(work, range(threads)))
     assert results == [list(range(t * calls, (t + 1) * calls)) for t in range(threads)]
-    assert len(daemon.received(Acquire)) == threads * calls
+    acquires = daemon.received(Acquire)
+    assert len(acquires) == threads * calls
     daemon.wait_for(lambda: daemon.count("svc", Outcome.SUCCESS) == threads * calls)
+    # Most successes rode on the next acquire rather than in a frame of their own.
+    assert sum(a.successes for a in acquires) > calls
+
+
+def test_a_strict_callers_success_rides_on_its_next_acquire(
+    daemon: FakeDaemon, sock_path: str
+) -> None:
+    breaker = CircuitBreaker("svc", daemon=sock_path, strict=True)
+    for value in range(5):
+        assert breaker.call_sync(ok_sync, value) == value
+    acquires = daemon.received(Acquire)
+    assert [(a.successes, a.successes_generation) for a in acquires] == [(0, 0)] + [(1, 0)] * 4
+    assert not [b for _, b in daemon.batches if b.successes]  # no frame of their own
+    breaker._actor.client.flush()  # type: ignore[attr-defined]
+    daemon.wait_for(lambda: daemon.count("svc", Outcome.SUCCESS) == 5)
 
 
 async def test_async_and_sync_strict_callers_share_the_connection(
