@@ -317,7 +317,7 @@ class Daemon:
                 actor.listeners.append(self._pusher(name))
                 table = self.state_table
                 if table is not None and table.slot_for(name):
-                    actor.on_publish = table.publish
+                    actor.on_publish = table.publisher
                     table.publish(actor.snapshot)
             existing = actor
         conflicts = existing.config.differences(requested_config)

@@ -78,9 +78,11 @@ class SharedStateTable:
         finally:
             os.close(fd)
         self.slots = slots
-        self._by_name: dict[str, memoryview] = {}
+        # One view of the whole table: 10,000 breakers must not cost 10,000 objects.
+        self._words = self._buffer.cast("Q")
         self._slot_of: dict[str, int] = {}
-        self._written: dict[str, tuple[int, object, float | None]] = {}
+        #: ``publish`` bound once: every actor's ``on_publish`` shares it.
+        self.publisher = self.publish
 
     @property
     def used(self) -> int:
@@ -103,19 +105,19 @@ class SharedStateTable:
                 self._slot_of[name] = 0  # warn once; stays full
             return 0
         self._slot_of[name] = slot
-        self._by_name[name] = layout.slot_words(self._buffer, slot)
         return slot
 
     def publish(self, snapshot: Snapshot) -> None:
-        """Write ``snapshot``'s state if it changed what a client admits by."""
-        words = self._by_name.get(snapshot.name)
-        if words is None:
-            return
-        key = (snapshot.generation, snapshot.state, snapshot.open_until)
-        if self._written.get(snapshot.name) == key:
-            return  # trial leases and counters: nothing a client decides on
-        self._written[snapshot.name] = key
-        layout.write_slot(words, snapshot.generation, snapshot.state, snapshot.open_until)
+        """Write ``snapshot``'s state into its breaker's slot, if it has one."""
+        slot = self._slot_of.get(snapshot.name)
+        if slot:
+            layout.write_slot(
+                self._words,
+                snapshot.generation,
+                snapshot.state,
+                snapshot.open_until,
+                slot * layout.SLOT_WORDS,
+            )
 
     def close(self) -> None:
         """Give back the descriptor and the mapping (clients keep their own)."""
@@ -123,9 +125,9 @@ class SharedStateTable:
         if fd >= 0:
             os.close(fd)
             self.reader_fd = -1
-        for words in getattr(self, "_by_name", {}).values():
+        words = getattr(self, "_words", None)
+        if words is not None:
             words.release()
-        self._by_name = {}
         buffer = getattr(self, "_buffer", None)
         if buffer is not None:
             buffer.release()

@@ -44,6 +44,7 @@ PACKAGES = (
     "msgpack",
     "structlog",
     "anyio",
+    "uvloop",
 )
 
 

@@ -120,32 +120,48 @@ def slot_words(buffer: memoryview, slot: int) -> memoryview:
 
 
 def write_slot(
-    words: memoryview, generation: int, state: CircuitState, open_until: float | None
-) -> None:
-    """Publish a breaker's state in its slot (``slot_words``); the only writer is the daemon."""
-    seq = words[0] | 1
-    words[0] = seq  # odd: readers retry until the slot is whole again
-    words[1] = generation
-    words[2] = _CODES[state]
-    words[3] = (
+    words: memoryview,
+    generation: int,
+    state: CircuitState,
+    open_until: float | None,
+    base: int = 0,
+) -> bool:
+    """Publish a breaker's state in its slot; the only writer is the daemon.
+
+    ``words`` is a slot (``slot_words``), or the whole table as 64-bit words
+    with ``base`` the slot's first word (``slot * SLOT_WORDS``): the daemon
+    keeps one view for every breaker rather than an object per breaker.
+    Returns False, writing nothing, when the slot already says this.
+    """
+    code = _CODES[state]
+    deadline = (
         _NO_DEADLINE if open_until is None else _WORD.unpack(_FLOAT.pack(float(open_until)))[0]
     )
-    words[0] = seq + 1
+    if words[base + 1] == generation and words[base + 2] == code and words[base + 3] == deadline:
+        return False  # trial leases and counters change nothing a client admits by
+    seq = words[base] | 1
+    words[base] = seq  # odd: readers retry until the slot is whole again
+    words[base + 1] = generation
+    words[base + 2] = code
+    words[base + 3] = deadline
+    words[base] = seq + 1
+    return True
 
 
-def read_slot(words: memoryview) -> SlotState | None:
+def read_slot(words: memoryview, base: int = 0) -> SlotState | None:
     """The slot's state, whole; None if the daemon was writing it on every attempt.
 
-    A daemon killed in the middle of a write leaves ``seq`` odd for ever; the
-    bounded retry keeps a reader from spinning on it (its connection drops
-    and it stops reading the table soon after).
+    ``words`` and ``base`` as for ``write_slot``. A daemon killed in the
+    middle of a write leaves ``seq`` odd for ever; the bounded retry keeps a
+    reader from spinning on it (its connection drops and it stops reading
+    the table soon after).
     """
     for _ in range(READ_ATTEMPTS):
-        seq = words[0]
+        seq = words[base]
         if seq & 1:
             continue
-        generation, code, deadline = words[1], words[2], words[3]
-        if words[0] != seq:
+        generation, code, deadline = words[base + 1], words[base + 2], words[base + 3]
+        if words[base] != seq:
             continue
         if code >= len(_STATES):
             return None  # not written by a daemon that speaks this layout

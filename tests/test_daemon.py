@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import stat
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,6 @@ import pytest
 from daemon_helpers import (
     DaemonProcess,
     RawClient,
-    short_tmpdir,
     spawn_worker,
     wait_for,
     worker_result,
@@ -42,21 +39,6 @@ def closed_by_peer(sock: socket.socket) -> bool:
         return sock.recv(100) == b""
     except ConnectionResetError:
         return True
-
-
-@pytest.fixture
-def tmp_short() -> Iterator[Path]:
-    path = short_tmpdir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def daemon(tmp_short: Path, request: pytest.FixtureRequest) -> Iterator[DaemonProcess]:
-    """The daemon on each event loop it supports (uvloop comes with the dev extra)."""
-    process = DaemonProcess(tmp_short / "s.sock", loop=request.param).wait_ready()
-    yield process
-    process.kill()
 
 
 def test_the_daemon_says_which_loop_it_runs_on(daemon: DaemonProcess) -> None:

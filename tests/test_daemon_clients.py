@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import queue
-import shutil
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_helpers import DaemonProcess, short_tmpdir, wait_for
+from daemon_helpers import DaemonProcess, wait_for
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "daemon_worker.py"
@@ -103,13 +102,6 @@ class Worker:
             self.proc.kill()
             self.proc.wait(10)
         self._stderr.close()
-
-
-@pytest.fixture
-def tmp_short() -> Iterator[Path]:
-    path = short_tmpdir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

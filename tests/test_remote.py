@@ -724,11 +724,8 @@ def test_replies_out_of_order_over_the_socket(
         assert first.result(WAIT).lease == 11
 
 
-def test_pushes_update_the_snapshot_and_fire_transitions(
-    daemon: FakeDaemon, make_client: Callable[..., DaemonClient]
-) -> None:
-    client = make_client()
-    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), client=client)
+def record_transitions(link: RemoteBreaker) -> tuple[list[Transition], threading.Event]:
+    """The transitions ``link`` announces from now on, and an event set at each."""
     seen: list[Transition] = []
     got = threading.Event()
 
@@ -737,6 +734,15 @@ def test_pushes_update_the_snapshot_and_fire_transitions(
         got.set()
 
     link.listeners.append(listener)
+    return seen, got
+
+
+def test_pushes_update_the_snapshot_and_fire_transitions(
+    daemon: FakeDaemon, make_client: Callable[..., DaemonClient]
+) -> None:
+    client = make_client()
+    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), client=client)
+    seen, got = record_transitions(link)
     opened = Snapshot("svc", CircuitState.OPEN, 1, open_until=time.monotonic() + 30)
     daemon.push(opened)
     assert got.wait(WAIT)
@@ -785,14 +791,7 @@ def test_a_push_older_than_the_table_is_ignored_and_a_current_one_fills_in(
     table_daemon(daemon)
     client = make_client()
     link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), client=client)
-    seen: list[Transition] = []
-    got = threading.Event()
-
-    def listener(transition: Transition, snapshot: Snapshot) -> None:
-        seen.append(transition)
-        got.set()
-
-    link.listeners.append(listener)
+    seen, got = record_transitions(link)
     reopened = Snapshot("svc", CircuitState.OPEN, 3, open_until=time.monotonic() + 30)
     daemon.write_table(reopened)
     assert link.snapshot.generation == 3

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import mmap
 import os
-import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import cast
 
 import pytest
 import structlog.testing
-from daemon_helpers import DaemonProcess, RawClient, short_tmpdir
+from daemon_helpers import DaemonProcess, RawClient
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -102,10 +101,16 @@ def test_a_slot_reads_back_its_last_write(
 ) -> None:
     buffer = new_table(4)
     words = state_table.slot_words(buffer, 2)
-    for generation, state, open_until in writes:
-        state_table.write_slot(words, generation, state, open_until)
+    changes = 0
+    for write in writes:
+        changes += state_table.write_slot(words, *write)
     read = state_table.read_slot(words)
-    assert read == (2 * len(writes), *writes[-1])
+    assert read == (2 * changes, *writes[-1])
+    # Only a write that changes the slot (zeroed at first) moves its seq on.
+    before = [(0, STATES[0], 0.0), *writes]
+    assert changes == sum(1 for old, new in zip(before, writes, strict=False) if old != new)
+    # The whole table as one view, addressed by the slot's first word, reads the same.
+    assert state_table.read_slot(buffer.cast("Q"), 2 * state_table.SLOT_WORDS) == read
     # Its neighbours are untouched.
     assert state_table.read_slot(state_table.slot_words(buffer, 1)) == (0, 0, STATES[0], 0.0)
     assert state_table.check_header(buffer) == 4
@@ -227,20 +232,6 @@ def test_no_client_can_write_the_table(table: SharedStateTable) -> None:
 
 
 # -- a real daemon --------------------------------------------------------------------------
-
-
-@pytest.fixture
-def tmp_short() -> Iterator[Path]:
-    path = short_tmpdir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def daemon(tmp_short: Path, request: pytest.FixtureRequest) -> Iterator[DaemonProcess]:
-    process = DaemonProcess(tmp_short / "s.sock", loop=request.param).wait_ready()
-    yield process
-    process.kill()
 
 
 def hello_with_descriptors(path: Path) -> tuple[socket.socket, Connection, Welcome, list[int]]:

@@ -1,0 +1,26 @@
+"""Fixtures of the tests that run a real daemon process (modules may override ``daemon``)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from daemon_helpers import DaemonProcess, short_tmpdir
+
+
+@pytest.fixture
+def tmp_short() -> Iterator[Path]:
+    """A fresh directory under /tmp, short enough for Unix socket paths."""
+    path = short_tmpdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def daemon(tmp_short: Path, request: pytest.FixtureRequest) -> Iterator[DaemonProcess]:
+    """``breakerd serve`` on each event loop it supports (uvloop comes with the dev extra)."""
+    process = DaemonProcess(tmp_short / "s.sock", loop=request.param).wait_ready()
+    yield process
+    process.kill()
