@@ -220,8 +220,14 @@ def test_failures_from_several_processes_trip_one_breaker(
     status = breakerd_status(daemon.socket_path)["svc"]
     assert (status["state"], status["failures"], status["successes"]) == ("open", 6, 0)
     assert status["calls"] == 6
-    # Each process rejected its call itself, from the pushed state, and told the daemon.
-    assert status["rejections"] == 3
+    # Each process rejected its call itself, from the shared state, and told the daemon
+    # in its exit flush: on connections of their own, which the daemon may read after
+    # the status request's.
+    wait_for(
+        lambda: breakerd_status(daemon.socket_path)["svc"]["rejections"] == 3,
+        what="the three exit flushes counting one rejection each",
+    )
+    assert breakerd_status(daemon.socket_path)["svc"]["rejections"] == 3
 
 
 def test_exactly_half_open_calls_trials_run_host_wide(daemon: DaemonProcess, spawn: Spawn) -> None:
@@ -345,9 +351,16 @@ def test_every_outcome_from_busy_processes_is_counted(daemon: DaemonProcess, spa
     for worker in [*busy, lazy]:
         assert worker.exit_code() == 0  # no explicit flush: the atexit hook sends the rest
 
+    expected = 4 * 4990 + 3000
+    # The exit flushes travel on the workers' own connections, which the daemon
+    # may read after the status request's: wait for them, then check everything.
+    wait_for(
+        lambda: breakerd_status(daemon.socket_path)["svc"]["successes"] >= expected,
+        what="every exit flush",
+    )
     status = breakerd_status(daemon.socket_path)["svc"]
     assert status["state"] == "closed"
-    assert (status["successes"], status["failures"]) == (4 * 4990 + 3000, 40)
+    assert (status["successes"], status["failures"]) == (expected, 40)
     assert status["rejections"] == 0
 
 
