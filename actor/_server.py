@@ -545,7 +545,7 @@ class _Peer(asyncio.BufferedProtocol):
         sent = 0
         try:
             # A descriptor of its own: the transport keeps its socket object
-            # (under uvloop a stand-in that cannot send ancillary data).
+            # (under uvloop a stand-in, not a socket.socket).
             raw = transport.get_extra_info("socket").fileno()
             with socket.socket(fileno=os.dup(raw)) as sock:
                 sent = socket.send_fds(sock, [data], [table_fd])
