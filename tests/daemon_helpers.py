@@ -222,7 +222,7 @@ def run_worker(socket_path: Path, steps: list[list[Any]]) -> list[Any]:
             results.append(admission.admitted)
             if kind == "hold" and admission.admitted:
                 print(json.dumps(results), flush=True)
-                time.sleep(3600)  # killed by the test while holding the lease
+                signal.pause()  # holds the lease until the test kills it
         elif kind == "acquire_and_wait":
             results.append(client.acquire(name).admitted)
             print(json.dumps(results), flush=True)

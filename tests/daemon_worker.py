@@ -137,6 +137,12 @@ def wait(predicate: Callable[[], bool], timeout: float) -> bool:
     return poll_until(predicate, timeout) is not None
 
 
+def on_daemon(breaker: CircuitBreaker) -> Callable[[], bool]:
+    link = breaker._actor
+    assert isinstance(link, remote.RemoteBreaker)
+    return lambda: link.remote
+
+
 def state_is(breaker: CircuitBreaker, state: str) -> Callable[[], bool]:
     return lambda: breaker.state.value == state
 
@@ -178,9 +184,12 @@ def run_steps(breaker: CircuitBreaker, steps: list[Mapping[str, Any]]) -> None:
                 done = outcome["result"] == step.get("want", outcome["result"]) and (
                     outcome["state"] == step.get("state", outcome["state"])
                 )
-                if done or time.monotonic() > deadline:
+                remaining = deadline - time.monotonic()
+                if done or remaining <= 0:
                     break
-                time.sleep(0.005)
+                # Not there yet: only the daemon's breaker can answer otherwise,
+                # so wait for the link to be back on it (the reconnect), not for time.
+                wait(on_daemon(breaker), remaining)
             result = {**outcome, "attempts": attempts, "slowest": slowest, "seen": seen}
         elif op == "wait_state":
             ok = wait(state_is(breaker, step["state"]), step.get("timeout", 10.0))

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import anyio.lowlevel
 import pytest
 import structlog.testing
 
@@ -461,8 +462,12 @@ async def test_transition_observers(system: ActorSystem, clock: FakeClock) -> No
     seen: list[Transition] = []
     unsubscribe = breaker.on_transition(seen.append)
     stream = breaker.transitions()
+    listeners = breaker._actor.listeners
+    subscribed = len(listeners) + 1
     first = asyncio.ensure_future(stream.__anext__())
-    await asyncio.sleep(0)  # a yield, not a wait: lets the iterator subscribe
+    while len(listeners) < subscribed:
+        # Give the loop one turn at a time until the iterator has subscribed.
+        await anyio.lowlevel.checkpoint()
     await outcomes(breaker, [fail])
     streamed = await asyncio.wait_for(first, 5)
     assert (streamed.from_state, streamed.to_state) == (CircuitState.CLOSED, CircuitState.OPEN)
