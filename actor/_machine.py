@@ -435,13 +435,9 @@ class Machine:
                 self._count_total(outcome)
                 return RecordResult(True)
             return RecordResult(False)
-        if outcome is Outcome.CANCELLED:
-            return RecordResult(True)
-        self._count_total(outcome)
-        if outcome is Outcome.IGNORED:
-            return RecordResult(True)
-        if outcome is Outcome.RATE_LIMITED:
-            return RecordResult(True, (self._open(now, "rate_limited", retry_after),))
+        settled = self._settle_neutral(outcome, retry_after, now)
+        if settled is not None:
+            return settled
         failed = outcome is Outcome.FAILURE
         slow_limit = self.config.slow_call_duration
         slow = slow_limit is not None and duration > slow_limit
@@ -474,6 +470,23 @@ class Machine:
                 break
             transitions += result.transitions
         return transitions
+
+    def _settle_neutral(
+        self, outcome: Outcome, retry_after: float | None, now: float
+    ) -> RecordResult | None:
+        """Outcomes that a closed window and a trial take alike; None for success and failure.
+
+        Cancelled records nothing; ignored is counted in the totals only; a
+        rate limit opens the breaker for ``retry_after``.
+        """
+        if outcome is Outcome.CANCELLED:
+            return RecordResult(True)
+        self._count_total(outcome)
+        if outcome is Outcome.IGNORED:
+            return RecordResult(True)
+        if outcome is Outcome.RATE_LIMITED:
+            return RecordResult(True, (self._open(now, "rate_limited", retry_after),))
+        return None
 
     def _count_total(self, outcome: Outcome) -> None:
         if outcome is Outcome.SUCCESS:
@@ -516,13 +529,9 @@ class Machine:
         if self._leases.pop(lease, None) is None:
             # Unknown or already expired lease: its verdict was given already.
             return RecordResult(False)
-        if outcome is Outcome.CANCELLED:
-            return RecordResult(True)
-        self._count_total(outcome)
-        if outcome is Outcome.IGNORED:
-            return RecordResult(True)
-        if outcome is Outcome.RATE_LIMITED:
-            return RecordResult(True, (self._open(now, "rate_limited", retry_after),))
+        settled = self._settle_neutral(outcome, retry_after, now)
+        if settled is not None:
+            return settled
         slow_limit = self.config.slow_call_duration
         if slow_limit is not None and duration > slow_limit:
             self._trial_slow += 1

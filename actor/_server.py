@@ -34,7 +34,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, cast
 
@@ -573,8 +573,8 @@ class _Peer(asyncio.BufferedProtocol):
         if type(message) is Acquire:
             if message.successes:
                 # Counted first; served inline, the acquire applies them.
-                actor.post_success(message.successes_generation, message.successes, flush=False)
-                self._unflushed.append(actor)
+                counts = ((message.name, message.successes_generation, message.successes),)
+                self._post_counts(counts, (), deferred=True)
 
             def reply(result: Any, error: BaseException | None) -> None:
                 if error is None and isinstance(result, Admission) and result.lease:
@@ -642,22 +642,11 @@ class _Peer(asyncio.BufferedProtocol):
         daemon = self.daemon
         system = daemon.system
         if not message.items:
-            # Counts only (plain successes, local rejections): what a busy or
-            # a strict client sends in front of nearly every request. The
-            # drain is armed once the whole read is handled (data_received):
-            # a request behind the counts, served inline, applies them first.
-            unflushed = self._unflushed
-            for name, generation, count in message.successes:
-                actor = system.get(name)
-                if actor is not None:
-                    actor.post_success(generation, count, flush=False)
-                    unflushed.append(actor)
-                else:
-                    self.log.warning("report_for_unknown_breaker", breaker=name)
-            for name, count in message.rejections:
-                actor = system.get(name)
-                if actor is not None:
-                    actor.post_rejection(count)
+            # Counts only (plain successes, local rejections): what a busy
+            # client sends. The drain is armed once the whole read is handled
+            # (data_received): a request behind the counts, served inline,
+            # applies them first.
+            self._post_counts(message.successes, message.rejections, deferred=True)
             return
         successes: dict[tuple[str, int], int] = {}
         busy: BreakerActor | None = None
@@ -686,18 +675,40 @@ class _Peer(asyncio.BufferedProtocol):
         for name, generation, count in message.successes:
             key = (name, generation)
             successes[key] = successes.get(key, 0) + count
-        for (name, generation), count in successes.items():
+        self._post_counts(
+            [(name, generation, count) for (name, generation), count in successes.items()],
+            message.rejections,
+            deferred=False,
+        )
+        if busy is not None:
+            self._pause_until_drained(busy)
+
+    def _post_counts(
+        self,
+        successes: Iterable[tuple[str, int, int]],
+        rejections: Iterable[tuple[str, int]],
+        *,
+        deferred: bool,
+    ) -> None:
+        """Hand counted successes and local rejections to their actors.
+
+        ``deferred``: arm no drain per actor; data_received arms one for each
+        once the whole read is handled.
+        """
+        system = self.daemon.system
+        for name, generation, count in successes:
             actor = system.get(name)
-            if actor is not None:
-                actor.post_success(generation, count)
-            else:
+            if actor is None:
                 self.log.warning("report_for_unknown_breaker", breaker=name)
-        for name, count in message.rejections:
+            elif deferred:
+                actor.post_success(generation, count, flush=False)
+                self._unflushed.append(actor)
+            else:
+                actor.post_success(generation, count)
+        for name, count in rejections:
             actor = system.get(name)
             if actor is not None:
                 actor.post_rejection(count)
-        if busy is not None:
-            self._pause_until_drained(busy)
 
     def _pause_until_drained(self, actor: BreakerActor) -> None:
         # Backpressure: stop reading this peer's socket until the actor has
