@@ -1189,6 +1189,20 @@ def caller_reading(client: DaemonClient) -> int:
     return wait_until(reading)
 
 
+def waiter_and_reader(
+    daemon: FakeDaemon, link: RemoteBreaker, pool: concurrent.futures.ThreadPoolExecutor
+) -> tuple[concurrent.futures.Future[Any], concurrent.futures.Future[Any], int]:
+    """Two acquires the daemon holds: one waiting for its reply, one reading the socket.
+
+    Returns both futures and the reading caller's thread id.
+    """
+    other = pool.submit(ask, link, Acquire("svc"))
+    daemon.wait_for(lambda: len(daemon.held) == 1)
+    reader = pool.submit(link.ask_sync, Acquire("svc"))
+    daemon.wait_for(lambda: len(daemon.held) == 2)
+    return other, reader, caller_reading(link.client)
+
+
 def baton_free(client: DaemonClient) -> None:
     """Wait until nobody reads (the IO thread may still be running the last callbacks)."""
     wait_until(lambda: client._reader_ident is None)
@@ -1445,11 +1459,7 @@ def test_a_reader_interrupted_while_reading_drops_the_connection_not_the_replies
         # B waits for its reply without reading; A reads, and is interrupted
         # (as by Ctrl-C in the main thread) just after the core took B's reply
         # out of the pending table, before handing it over.
-        other = pool.submit(ask, link, Acquire("svc"))
-        daemon.wait_for(lambda: len(daemon.held) == 1)
-        reader = pool.submit(link.ask_sync, Acquire("svc"))
-        daemon.wait_for(lambda: len(daemon.held) == 2)
-        reader_ident = caller_reading(client)
+        other, reader, reader_ident = waiter_and_reader(daemon, link, pool)
         response = ClientCore._response
 
         def interrupted(core: ClientCore, event: Any, actions: list[Any]) -> None:
@@ -1481,11 +1491,7 @@ def test_a_reader_interrupted_while_dispatching_still_delivers_the_others(
     baton_free(client)
     daemon.hold.add(Acquire)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        other = pool.submit(ask, link, Acquire("svc"))
-        daemon.wait_for(lambda: len(daemon.held) == 1)
-        reader = pool.submit(link.ask_sync, Acquire("svc"))
-        daemon.wait_for(lambda: len(daemon.held) == 2)
-        reader_ident = caller_reading(client)
+        other, reader, reader_ident = waiter_and_reader(daemon, link, pool)
 
         def listener(transition: Transition, snapshot: Snapshot) -> None:
             if threading.get_ident() == reader_ident:
