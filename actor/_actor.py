@@ -14,8 +14,14 @@ that are atomic under the GIL:
 
 The actor applies the tally before every inbox item, so a thread's successes
 always count before its own later failure. A transition swaps in a fresh
-tally; successes added to the old one after that are stale and dropped, as
-any report from an older generation is.
+tally; successes added to the old one after that are stale: they stay out of
+the window and count in the totals, as any report from an older generation.
+
+A success goes into the tally only while the snapshot says no run of
+successes can change the state (``Snapshot.successes_safe``): the tally is
+then keyed by the generation, otherwise by a key no permit carries, so the
+proxy's one comparison fails and it asks instead, and waits for the answer
+(read your own writes for a success that may trip the breaker).
 
 Fire-and-forget reports do not wake a sleeping actor at once: the first one
 schedules a drain ``REPORT_FLUSH_DELAY`` seconds later, so a busy caller pays
@@ -64,6 +70,11 @@ ReportItem: TypeAlias = tuple[int, Outcome, float]
 
 #: How long fire-and-forget reports may wait in the inbox before a drain.
 REPORT_FLUSH_DELAY: Final = 0.002
+#: The tally's key while a success may change the state: no permit has it.
+_ASK_FOR_SUCCESSES: Final = -(1 << 62)
+#: Tallies of older generations drained for the totals before they are dropped:
+#: a proxy preempted between reading the tally and appending to it still counts.
+_RETIRED_TALLIES: Final = 4
 
 _logger = structlog.get_logger("breakerd")
 
@@ -121,9 +132,13 @@ class BreakerActor:
         self.restarts = 0
         self._clock = clock
         self._inbox: deque[InboxItem] = deque()
-        # (generation, tally): read as one attribute so a proxy never pairs
-        # one generation's check with another generation's tally.
+        # (key, tally): read as one attribute so a proxy never pairs one
+        # generation's check with another generation's tally. The key is the
+        # generation, or _ASK_FOR_SUCCESSES while successes must be asked.
         self._tally: tuple[int, list[int]] = (self.machine.generation, [])
+        self._tally_generation = self.machine.generation
+        self._retired: deque[tuple[int, list[int]]] = deque(maxlen=_RETIRED_TALLIES)
+        self._stale_successes: list[int] = []
         self._rejections: list[int] = []
         self._asleep = False
         self._flush_scheduled = False
@@ -138,28 +153,54 @@ class BreakerActor:
     def post_success(self, generation: int, count: int = 1, *, flush: bool = True) -> bool:
         """Count ``count`` plain successes admitted under ``generation``, without waiting.
 
-        ``flush=False`` (the actor's own loop thread only) arms no drain: the
-        caller calls ``flush_soon()`` once it is done, unless a request served
-        inline has applied the count meanwhile.
+        False when a success may change the state now: ``ask`` with the
+        ``Report`` instead, and wait. ``flush=False`` (the actor's own loop
+        thread only) arms no drain: the caller calls ``flush_soon()`` once it
+        is done, unless a request served inline has applied the count meanwhile.
         """
-        tally_generation, tally = self._tally
-        if tally_generation == generation:
+        tally_key, tally = self._tally
+        if tally_key == generation:
             tally.append(count)
             if flush and self._asleep and not self._flush_scheduled:
                 self._schedule_flush()
+            return True
+        if generation == self._tally_generation:
+            return False
+        self.add_successes(generation, count, flush=flush)
         return True
+
+    def add_successes(self, generation: int, count: int, *, flush: bool = True) -> None:
+        """Count successes that were not waited for, whatever they may change.
+
+        For the daemon, which applies what its clients sent: whether a success
+        had to be waited for was the client's decision, made from the snapshot
+        it had. ``flush`` as for ``post_success``.
+        """
+        tally_generation, tally = self._tally_generation, self._tally[1]
+        if tally_generation != generation:
+            tally = self._stale_successes  # the books only
+        tally.append(count)
+        if flush and self._asleep and not self._flush_scheduled:
+            self._schedule_flush()
 
     def flush_soon(self) -> None:
         """Arm the drain that ``post_success(flush=False)`` left out, if still needed."""
         if (
             self._asleep
             and not self._flush_scheduled
-            and (self._tally[1] or self._inbox or self._rejections)
+            and (self._tally[1] or self._inbox or self._rejections or self._stale_successes)
         ):
             self._schedule_flush()
 
     def post_report(self, item: ReportItem) -> bool:
-        """Any outcome, without waiting. False: inbox full, ask instead."""
+        """Any outcome, without waiting. False: inbox full, or a success that
+        may change the state: ask instead."""
+        if (
+            item[1] is Outcome.SUCCESS
+            and item[0] == self._tally_generation
+            and self._tally[0] != item[0]
+        ):
+            return False
         inbox = self._inbox
         if len(inbox) >= self.max_inbox or self._stopped:
             return False
@@ -257,7 +298,7 @@ class BreakerActor:
             self._flush_scheduled = False
             self._drain()
             self._asleep = True
-            if inbox or self._tally[1]:
+            if inbox or self._tally[1] or self._stale_successes:
                 # A producer added something between our drain and the flag.
                 self._asleep = False
                 continue
@@ -274,17 +315,30 @@ class BreakerActor:
             event.clear()
 
     def _take_tallies(self) -> None:
-        generation, tally = self._tally
+        tally = self._tally[1]
         taken = len(tally)
         if taken:
             count = sum(tally[:taken])
             del tally[:taken]
             try:
-                transitions = self.machine.record_successes(generation, count, self._clock())
+                machine = self.machine
+                transitions = machine.record_successes(self._tally_generation, count, self._clock())
                 if transitions:
                     self._apply(transitions)
+                elif not self.snapshot.successes_safe and machine.successes_safe():
+                    self._publish()  # judged within the threshold: back to the fast path
             except Exception as exc:  # a bug in breakerd: restart, never go silent
                 self._crash(None, exc)
+        stale = self._stale_successes
+        for _, retired in self._retired:
+            if retired:
+                taken = len(retired)
+                stale.append(sum(retired[:taken]))
+                del retired[:taken]
+        taken = len(stale)
+        if taken:
+            self.machine.count_stale_successes(sum(stale[:taken]))
+            del stale[:taken]
         rejections = self._rejections
         taken = len(rejections)
         if taken:
@@ -326,8 +380,11 @@ class BreakerActor:
                 retry_after=message.retry_after,
             )
             self._apply(record.transitions)
-            if message.lease and not record.transitions:
-                # A trial lease came back: proxies may see trial capacity again.
+            if not record.transitions and (
+                message.lease or self.machine.successes_safe() != self.snapshot.successes_safe
+            ):
+                # A trial lease came back (proxies may see trial capacity
+                # again), or successes may trip the window now, or no longer.
                 self._publish()
             result = self.snapshot
         elif type(message) is Acquire:
@@ -352,7 +409,10 @@ class BreakerActor:
                 transition = self.machine.reset(now)
             else:
                 raise InvalidRequestError(f"unknown admin operation {op!r}")
-            self._apply((transition,))
+            if transition is not None:
+                self._apply((transition,))
+            elif op == "reset":
+                self._publish()  # the same state with an empty window
             result = self.snapshot
         elif type(message) is StatusRequest:
             self._apply(self.machine.expire(now))
@@ -391,9 +451,15 @@ class BreakerActor:
 
     def _publish(self) -> None:
         snapshot = self.machine.snapshot()
-        if snapshot.generation != self._tally[0]:
-            # Successes still arriving for the old generation are stale.
-            self._tally = (snapshot.generation, [])
+        generation = snapshot.generation
+        tally = self._tally[1]
+        if generation != self._tally_generation:
+            # Successes still arriving for the old generation are stale: the
+            # next drains count them in the totals.
+            self._retired.append((self._tally_generation, tally))
+            tally = []
+            self._tally_generation = generation
+        self._tally = (generation if snapshot.successes_safe else _ASK_FOR_SUCCESSES, tally)
         self.snapshot = snapshot
         on_publish = self.on_publish
         if on_publish is not None:

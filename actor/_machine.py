@@ -23,7 +23,17 @@ Rules
   everything, the second admits everything and records nothing. ``reset``
   returns to ``closed`` with an empty window.
 * Every transition bumps ``generation``. A permit remembers its generation;
-  a report from another generation is dropped and counts for nothing.
+  a report from another generation stays out of the window and the trials
+  (it cannot change today's state) but still counts in the lifetime totals:
+  the books match what callers and the upstream saw. So does a trial whose
+  lease a verdict or an admin move cut short (once); an expired lease was
+  counted as a failure when it expired, so its late report is not.
+* An administrative move to the state the breaker is already in is no move:
+  no transition, the same generation (``reset`` of a closed breaker still
+  empties its window).
+* ``successes_safe`` says whether any run of plain successes could open the
+  breaker; proxies wait for the acknowledgement of a success only when it
+  could.
 """
 
 from __future__ import annotations
@@ -64,6 +74,9 @@ _AUTOMATIC: Final[frozenset[tuple[CircuitState, CircuitState]]] = frozenset(
     }
 )
 _ADMIN_TARGETS: Final = frozenset({FORCED_OPEN, DISABLED, CLOSED})
+#: Trials cut short by a transition whose late report still counts in the
+#: totals. Bounded: a flood of unreported trials cannot grow it without end.
+_MAX_ORPHAN_LEASES: Final = 1024
 
 
 class IllegalTransitionError(RuntimeError):
@@ -250,6 +263,18 @@ class _CountWindow:
     def expire(self, now: float) -> None:
         """Count windows do not age."""
 
+    def successes_safe(self, trips: Callable[[int, int, int], bool]) -> bool:
+        """True when no run of plain successes can make the window trip.
+
+        Successes only lower both rates once the window is judged; below
+        ``min_calls`` the first judged success sees the worst rate.
+        """
+        if not (self.failures or self.slow):
+            return True
+        # A full window stays full: a success pushes out an outcome as it lands.
+        total = self.total if self.total == self.size else self.total + 1
+        return not trips(self.failures, self.slow, total)
+
 
 class _TimeWindow:
     """Outcomes of the last ``seconds`` seconds, one bucket per whole second."""
@@ -275,17 +300,41 @@ class _TimeWindow:
             self.failures -= failures
             self.slow -= slow
 
-    def add(self, failed: bool, slow: bool, now: float) -> None:
+    def add_successes(self, count: int, now: float) -> None:
+        """``count`` plain successes at ``now`` at once (one bucket, O(1))."""
+        self._bucket(now)[1] += count
+        self.total += count
+
+    def _bucket(self, now: float) -> list[int]:
         self.expire(now)
         second = math.floor(now)
         buckets = self._buckets
         if buckets and buckets[-1][0] >= second:
             # A clock never goes back; if a caller's instant does, it joins the
             # newest bucket rather than reordering history.
-            bucket = buckets[-1]
-        else:
-            bucket = [second, 0, 0, 0]
-            buckets.append(bucket)
+            return buckets[-1]
+        bucket = [second, 0, 0, 0]
+        buckets.append(bucket)
+        return bucket
+
+    def successes_safe(self, trips: Callable[[int, int, int], bool]) -> bool:
+        """True when no run of plain successes can make the window trip.
+
+        Any of the oldest buckets may age out before the next success lands,
+        so every run of newest buckets is a window that success may join;
+        the first success judged in it sees that window's worst rate.
+        """
+        total = failures = slow = 0
+        for _, bucket_total, bucket_failures, bucket_slow in reversed(self._buckets):
+            total += bucket_total
+            failures += bucket_failures
+            slow += bucket_slow
+            if (failures or slow) and trips(failures, slow, total + 1):
+                return False
+        return True
+
+    def add(self, failed: bool, slow: bool, now: float) -> None:
+        bucket = self._bucket(now)
         bucket[1] += 1
         bucket[2] += failed
         bucket[3] += slow
@@ -317,6 +366,8 @@ class Machine:
         # Half-open bookkeeping. Lease ids are unique for the machine's life.
         self._next_lease = 1
         self._leases: dict[int, float] = {}
+        # Leases a transition cut short: their report still counts in the totals, once.
+        self._orphans: dict[int, None] = {}
         self._trial_successes = 0
         self._trial_failures = 0
         self._trial_slow = 0
@@ -345,6 +396,27 @@ class Machine:
         w = self._window
         return w.slow / w.total if w.total else None
 
+    def successes_safe(self) -> bool:
+        """True when no run of plain successes can change the state.
+
+        Only a closed window can trip on a success; proxies send successes
+        without waiting while this holds, and wait for each one otherwise.
+        It stays true until an outcome other than a plain success arrives,
+        whatever the clock does: a time window's check covers any of its
+        oldest buckets ageing out first.
+        """
+        if self.state is not CLOSED:
+            return True
+        return self._window.successes_safe(self._trips_when_judged)
+
+    def _trips_when_judged(self, failures: int, slow: int, total: int) -> bool:
+        # The first judged outcome sees the window at min_calls at least.
+        config = self.config
+        total = max(total, config.min_calls)
+        return failures / total > config.failure_threshold or (
+            config.slow_call_duration is not None and slow / total > config.slow_call_threshold
+        )
+
     def next_deadline(self) -> float | None:
         """The earliest instant at which ``expire`` has work to do."""
         if self._leases:
@@ -367,6 +439,7 @@ class Machine:
             calls=self._window.total,
             trials_in_flight=len(self._leases),
             slow_call_duration=self.config.slow_call_duration,
+            successes_safe=self.successes_safe(),
         )
 
     # -- commands ----------------------------------------------------------
@@ -424,6 +497,8 @@ class Machine:
     ) -> RecordResult:
         """Apply the outcome of a call admitted under ``generation``."""
         if generation != self.generation:
+            if generation < self.generation:
+                self._count_stale(outcome, lease)
             return RecordResult(False)
         state = self.state
         if state is HALF_OPEN:
@@ -448,28 +523,61 @@ class Machine:
     def record_successes(self, generation: int, count: int, now: float) -> tuple[Transition, ...]:
         """Apply ``count`` plain (not slow) successes admitted under ``generation``.
 
-        Same result as ``count`` calls of ``record(generation, SUCCESS, now)``.
+        Same result as ``count`` calls of ``record(generation, SUCCESS, now)``,
+        at a cost independent of ``count``: successes only lower the rates,
+        so of a run of them only the first judged one can trip the window.
         """
-        if generation != self.generation or count <= 0:
+        if count <= 0:
             return _NO_TRANSITIONS
+        state = self.state
+        if generation != self.generation or state is DISABLED:
+            if generation <= self.generation:
+                self.successes += count  # stale, or disabled: the books only
+            return _NO_TRANSITIONS
+        if state is not CLOSED:
+            return _NO_TRANSITIONS  # open and half-open admit no plain call
+        self.successes += count
         window = self._window
-        if (
-            self.state is CLOSED
-            and type(window) is _CountWindow
-            and window.total >= self.config.min_calls
-        ):
-            # Judged already and within the threshold: a plain success can only
-            # lower both rates in a count window, so no judgement can open it.
-            self.successes += count
-            window.add_successes(count)
+        window.expire(now)
+        first_judged = max(1, self.config.min_calls - window.total)
+        if first_judged > count:
+            self._add_successes(window, count, now)
             return _NO_TRANSITIONS
-        transitions: tuple[Transition, ...] = ()
-        for _ in range(count):
-            result = self.record(generation, Outcome.SUCCESS, now)
-            if not result.counted:
-                break
-            transitions += result.transitions
+        self._add_successes(window, first_judged, now)
+        transitions = self._judge_window(now)
+        if not transitions:
+            # Every later success is judged at a lower rate: none can trip.
+            self._add_successes(window, count - first_judged, now)
+        # After a trip the rest are stale: counted above, out of the window.
         return transitions
+
+    @staticmethod
+    def _add_successes(window: _CountWindow | _TimeWindow, count: int, now: float) -> None:
+        if count <= 0:
+            return
+        if type(window) is _CountWindow:
+            window.add_successes(count)
+        else:
+            assert isinstance(window, _TimeWindow)
+            window.add_successes(count, now)
+
+    def count_stale_successes(self, count: int) -> None:
+        """Add plain successes of an older generation to the totals (books only)."""
+        self.successes += count
+
+    def _count_stale(self, outcome: Outcome, lease: int) -> None:
+        """Count an outcome of another generation in the totals, never twice.
+
+        A plain outcome counts. A trial's counts only if a transition cut its
+        lease short; an expired lease was counted as a failure when it expired.
+        """
+        if outcome is Outcome.CANCELLED:
+            return
+        if lease:
+            if lease not in self._orphans:
+                return
+            del self._orphans[lease]
+        self._count_total(outcome)
 
     def _settle_neutral(
         self, outcome: Outcome, retry_after: float | None, now: float
@@ -548,11 +656,22 @@ class Machine:
             return _NO_TRANSITIONS
         failure_rate = self._trial_failures / done
         slow_rate = self._trial_slow / done
+        # The verdict reports the trials' own rates, not the old window's.
         if failure_rate > config.failure_threshold:
-            return (self._open(now, "trial_failed", failure_rate=failure_rate),)
-        if config.slow_call_duration is not None and slow_rate > config.slow_call_threshold:
-            return (self._open(now, "trial_slow", failure_rate=failure_rate),)
-        return (self._move(CLOSED, "trial_succeeded", now, failure_rate=failure_rate),)
+            reason = "trial_failed"
+        elif config.slow_call_duration is not None and slow_rate > config.slow_call_threshold:
+            reason = "trial_slow"
+        else:
+            return (
+                self._move(
+                    CLOSED,
+                    "trial_succeeded",
+                    now,
+                    failure_rate=failure_rate,
+                    slow_call_rate=slow_rate,
+                ),
+            )
+        return (self._open(now, reason, failure_rate=failure_rate, slow_call_rate=slow_rate),)
 
     def expire(self, now: float) -> tuple[Transition, ...]:
         """Count overdue trial leases as failures. Call on every message."""
@@ -570,14 +689,25 @@ class Machine:
 
     # -- administration ------------------------------------------------------
 
-    def force_open(self, now: float) -> Transition:
+    # Each returns the transition, or None when the breaker is in that state
+    # already: no move, the same generation, nothing to publish or log.
+
+    def force_open(self, now: float) -> Transition | None:
+        if self.state is FORCED_OPEN:
+            return None
         return self._move(FORCED_OPEN, "admin_force_open", now, admin=True)
 
-    def disable(self, now: float) -> Transition:
+    def disable(self, now: float) -> Transition | None:
+        if self.state is DISABLED:
+            return None
         return self._move(DISABLED, "admin_disable", now, admin=True)
 
-    def reset(self, now: float) -> Transition:
+    def reset(self, now: float) -> Transition | None:
         """Back to ``closed`` with an empty window, whatever the state."""
+        if self.state is CLOSED:
+            self._window = self._new_window()
+            self._open_streak = 0
+            return None
         return self._move(CLOSED, "admin_reset", now, admin=True)
 
     # -- internals -----------------------------------------------------------
@@ -589,6 +719,7 @@ class Machine:
         retry_after: float | None = None,
         *,
         failure_rate: float | None = None,
+        slow_call_rate: float | None = None,
     ) -> Transition:
         if retry_after is not None and math.isfinite(retry_after) and retry_after >= 0:
             # A server's word is capped like our own backoff: one bad header
@@ -603,7 +734,14 @@ class Machine:
             if config.jitter:
                 duration *= 1.0 + config.jitter * (2.0 * self._random() - 1.0)
         self._open_streak += 1
-        return self._move(OPEN, reason, now, open_until=now + duration, failure_rate=failure_rate)
+        return self._move(
+            OPEN,
+            reason,
+            now,
+            open_until=now + duration,
+            failure_rate=failure_rate,
+            slow_call_rate=slow_call_rate,
+        )
 
     def _move(
         self,
@@ -613,6 +751,7 @@ class Machine:
         *,
         open_until: float | None = None,
         failure_rate: float | None = None,
+        slow_call_rate: float | None = None,
         admin: bool = False,
     ) -> Transition:
         source = self.state
@@ -622,11 +761,17 @@ class Machine:
             )
         if failure_rate is None:
             failure_rate = self.failure_rate()
-        slow_rate = self.slow_call_rate()
+        if slow_call_rate is None:
+            slow_call_rate = self.slow_call_rate()
         self.state = target
         self.generation += 1
         self.open_until = open_until if target is OPEN else None
-        self._leases.clear()
+        if self._leases:
+            orphans = self._orphans
+            orphans.update(dict.fromkeys(self._leases))
+            while len(orphans) > _MAX_ORPHAN_LEASES:
+                del orphans[next(iter(orphans))]
+            self._leases.clear()
         self._trial_successes = self._trial_failures = self._trial_slow = 0
         if target is CLOSED:
             # A fresh window: failures from before the trip never count again.
@@ -638,7 +783,7 @@ class Machine:
             self.generation,
             reason,
             failure_rate=failure_rate,
-            slow_call_rate=slow_rate,
+            slow_call_rate=slow_call_rate,
             open_until=self.open_until,
         )
 

@@ -316,9 +316,9 @@ class Daemon:
             if actor.listeners == []:
                 actor.listeners.append(self._pusher(name))
                 table = self.state_table
-                if table is not None and table.slot_for(name):
-                    actor.on_publish = table.publisher
-                    table.publish(actor.snapshot)
+                in_table = table is not None and table.slot_for(name) != 0
+                actor.on_publish = self._publisher(name, in_table)
+                actor.on_publish(actor.snapshot)  # the table's first word, and a baseline
             existing = actor
         conflicts = existing.config.differences(requested_config)
         if conflicts:
@@ -336,15 +336,39 @@ class Daemon:
             raise UnknownBreakerError(f"no breaker named {name!r} is registered with this daemon")
         return actor
 
+    def _publisher(self, name: str, in_table: bool) -> Callable[[Snapshot], None]:
+        """What a breaker's actor calls with every snapshot it publishes.
+
+        The state table first. Then a push when only ``successes_safe`` moved
+        (a transition's push is the listener's): a client without the table
+        learns that its successes must now wait, or need not any more.
+        """
+        table = self.state_table
+        write = table.publisher if table is not None and in_table else None
+        shown = [-1, True]  # generation and successes_safe of the last snapshot
+
+        def publish(snapshot: Snapshot) -> None:
+            if write is not None:
+                write(snapshot)
+            generation, safe = snapshot.generation, snapshot.successes_safe
+            if generation == shown[0] and safe is not shown[1]:
+                self._push(name, snapshot)
+            shown[0], shown[1] = generation, safe
+
+        return publish
+
+    def _push(self, name: str, snapshot: Snapshot) -> None:
+        subscribers = self.subscribers.get(name)
+        if not subscribers:
+            return
+        # Encoded once for every subscriber: all of them are past hello.
+        frame = frame_notification(StatePush(snapshot))
+        for peer in tuple(subscribers):
+            peer.push_frame(frame)
+
     def _pusher(self, name: str) -> Callable[[Transition, Snapshot], None]:
         def push(transition: Transition, snapshot: Snapshot) -> None:
-            subscribers = self.subscribers.get(name)
-            if not subscribers:
-                return
-            # Encoded once for every subscriber: all of them are past hello.
-            frame = frame_notification(StatePush(snapshot))
-            for peer in tuple(subscribers):
-                peer.push_frame(frame)
+            self._push(name, snapshot)
 
         return push
 
@@ -701,10 +725,10 @@ class _Peer(asyncio.BufferedProtocol):
             if actor is None:
                 self.log.warning("report_for_unknown_breaker", breaker=name)
             elif deferred:
-                actor.post_success(generation, count, flush=False)
+                actor.add_successes(generation, count, flush=False)
                 self._unflushed.append(actor)
             else:
-                actor.post_success(generation, count)
+                actor.add_successes(generation, count)
         for name, count in rejections:
             actor = system.get(name)
             if actor is not None:

@@ -117,6 +117,7 @@ class SharedStateTable:
                 snapshot.state,
                 snapshot.open_until,
                 slot * layout.SLOT_WORDS,
+                snapshot.successes_safe,
             )
 
     def close(self) -> None:

@@ -9,7 +9,10 @@ protocol:
 * the per-breaker state cache: the newest ``Snapshot`` of each breaker, from
   replies and ``state`` pushes alike;
 * report batching: fire-and-forget outcomes queue up here and leave as one
-  ``reports`` notification (split so no frame nears the size limit);
+  ``reports`` notification (split so no frame nears the size limit); plain
+  successes are *tallies*, one list per breaker and generation to which a
+  link appends (atomic under the GIL), taken whole at flush time: the
+  flusher's cost per batch does not grow with the successes in it;
 * error mapping: replies that carry an error complete with that
   ``BreakerError``; a lost connection completes every pending request with
   ``DaemonUnavailableError`` naming the socket and the reason.
@@ -78,6 +81,10 @@ ReportItem: TypeAlias = tuple[str, int, Outcome, float, int, float | None]
 #: Queued outcomes beyond this are refused (``post`` returns False), so a
 #: process that outruns its flusher falls back to requests, which push back.
 DEFAULT_MAX_QUEUED_REPORTS: Final = 100_000
+#: Success tallies kept per breaker: the current generation's and a few older
+#: ones, so a thread that read a tally just before the generation moved on
+#: still has its success taken (for the daemon's totals).
+_TALLIES_PER_BREAKER: Final = 4
 
 # A ``reports`` item costs its name plus at most ~50 bytes of msgpack (array
 # header, a 9-byte generation, the outcome string, a 9-byte float, a lease, a
@@ -154,6 +161,8 @@ class ClientCore:
         self._pending: dict[int, tuple[Reply, float]] = {}
         self._next_msgid = 1
         self._reports: deque[ReportItem] = deque()
+        # (name, generation) -> tally: plain successes, one entry each.
+        self._tallies: dict[tuple[str, int], list[int]] = {}
         # Actions of a receive_data call that did not return (interrupted):
         # the next call, or connection_lost, hands them over.
         self._undelivered: list[Action] = []
@@ -179,7 +188,7 @@ class ClientCore:
         self._conn = _Connection("client")
         self.failure = None
         self.snapshots.clear()
-        self._reports.clear()
+        self._drop_queued()
         hello = Hello(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, self.client, self.pid)
         return self.request(hello, on_welcome, now, flush=False)
 
@@ -190,13 +199,19 @@ class ClientCore:
         is unreachable, and a later daemon would not know their generations.
         """
         self._conn = None
-        self._reports.clear()
+        self._drop_queued()
         pending = list(self._pending.values())
         self._pending.clear()
         error = self.unavailable_error(reason)
         actions, self._undelivered = self._undelivered, []
         actions.extend(Completion(reply, None, error) for reply, _ in pending)
         return actions
+
+    def _drop_queued(self) -> None:
+        self._reports.clear()
+        for tally in list(self._tallies.values()):
+            del tally[:]
+        self._tallies.clear()
 
     def unavailable_error(self, reason: str) -> DaemonUnavailableError:
         return DaemonUnavailableError(
@@ -229,9 +244,9 @@ class ClientCore:
             raise NotConnectedError("no connection to the daemon")
         msgid = self._allocate_msgid()
         head = b""
-        if flush and (self._reports or self._rejections):
+        if flush and (self._reports or self._rejections or self._tallied()):
             message = self._fold_successes(message)
-            if self._reports or self._rejections:
+            if self._reports or self._rejections or self._tallied():
                 head = self.take_batch()
         try:
             data = conn.send_request(msgid, message)
@@ -242,23 +257,25 @@ class ClientCore:
         return msgid, head + data if head else data
 
     def _fold_successes(self, message: RequestMessage) -> RequestMessage:
-        # A strict caller's one queued success rides on its next acquire: the
+        # A strict caller's queued successes ride on its next acquire: the
         # daemon decodes one frame instead of two.
-        reports = self._reports
-        if type(message) is not Acquire or len(reports) != 1 or self._rejections:
+        if type(message) is not Acquire or self._reports or self._rejections or message.successes:
             return message
-        item = reports[0]
-        if (
-            item[0] != message.name
-            or item[2] is not _SUCCESS
-            or item[3]
-            or item[4]
-            or item[5] is not None
-            or message.successes
-        ):
+        found: tuple[int, list[int]] | None = None
+        for (name, generation), tally in list(self._tallies.items()):
+            if tally:
+                if found is not None or name != message.name:
+                    return message
+                found = (generation, tally)
+        if found is None:
             return message
-        reports.popleft()  # still item: only flushers pop, one at a time
-        return Acquire(message.name, 1, item[1])
+        generation, tally = found
+        taken = len(tally)
+        del tally[:taken]  # one entry per success: the length is the count
+        return Acquire(message.name, taken, generation)
+
+    def _tallied(self) -> bool:
+        return any(self._tallies.values())
 
     def _allocate_msgid(self) -> int:
         msgid = self._next_msgid
@@ -315,24 +332,34 @@ class ClientCore:
         rejections.append(name)
         return True
 
+    def success_tally(self, name: str, generation: int) -> list[int]:
+        """The list to which a link appends ``1`` per plain success of ``name``
+        admitted under ``generation`` (no lock: ``list.append``), bounded by
+        ``max_queued_reports`` by the appender. Any thread."""
+        key = (name, generation)
+        tally = self._tallies.get(key)
+        if tally is None:
+            tally = self._tallies.setdefault(key, [])
+            self._forget_old_tallies(name)
+        return tally
+
+    def _forget_old_tallies(self, name: str) -> None:
+        keys = [key for key, tally in list(self._tallies.items()) if key[0] == name]
+        for key in keys[:-_TALLIES_PER_BREAKER]:
+            if not self._tallies.get(key, True):
+                self._tallies.pop(key, None)  # empty: its successes were taken
+
     @property
     def queued_reports(self) -> int:
-        return len(self._reports)
+        return len(self._reports) + sum(len(tally) for tally in list(self._tallies.values()))
 
     def take_batch(self) -> bytes:
         """Every queued outcome as ``reports`` notifications (``b""`` if none or no connection)."""
         reports = self._reports
         conn = self._conn
         if conn is None:
-            reports.clear()
+            self._drop_queued()
             return b""
-        if len(reports) == 1 and not self._rejections:
-            # The usual batch in front of a request (a strict caller's last
-            # success): one count, without the general case's tables.
-            item = reports[0]
-            if item[2] is _SUCCESS and not item[3] and not item[4] and item[5] is None:
-                reports.popleft()  # still item: only flushers pop, one at a time
-                return self._send_batch(conn, ReportBatch((), ((item[0], item[1], 1),)))
         chunks: list[bytes] = []
         items: list[Report] = []
         size = 0
@@ -344,6 +371,13 @@ class ClientCore:
         # Plain successes leave as counts per (name, generation): a busy
         # process sends one entry per breaker, not one per call.
         successes: dict[tuple[str, int], int] = {}
+        for key, tally in list(self._tallies.items()):
+            taken = len(tally)
+            if taken:
+                # One entry per success: the length is the count, and one
+                # slice deletion takes them all, whatever their number.
+                del tally[:taken]
+                successes[key] = taken
         popleft = reports.popleft
         # popleft until empty (one flusher at a time: the shell's lock) rather
         # than up to a length read first: posters may append meanwhile, and

@@ -49,11 +49,17 @@ callers wait on an asyncio future that the reply callback settles with
 ``loop.call_soon_threadsafe`` (the facade's ``_request_async``), so there is
 no separate anyio shell.
 
-The hot path (a success while ``closed``) takes no lock: it appends a tuple
-to the core's deque (atomic under the GIL) and, only when no flush is armed
-yet, writes one byte to the IO thread's wake-up pipe. The IO thread then
-sends everything queued ``FLUSH_DELAY`` seconds later as one ``reports``
-notification, whether or not the process makes another call.
+The hot path (a success while ``closed``, when the snapshot says no success
+can change the state) takes no lock: it appends to its breaker's success
+tally in the core (``list.append``, atomic under the GIL) and, only when no
+flush is armed yet, writes one byte to the IO thread's wake-up pipe. The IO
+thread then sends everything queued ``FLUSH_DELAY`` seconds later as one
+``reports`` notification, whether or not the process makes another call; it
+takes a tally whole (its length is the count), so its cost per batch does not
+grow with the successes in it. While a success may change the state
+(``Snapshot.successes_safe`` is false: the daemon says so through the state
+table, a push or a reply) the link's tally key matches no generation, and the
+facade sends the success as a request and waits for its answer.
 
 Disconnects, forks and exit
 ---------------------------
@@ -162,6 +168,8 @@ FLUSH_DELAY: Final = 0.002
 LOCAL_GENERATION_OFFSET: Final = 1 << 48
 #: The generation of the "allow" policy's admissions: counted nowhere.
 _NO_GENERATION: Final = -1
+#: A link's tally key while successes must be sent as requests: no permit has it.
+_ASK_FOR_SUCCESSES: Final = -(1 << 62)
 #: sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH: Final = 107
 
@@ -1097,10 +1105,11 @@ class RemoteBreaker:
         self._settled = threading.Event()
         self._register_error: BaseException | None = None
         self._log = _logger.bind(breaker=name, socket=client.path)
-        # The hot path: one prebuilt report per generation, appended straight
-        # to the core's queue (the same atomic deque.append client.post does).
-        self._success_item: ReportItem = (name, _NO_GENERATION, _SUCCESS, 0.0, 0, None)
-        self._queue = client.core._reports
+        # The hot path: (key, tally). The key is the generation whose plain
+        # successes go into the tally without waiting, or _ASK_FOR_SUCCESSES.
+        # One attribute, read whole, so a thread never pairs one generation's
+        # check with another's tally.
+        self._tally: tuple[int, list[int]] = (_ASK_FOR_SUCCESSES, [])
         self._queue_limit = client.core.max_queued_reports
 
     @classmethod
@@ -1173,7 +1182,7 @@ class RemoteBreaker:
         slot = state_table.read_slot(words)
         if slot is None:
             return current  # mid-write on every try (a daemon killed writing): keep ours
-        seq, generation, state, open_until = slot
+        seq, generation, state, open_until, successes_safe = slot
         if generation > current.generation:
             # The rates and counts come with the push that follows.
             current = Snapshot(
@@ -1182,10 +1191,25 @@ class RemoteBreaker:
                 generation,
                 open_until,
                 slow_call_duration=current.slow_call_duration,
+                successes_safe=successes_safe,
             )
-            self._remote_snapshot = current
+            self._show(current)
+        elif generation == current.generation and successes_safe is not current.successes_safe:
+            current = replace(current, successes_safe=successes_safe)
+            self._show(current)
         self._slot_seq = seq
         return current
+
+    def _show(self, snapshot: Snapshot) -> None:
+        """Make ``snapshot`` the daemon's state as this link shows it (any thread)."""
+        self._remote_snapshot = snapshot
+        generation = snapshot.generation
+        if snapshot.successes_safe and snapshot.state is CircuitState.CLOSED and generation >= 0:
+            tally = self._tally
+            if tally[0] != generation:
+                self._tally = (generation, self.client.core.success_tally(self.name, generation))
+        else:
+            self._tally = (_ASK_FOR_SUCCESSES, self._tally[1])
 
     def _fallback_snapshot(self) -> Snapshot:
         policy = self.on_unavailable
@@ -1196,12 +1220,11 @@ class RemoteBreaker:
         return self._to_local_view(self._ensure_local().snapshot)
 
     def post_success(self, generation: int) -> bool:
-        item = self._success_item
-        if item[1] == generation and self._remote:
-            queue = self._queue
-            if len(queue) >= self._queue_limit:
+        key, tally = self._tally
+        if key == generation:
+            if len(tally) >= self._queue_limit:
                 return False
-            queue.append(item)
+            tally.append(1)
             client = self.client
             if not client._flush_armed:
                 client._flush_armed = True
@@ -1218,13 +1241,14 @@ class RemoteBreaker:
         if generation < 0 or not self._remote:
             # Admitted by "allow", or by a daemon now out of reach: nowhere to count it.
             return True
-        item = (self.name, generation, _SUCCESS, 0.0, 0, None)
-        self._success_item = item
-        return self.client.post(item)
+        if generation == self.snapshot.generation:
+            return False  # this success may change the state: send it, and wait
+        # An older generation's: for the daemon's totals only.
+        return self.client.post((self.name, generation, _SUCCESS, 0.0, 0, None))
 
     def post_report(self, item: tuple[int, Outcome, float]) -> bool:
         generation, outcome, duration = item
-        if outcome is _SUCCESS and self._remote and 0 <= generation < LOCAL_GENERATION_OFFSET:
+        if outcome is _SUCCESS and 0 <= generation < LOCAL_GENERATION_OFFSET and self._remote:
             slow = self._remote_snapshot.slow_call_duration
             if slow is None or duration <= slow:
                 # The daemon counts it as a plain success, whatever its duration
@@ -1442,7 +1466,7 @@ class RemoteBreaker:
                 )
             self.conflicts = result.conflicts
             # The core's cache holds this snapshot or a newer push.
-            self._remote_snapshot = self.client.core.snapshots.get(self.name, result.snapshot)
+            self._show(self.client.core.snapshots.get(self.name, result.snapshot))
             table = self.client.state_table
             self._slot_seq = -1  # before the new slot: its first read catches up
             self._slot_words = table.slot(result.slot) if table is not None else None
@@ -1456,13 +1480,17 @@ class RemoteBreaker:
     def _daemon_snapshot(self, snapshot: Snapshot) -> None:
         if self._slot_words is not None and snapshot.generation < self._remote_snapshot.generation:
             return  # the table showed a newer state first; its push is on the way
-        self._remote_snapshot = snapshot
+        self._show(snapshot)
+        # The table may be newer than this reply (it is written before any
+        # reply leaves): the next read of the slot has the last word.
+        self._slot_seq = -1
         if self._remote:
             self._announce(snapshot, "daemon")
 
     def _daemon_lost(self, *, announce: bool) -> None:
         was_remote = self._remote
         self._remote = False
+        self._tally = (_ASK_FOR_SUCCESSES, [])
         self._slot_words = None
         self._settled.set()
         # Not when the client closes (at exit): announcing would build the

@@ -184,10 +184,12 @@ def _int(d: _Map, key: str, where: str, default: int | None = None) -> int:
     raise _bad(where, key, "an integer", v)
 
 
-def _bool(d: _Map, key: str, where: str) -> bool:
+def _bool(d: _Map, key: str, where: str, default: bool | None = None) -> bool:
     v = d.get(key, _MISSING)
     if type(v) is bool:
         return v
+    if v is _MISSING and default is not None:
+        return default
     raise _bad(where, key, "a boolean", v)
 
 
@@ -256,7 +258,7 @@ _ADMIN_OPS: Final[dict[str, AdminOp]] = {op: cast(AdminOp, op) for op in ADMIN_O
 
 
 def _snapshot_map(s: Snapshot) -> _Map:
-    return {
+    d: _Map = {
         "name": s.name,
         "state": s.state,
         "generation": s.generation,
@@ -267,6 +269,9 @@ def _snapshot_map(s: Snapshot) -> _Map:
         "trials_in_flight": s.trials_in_flight,
         "slow_call_duration": s.slow_call_duration,
     }
+    if not s.successes_safe:
+        d["successes_safe"] = False  # the usual True stays off the wire
+    return d
 
 
 def _snapshot(d: _Map, where: str) -> Snapshot:
@@ -283,6 +288,7 @@ def _snapshot(d: _Map, where: str) -> Snapshot:
     calls = get("calls", 0)
     trials_in_flight = get("trials_in_flight", 0)
     slow_call_duration = get("slow_call_duration")
+    successes_safe = get("successes_safe", True)
     if (
         type(name) is str
         and type(state) is str
@@ -293,6 +299,7 @@ def _snapshot(d: _Map, where: str) -> Snapshot:
         and (failure_rate is None or type(failure_rate) is float)
         and (slow_call_rate is None or type(slow_call_rate) is float)
         and (slow_call_duration is None or type(slow_call_duration) is float)
+        and type(successes_safe) is bool
     ):
         member = _STATES.get(state)
         if member is not None:
@@ -306,6 +313,7 @@ def _snapshot(d: _Map, where: str) -> Snapshot:
                 calls,
                 trials_in_flight,
                 slow_call_duration,
+                successes_safe,
             )
     return _snapshot_fields(d, where)
 
@@ -321,6 +329,7 @@ def _snapshot_fields(d: _Map, where: str) -> Snapshot:
         calls=_int(d, "calls", where, 0),
         trials_in_flight=_int(d, "trials_in_flight", where, 0),
         slow_call_duration=_opt_float(d, "slow_call_duration", where),
+        successes_safe=_bool(d, "successes_safe", where, True),
     )
 
 

@@ -63,6 +63,11 @@ class Snapshot:
     trials_in_flight: int = 0
     #: Slow-call detection is on: proxies must time calls and ack slow ones.
     slow_call_duration: float | None = None
+    #: No plain success can change the state while only successes arrive: a
+    #: proxy may send them without waiting. False while the window could
+    #: still trip on a success (below ``min_calls``, or a time window whose
+    #: successes may age out first), so each one is acknowledged.
+    successes_safe: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,8 +21,9 @@ Layout, native byte order (the daemon and its clients share a host), in
 * slot 0, the header: ``MAGIC``, ``LAYOUT_VERSION``, the slot count (header
   included), ``SLOT_SIZE``;
 * slot ``i >= 1``, one breaker: ``seq``, ``generation``, the state's code
-  (its index in ``CircuitState``), ``open_until`` as a float64 bit pattern
-  (NaN: none).
+  (its index in ``CircuitState``, plus ``ASK_SUCCESSES`` while a plain
+  success may change the state: ``Snapshot.successes_safe`` is false),
+  ``open_until`` as a float64 bit pattern (NaN: none).
 
 ``seq`` makes each slot a seqlock: odd while the daemon writes the slot, and
 one higher (even) after. A reader reads ``seq``, the fields, and ``seq``
@@ -42,6 +43,7 @@ from typing import Final
 from ._messages import CircuitState
 
 __all__ = [
+    "ASK_SUCCESSES",
     "LAYOUT_VERSION",
     "MAGIC",
     "SLOT_SIZE",
@@ -57,7 +59,9 @@ __all__ = [
 ]
 
 MAGIC: Final = int.from_bytes(b"BRKDSTT\x01", "little")
-LAYOUT_VERSION: Final = 1
+LAYOUT_VERSION: Final = 2
+#: Set in a slot's state word while successes must be acknowledged.
+ASK_SUCCESSES: Final = 1 << 32
 SLOT_SIZE: Final = 32
 SLOT_WORDS: Final = SLOT_SIZE // 8
 #: A slot's words are re-read at most this many times while the daemon writes them.
@@ -70,8 +74,8 @@ _FLOAT: Final = struct.Struct("=d")
 _WORD: Final = struct.Struct("=Q")
 _HEADER: Final = struct.Struct("=4Q")
 
-#: What a slot says: ``(seq, generation, state, open_until)``.
-SlotState = tuple[int, int, CircuitState, float | None]
+#: What a slot says: ``(seq, generation, state, open_until, successes_safe)``.
+SlotState = tuple[int, int, CircuitState, float | None, bool]
 
 
 class StateTableError(ValueError):
@@ -125,6 +129,7 @@ def write_slot(
     state: CircuitState,
     open_until: float | None,
     base: int = 0,
+    successes_safe: bool = True,
 ) -> bool:
     """Publish a breaker's state in its slot; the only writer is the daemon.
 
@@ -133,12 +138,12 @@ def write_slot(
     keeps one view for every breaker rather than an object per breaker.
     Returns False, writing nothing, when the slot already says this.
     """
-    code = _CODES[state]
+    code = _CODES[state] if successes_safe else _CODES[state] | ASK_SUCCESSES
     deadline = (
         _NO_DEADLINE if open_until is None else _WORD.unpack(_FLOAT.pack(float(open_until)))[0]
     )
     if words[base + 1] == generation and words[base + 2] == code and words[base + 3] == deadline:
-        return False  # trial leases and counters change nothing a client admits by
+        return False  # trial leases and rates change nothing a client admits by
     seq = words[base] | 1
     words[base] = seq  # odd: readers retry until the slot is whole again
     words[base + 1] = generation
@@ -163,10 +168,11 @@ def read_slot(words: memoryview, base: int = 0) -> SlotState | None:
         generation, code, deadline = words[base + 1], words[base + 2], words[base + 3]
         if words[base] != seq:
             continue
-        if code >= len(_STATES):
+        state = code & ~ASK_SUCCESSES
+        if state >= len(_STATES):
             return None  # not written by a daemon that speaks this layout
         open_until: float | None = _FLOAT.unpack(_WORD.pack(deadline))[0]
         if open_until != open_until:  # NaN: no deadline
             open_until = None
-        return seq, generation, _STATES[code], open_until
+        return seq, generation, _STATES[state], open_until, not code & ASK_SUCCESSES
     return None

@@ -278,7 +278,7 @@ async def test_unreported_trial_lease_counts_as_failure(
         await task
 
 
-async def test_stale_report_after_a_transition_is_dropped(system: ActorSystem) -> None:
+async def test_stale_report_after_a_transition_stays_out_of_the_window(system: ActorSystem) -> None:
     breaker = CircuitBreaker("svc", min_calls=1, system=system)
     entered, go = asyncio.Event(), asyncio.Event()
 
@@ -295,7 +295,9 @@ async def test_stale_report_after_a_transition_is_dropped(system: ActorSystem) -
     with pytest.raises(Boom):
         await task
     assert breaker.state is CircuitState.CLOSED
-    assert breaker.status().failures == 0
+    status = breaker.status()
+    assert status.snapshot.calls == 0  # out of the window
+    assert status.failures == 1  # in the books: the call did fail
 
 
 async def test_classification_rules(system: ActorSystem, clock: FakeClock) -> None:

@@ -42,6 +42,8 @@ def closed_by_peer(sock: socket.socket) -> bool:
 
 
 def test_the_daemon_says_which_loop_it_runs_on(daemon: DaemonProcess) -> None:
+    # The socket file (what wait_ready waits for) appears just before the line.
+    wait_for(lambda: "daemon_started" in daemon.log(), what="daemon_started")
     (started,) = [e for e in daemon.log_events() if e["event"] == "daemon_started"]
     assert started["loop"] == daemon.loop
     assert started["state_table_slots"] == 65_536

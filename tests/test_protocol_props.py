@@ -186,6 +186,7 @@ snapshots = st.builds(
     calls=counts,
     trials_in_flight=counts,
     slow_call_duration=opt_floats,
+    successes_safe=st.booleans(),
 )
 reports = st.builds(
     Report,

@@ -55,7 +55,7 @@ def test_a_written_header_checks_out() -> None:
     ("damage", "message"),
     [
         (lambda b: b.__setitem__(slice(0, 1), b"X"), "bad magic"),
-        (lambda b: b.__setitem__(slice(8, 9), b"\x02"), "layout 2"),
+        (lambda b: b.__setitem__(slice(8, 9), b"\x09"), "layout 9"),
         (lambda b: b.__setitem__(slice(16, 17), b"\x05"), "says 5 slots"),
     ],
 )
@@ -105,15 +105,26 @@ def test_a_slot_reads_back_its_last_write(
     for write in writes:
         changes += state_table.write_slot(words, *write)
     read = state_table.read_slot(words)
-    assert read == (2 * changes, *writes[-1])
+    assert read == (2 * changes, *writes[-1], True)
     # Only a write that changes the slot (zeroed at first) moves its seq on.
     before = [(0, STATES[0], 0.0), *writes]
     assert changes == sum(1 for old, new in zip(before, writes, strict=False) if old != new)
     # The whole table as one view, addressed by the slot's first word, reads the same.
     assert state_table.read_slot(buffer.cast("Q"), 2 * state_table.SLOT_WORDS) == read
     # Its neighbours are untouched.
-    assert state_table.read_slot(state_table.slot_words(buffer, 1)) == (0, 0, STATES[0], 0.0)
+    assert state_table.read_slot(state_table.slot_words(buffer, 1)) == (0, 0, STATES[0], 0.0, True)
     assert state_table.check_header(buffer) == 4
+
+
+def test_a_slot_says_when_successes_must_be_acknowledged() -> None:
+    words = state_table.slot_words(new_table(4), 1)
+    assert state_table.write_slot(words, 3, CircuitState.CLOSED, None)
+    # The same generation and state: only the flag moves, and the seq with it.
+    assert state_table.write_slot(words, 3, CircuitState.CLOSED, None, successes_safe=False)
+    assert state_table.read_slot(words) == (4, 3, CircuitState.CLOSED, None, False)
+    assert not state_table.write_slot(words, 3, CircuitState.CLOSED, None, successes_safe=False)
+    assert state_table.write_slot(words, 3, CircuitState.CLOSED, None)
+    assert state_table.read_slot(words) == (6, 3, CircuitState.CLOSED, None, True)
 
 
 def test_a_slot_left_mid_write_reads_as_nothing() -> None:
@@ -163,7 +174,7 @@ def test_a_reader_never_keeps_a_torn_slot(
     assert read is not None
     seq, *fields = read
     # Wholly the first write or wholly the second, never a mix.
-    assert (seq, tuple(fields)) in ((2, first), (4, second))
+    assert (seq, tuple(fields)) in ((2, (*first, True)), (4, (*second, True)))
 
 
 # -- the daemon's memfd ------------------------------------------------------------------------
@@ -202,12 +213,12 @@ def test_readers_see_each_publish_that_changes_admission(table: SharedStateTable
     slot = table.slot_for("svc")
     words = state_table.slot_words(reader, slot)
     table.publish(Snapshot("svc", CircuitState.OPEN, 7, open_until=123.5, failure_rate=0.9))
-    assert state_table.read_slot(words) == (2, 7, CircuitState.OPEN, 123.5)
+    assert state_table.read_slot(words) == (2, 7, CircuitState.OPEN, 123.5, True)
     # Rates and trial counts change nothing a client admits by: no write.
     table.publish(Snapshot("svc", CircuitState.OPEN, 7, open_until=123.5, trials_in_flight=1))
-    assert state_table.read_slot(words) == (2, 7, CircuitState.OPEN, 123.5)
+    assert state_table.read_slot(words) == (2, 7, CircuitState.OPEN, 123.5, True)
     table.publish(Snapshot("svc", CircuitState.HALF_OPEN, 8))
-    assert state_table.read_slot(words) == (4, 8, CircuitState.HALF_OPEN, None)
+    assert state_table.read_slot(words) == (4, 8, CircuitState.HALF_OPEN, None, True)
     # A breaker without a slot is not written anywhere.
     table.publish(Snapshot("other", CircuitState.OPEN, 1))
     assert bytes(reader[2 * 32 :]) == bytes(2 * 32)
@@ -279,7 +290,7 @@ def test_the_welcome_brings_a_read_only_table_that_shows_trips_at_once(
         registered = register(sock, conn, "svc")
         assert registered.slot >= 1
         words = state_table.slot_words(buffer, registered.slot)
-        assert state_table.read_slot(words) == (2, 0, CircuitState.CLOSED, None)
+        assert state_table.read_slot(words) == (2, 0, CircuitState.CLOSED, None, True)
         # Another client trips it; this one reads nothing more from its socket.
         tripper = RawClient(daemon.socket_path)
         try:
@@ -288,7 +299,7 @@ def test_the_welcome_brings_a_read_only_table_that_shows_trips_at_once(
         finally:
             tripper.close()
         assert opened.state is CircuitState.OPEN
-        assert state_table.read_slot(words) == (4, 1, CircuitState.OPEN, opened.open_until)
+        assert state_table.read_slot(words) == (4, 1, CircuitState.OPEN, opened.open_until, True)
     finally:
         sock.close()
 
