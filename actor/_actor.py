@@ -269,7 +269,10 @@ class BreakerActor:
                 if delay > 0:
                     with anyio.move_on_after(delay if math.isfinite(delay) else 86_400.0):
                         await event.wait()
-                self._apply(self.machine.expire(self._clock()))
+                try:
+                    self._apply(self.machine.expire(self._clock()))
+                except Exception as exc:  # a bug in breakerd: restart, never wedge
+                    self._crash(None, exc)
             self._asleep = False
             event.clear()
 
@@ -420,7 +423,7 @@ class BreakerActor:
         getattr(self._log, level)(event, **fields)
 
     def _crash(self, item: object, exc: Exception) -> None:
-        """Supervision: log, answer the request, restart from a fresh machine."""
+        """Supervision: log, answer the request, restart from the machine's successor."""
         if isinstance(item, Envelope):
             if isinstance(exc, BreakerError):
                 # The request was bad, not the actor: answer and carry on.
@@ -431,16 +434,33 @@ class BreakerActor:
                 item.reply(None, BreakerError(f"breaker {self.name!r} crashed: {exc!r}"))
         self.restarts += 1
         old = self.machine
+        now = self._clock()
+        # A newer generation: permits from before the crash are stale and
+        # their reports are dropped rather than misapplied. The state is kept
+        # (half-open becomes open): a bug must never fail a breaker open.
+        self.machine = old.successor(now)
         self._log.error(
             "actor_crashed",
             error=repr(exc),
             restarts=self.restarts,
+            state=self.machine.state.value,
             exc_info=exc,
         )
-        # A fresh machine, a newer generation: permits from before the crash
-        # are stale and their reports are dropped rather than misapplied.
-        self.machine = Machine(self.name, self.config, generation=old.generation + 1)
-        self._publish()
+        if old.state is not self.machine.state:
+            # half-open -> open: tell the listeners (the daemon's pushes).
+            self._apply(
+                (
+                    Transition(
+                        old.state,
+                        self.machine.state,
+                        self.machine.generation,
+                        "actor_restarted",
+                        open_until=self.machine.open_until,
+                    ),
+                )
+            )
+        else:
+            self._publish()
 
     def stop(self) -> None:
         """Refuse new messages and fail every pending request (never a hang)."""
