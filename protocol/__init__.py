@@ -6,6 +6,7 @@ objects as they are; the socket channel encodes them with msgpack.
 
 from . import _state_table as state_table
 from ._codec import (
+    MAX_COUNT,
     MAX_FRAME_SIZE,
     MAX_MSGID,
     MIN_PROTOCOL_VERSION,
@@ -76,6 +77,7 @@ from ._paths import SOCKET_ENV, default_socket_path
 __all__ = [
     "ADMIN_OPS",
     "ERROR_CODES",
+    "MAX_COUNT",
     "MAX_FRAME_SIZE",
     "MAX_MSGID",
     "MIN_PROTOCOL_VERSION",
