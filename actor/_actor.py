@@ -107,10 +107,11 @@ class BreakerActor:
         clock: Callable[[], float],
         max_inbox: int = 10_000,
         generation: int = 0,
+        first_lease: int = 1,
     ) -> None:
         self.name = name
         self.config = config
-        self.machine = Machine(name, config, generation=generation)
+        self.machine = Machine(name, config, generation=generation, first_lease=first_lease)
         self.snapshot: Snapshot = self.machine.snapshot()
         self.max_inbox = max_inbox
         self.listeners: list[TransitionListener] = []

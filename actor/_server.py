@@ -16,7 +16,11 @@ What protects the others from one bad client:
 * ``max_connections``, ``max_inflight`` requests per connection (more get a
   ``busy`` error), and a bounded outbox: a client that stops reading is
   dropped once ``max_outbox`` bytes wait for it, it never blocks an actor;
-* a connection's half-open trial leases are released when it closes.
+* a half-open trial lease is settled only by the connection it was granted
+  to (anyone else's report of it is stale), and released when that
+  connection closes;
+* generations and lease ids start at a random offset per breaker, so a
+  permit from before a restart names nothing after it.
 """
 
 from __future__ import annotations
@@ -109,7 +113,9 @@ class Daemon:
         self.settings = settings
         #: For the log: which event loop ``run`` was started on.
         self.loop_name = loop_name
-        self.system = ActorSystem(clock=clock)
+        # Random starts: a permit or a trial lease from before a restart
+        # must name nothing in this run (it would settle another's trial).
+        self.system = ActorSystem(clock=clock, random_start=True)
         self.peers: set[_Peer] = set()
         self.subscribers: dict[str, set[_Peer]] = {}
         self.uid = os.getuid()
@@ -568,8 +574,16 @@ class _Peer(asyncio.BufferedProtocol):
 
     def _ask_actor(self, msgid: int, message: Any) -> None:
         actor = self.daemon.actor(message.name)
-        if type(message) is Report and message.lease:
-            self.leases.pop((message.name, message.lease), None)
+        if (
+            type(message) is Report
+            and message.lease
+            and self.leases.pop((message.name, message.lease), None) is None
+        ):
+            # Not a lease granted on this connection: it settles nothing, as
+            # a stale report settles nothing (another connection's trial
+            # stays its own; half_open_calls stays a bound).
+            self._reply(msgid, actor.snapshot, None)
+            return
         if type(message) is Acquire:
             if message.successes:
                 # Counted first; served inline, the acquire applies them.
@@ -656,8 +670,8 @@ class _Peer(asyncio.BufferedProtocol):
                 self.log.warning("report_for_unknown_breaker", breaker=report.name)
                 continue
             if report.lease:
-                self.leases.pop((report.name, report.lease), None)
-                actor.ask(report, None, force=True)
+                if self.leases.pop((report.name, report.lease), None) is not None:
+                    actor.ask(report, None, force=True)  # else not ours: stale
             elif report.outcome is Outcome.SUCCESS and (
                 actor.config.slow_call_duration is None
                 or report.duration <= actor.config.slow_call_duration

@@ -17,10 +17,14 @@ from daemon_helpers import DaemonProcess, RawClient
 
 from breakerd.protocol import (
     MAX_COUNT,
+    Admission,
     CircuitState,
     Connection,
     Hello,
+    Outcome,
     Register,
+    Report,
+    ReportBatch,
 )
 
 
@@ -87,3 +91,70 @@ def test_a_count_past_the_limit_closes_that_connection_only(
     assert any(f"past the limit of {MAX_COUNT}" in e["error"] for e in errors)
     good.close()
     assert daemon.terminate() == 0
+
+
+# -- trial leases belong to their holder ------------------------------------------------
+
+TRIAL = {"min_calls": 1, "timeout": 0.0, "half_open_calls": 1}
+
+
+def half_open_with_a_trial(client: RawClient) -> Admission:
+    """Trip ``svc`` (open with a deadline already passed) and take its trial."""
+    generation = client.register("svc", **TRIAL).generation
+    assert client.report("svc", generation, Outcome.FAILURE).state is CircuitState.OPEN
+    trial = client.acquire("svc")
+    assert trial.admitted
+    assert trial.lease
+    return trial
+
+
+@pytest.mark.parametrize("outcome", [Outcome.SUCCESS, Outcome.CANCELLED])
+@pytest.mark.parametrize("batched", [False, True], ids=["request", "batch"])
+def test_only_the_holder_can_settle_a_trial_lease(
+    daemon: DaemonProcess, outcome: Outcome, batched: bool
+) -> None:
+    holder = RawClient(daemon.socket_path)
+    trial = half_open_with_a_trial(holder)
+    other = RawClient(daemon.socket_path)
+    other.register("svc", **TRIAL)
+    stolen = Report("svc", trial.generation, outcome, lease=trial.lease)
+    if batched:
+        other.notify(ReportBatch((stolen,)))
+    else:
+        # Counted as stale: the breaker's state comes back, unchanged.
+        answer = other.request(stolen)
+        assert answer.state is CircuitState.HALF_OPEN
+        assert answer.generation == trial.generation
+    # Still half-open with its one trial in flight: no second trial.
+    assert not other.acquire("svc").admitted
+    status = other.status("svc").breakers[0].snapshot
+    assert (status.state, status.trials_in_flight) == (CircuitState.HALF_OPEN, 1)
+    # The holder settles it as usual.
+    closed = holder.report("svc", trial.generation, Outcome.SUCCESS, lease=trial.lease)
+    assert closed.state is CircuitState.CLOSED
+    holder.close()
+    other.close()
+
+
+def test_a_lease_from_a_killed_daemon_is_stale_in_the_next_one(tmp_short: Path) -> None:
+    path = tmp_short / "s.sock"
+    first = DaemonProcess(path).wait_ready()
+    old = RawClient(path)
+    trial = half_open_with_a_trial(old)
+    old.close()
+    first.kill()  # kill -9: no state survives
+    second = DaemonProcess(path).wait_ready(started_log=True)
+    try:
+        client = RawClient(path)
+        new_trial = half_open_with_a_trial(client)
+        # The old daemon's (generation, lease) names nothing here, even though
+        # the new daemon went through the very same transitions.
+        assert (new_trial.generation, new_trial.lease) != (trial.generation, trial.lease)
+        stale = client.report("svc", trial.generation, Outcome.SUCCESS, lease=trial.lease)
+        assert stale.state is CircuitState.HALF_OPEN
+        status = client.status("svc").breakers[0].snapshot
+        assert (status.state, status.trials_in_flight) == (CircuitState.HALF_OPEN, 1)
+        client.close()
+        assert second.terminate() == 0
+    finally:
+        second.kill()

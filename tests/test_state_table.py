@@ -279,16 +279,22 @@ def test_the_welcome_brings_a_read_only_table_that_shows_trips_at_once(
         registered = register(sock, conn, "svc")
         assert registered.slot >= 1
         words = state_table.slot_words(buffer, registered.slot)
-        assert state_table.read_slot(words) == (2, 0, CircuitState.CLOSED, None)
+        generation = registered.snapshot.generation
+        assert state_table.read_slot(words) == (2, generation, CircuitState.CLOSED, None)
         # Another client trips it; this one reads nothing more from its socket.
         tripper = RawClient(daemon.socket_path)
         try:
             tripper.register("svc", min_calls=1)
-            opened = tripper.report("svc", 0, Outcome.FAILURE)
+            opened = tripper.report("svc", generation, Outcome.FAILURE)
         finally:
             tripper.close()
         assert opened.state is CircuitState.OPEN
-        assert state_table.read_slot(words) == (4, 1, CircuitState.OPEN, opened.open_until)
+        assert state_table.read_slot(words) == (
+            4,
+            generation + 1,
+            CircuitState.OPEN,
+            opened.open_until,
+        )
     finally:
         sock.close()
 
@@ -301,8 +307,7 @@ def test_a_breaker_reads_a_trip_before_the_trippers_reply_is_out(daemon: DaemonP
     assert link.client.state_table is not None
     tripper = RawClient(daemon.socket_path)
     try:
-        tripper.register("svc", min_calls=1)
-        generation = 0
+        generation = tripper.register("svc", min_calls=1).generation
         for _ in range(20):
             # Holding the client's lock keeps its IO thread from applying any
             # push: what the breaker shows comes from the table alone.
