@@ -173,6 +173,16 @@ class BreakerActor:
         self._rejections.append(count)
 
     @property
+    def stopped(self) -> bool:
+        """``stop()`` was called: the actor takes nothing more and its task ends."""
+        return self._stopped
+
+    @property
+    def idle(self) -> bool:
+        """Nothing waits for the actor: no inbox item, no counts to apply."""
+        return not self._inbox and not self._tally[1] and not self._rejections
+
+    @property
     def backlog(self) -> int:
         """Items waiting in the inbox (tallies not included: they are counts)."""
         return len(self._inbox)
@@ -254,7 +264,7 @@ class BreakerActor:
         self._loop_thread = threading.get_ident()
         event = self._wake_event = asyncio.Event()
         inbox = self._inbox
-        while True:
+        while not self._stopped:
             self._flush_scheduled = False
             self._drain()
             self._asleep = True
@@ -474,3 +484,5 @@ class BreakerActor:
                     item.reply(None, error)
                 except Exception:
                     self._log.exception("reply_failed_on_stop")
+        if self._loop is not None:
+            self._wake()  # let run() see the flag and return

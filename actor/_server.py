@@ -13,6 +13,10 @@ What protects the others from one bad client:
   ``allowed_uids``; anyone else is closed at once and logged;
 * a malformed frame (or an oversized length prefix, refused before its body
   is buffered) closes that one connection;
+* ``max_breakers`` per daemon and ``max_breakers_per_client`` (the breakers
+  a connection registered), a ``limit_exceeded`` error past either or once
+  the state table is full; a closed breaker nobody holds is reclaimed after
+  ``breaker_idle_timeout``;
 * ``max_connections``, ``max_inflight`` requests per connection (more get a
   ``busy`` error), and a bounded outbox: a client that stops reading is
   dropped once ``max_outbox`` bytes wait for it, it never blocks an actor;
@@ -53,10 +57,12 @@ from breakerd.protocol import (
     Admission,
     BreakerError,
     BreakerStatus,
+    CircuitState,
     Connection,
     Hello,
     InboxFullError,
     InvalidRequestError,
+    LimitExceededError,
     NotificationReceived,
     Outcome,
     ProtocolError,
@@ -79,6 +85,7 @@ from breakerd.protocol import (
 from ._actor import BreakerActor
 from ._daemon_config import DaemonSettings
 from ._machine import BreakerConfig, Transition
+from ._reclaim import IdleBreakers, sweep_period
 from ._state_table import SharedStateTable, StateTableUnavailableError
 from ._system import ActorSystem
 
@@ -117,7 +124,10 @@ class Daemon:
         # must name nothing in this run (it would settle another's trial).
         self.system = ActorSystem(clock=clock, random_start=True)
         self.peers: set[_Peer] = set()
+        #: The connections that hold each breaker (registered it), pushed its changes.
         self.subscribers: dict[str, set[_Peer]] = {}
+        #: Breakers no connection holds: reclaimed once idle long enough.
+        self.idle = IdleBreakers(settings.breaker_idle_timeout)
         self.uid = os.getuid()
         self.log = structlog.get_logger("breakerd.daemon")
         self._handle_signals = handle_signals
@@ -170,6 +180,7 @@ class Daemon:
             self._make_state_table()
             async with anyio.create_task_group() as group:
                 await group.start(self.system.serve)
+                group.start_soon(self._sweep_idle_breakers)
                 if self._handle_signals:
                     await group.start(self._watch_signals)
                 # Readiness contract: the socket file appears only once signal
@@ -315,6 +326,7 @@ class Daemon:
                 config = self.settings.for_client(name, requested)
             except (TypeError, ValueError) as exc:
                 raise InvalidRequestError(f"breaker {name!r}: {exc}") from None
+            self._check_room(name)
             try:
                 actor, _ = self.system.actor(name, config)
             except ValueError as exc:
@@ -335,6 +347,68 @@ class Daemon:
                 rule="config file first, then the first client",
             )
         return existing, conflicts
+
+    def _check_room(self, name: str) -> None:
+        limit = self.settings.max_breakers
+        if self.system.count >= limit:
+            raise LimitExceededError(
+                f"breaker {name!r} refused: this daemon has {limit} breakers, "
+                f"its limit ([daemon] max_breakers)"
+            )
+        table = self.state_table
+        if table is not None and table.full:
+            raise LimitExceededError(
+                f"breaker {name!r} refused: the state table is full "
+                f"({table.slots - 1} breakers; [daemon] state_table_slots)"
+            )
+
+    def hold(self, name: str, peer: _Peer) -> None:
+        """``peer`` registered ``name``: it gets its pushes, and it is not idle."""
+        self.subscribers.setdefault(name, set()).add(peer)
+        self.idle.held(name)
+
+    def let_go(self, name: str, peer: _Peer) -> None:
+        """``peer`` is gone; ``name`` is idle from now if nobody else holds it."""
+        subscribers = self.subscribers.get(name)
+        if subscribers is None:
+            return
+        subscribers.discard(peer)
+        if not subscribers:
+            del self.subscribers[name]
+            self.idle.let_go(name, self.system.clock())
+
+    def reclaim_idle(self) -> list[str]:
+        """Reclaim the breakers idle long enough that are closed and quiet; their names."""
+        reclaimed = []
+        for name in self.idle.due(self.system.clock()):
+            actor = self.system.get(name)
+            if actor is None or name in self.subscribers:
+                self.idle.forget(name)
+                continue
+            if actor.snapshot.state is not CircuitState.CLOSED or not actor.idle:
+                # Open keeps its deadline, admin states stay until reset, and
+                # outcomes still on their way are applied first: next sweep.
+                continue
+            self.system.remove(name)
+            self.idle.forget(name)
+            if self.state_table is not None:
+                self.state_table.release(name)
+            reclaimed.append(name)
+        return reclaimed
+
+    async def _sweep_idle_breakers(self) -> None:
+        period = sweep_period(self.settings.breaker_idle_timeout)
+        while True:
+            await anyio.sleep(period)
+            reclaimed = self.reclaim_idle()
+            if reclaimed:
+                self.log.info(
+                    "breakers_reclaimed",
+                    count=len(reclaimed),
+                    breakers=reclaimed[:10],
+                    idle_after=self.settings.breaker_idle_timeout,
+                    remaining=self.system.count,
+                )
 
     def actor(self, name: str) -> BreakerActor:
         actor = self.system.get(name)
@@ -441,9 +515,7 @@ class _Peer(asyncio.BufferedProtocol):
             return
         daemon.peers.discard(self)
         for name in self.names:
-            subscribers = daemon.subscribers.get(name)
-            if subscribers is not None:
-                subscribers.discard(self)
+            daemon.let_go(name, self)
         released = 0
         for (name, lease), generation in self.leases.items():
             actor = daemon.system.get(name)
@@ -564,10 +636,16 @@ class _Peer(asyncio.BufferedProtocol):
 
     def _register(self, msgid: int, message: Register) -> None:
         daemon = self.daemon
+        limit = daemon.settings.max_breakers_per_client
+        if message.name not in self.names and len(self.names) >= limit:
+            raise LimitExceededError(
+                f"breaker {message.name!r} refused: this connection holds {limit} "
+                f"breakers, its limit ([daemon] max_breakers_per_client)"
+            )
         actor, conflicts = daemon.register(message.name, dict(message.config))
         if message.name not in self.names:
             self.names.add(message.name)
-            daemon.subscribers.setdefault(message.name, set()).add(self)
+            daemon.hold(message.name, self)
         table = daemon.state_table
         slot = table.slot_for(message.name) if table is not None else 0
         self._reply(msgid, Registered(actor.snapshot, conflicts, slot), None)

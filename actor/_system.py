@@ -131,6 +131,23 @@ class ActorSystem:
     def get(self, name: str) -> BreakerActor | None:
         return self._actors.get(name)
 
+    @property
+    def count(self) -> int:
+        """Breakers in the registry (not ``__len__``: an empty system is still a system)."""
+        return len(self._actors)
+
+    def remove(self, name: str) -> BreakerActor | None:
+        """Forget breaker ``name`` and stop its actor (its task ends).
+
+        Requests still in its inbox fail with ``ActorStoppedError``; the next
+        ``actor(name)`` creates a new breaker.
+        """
+        with self._lock:
+            actor = self._actors.pop(name, None)
+        if actor is not None:
+            actor.stop()
+        return actor
+
     def actors(self) -> list[BreakerActor]:
         with self._lock:
             return list(self._actors.values())
@@ -181,7 +198,7 @@ class ActorSystem:
     async def _supervise(self, actor: BreakerActor) -> None:
         # actor.run() survives bad messages by itself; this catches a crash of
         # its loop machinery so the breaker is restarted, never lost silently.
-        while True:
+        while not actor.stopped:
             try:
                 await actor.run()
             except Exception as exc:

@@ -9,12 +9,16 @@ from __future__ import annotations
 import concurrent.futures
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from breakerd.actor import ActorSystem, BreakerActor, BreakerConfig
+from breakerd.actor import ActorSystem, BreakerActor, BreakerConfig, Daemon, DaemonSettings
+from breakerd.actor._daemon_config import ConfigError, load_config
 from breakerd.actor._machine import Machine
+from breakerd.actor._reclaim import IdleBreakers, sweep_period
+from breakerd.actor._state_table import SharedStateTable
 from breakerd.actor.testing import FakeClock
 from breakerd.clients import CircuitBreaker
 from breakerd.protocol import (
@@ -22,6 +26,7 @@ from breakerd.protocol import (
     Admin,
     Admission,
     CircuitState,
+    LimitExceededError,
     Outcome,
     Report,
     Snapshot,
@@ -237,3 +242,119 @@ def test_a_machine_that_raises_keeps_open_forced_open_and_disabled(
         with pytest.raises(Exception, match="crashed"):
             ask(actor, Acquire("svc"))
         assert state_of(actor).state is state
+
+
+# -- idle breakers are reclaimed ---------------------------------------------------------
+
+
+def test_idle_breakers_are_due_once_their_idle_time_is_up() -> None:
+    idle = IdleBreakers(idle_after=60.0)
+    idle.let_go("a", 100.0)
+    idle.let_go("b", 130.0)
+    assert idle.due(159.9) == []
+    assert idle.due(160.0) == ["a"]
+    assert idle.due(1000.0) == ["a", "b"]
+    idle.held("a")  # a client registered it again
+    assert idle.due(1000.0) == ["b"]
+    idle.let_go("a", 500.0)  # and left again: the clock starts over
+    assert idle.due(559.0) == ["b"]
+    idle.forget("b")
+    assert idle.due(560.0) == ["a"]
+    assert sweep_period(600.0) == 60.0
+    assert sweep_period(0.2) == 0.05
+
+
+def test_the_daemon_reclaims_closed_unheld_breakers_and_frees_their_slots(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    settings = DaemonSettings(socket_path=tmp_path / "s.sock", breaker_idle_timeout=60.0)
+    daemon = Daemon(settings, clock=clock, handle_signals=False)
+    daemon.state_table = table = SharedStateTable(4)  # three breakers
+    try:
+        peer: Any = object()  # a connection, as far as holding goes
+        slots = {}
+        for name in ("idle", "open", "forced"):
+            daemon.register(name, {"min_calls": 1})
+            daemon.hold(name, peer)
+            slots[name] = table.slot_for(name)
+        assert table.full
+        with pytest.raises(LimitExceededError, match="state table is full"):
+            daemon.register("more", {})
+        system = daemon.system
+        open_actor = system.get("open")
+        forced = system.get("forced")
+        assert open_actor is not None
+        assert forced is not None
+        open_actor.machine.record(open_actor.machine.generation, F, clock())
+        open_actor.snapshot = open_actor.machine.snapshot()
+        forced.machine.force_open(clock())
+        forced.snapshot = forced.machine.snapshot()
+        for name in ("idle", "open", "forced"):
+            daemon.let_go(name, peer)
+        clock.advance(59.0)
+        assert daemon.reclaim_idle() == []
+        clock.advance(1.0)
+        assert daemon.reclaim_idle() == ["idle"]
+        assert system.get("idle") is None
+        assert sorted(a.name for a in system.actors()) == ["forced", "open"]
+        # Its slot is free for the next breaker; open and forced-open stay.
+        assert not table.full
+        daemon.register("next", {})
+        assert table.slot_for("next") == slots["idle"]
+        assert daemon.reclaim_idle() == []
+    finally:
+        table.close()
+        daemon.system.stop()
+
+
+def test_a_breaker_held_again_is_not_reclaimed(tmp_path: Path, clock: FakeClock) -> None:
+    settings = DaemonSettings(socket_path=tmp_path / "s.sock", breaker_idle_timeout=60.0)
+    daemon = Daemon(settings, clock=clock, handle_signals=False)
+    first: Any = object()
+    second: Any = object()
+    daemon.register("svc", {})
+    daemon.hold("svc", first)
+    daemon.hold("svc", second)
+    daemon.let_go("svc", first)
+    clock.advance(120.0)
+    assert daemon.reclaim_idle() == []  # the second still holds it
+    daemon.let_go("svc", second)
+    clock.advance(30.0)
+    daemon.hold("svc", first)  # back before its idle time was up
+    clock.advance(60.0)
+    assert daemon.reclaim_idle() == []
+    assert daemon.system.get("svc") is not None
+    daemon.system.stop()
+
+
+def test_the_breaker_limits_are_read_from_the_config_file(tmp_path: Path) -> None:
+    socket_path = tmp_path / "s.sock"
+    defaults = load_config(None, socket_path)
+    assert (
+        defaults.max_breakers,
+        defaults.max_breakers_per_client,
+        defaults.breaker_idle_timeout,
+    ) == (10_000, 1_000, 600.0)
+    config = tmp_path / "d.toml"
+    config.write_text(
+        "[daemon]\nmax_breakers = 20\nmax_breakers_per_client = 5\nbreaker_idle_timeout = 2\n"
+    )
+    settings = load_config(config, socket_path)
+    assert (
+        settings.max_breakers,
+        settings.max_breakers_per_client,
+        settings.breaker_idle_timeout,
+    ) == (20, 5, 2.0)
+    for line in (
+        "max_breakers = 0",
+        "max_breakers_per_client = -1",
+        "max_breakers = 1.5",
+        "breaker_idle_timeout = 0",
+        "breaker_idle_timeout = inf",
+        "breaker_idle_timeout = true",
+        'breaker_idle_timeout = "1"',
+    ):
+        config.write_text(f"[daemon]\n{line}\n")
+        key = line.split()[0]
+        with pytest.raises(ConfigError, match=rf"\[daemon\] {key} must be"):
+            load_config(config, socket_path)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from daemon_helpers import DaemonProcess, RawClient
+from daemon_helpers import DaemonProcess, RawClient, wait_for
 
 from breakerd.protocol import (
     MAX_COUNT,
@@ -21,6 +21,7 @@ from breakerd.protocol import (
     CircuitState,
     Connection,
     Hello,
+    LimitExceededError,
     Outcome,
     Register,
     Report,
@@ -158,3 +159,88 @@ def test_a_lease_from_a_killed_daemon_is_stale_in_the_next_one(tmp_short: Path) 
         assert second.terminate() == 0
     finally:
         second.kill()
+
+
+# -- breakers are bounded ---------------------------------------------------------------
+
+
+def configured_daemon(tmp_short: Path, daemon_section: str) -> DaemonProcess:
+    config = tmp_short / "d.toml"
+    config.write_text(f"[daemon]\n{daemon_section}\n")
+    return DaemonProcess(tmp_short / "s.sock", config=config).wait_ready(started_log=True)
+
+
+def test_breakers_per_daemon_and_per_client_are_capped(tmp_short: Path) -> None:
+    process = configured_daemon(tmp_short, "max_breakers = 5\nmax_breakers_per_client = 3")
+    try:
+        first = RawClient(process.socket_path)
+        for name in ("a", "b", "c"):
+            first.register(name)
+        with pytest.raises(LimitExceededError, match="max_breakers_per_client"):
+            first.register("d")
+        first.register("a")  # one it holds already: no new hold
+        second = RawClient(process.socket_path)
+        second.register("d")
+        second.register("e")
+        # Five breakers: a sixth is refused, whoever asks.
+        with pytest.raises(LimitExceededError, match=r"max_breakers\b"):
+            second.register("f")
+        # Joining an existing breaker creates nothing: allowed up to the per-client cap.
+        second.register("a")
+        with pytest.raises(LimitExceededError, match="max_breakers_per_client"):
+            second.register("b")
+        names = {b.snapshot.name for b in second.status().breakers}
+        assert names == {"a", "b", "c", "d", "e"}
+        first.close()
+        second.close()
+        assert process.terminate() == 0
+    finally:
+        process.kill()
+
+
+def test_a_full_state_table_is_an_explicit_error_never_a_shared_slot(tmp_short: Path) -> None:
+    process = configured_daemon(tmp_short, "state_table_slots = 3")  # the header and two
+    try:
+        client = RawClient(process.socket_path)
+        slots = [client.request(Register(name, {})).slot for name in ("a", "b")]
+        assert sorted(slots) == [1, 2]
+        with pytest.raises(LimitExceededError, match="state table is full"):
+            client.request(Register("c", {}))
+        client.close()
+        assert process.terminate() == 0
+    finally:
+        process.kill()
+
+
+def test_idle_closed_unheld_breakers_are_reclaimed_and_their_slots_reused(
+    tmp_short: Path,
+) -> None:
+    process = configured_daemon(tmp_short, "breaker_idle_timeout = 0.2")
+    try:
+        keeper = RawClient(process.socket_path)
+        keeper.register("held")
+        leaver = RawClient(process.socket_path)
+        idle_slot = leaver.request(Register("idle", {})).slot
+        generation = leaver.register("tripped", min_calls=1, timeout=300.0).generation
+        assert leaver.report("tripped", generation, Outcome.FAILURE).state is CircuitState.OPEN
+        leaver.close()
+
+        def names() -> set[str]:
+            return {b.snapshot.name for b in keeper.status().breakers}
+
+        wait_for(lambda: "idle" not in names(), what="the idle breaker to be reclaimed")
+        # Held, or open: kept (an open breaker nobody holds keeps its deadline).
+        assert names() == {"held", "tripped"}
+        # The slot is free again, and shows the new breaker's state.
+        fresh = keeper.request(Register("fresh", {}))
+        assert fresh.slot == idle_slot
+        # A reclaimed breaker comes back new when someone registers it again.
+        again = keeper.register("idle")
+        assert again.state is CircuitState.CLOSED
+        events = [e for e in process.log_events() if e["event"] == "breakers_reclaimed"]
+        assert events
+        assert events[0]["count"] == 1
+        keeper.close()
+        assert process.terminate() == 0
+    finally:
+        process.kill()

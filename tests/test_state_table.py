@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import cast
 
 import pytest
-import structlog.testing
 from daemon_helpers import DaemonProcess, RawClient
 from hypothesis import given
 from hypothesis import strategies as st
@@ -177,18 +176,25 @@ def table() -> Iterator[SharedStateTable]:
 
 
 def test_slots_go_to_breakers_in_turn_until_the_table_is_full(table: SharedStateTable) -> None:
-    with structlog.testing.capture_logs() as logs:
-        assert [table.slot_for(n) for n in ("a", "b", "a", "c", "d", "e", "b")] == [
-            1,
-            2,
-            1,
-            3,
-            0,
-            0,
-            2,
-        ]
-    assert table.used == 4  # three breakers, and the one that found it full
-    assert [e["event"] for e in logs] == ["state_table_full"]
+    assert not table.full
+    assert [table.slot_for(n) for n in ("a", "b", "a", "c", "d", "e", "b")] == [
+        1,
+        2,
+        1,
+        3,
+        0,
+        0,
+        2,
+    ]
+    # Full: the later ones got no slot, and none was shared.
+    assert table.used == 3
+    assert table.full
+    # A released slot goes to the next breaker.
+    table.release("b")
+    table.release("never-had-one")
+    assert not table.full
+    assert table.slot_for("d") == 2
+    assert table.full
 
 
 def read_only_map(table: SharedStateTable) -> memoryview:
