@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon_helpers import poll_until
 
 from breakerd.actor import ActorSystem, BreakerActor, BreakerConfig, Daemon, DaemonSettings
 from breakerd.actor._daemon_config import ConfigError, load_config
@@ -204,6 +205,9 @@ def test_a_machine_that_raises_on_an_expired_lease_restarts_open_not_wedged(
     actor, _ = system.actor("svc", TRIAL_CONFIG)
     trial = half_open_with_a_trial(actor, clock)
     break_the_open(actor)
+    # Parked in its own loop until the lease's deadline (another thread's
+    # doing: wait for it, so the wake-up below goes through that loop).
+    assert poll_until(lambda: actor._asleep, 10.0)
     clock.advance(TRIAL_CONFIG.half_open_max_wait)
     # A fire-and-forget report wakes the actor's own loop, which expires the
     # overdue lease before anything else (the path of no request at all).

@@ -15,6 +15,7 @@ import msgpack
 import pytest
 from daemon_helpers import DaemonProcess, RawClient, wait_for
 
+from breakerd.clients import CircuitBreaker, RemoteBreaker
 from breakerd.protocol import (
     MAX_COUNT,
     Admission,
@@ -241,6 +242,22 @@ def test_idle_closed_unheld_breakers_are_reclaimed_and_their_slots_reused(
         assert events
         assert events[0]["count"] == 1
         keeper.close()
+        assert process.terminate() == 0
+    finally:
+        process.kill()
+
+
+def test_a_circuit_breaker_past_the_limit_raises_limit_exceeded(tmp_short: Path) -> None:
+    process = configured_daemon(tmp_short, "max_breakers_per_client = 1")
+    try:
+        first = CircuitBreaker("first", daemon=process.socket_path, on_unavailable="deny")
+        assert first.call_sync(lambda: 7) == 7
+        # One connection per process and socket: its second breaker is one too many.
+        with pytest.raises(LimitExceededError, match="max_breakers_per_client"):
+            CircuitBreaker("second", daemon=process.socket_path, on_unavailable="deny")
+        link = first._actor
+        assert isinstance(link, RemoteBreaker)
+        link.client.close()
         assert process.terminate() == 0
     finally:
         process.kill()
