@@ -3,6 +3,7 @@
 from ._actor import BreakerActor, Envelope, Reply, TransitionListener
 from ._daemon_config import ConfigError, DaemonSettings, load_config
 from ._machine import (
+    DEFAULT_MAX_TIMEOUT,
     BreakerConfig,
     Decision,
     IllegalTransitionError,
@@ -14,6 +15,7 @@ from ._server import SERVER_NAME, Daemon, DaemonAlreadyRunningError
 from ._system import ActorSystem, default_system
 
 __all__ = [
+    "DEFAULT_MAX_TIMEOUT",
     "SERVER_NAME",
     "ActorSystem",
     "BreakerActor",

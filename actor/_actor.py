@@ -118,10 +118,11 @@ class BreakerActor:
         clock: Callable[[], float],
         max_inbox: int = 10_000,
         generation: int = 0,
+        first_lease: int = 1,
     ) -> None:
         self.name = name
         self.config = config
-        self.machine = Machine(name, config, generation=generation)
+        self.machine = Machine(name, config, generation=generation, first_lease=first_lease)
         self.snapshot: Snapshot = self.machine.snapshot()
         self.max_inbox = max_inbox
         self.listeners: list[TransitionListener] = []
@@ -213,6 +214,16 @@ class BreakerActor:
         self._rejections.append(count)
 
     @property
+    def stopped(self) -> bool:
+        """``stop()`` was called: the actor takes nothing more and its task ends."""
+        return self._stopped
+
+    @property
+    def idle(self) -> bool:
+        """Nothing waits for the actor: no inbox item, no counts to apply."""
+        return not self._inbox and not self._tally[1] and not self._rejections
+
+    @property
     def backlog(self) -> int:
         """Items waiting in the inbox (tallies not included: they are counts)."""
         return len(self._inbox)
@@ -294,7 +305,7 @@ class BreakerActor:
         self._loop_thread = threading.get_ident()
         event = self._wake_event = asyncio.Event()
         inbox = self._inbox
-        while True:
+        while not self._stopped:
             self._flush_scheduled = False
             self._drain()
             self._asleep = True
@@ -310,7 +321,10 @@ class BreakerActor:
                 if delay > 0:
                     with anyio.move_on_after(delay if math.isfinite(delay) else 86_400.0):
                         await event.wait()
-                self._apply(self.machine.expire(self._clock()))
+                try:
+                    self._apply(self.machine.expire(self._clock()))
+                except Exception as exc:  # a bug in breakerd: restart, never wedge
+                    self._crash(None, exc)
             self._asleep = False
             event.clear()
 
@@ -486,7 +500,7 @@ class BreakerActor:
         getattr(self._log, level)(event, **fields)
 
     def _crash(self, item: object, exc: Exception) -> None:
-        """Supervision: log, answer the request, restart from a fresh machine."""
+        """Supervision: log, answer the request, restart from the machine's successor."""
         if isinstance(item, Envelope):
             if isinstance(exc, BreakerError):
                 # The request was bad, not the actor: answer and carry on.
@@ -497,16 +511,33 @@ class BreakerActor:
                 item.reply(None, BreakerError(f"breaker {self.name!r} crashed: {exc!r}"))
         self.restarts += 1
         old = self.machine
+        now = self._clock()
+        # A newer generation: permits from before the crash are stale and
+        # their reports are dropped rather than misapplied. The state is kept
+        # (half-open becomes open): a bug must never fail a breaker open.
+        self.machine = old.successor(now)
         self._log.error(
             "actor_crashed",
             error=repr(exc),
             restarts=self.restarts,
+            state=self.machine.state.value,
             exc_info=exc,
         )
-        # A fresh machine, a newer generation: permits from before the crash
-        # are stale and their reports are dropped rather than misapplied.
-        self.machine = Machine(self.name, self.config, generation=old.generation + 1)
-        self._publish()
+        if old.state is not self.machine.state:
+            # half-open -> open: tell the listeners (the daemon's pushes).
+            self._apply(
+                (
+                    Transition(
+                        old.state,
+                        self.machine.state,
+                        self.machine.generation,
+                        "actor_restarted",
+                        open_until=self.machine.open_until,
+                    ),
+                )
+            )
+        else:
+            self._publish()
 
     def stop(self) -> None:
         """Refuse new messages and fail every pending request (never a hang)."""
@@ -519,3 +550,5 @@ class BreakerActor:
                     item.reply(None, error)
                 except Exception:
                     self._log.exception("reply_failed_on_stop")
+        if self._loop is not None:
+            self._wake()  # let run() see the flag and return

@@ -9,6 +9,9 @@ Example ``breakerd.toml``::
     max_inflight = 256        # requests in flight per connection
     max_outbox = 1048576      # bytes buffered per connection before it is dropped
     state_table_slots = 65536 # breakers in the shared state table (+1 header); 0: off
+    max_breakers = 10000      # breakers in the daemon
+    max_breakers_per_client = 1000  # breakers one connection may hold (register)
+    breaker_idle_timeout = 600.0    # reclaim a closed breaker nobody held this long
 
     [defaults]                # every breaker, unless a client or section says otherwise
     failure_threshold = 0.5
@@ -26,15 +29,38 @@ clients (whose differing settings are reported back as conflicts).
 from __future__ import annotations
 
 import grp
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from ._machine import BreakerConfig
 from ._state_table import DEFAULT_STATE_TABLE_SLOTS
 
-__all__ = ["ConfigError", "DaemonSettings", "load_config"]
+__all__ = [
+    "DEFAULT_BREAKER_IDLE_TIMEOUT",
+    "DEFAULT_MAX_BREAKERS",
+    "DEFAULT_MAX_BREAKERS_PER_CLIENT",
+    "ConfigError",
+    "DaemonSettings",
+    "load_config",
+]
+
+#: Breakers in one daemon. A breaker costs the daemon some 9 KiB (its actor,
+#: machine, window and task): 10,000 of them about 90 MiB, which any host
+#: running a shared daemon can spare, and far more services than one host
+#: calls; the state table's default 65,535 slots leave room to raise it.
+DEFAULT_MAX_BREAKERS: Final = 10_000
+#: Breakers one connection (one client process) may hold: a tenth of the
+#: daemon's, so one runaway process that names a breaker per request cannot
+#: take them all.
+DEFAULT_MAX_BREAKERS_PER_CLIENT: Final = 1_000
+#: Seconds a closed breaker that no connection holds is kept before it is
+#: reclaimed: long enough that processes restarting in a deploy find their
+#: breakers' windows again, short enough that names nobody uses any more do
+#: not pile up.
+DEFAULT_BREAKER_IDLE_TIMEOUT: Final = 600.0
 
 _BREAKER_FIELDS = frozenset(f.name for f in fields(BreakerConfig))
 # 512 MiB of address space: far beyond any host's breakers, and a typo in the
@@ -58,6 +84,11 @@ class DaemonSettings:
     max_outbox: int = 1 << 20
     #: Slots in the shared state table (the header included); 0: no table.
     state_table_slots: int = DEFAULT_STATE_TABLE_SLOTS
+    max_breakers: int = DEFAULT_MAX_BREAKERS
+    #: Breakers one connection may hold: those it registered.
+    max_breakers_per_client: int = DEFAULT_MAX_BREAKERS_PER_CLIENT
+    #: Seconds before a closed breaker that no connection holds is reclaimed.
+    breaker_idle_timeout: float = DEFAULT_BREAKER_IDLE_TIMEOUT
     defaults: dict[str, Any] = field(default_factory=dict)
     breakers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -106,6 +137,9 @@ def load_config(path: Path | None, socket_path: Path) -> DaemonSettings:
         "max_inflight",
         "max_outbox",
         "state_table_slots",
+        "max_breakers",
+        "max_breakers_per_client",
+        "breaker_idle_timeout",
     }
     unknown = sorted(set(daemon) - known_daemon)
     if unknown:
@@ -120,6 +154,19 @@ def load_config(path: Path | None, socket_path: Path) -> DaemonSettings:
         max_outbox=_positive(daemon.get("max_outbox", 1 << 20), "max_outbox", path),
         state_table_slots=_table_slots(
             daemon.get("state_table_slots", DEFAULT_STATE_TABLE_SLOTS), path
+        ),
+        max_breakers=_positive(
+            daemon.get("max_breakers", DEFAULT_MAX_BREAKERS), "max_breakers", path
+        ),
+        max_breakers_per_client=_positive(
+            daemon.get("max_breakers_per_client", DEFAULT_MAX_BREAKERS_PER_CLIENT),
+            "max_breakers_per_client",
+            path,
+        ),
+        breaker_idle_timeout=_seconds(
+            daemon.get("breaker_idle_timeout", DEFAULT_BREAKER_IDLE_TIMEOUT),
+            "breaker_idle_timeout",
+            path,
         ),
         defaults=dict(defaults),
         breakers=breakers,
@@ -159,6 +206,14 @@ def _positive(value: object, key: str, path: Path) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{path}: [daemon] {key} must be an integer >= 1, got {value!r}")
     return value
+
+
+def _seconds(value: object, key: str, path: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ConfigError(
+            f"{path}: [daemon] {key} must be a finite number of seconds > 0, got {value!r}"
+        )
+    return float(value)
 
 
 def _table_slots(value: object, path: Path) -> int:

@@ -49,6 +49,7 @@ from typing import Any, Final
 from breakerd.protocol import CircuitState, Outcome, Snapshot
 
 __all__ = [
+    "DEFAULT_MAX_TIMEOUT",
     "BreakerConfig",
     "Decision",
     "IllegalTransitionError",
@@ -78,6 +79,13 @@ _ADMIN_TARGETS: Final = frozenset({FORCED_OPEN, DISABLED, CLOSED})
 #: totals. Bounded: a flood of unreported trials cannot grow it without end.
 _MAX_ORPHAN_LEASES: Final = 1024
 
+#: The default ``max_timeout``: ten minutes. A breaker shared host-wide must
+#: not stay open for a day because one response said ``Retry-After: 86400``
+#: or backoff compounded through a long outage; ten minutes is well past the
+#: retry hints of real APIs (seconds to a minute) and what an on-call engineer
+#: waits before looking, and short enough that a wrong hint heals by itself.
+DEFAULT_MAX_TIMEOUT: Final = 600.0
+
 
 class IllegalTransitionError(RuntimeError):
     """The machine tried a transition outside its whitelist: a bug in breakerd."""
@@ -102,7 +110,9 @@ class BreakerConfig:
         backoff: Each consecutive re-open multiplies the open duration by this.
             1.0 (default) keeps it constant. Closing resets it.
         max_timeout: Upper bound on the open duration under backoff, and on a
-            server's ``retry_after`` (``None``: no bound).
+            server's ``retry_after``. Default ``DEFAULT_MAX_TIMEOUT`` (600 s),
+            raised to ``timeout`` when that is longer (a default bound must
+            not make a valid ``timeout`` an error); ``None``: no bound.
         jitter: Spread the open duration by up to this fraction either way
             (0.1 means +-10%), so many breakers do not retry in step.
         half_open_max_wait: A trial lease not reported within this many
@@ -118,7 +128,7 @@ class BreakerConfig:
     slow_call_duration: float | None = None
     slow_call_threshold: float = 1.0
     backoff: float = 1.0
-    max_timeout: float | None = None
+    max_timeout: float | None = DEFAULT_MAX_TIMEOUT
     jitter: float = 0.0
     half_open_max_wait: float = 60.0
 
@@ -155,6 +165,10 @@ class BreakerConfig:
             raise bad("slow_call_threshold", "a number between 0 and 1")
         if not finite(self.backoff) or self.backoff < 1.0:
             raise bad("backoff", "a number >= 1")
+        if self.max_timeout == DEFAULT_MAX_TIMEOUT and finite(self.timeout):
+            # The default bound gives way to a longer timeout (an explicit 600
+            # looks the same and is treated the same: documented).
+            object.__setattr__(self, "max_timeout", max(DEFAULT_MAX_TIMEOUT, self.timeout))
         if self.max_timeout is not None and (
             not finite(self.max_timeout) or self.max_timeout < self.timeout
         ):
@@ -353,6 +367,7 @@ class Machine:
         *,
         generation: int = 0,
         rng: Callable[[], float] | None = None,
+        first_lease: int = 1,
     ) -> None:
         self.name = name
         self.config = config if config is not None else BreakerConfig()
@@ -364,7 +379,7 @@ class Machine:
         # Consecutive openings without a close in between, for backoff.
         self._open_streak = 0
         # Half-open bookkeeping. Lease ids are unique for the machine's life.
-        self._next_lease = 1
+        self._next_lease = first_lease
         self._leases: dict[int, float] = {}
         # Leases a transition cut short: their report still counts in the totals, once.
         self._orphans: dict[int, None] = {}
@@ -710,6 +725,41 @@ class Machine:
             return None
         return self._move(CLOSED, "admin_reset", now, admin=True)
 
+    # -- supervision -----------------------------------------------------------
+
+    def successor(self, now: float) -> Machine:
+        """A fresh machine for the actor to restart with after this one raised.
+
+        Fail safe: it never admits what this one would have refused. Closed
+        restarts closed with an empty window; open keeps its deadline;
+        half-open opens for ``timeout`` (its trials' verdict is lost with the
+        bug, and a restart into half-open could wedge on a lost lease);
+        forced-open and disabled stay as the administrator left them. The
+        generation moves on, so permits and leases from before the crash are
+        stale; lease ids keep counting up (never reused), and the totals and
+        the backoff streak carry over.
+        """
+        new = Machine(
+            self.name,
+            self.config,
+            generation=self.generation + 1,
+            rng=self._random,
+            first_lease=self._next_lease,
+        )
+        new.successes, new.failures = self.successes, self.failures
+        new.ignored, new.rejections = self.ignored, self.rejections
+        new._open_streak = self._open_streak
+        state = self.state
+        if state is OPEN or state is HALF_OPEN:
+            open_until = self.open_until if state is OPEN else None
+            if open_until is None or math.isnan(open_until):
+                open_until = now + self.config.timeout
+            new.state = OPEN
+            new.open_until = open_until
+        elif state is not CLOSED:
+            new.state = state
+        return new
+
     # -- internals -----------------------------------------------------------
 
     def _open(
@@ -728,9 +778,9 @@ class Machine:
             duration = retry_after if cap is None else min(retry_after, cap)
         else:
             config = self.config
-            duration = config.timeout * config.backoff**self._open_streak
-            if config.max_timeout is not None:
-                duration = min(duration, config.max_timeout)
+            duration = _backoff_duration(
+                config.timeout, config.backoff, self._open_streak, config.max_timeout
+            )
             if config.jitter:
                 duration *= 1.0 + config.jitter * (2.0 * self._random() - 1.0)
         self._open_streak += 1
@@ -791,3 +841,21 @@ class Machine:
         if self.config.window_seconds is not None:
             return _TimeWindow(self.config.window_seconds)
         return _CountWindow(self.config.window_size)
+
+
+def _backoff_duration(timeout: float, backoff: float, streak: int, cap: float | None) -> float:
+    """``min(timeout * backoff ** streak, cap)``, without overflow.
+
+    ``backoff ** streak`` overflows a float past ~1e308 (``backoff=10``: the
+    309th consecutive re-open, some five hours of outage at a 60 s cap) and
+    raises ``OverflowError``; a duration that large is infinite for any
+    purpose, so it becomes ``inf`` and the cap, if any, applies as usual.
+    """
+    if not timeout or backoff == 1.0:
+        duration = float(timeout)
+    else:
+        try:
+            duration = timeout * backoff**streak
+        except OverflowError:
+            duration = math.inf
+    return duration if cap is None else min(duration, cap)

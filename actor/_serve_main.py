@@ -11,7 +11,7 @@ from typing import Final, Literal
 import anyio
 import structlog
 
-from breakerd.protocol import default_socket_path
+from breakerd.protocol import MAX_SOCKET_PATH, default_socket_path
 
 from ._daemon_config import ConfigError, load_config
 from ._server import Daemon, DaemonAlreadyRunningError
@@ -60,7 +60,7 @@ def serve_main(socket_path: Path | None, config_path: Path | None, loop: str = "
         print(f"breakerd: {exc}", file=sys.stderr)
         return 2
     path = socket_path if socket_path is not None else default_socket_path()
-    if len(str(path).encode()) > 107:
+    if len(str(path).encode()) > MAX_SOCKET_PATH:
         print(f"breakerd: socket path too long for a Unix socket: {path}", file=sys.stderr)
         return 2
     try:

@@ -13,10 +13,18 @@ What protects the others from one bad client:
   ``allowed_uids``; anyone else is closed at once and logged;
 * a malformed frame (or an oversized length prefix, refused before its body
   is buffered) closes that one connection;
+* ``max_breakers`` per daemon and ``max_breakers_per_client`` (the breakers
+  a connection registered), a ``limit_exceeded`` error past either or once
+  the state table is full; a closed breaker nobody holds is reclaimed after
+  ``breaker_idle_timeout``;
 * ``max_connections``, ``max_inflight`` requests per connection (more get a
   ``busy`` error), and a bounded outbox: a client that stops reading is
   dropped once ``max_outbox`` bytes wait for it, it never blocks an actor;
-* a connection's half-open trial leases are released when it closes.
+* a half-open trial lease is settled only by the connection it was granted
+  to (anyone else's report of it is stale), and released when that
+  connection closes;
+* generations and lease ids start at a random offset per breaker, so a
+  permit from before a restart names nothing after it.
 """
 
 from __future__ import annotations
@@ -43,16 +51,19 @@ import anyio.abc
 import structlog
 
 from breakerd.protocol import (
+    MAX_SOCKET_PATH,
     NEED_DATA,
     Acquire,
     Admin,
     Admission,
     BreakerError,
     BreakerStatus,
+    CircuitState,
     Connection,
     Hello,
     InboxFullError,
     InvalidRequestError,
+    LimitExceededError,
     NotificationReceived,
     Outcome,
     ProtocolError,
@@ -75,6 +86,7 @@ from breakerd.protocol import (
 from ._actor import BreakerActor
 from ._daemon_config import DaemonSettings
 from ._machine import BreakerConfig, Transition
+from ._reclaim import IdleBreakers, sweep_period
 from ._state_table import SharedStateTable, StateTableUnavailableError
 from ._system import ActorSystem
 
@@ -89,6 +101,13 @@ _READ_SIZE = 1 << 18
 _connection_ids = itertools.count(1)
 #: Breakers per status page: ~200 bytes each plus the name, far below a frame.
 STATUS_PAGE = 1000
+
+
+def _unlink_if_there(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class DaemonAlreadyRunningError(RuntimeError):
@@ -109,9 +128,14 @@ class Daemon:
         self.settings = settings
         #: For the log: which event loop ``run`` was started on.
         self.loop_name = loop_name
-        self.system = ActorSystem(clock=clock)
+        # Random starts: a permit or a trial lease from before a restart
+        # must name nothing in this run (it would settle another's trial).
+        self.system = ActorSystem(clock=clock, random_start=True)
         self.peers: set[_Peer] = set()
+        #: The connections that hold each breaker (registered it), pushed its changes.
         self.subscribers: dict[str, set[_Peer]] = {}
+        #: Breakers no connection holds: reclaimed once idle long enough.
+        self.idle = IdleBreakers(settings.breaker_idle_timeout)
         self.uid = os.getuid()
         self.log = structlog.get_logger("breakerd.daemon")
         self._handle_signals = handle_signals
@@ -164,6 +188,7 @@ class Daemon:
             self._make_state_table()
             async with anyio.create_task_group() as group:
                 await group.start(self.system.serve)
+                group.start_soon(self._sweep_idle_breakers)
                 if self._handle_signals:
                     await group.start(self._watch_signals)
                 # Readiness contract: the socket file appears only once signal
@@ -267,21 +292,35 @@ class Daemon:
 
     def _bind(self) -> socket.socket:
         mode = self.settings.socket_mode
+        # Readiness is the socket file: it must accept from the moment it
+        # exists. So bind under a temporary name, listen, and only then
+        # rename it into place (atomic): no client ever finds a file that
+        # refuses connections, or one with the wrong owner or mode.
+        final = str(self.socket_path)
+        staging = str(self.socket_path.with_name(f".{os.getpid()}.bind"))
+        if len(os.fsencode(staging)) > MAX_SOCKET_PATH:
+            staging = final  # no room for a longer name: bind in place
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # Bind under a umask that already gives the final mode: no window in
         # which the socket is open to others.
         old_umask = os.umask(0o777 & ~mode)
         try:
-            listener.bind(str(self.socket_path))
+            if staging != final:
+                _unlink_if_there(staging)  # left by a daemon of this pid that died binding
+            listener.bind(staging)
+            if self.settings.socket_gid is not None:
+                os.chown(staging, -1, self.settings.socket_gid)
+            os.chmod(staging, mode)
+            listener.listen(_BACKLOG)
+            if staging != final:
+                os.rename(staging, final)
         except BaseException:
             listener.close()
+            if staging != final:
+                _unlink_if_there(staging)
             raise
         finally:
             os.umask(old_umask)
-        if self.settings.socket_gid is not None:
-            os.chown(self.socket_path, -1, self.settings.socket_gid)
-        os.chmod(self.socket_path, mode)
-        listener.listen(_BACKLOG)
         listener.setblocking(False)
         return listener
 
@@ -309,6 +348,7 @@ class Daemon:
                 config = self.settings.for_client(name, requested)
             except (TypeError, ValueError) as exc:
                 raise InvalidRequestError(f"breaker {name!r}: {exc}") from None
+            self._check_room(name)
             try:
                 actor, _ = self.system.actor(name, config)
             except ValueError as exc:
@@ -329,6 +369,68 @@ class Daemon:
                 rule="config file first, then the first client",
             )
         return existing, conflicts
+
+    def _check_room(self, name: str) -> None:
+        limit = self.settings.max_breakers
+        if self.system.count >= limit:
+            raise LimitExceededError(
+                f"breaker {name!r} refused: this daemon has {limit} breakers, "
+                f"its limit ([daemon] max_breakers)"
+            )
+        table = self.state_table
+        if table is not None and table.full:
+            raise LimitExceededError(
+                f"breaker {name!r} refused: the state table is full "
+                f"({table.slots - 1} breakers; [daemon] state_table_slots)"
+            )
+
+    def hold(self, name: str, peer: _Peer) -> None:
+        """``peer`` registered ``name``: it gets its pushes, and it is not idle."""
+        self.subscribers.setdefault(name, set()).add(peer)
+        self.idle.held(name)
+
+    def let_go(self, name: str, peer: _Peer) -> None:
+        """``peer`` is gone; ``name`` is idle from now if nobody else holds it."""
+        subscribers = self.subscribers.get(name)
+        if subscribers is None:
+            return
+        subscribers.discard(peer)
+        if not subscribers:
+            del self.subscribers[name]
+            self.idle.let_go(name, self.system.clock())
+
+    def reclaim_idle(self) -> list[str]:
+        """Reclaim the breakers idle long enough that are closed and quiet; their names."""
+        reclaimed = []
+        for name in self.idle.due(self.system.clock()):
+            actor = self.system.get(name)
+            if actor is None or name in self.subscribers:
+                self.idle.forget(name)
+                continue
+            if actor.snapshot.state is not CircuitState.CLOSED or not actor.idle:
+                # Open keeps its deadline, admin states stay until reset, and
+                # outcomes still on their way are applied first: next sweep.
+                continue
+            self.system.remove(name)
+            self.idle.forget(name)
+            if self.state_table is not None:
+                self.state_table.release(name)
+            reclaimed.append(name)
+        return reclaimed
+
+    async def _sweep_idle_breakers(self) -> None:
+        period = sweep_period(self.settings.breaker_idle_timeout)
+        while True:
+            await anyio.sleep(period)
+            reclaimed = self.reclaim_idle()
+            if reclaimed:
+                self.log.info(
+                    "breakers_reclaimed",
+                    count=len(reclaimed),
+                    breakers=reclaimed[:10],
+                    idle_after=self.settings.breaker_idle_timeout,
+                    remaining=self.system.count,
+                )
 
     def actor(self, name: str) -> BreakerActor:
         actor = self.system.get(name)
@@ -459,9 +561,7 @@ class _Peer(asyncio.BufferedProtocol):
             return
         daemon.peers.discard(self)
         for name in self.names:
-            subscribers = daemon.subscribers.get(name)
-            if subscribers is not None:
-                subscribers.discard(self)
+            daemon.let_go(name, self)
         released = 0
         for (name, lease), generation in self.leases.items():
             actor = daemon.system.get(name)
@@ -582,18 +682,32 @@ class _Peer(asyncio.BufferedProtocol):
 
     def _register(self, msgid: int, message: Register) -> None:
         daemon = self.daemon
+        limit = daemon.settings.max_breakers_per_client
+        if message.name not in self.names and len(self.names) >= limit:
+            raise LimitExceededError(
+                f"breaker {message.name!r} refused: this connection holds {limit} "
+                f"breakers, its limit ([daemon] max_breakers_per_client)"
+            )
         actor, conflicts = daemon.register(message.name, dict(message.config))
         if message.name not in self.names:
             self.names.add(message.name)
-            daemon.subscribers.setdefault(message.name, set()).add(self)
+            daemon.hold(message.name, self)
         table = daemon.state_table
         slot = table.slot_for(message.name) if table is not None else 0
         self._reply(msgid, Registered(actor.snapshot, conflicts, slot), None)
 
     def _ask_actor(self, msgid: int, message: Any) -> None:
         actor = self.daemon.actor(message.name)
-        if type(message) is Report and message.lease:
-            self.leases.pop((message.name, message.lease), None)
+        if (
+            type(message) is Report
+            and message.lease
+            and self.leases.pop((message.name, message.lease), None) is None
+        ):
+            # Not a lease granted on this connection: it settles nothing, as
+            # a stale report settles nothing (another connection's trial
+            # stays its own; half_open_calls stays a bound).
+            self._reply(msgid, actor.snapshot, None)
+            return
         if type(message) is Acquire:
             if message.successes:
                 # Counted first; served inline, the acquire applies them.
@@ -680,8 +794,8 @@ class _Peer(asyncio.BufferedProtocol):
                 self.log.warning("report_for_unknown_breaker", breaker=report.name)
                 continue
             if report.lease:
-                self.leases.pop((report.name, report.lease), None)
-                actor.ask(report, None, force=True)
+                if self.leases.pop((report.name, report.lease), None) is not None:
+                    actor.ask(report, None, force=True)  # else not ours: stale
             elif report.outcome is Outcome.SUCCESS and (
                 actor.config.slow_call_duration is None
                 or report.duration <= actor.config.slow_call_duration

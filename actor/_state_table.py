@@ -20,8 +20,6 @@ import mmap
 import os
 from typing import Final
 
-import structlog
-
 from breakerd.protocol import Snapshot
 from breakerd.protocol import state_table as layout
 
@@ -34,8 +32,6 @@ DEFAULT_STATE_TABLE_SLOTS: Final = 65_536
 
 # Not in the fcntl module of every Python the package supports (Linux 5.1+).
 _F_SEAL_FUTURE_WRITE: Final = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
-
-_logger = structlog.get_logger("breakerd.daemon")
 
 
 class StateTableUnavailableError(OSError):
@@ -81,6 +77,9 @@ class SharedStateTable:
         # One view of the whole table: 10,000 breakers must not cost 10,000 objects.
         self._words = self._buffer.cast("Q")
         self._slot_of: dict[str, int] = {}
+        # Slots given back by reclaimed breakers, reused before new ones.
+        self._free: list[int] = []
+        self._next_slot = 1
         #: ``publish`` bound once: every actor's ``on_publish`` shares it.
         self.publisher = self.publish
 
@@ -89,23 +88,41 @@ class SharedStateTable:
         """Slots given to breakers so far."""
         return len(self._slot_of)
 
+    @property
+    def full(self) -> bool:
+        """No slot left for another breaker."""
+        return not self._free and self._next_slot >= self.slots
+
     def slot_for(self, name: str) -> int:
-        """The slot of breaker ``name``, given on first use; 0 once the table is full."""
+        """The slot of breaker ``name``, given on first use; 0 (none given) when full.
+
+        Never a shared slot: the daemon refuses a breaker it has no slot for
+        (``full``) rather than let two breakers' states mix in one.
+        """
         slot = self._slot_of.get(name)
         if slot is not None:
             return slot
-        slot = len(self._slot_of) + 1
-        if slot >= self.slots:
-            if slot == self.slots:
-                _logger.warning(
-                    "state_table_full",
-                    slots=self.slots,
-                    effect="later breakers reach clients by push only",
-                )
-                self._slot_of[name] = 0  # warn once; stays full
+        if self._free:
+            slot = self._free.pop()
+        elif self._next_slot < self.slots:
+            slot = self._next_slot
+            self._next_slot += 1
+        else:
             return 0
         self._slot_of[name] = slot
         return slot
+
+    def release(self, name: str) -> None:
+        """Give ``name``'s slot back for another breaker (it was reclaimed).
+
+        Only clients that registered a breaker read its slot, and a breaker
+        is reclaimed only once no connection holds it, so no reader is left
+        to mistake the next breaker's state for its own. The slot keeps its
+        old words until the next breaker's first publish.
+        """
+        slot = self._slot_of.pop(name, 0)
+        if slot:
+            self._free.append(slot)
 
     def publish(self, snapshot: Snapshot) -> None:
         """Write ``snapshot``'s state into its breaker's slot, if it has one."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,10 +28,16 @@ from breakerd.protocol import ActorStoppedError
 from ._actor import BreakerActor
 from ._machine import BreakerConfig
 
-__all__ = ["MAX_NAME_LENGTH", "ActorSystem", "default_system"]
+__all__ = ["MAX_NAME_LENGTH", "RANDOM_START_LIMIT", "ActorSystem", "default_system"]
 
 #: Long enough for any service name; short enough that a page of status fits a frame.
 MAX_NAME_LENGTH = 200
+
+#: With ``random_start``, generations and lease ids start below this: clients
+#: mark their local fallback's generations from 2**48 up, and 2**47 leaves as
+#: many transitions of headroom under that mark (64-bit words in the state
+#: table and msgpack integers carry either with room to spare).
+RANDOM_START_LIMIT = 1 << 47
 
 _logger = structlog.get_logger("breakerd")
 
@@ -49,11 +56,17 @@ class ActorSystem:
         *,
         clock: Callable[[], float] = time.monotonic,
         max_inbox: int = 10_000,
+        random_start: bool = False,
     ) -> None:
+        """``random_start``: each breaker's generations and lease ids start at
+        a random number below ``RANDOM_START_LIMIT`` instead of 0 and 1, so
+        numbers handed out by another run (a daemon killed and restarted), or
+        by an earlier breaker of the same name, name nothing in this one."""
         if max_inbox < 1:
             raise ValueError(f"max_inbox must be >= 1, got {max_inbox!r}")
         self.clock = clock
         self.max_inbox = max_inbox
+        self.random_start = random_start
         self._actors: dict[str, BreakerActor] = {}
         # Guards registration only: creating two actors for one name from two
         # threads would split a breaker in half. Never held on the call path.
@@ -96,8 +109,17 @@ class ActorSystem:
                         rule="the first registration wins",
                     )
                 return existing, conflicts
+            generation, first_lease = 0, 1
+            if self.random_start:
+                generation = secrets.randbelow(RANDOM_START_LIMIT)
+                first_lease = 1 + secrets.randbelow(RANDOM_START_LIMIT)
             actor = BreakerActor(
-                name, config or BreakerConfig(), clock=self.clock, max_inbox=self.max_inbox
+                name,
+                config or BreakerConfig(),
+                clock=self.clock,
+                max_inbox=self.max_inbox,
+                generation=generation,
+                first_lease=first_lease,
             )
             self._actors[name] = actor
             spawn_queue = self._spawn_queue if self._task_group is not None else None
@@ -108,6 +130,23 @@ class ActorSystem:
 
     def get(self, name: str) -> BreakerActor | None:
         return self._actors.get(name)
+
+    @property
+    def count(self) -> int:
+        """Breakers in the registry (not ``__len__``: an empty system is still a system)."""
+        return len(self._actors)
+
+    def remove(self, name: str) -> BreakerActor | None:
+        """Forget breaker ``name`` and stop its actor (its task ends).
+
+        Requests still in its inbox fail with ``ActorStoppedError``; the next
+        ``actor(name)`` creates a new breaker.
+        """
+        with self._lock:
+            actor = self._actors.pop(name, None)
+        if actor is not None:
+            actor.stop()
+        return actor
 
     def actors(self) -> list[BreakerActor]:
         with self._lock:
@@ -159,7 +198,7 @@ class ActorSystem:
     async def _supervise(self, actor: BreakerActor) -> None:
         # actor.run() survives bad messages by itself; this catches a crash of
         # its loop machinery so the breaker is restarted, never lost silently.
-        while True:
+        while not actor.stopped:
             try:
                 await actor.run()
             except Exception as exc:

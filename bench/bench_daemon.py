@@ -218,12 +218,14 @@ def _tail(path: Path, lines: int = 15) -> str:
 class ManagedDaemon:
     """``python -m breakerd.actor`` on a short socket path, with a config file."""
 
-    def __init__(self, directory: Path, tag: str, *, max_connections: int = 1024) -> None:
+    def __init__(
+        self, directory: Path, tag: str, *, max_connections: int = 1024, settings: str = ""
+    ) -> None:
         self.tag = tag
         self.socket_path = directory / f"{tag}.sock"
         self.config_path = directory / f"{tag}.toml"
         self.log_path = directory / f"{tag}.log"
-        self.config_path.write_text(f"[daemon]\nmax_connections = {max_connections}\n")
+        self.config_path.write_text(f"[daemon]\nmax_connections = {max_connections}\n{settings}")
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -1247,7 +1249,9 @@ def scenario_f(p: DaemonParams, tmp: Path, log_dir: Path) -> ScaleResult:
     registrars = 4
     per_client = max(1, n // clients)
     rss: dict[str, int] = {}
-    with ManagedDaemon(tmp, "scale", max_connections=clients + 256) as daemon:
+    # Four registrars hold every breaker: past the default per-client cap.
+    limits = f"max_breakers = {max(n, 10_000)}\nmax_breakers_per_client = {n}\n"
+    with ManagedDaemon(tmp, "scale", max_connections=clients + 256, settings=limits) as daemon:
         time.sleep(0.2)
         rss["idle"] = daemon.rss()[0]
         socks = []

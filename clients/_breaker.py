@@ -24,7 +24,14 @@ from typing import Any, Final, ParamSpec, TypeVar, cast, overload
 
 import anyio.to_thread
 
-from breakerd.actor import ActorSystem, BreakerActor, BreakerConfig, Transition, default_system
+from breakerd.actor import (
+    DEFAULT_MAX_TIMEOUT,
+    ActorSystem,
+    BreakerActor,
+    BreakerConfig,
+    Transition,
+    default_system,
+)
 from breakerd.protocol import (
     Acquire,
     Admin,
@@ -95,8 +102,11 @@ class CircuitBreaker:
             closed). A warning is logged once per outage; the client
             reconnects in the background and switches back by itself, and
             no call waits for a dead daemon.
+        max_timeout: Upper bound on any open duration, under backoff or from
+            a server's ``retry_after``: 600 s by default (raised to
+            ``timeout`` when that is longer); ``None`` for no bound.
         window_size, window_seconds, slow_call_duration, slow_call_threshold,
-        backoff, max_timeout, jitter, half_open_max_wait: see ``BreakerConfig``.
+        backoff, jitter, half_open_max_wait: see ``BreakerConfig``.
         record: Exception types that count as failures (default: all).
         ignore: Exception types that count as neither success nor failure.
         classify: ``classify(exc)`` returning an ``Outcome``, ``RateLimited`` or
@@ -124,7 +134,7 @@ class CircuitBreaker:
         slow_call_duration: float | None = None,
         slow_call_threshold: float = 1.0,
         backoff: float = 1.0,
-        max_timeout: float | None = None,
+        max_timeout: float | None = DEFAULT_MAX_TIMEOUT,
         jitter: float = 0.0,
         half_open_max_wait: float = 60.0,
         record: tuple[type[BaseException], ...] = (Exception,),

@@ -122,6 +122,7 @@ import structlog
 
 from breakerd.actor import ActorSystem, BreakerActor, BreakerConfig, Transition, default_system
 from breakerd.protocol import (
+    MAX_SOCKET_PATH,
     Acquire,
     ActorStoppedError,
     Admin,
@@ -170,8 +171,6 @@ LOCAL_GENERATION_OFFSET: Final = 1 << 48
 _NO_GENERATION: Final = -1
 #: A link's tally key while successes must be sent as requests: no permit has it.
 _ASK_FOR_SUCCESSES: Final = -(1 << 62)
-#: sun_path holds 108 bytes including the terminating NUL.
-MAX_SOCKET_PATH: Final = 107
 
 _READ_SIZE: Final = 65536
 #: Descriptors accepted with a welcome (the daemon sends one; more are closed).

@@ -6,6 +6,7 @@ objects as they are; the socket channel encodes them with msgpack.
 
 from . import _state_table as state_table
 from ._codec import (
+    MAX_COUNT,
     MAX_FRAME_SIZE,
     MAX_MSGID,
     MIN_PROTOCOL_VERSION,
@@ -43,6 +44,7 @@ from ._errors import (
     DaemonUnavailableError,
     InboxFullError,
     InvalidRequestError,
+    LimitExceededError,
     LocalProtocolError,
     PermissionDeniedError,
     ProtocolError,
@@ -71,13 +73,15 @@ from ._messages import (
     StatusRequest,
     Welcome,
 )
-from ._paths import SOCKET_ENV, default_socket_path
+from ._paths import MAX_SOCKET_PATH, SOCKET_ENV, default_socket_path
 
 __all__ = [
     "ADMIN_OPS",
     "ERROR_CODES",
+    "MAX_COUNT",
     "MAX_FRAME_SIZE",
     "MAX_MSGID",
+    "MAX_SOCKET_PATH",
     "MIN_PROTOCOL_VERSION",
     "NEED_DATA",
     "PROTOCOL_VERSION",
@@ -98,6 +102,7 @@ __all__ = [
     "Hello",
     "InboxFullError",
     "InvalidRequestError",
+    "LimitExceededError",
     "LocalProtocolError",
     "NeedData",
     "NotificationMessage",

@@ -21,6 +21,8 @@ Rules of the wire (protocol version 1)
   ``[name, generation, outcome, duration, lease, retry_after]``. Key strings
   would triple its size. A later version may only append to this array, and
   decoders ignore trailing entries they do not know.
+* Counts (``reports`` successes and rejections, ``acquire`` successes)
+  are at most ``MAX_COUNT``; a larger one is a protocol error.
 * An error is ``[code, message, details]``: ``code`` is one of
   ``ERROR_CODES``, ``details`` a map (``BreakerError.details()``) or nil.
   Extra trailing entries are ignored, as for report items.
@@ -82,6 +84,13 @@ MAX_FRAME_SIZE: Final = 1 << 20
 
 #: Largest msgid: msgpack-rpc msgids are unsigned 32-bit integers.
 MAX_MSGID: Final = 0xFFFF_FFFF
+
+#: Largest count on the wire (``ReportBatch.successes`` and ``rejections``
+#: counts, ``Acquire.successes``): an unsigned 32-bit integer, like a msgid.
+#: A client counts at most one batch of queued outcomes in one entry
+#: (``max_queued_reports``, 100,000 by default), so no honest peer gets near
+#: it; a frame past it is a protocol error, and its connection is closed.
+MAX_COUNT: Final = 0xFFFF_FFFF
 
 REQUEST: Final = 0
 RESPONSE: Final = 1
@@ -444,7 +453,15 @@ def _acquire(d: _Map) -> Acquire:
     generation = _int(d, "successes_generation", w)
     if successes < 0 or generation < 0:
         raise RemoteProtocolError(f"{w}: successes and successes_generation must be >= 0")
+    if successes > MAX_COUNT:
+        raise _count_too_large(f"{w}: field 'successes'", successes)
     return Acquire(name, successes, generation)
+
+
+def _count_too_large(where: str, count: int) -> RemoteProtocolError:
+    return RemoteProtocolError(
+        f"{where}: count {count} is past the limit of {MAX_COUNT} (MAX_COUNT)"
+    )
 
 
 def _admission_map(m: Admission) -> _Map:
@@ -554,6 +571,8 @@ def _counts(d: _Map, key: str, width: int) -> list[tuple[Any, ...]]:
                 f"reports params: {key}[{i}] must be an array of a name and "
                 f"{width - 1} non-negative integer(s), got {_wire_type(entry)}"
             )
+        if entry[width - 1] > MAX_COUNT:
+            raise _count_too_large(f"reports params: {key}[{i}]", entry[width - 1])
         entries.append(tuple(entry[:width]))
     return entries
 

@@ -83,6 +83,12 @@ class UnknownBreakerError(BreakerError):
     code = "unknown_breaker"
 
 
+class LimitExceededError(BreakerError):
+    """The daemon is at one of its documented limits (breakers, per client, state table)."""
+
+    code = "limit_exceeded"
+
+
 class VersionMismatchError(BreakerError):
     """Client and daemon share no protocol version."""
 
@@ -131,6 +137,7 @@ _BY_CODE: dict[str, type[BreakerError]] = {
         ActorStoppedError,
         InboxFullError,
         InvalidRequestError,
+        LimitExceededError,
         UnknownBreakerError,
         VersionMismatchError,
         PermissionDeniedError,

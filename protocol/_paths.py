@@ -6,9 +6,11 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["SOCKET_ENV", "default_socket_path"]
+__all__ = ["MAX_SOCKET_PATH", "SOCKET_ENV", "default_socket_path"]
 
 SOCKET_ENV = "BREAKERD_SOCKET"
+#: sun_path holds 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH = 107
 
 
 def default_socket_path(environ: Mapping[str, str] | None = None) -> Path:

@@ -21,6 +21,8 @@ def tmp_short() -> Iterator[Path]:
 @pytest.fixture(params=["asyncio", "uvloop"])
 def daemon(tmp_short: Path, request: pytest.FixtureRequest) -> Iterator[DaemonProcess]:
     """``breakerd serve`` on each event loop it supports (uvloop comes with the dev extra)."""
-    process = DaemonProcess(tmp_short / "s.sock", loop=request.param).wait_ready()
+    # The log line, not the socket file: the file appears at bind(), a moment
+    # before listen(), and a connect in that moment is refused.
+    process = DaemonProcess(tmp_short / "s.sock", loop=request.param).wait_ready(started_log=True)
     yield process
     process.kill()

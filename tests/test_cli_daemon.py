@@ -37,11 +37,11 @@ def daemon() -> Iterator[DaemonProcess]:
 
 def test_status_json_lists_every_breaker(daemon: DaemonProcess) -> None:
     client = RawClient(daemon.socket_path)
-    client.register("LLM", min_calls=2, timeout=300.0)
+    generation = client.register("LLM", min_calls=2, timeout=300.0).generation
     client.register("db")
-    client.report("LLM", 0, Outcome.SUCCESS)
-    client.report("LLM", 0, Outcome.FAILURE)
-    client.report("LLM", 0, Outcome.FAILURE)
+    client.report("LLM", generation, Outcome.SUCCESS)
+    client.report("LLM", generation, Outcome.FAILURE)
+    client.report("LLM", generation, Outcome.FAILURE)
     result = breakerd("status", "--json", "--socket", str(daemon.socket_path))
     assert result.returncode == 0, result.stderr
     records = {r["name"]: r for r in json.loads(result.stdout)}

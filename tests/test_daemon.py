@@ -174,8 +174,8 @@ def test_state_changes_are_pushed_to_every_registered_connection(daemon: DaemonP
     watcher = RawClient(daemon.socket_path)
     watcher.register("svc", min_calls=1)
     actor = RawClient(daemon.socket_path)
-    actor.register("svc", min_calls=1)
-    actor.report("svc", 0, Outcome.FAILURE)
+    generation = actor.register("svc", min_calls=1).generation
+    actor.report("svc", generation, Outcome.FAILURE)
     # The watcher made no request; its next reply carries the push before it.
     watcher.status("svc")
     assert [p.state for p in watcher.pushes] == [CircuitState.OPEN]
@@ -187,8 +187,8 @@ def test_state_changes_are_pushed_to_every_registered_connection(daemon: DaemonP
 def test_exactly_half_open_calls_trials_run_host_wide(daemon: DaemonProcess) -> None:
     config = {"min_calls": 1, "timeout": 0.0, "half_open_calls": 2}
     setup = RawClient(daemon.socket_path)
-    setup.register("svc", **config)
-    setup.report("svc", 0, Outcome.FAILURE)  # open, with a deadline already passed
+    generation = setup.register("svc", **config).generation
+    setup.report("svc", generation, Outcome.FAILURE)  # open, with a deadline already passed
     steps: list[list[Any]] = [["register", "svc", config], ["acquire_and_wait", "svc"]]
     workers = [spawn_worker(daemon.socket_path, steps) for _ in range(6)]
     admitted = []
@@ -207,8 +207,8 @@ def test_a_killed_process_holding_the_trial_does_not_wedge_the_breaker(
 ) -> None:
     config = {"min_calls": 1, "timeout": 0.0, "half_open_calls": 1}
     client = RawClient(daemon.socket_path)
-    client.register("svc", **config)
-    client.report("svc", 0, Outcome.FAILURE)
+    generation = client.register("svc", **config).generation
+    client.report("svc", generation, Outcome.FAILURE)
     holder = spawn_worker(daemon.socket_path, [["register", "svc", config], ["hold", "svc"]])
     assert holder.stdout is not None
     assert holder.stdout.readline().strip() == '["open", true]'
@@ -351,9 +351,10 @@ def test_socket_group_opens_the_daemon_to_that_group(tmp_short: Path) -> None:
 
 def test_status_comes_in_pages_and_names_are_bounded(daemon: DaemonProcess) -> None:
     client = RawClient(daemon.socket_path)
+    helper = RawClient(daemon.socket_path)  # one connection holds at most 1,000
     names = [f"svc-{i:04d}" for i in range(1, 1101)]
-    for name in names:
-        client.register(name)
+    for i, name in enumerate(names):
+        (client if i % 2 else helper).register(name)
     first = client.request(StatusRequest(None))
     assert len(first.breakers) == 1000
     assert first.next_offset == 1000
@@ -367,3 +368,4 @@ def test_status_comes_in_pages_and_names_are_bounded(daemon: DaemonProcess) -> N
         client.register("x" * 201)
     assert client.status("svc-0001").breakers[0].snapshot.name == "svc-0001"
     client.close()
+    helper.close()

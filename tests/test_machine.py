@@ -1031,6 +1031,6 @@ def test_retry_after_is_capped_by_max_timeout() -> None:
     machine = Machine("svc", BreakerConfig(timeout=30, max_timeout=60))
     result = machine.record(0, Outcome.RATE_LIMITED, 100.0, retry_after=86_400.0)
     assert result.transitions[0].open_until == 160.0
-    uncapped = Machine("svc", BreakerConfig(timeout=30))
+    uncapped = Machine("svc", BreakerConfig(timeout=30, max_timeout=None))
     result = uncapped.record(0, Outcome.RATE_LIMITED, 100.0, retry_after=86_400.0)
     assert result.transitions[0].open_until == 86_500.0

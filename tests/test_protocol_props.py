@@ -14,11 +14,13 @@ import struct
 from typing import Any
 
 import msgpack
+import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from breakerd.protocol import (
     ADMIN_OPS,
+    MAX_COUNT,
     MAX_MSGID,
     NEED_DATA,
     PROTOCOL_VERSION,
@@ -208,7 +210,7 @@ requests: st.SearchStrategy[RequestMessage] = st.one_of(
     st.builds(
         Acquire,
         name=names,
-        successes=st.integers(0, 2**32),
+        successes=st.integers(0, MAX_COUNT),
         successes_generation=st.integers(0, 2**63),
     ),
     reports,
@@ -410,3 +412,46 @@ def test_the_admission_fast_path_decodes_as_the_field_checks(
     if "snapshot" in d and type(d["snapshot"]) is dict and data.draw(st.booleans()):
         d["snapshot"] = _mutate(data, d["snapshot"], _SNAPSHOT_KEYS)
     assert _decoded(_codec._admission, d) == _decoded(_codec._admission_fields, d)
+
+
+# -- counts on the wire are bounded ----------------------------------------------------
+
+wire_counts = st.integers(0, MAX_COUNT)
+past_the_bound = st.integers(MAX_COUNT + 1, 2**64 - 1)
+
+
+@given(
+    successes=st.lists(st.tuples(st.text(max_size=8), st.integers(0, 2**63), wire_counts)),
+    rejections=st.lists(st.tuples(st.text(max_size=8), wire_counts)),
+)
+def test_counts_up_to_max_count_round_trip(
+    successes: list[tuple[str, int, int]], rejections: list[tuple[str, int]]
+) -> None:
+    batch = ReportBatch((), tuple(successes), tuple(rejections))
+    server = fresh("server", True)
+    server.receive_data(fresh("client", True).send_notification(batch))
+    assert server.next_event() == NotificationReceived(batch)
+
+
+@given(data=st.data(), count=past_the_bound, where=st.sampled_from(["successes", "rejections"]))
+def test_a_count_past_max_count_is_a_protocol_error(
+    data: st.DataObject, count: int, where: str
+) -> None:
+    good = data.draw(st.lists(wire_counts, max_size=3))
+    entries: list[list[Any]] = [["svc", 1, n] if where == "successes" else ["svc", n] for n in good]
+    bad = ["svc", 1, count] if where == "successes" else ["svc", count]
+    entries.insert(data.draw(st.integers(0, len(entries))), bad)
+    body = msgpack.packb([2, "reports", {"items": [], where: entries}])
+    events, failed = drain_or_error(fresh("server", True), [struct.pack(">I", len(body)) + body])
+    assert failed
+    assert events == []
+    with pytest.raises(ProtocolError, match=f"{where}.*past the limit of {MAX_COUNT}"):
+        _codec.decode_message([2, "reports", {"items": [], where: entries}])
+
+
+@given(count=past_the_bound)
+def test_an_acquire_carrying_too_many_successes_is_a_protocol_error(count: int) -> None:
+    with pytest.raises(ProtocolError, match=f"successes.*past the limit of {MAX_COUNT}"):
+        _codec.decode_message(
+            [0, 7, "acquire", {"name": "svc", "successes": count, "successes_generation": 1}]
+        )

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import cast
 
 import pytest
-import structlog.testing
 from daemon_helpers import DaemonProcess, RawClient
 from hypothesis import given
 from hypothesis import strategies as st
@@ -188,18 +187,25 @@ def table() -> Iterator[SharedStateTable]:
 
 
 def test_slots_go_to_breakers_in_turn_until_the_table_is_full(table: SharedStateTable) -> None:
-    with structlog.testing.capture_logs() as logs:
-        assert [table.slot_for(n) for n in ("a", "b", "a", "c", "d", "e", "b")] == [
-            1,
-            2,
-            1,
-            3,
-            0,
-            0,
-            2,
-        ]
-    assert table.used == 4  # three breakers, and the one that found it full
-    assert [e["event"] for e in logs] == ["state_table_full"]
+    assert not table.full
+    assert [table.slot_for(n) for n in ("a", "b", "a", "c", "d", "e", "b")] == [
+        1,
+        2,
+        1,
+        3,
+        0,
+        0,
+        2,
+    ]
+    # Full: the later ones got no slot, and none was shared.
+    assert table.used == 3
+    assert table.full
+    # A released slot goes to the next breaker.
+    table.release("b")
+    table.release("never-had-one")
+    assert not table.full
+    assert table.slot_for("d") == 2
+    assert table.full
 
 
 def read_only_map(table: SharedStateTable) -> memoryview:
@@ -290,16 +296,23 @@ def test_the_welcome_brings_a_read_only_table_that_shows_trips_at_once(
         registered = register(sock, conn, "svc")
         assert registered.slot >= 1
         words = state_table.slot_words(buffer, registered.slot)
-        assert state_table.read_slot(words) == (2, 0, CircuitState.CLOSED, None, True)
+        generation = registered.snapshot.generation
+        assert state_table.read_slot(words) == (2, generation, CircuitState.CLOSED, None, True)
         # Another client trips it; this one reads nothing more from its socket.
         tripper = RawClient(daemon.socket_path)
         try:
             tripper.register("svc", min_calls=1)
-            opened = tripper.report("svc", 0, Outcome.FAILURE)
+            opened = tripper.report("svc", generation, Outcome.FAILURE)
         finally:
             tripper.close()
         assert opened.state is CircuitState.OPEN
-        assert state_table.read_slot(words) == (4, 1, CircuitState.OPEN, opened.open_until, True)
+        assert state_table.read_slot(words) == (
+            4,
+            generation + 1,
+            CircuitState.OPEN,
+            opened.open_until,
+            True,
+        )
     finally:
         sock.close()
 
@@ -312,8 +325,7 @@ def test_a_breaker_reads_a_trip_before_the_trippers_reply_is_out(daemon: DaemonP
     assert link.client.state_table is not None
     tripper = RawClient(daemon.socket_path)
     try:
-        tripper.register("svc", min_calls=1)
-        generation = 0
+        generation = tripper.register("svc", min_calls=1).generation
         for _ in range(20):
             # Holding the client's lock keeps its IO thread from applying any
             # push: what the breaker shows comes from the table alone.
