@@ -32,7 +32,6 @@ from collections.abc import Callable
 from typing import Any, Final, TypeAlias
 
 import anyio
-import structlog
 
 from breakerd.protocol import (
     Acquire,
@@ -50,6 +49,7 @@ from breakerd.protocol import (
     StatusRequest,
 )
 
+from ._logging import library_logger
 from ._machine import BreakerConfig, Machine, Transition
 
 __all__ = ["BreakerActor", "Envelope", "Reply", "TransitionListener"]
@@ -65,7 +65,7 @@ ReportItem: TypeAlias = tuple[int, Outcome, float]
 #: How long fire-and-forget reports may wait in the inbox before a drain.
 REPORT_FLUSH_DELAY: Final = 0.002
 
-_logger = structlog.get_logger("breakerd")
+_logger = library_logger()
 
 _EVENTS: Final[dict[tuple[CircuitState, CircuitState] | CircuitState, tuple[str, str]]] = {
     (CircuitState.CLOSED, CircuitState.OPEN): ("breaker_opened", "error"),

@@ -20,11 +20,11 @@ from typing import Any
 import anyio
 import anyio.abc
 import anyio.lowlevel
-import structlog
 
 from breakerd.protocol import ActorStoppedError
 
 from ._actor import BreakerActor
+from ._logging import library_logger
 from ._machine import BreakerConfig
 
 __all__ = ["MAX_NAME_LENGTH", "ActorSystem", "default_system"]
@@ -32,7 +32,7 @@ __all__ = ["MAX_NAME_LENGTH", "ActorSystem", "default_system"]
 #: Long enough for any service name; short enough that a page of status fits a frame.
 MAX_NAME_LENGTH = 200
 
-_logger = structlog.get_logger("breakerd")
+_logger = library_logger()
 
 
 class ActorSystem:
