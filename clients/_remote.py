@@ -176,6 +176,8 @@ MAX_SOCKET_PATH: Final = 107
 _READ_SIZE: Final = 65536
 #: While disconnected, how often the IO thread looks for a new socket file (see _nap).
 _SOCKET_POLL: Final = 0.05
+#: The first reconnect delay after the socket file changed (then doubling as usual).
+_SOCKET_RETRY: Final = 0.01
 #: Descriptors accepted with a welcome (the daemon sends one; more are closed).
 _MAX_WELCOME_FDS: Final = 4
 #: Callers read their own replies where the IO thread can be kept off the socket (epoll).
@@ -688,7 +690,9 @@ class DaemonClient:
                     self._first_attempt.set()
                     if not connected:
                         if self._nap(backoff * random.uniform(0.8, 1.2)):
-                            backoff = self.backoff_min  # a new socket: a new daemon
+                            # A new socket: a new daemon, maybe not listening
+                            # yet (it binds, then listens): retry soon.
+                            backoff = _SOCKET_RETRY
                         else:
                             backoff = min(backoff * 2, self.backoff_max)
                         continue
@@ -700,7 +704,7 @@ class DaemonClient:
                     # Dropped before the handshake (a hung daemon, a refused
                     # peer): back off, or it would be a tight loop.
                     if self._nap(backoff * random.uniform(0.8, 1.2)):
-                        backoff = self.backoff_min
+                        backoff = _SOCKET_RETRY
                     else:
                         backoff = min(backoff * 2, self.backoff_max)
         except BaseException:  # pragma: no cover - a bug here must not go silent

@@ -113,6 +113,8 @@ def test_a_stopped_daemon_holds_no_call_and_the_fallback_counts(
     assert worker.exit_code() == 0
     # The first failure had gone to the daemon before the caller gave up on it:
     # the daemon counts it when it runs again. The next two never left the process.
+    # (The last success comes with the worker's exit flush, on its connection.)
+    wait_for(lambda: breakerd_status(daemon.socket_path)["svc"]["successes"] == 2)
     status = breakerd_status(daemon.socket_path)["svc"]
     assert (status["state"], status["failures"], status["successes"]) == ("closed", 1, 2)
 
