@@ -696,10 +696,18 @@ class DaemonClient:
                         else:
                             backoff = min(backoff * 2, self.backoff_max)
                         continue
+                connected_at = time.monotonic()
                 self._pump()
                 if self._had_welcome:
                     # A working connection dropped: try again at once.
                     backoff = self.backoff_min
+                elif time.monotonic() - connected_at >= self.request_timeout:
+                    # Unanswered for request_timeout: a hung daemon, which
+                    # queues connections in its listen backlog. Queue the
+                    # next one at once, so that it is answered the moment the
+                    # daemon runs again, not a backoff later. Each try costs
+                    # request_timeout: no tight loop.
+                    continue
                 elif not self._closing:
                     # Dropped before the handshake (a hung daemon, a refused
                     # peer): back off, or it would be a tight loop.

@@ -119,6 +119,42 @@ def test_a_stopped_daemon_holds_no_call_and_the_fallback_counts(
     assert (status["state"], status["failures"], status["successes"]) == ("closed", 1, 2)
 
 
+def test_a_daemon_stopped_for_long_is_used_at_once_when_it_resumes(
+    daemon: DaemonProcess, spawn: Spawn
+) -> None:
+    # Stopped past the client's request_timeout (0.5 s here): each connection
+    # it tries waits that long unanswered in the listen backlog and is
+    # dropped; the pause after the 7th, by backoff alone, would be 1.3-1.9 s.
+    steps = [
+        CALL,
+        BARRIER,
+        FAIL,
+        {"op": "wait_attempts", "n": 7, "between": True, "timeout": STEP_TIMEOUT},
+        BARRIER,
+        {"op": "wait_remote", "timeout": STEP_TIMEOUT},
+    ]
+    worker = spawn(daemon.socket_path, "svc", {"timeout": 300.0}, steps, request_timeout=0.5)
+    started(worker)
+    assert worker.step("call")["result"] == "ok"
+    daemon.proc.send_signal(signal.SIGSTOP)
+    try:
+        worker.send()
+        worker.step("barrier")
+        assert worker.step("call")["elapsed"] < HUNG_CALL
+        assert worker.step("wait_attempts")["ok"]
+    finally:
+        daemon.proc.send_signal(signal.SIGCONT)
+    resumed = time.monotonic()
+    worker.send()
+    worker.step("barrier")
+    back = worker.step("wait_remote")
+    assert back["ok"]
+    switched = back["at"] - resumed
+    print(f"switched back {switched * 1000:.1f} ms after SIGCONT")
+    assert switched < SWITCH_BACK
+    assert worker.exit_code() == 0
+
+
 def test_a_restarted_daemon_is_used_at_once(
     tmp_short: Path, daemon: DaemonProcess, spawn: Spawn
 ) -> None:
