@@ -64,14 +64,23 @@ Disconnects, forks and exit
   are answered by that policy (a local breaker, fail open, or
   ``DaemonUnavailableError``). Only the IO thread closes the socket, holding
   the baton; other threads ``shutdown()`` it to hand it over.
-* The IO thread reconnects with exponential backoff and jitter, says
-  ``hello`` again and re-registers every live link; each link switches back
-  to the daemon when its ``Registered`` arrives.
+* A caller that gives up on a reply after its link's ``daemon_timeout``
+  marks the client stalled (``note_stalled``): every link switches to its
+  policy, keeping its registration, until the next byte read from the
+  daemon switches them back.
+* The IO thread reconnects with exponential backoff and jitter, cut short
+  when the socket file changes (a daemon starting again), says ``hello``
+  again and re-registers every live link; each link switches back to the
+  daemon when its ``Registered`` arrives.
+* A client connects when something first needs it (``start_nowait``): the
+  facade's links are lazy (``RemoteBreaker.open(lazy=True)``).
 * After ``fork()`` the child forgets every client (closing its copies of
   their file descriptors, never touching the parent's connection); the
   facade's fork hook sends the child's next call down the slow path, which
   opens the child's own connection.
-* At exit every client flushes its queued reports and closes its connection.
+* At exit every client flushes its queued reports and closes its
+  connection: atexit, and a multiprocessing finalizer for the children that
+  end in ``os._exit()`` (``flush_all_clients`` for the rest).
 
 The state table
 ---------------
