@@ -1397,8 +1397,11 @@ async def test_async_and_sync_strict_callers_share_the_connection(
     daemon: FakeDaemon, sock_path: str
 ) -> None:
     numbered_admissions(daemon)
-    breaker = CircuitBreaker("svc", daemon=sock_path, strict=True)
-    mixed = CircuitBreaker("sync", daemon=sock_path, strict=True)
+    # A fake daemon in this process's threads, loaded on purpose, may well take
+    # longer than the default daemon_timeout (0.25 s) to answer: every call
+    # here must go to it, never to the fallback.
+    breaker = CircuitBreaker("svc", daemon=sock_path, strict=True, daemon_timeout=60.0)
+    mixed = CircuitBreaker("sync", daemon=sock_path, strict=True, daemon_timeout=60.0)
     async_link, sync_link = breaker._actor, mixed._actor
     assert isinstance(async_link, RemoteBreaker)
     assert isinstance(sync_link, RemoteBreaker)
