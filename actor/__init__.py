@@ -2,6 +2,7 @@
 
 from ._actor import BreakerActor, Envelope, Reply, TransitionListener
 from ._daemon_config import ConfigError, DaemonSettings, load_config
+from ._logging import LibraryLogger, library_logger
 from ._machine import (
     DEFAULT_MAX_TIMEOUT,
     BreakerConfig,
@@ -27,11 +28,13 @@ __all__ = [
     "Decision",
     "Envelope",
     "IllegalTransitionError",
+    "LibraryLogger",
     "Machine",
     "RecordResult",
     "Reply",
     "Transition",
     "TransitionListener",
     "default_system",
+    "library_logger",
     "load_config",
 ]

@@ -38,7 +38,6 @@ from collections.abc import Callable
 from typing import Any, Final, TypeAlias
 
 import anyio
-import structlog
 
 from breakerd.protocol import (
     Acquire,
@@ -56,6 +55,7 @@ from breakerd.protocol import (
     StatusRequest,
 )
 
+from ._logging import library_logger
 from ._machine import BreakerConfig, Machine, Transition
 
 __all__ = ["BreakerActor", "Envelope", "Reply", "TransitionListener"]
@@ -76,7 +76,7 @@ _ASK_FOR_SUCCESSES: Final = -(1 << 62)
 #: a proxy preempted between reading the tally and appending to it still counts.
 _RETIRED_TALLIES: Final = 4
 
-_logger = structlog.get_logger("breakerd")
+_logger = library_logger()
 
 _EVENTS: Final[dict[tuple[CircuitState, CircuitState] | CircuitState, tuple[str, str]]] = {
     (CircuitState.CLOSED, CircuitState.OPEN): ("breaker_opened", "error"),

@@ -99,6 +99,8 @@ _BACKLOG = 1024
 #: Bytes read from a connection at a time, into the daemon's one receive buffer.
 _READ_SIZE = 1 << 18
 _connection_ids = itertools.count(1)
+#: The ``client`` the admin command line says hello with (``breakerd.clients._admin``).
+_ADMIN_CLIENT = "breakerd-cli"
 #: Breakers per status page: ~200 bytes each plus the name, far below a frame.
 STATUS_PAGE = 1000
 
@@ -485,6 +487,9 @@ class _Peer(asyncio.BufferedProtocol):
         self.id = next(_connection_ids)
         self.log = daemon.log.bind(conn=self.id)
         self.closed = False
+        # An admin connection (``breakerd status``, ``open``...): one per
+        # command, so its comings and goings are logged at debug, not info.
+        self.admin = False
         self.inflight = 0
         self.names: set[str] = set()
         # (breaker name, lease) -> generation: trial permits this peer holds.
@@ -514,7 +519,8 @@ class _Peer(asyncio.BufferedProtocol):
             transport.abort()
             return
         daemon.peers.add(self)
-        self.log.info("client_connected")
+        # Logged with the hello, which says whether it is an admin command.
+        self.log.debug("connection_accepted")
 
     def get_buffer(self, sizehint: int) -> bytearray:
         return self.daemon.read_buffer
@@ -574,7 +580,7 @@ class _Peer(asyncio.BufferedProtocol):
                 except BreakerError:
                     pass  # shutting down: the lease dies with the actor
         self.leases.clear()
-        self.log.info(
+        (self.log.debug if self.admin else self.log.info)(
             "client_disconnected", leases_released=released, error=repr(exc) if exc else None
         )
 
@@ -647,6 +653,8 @@ class _Peer(asyncio.BufferedProtocol):
     def _hello(self, msgid: int, hello: Hello) -> None:
         version = negotiate_version(hello)
         self.log = self.log.bind(client=hello.client)
+        self.admin = hello.client == _ADMIN_CLIENT
+        (self.log.debug if self.admin else self.log.info)("client_connected")
         table = self.daemon.state_table
         if table is not None and self._send_with_table(
             msgid, Welcome(version, SERVER_NAME, os.getpid(), table.slots), table.reader_fd

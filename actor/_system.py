@@ -21,11 +21,11 @@ from typing import Any
 import anyio
 import anyio.abc
 import anyio.lowlevel
-import structlog
 
 from breakerd.protocol import ActorStoppedError
 
 from ._actor import BreakerActor
+from ._logging import library_logger
 from ._machine import BreakerConfig
 
 __all__ = ["MAX_NAME_LENGTH", "RANDOM_START_LIMIT", "ActorSystem", "default_system"]
@@ -39,7 +39,7 @@ MAX_NAME_LENGTH = 200
 #: table and msgpack integers carry either with room to spare).
 RANDOM_START_LIMIT = 1 << 47
 
-_logger = structlog.get_logger("breakerd")
+_logger = library_logger()
 
 
 class ActorSystem:

@@ -204,7 +204,11 @@ def commands() -> Any:
 
 
 def is_remote(breaker: CircuitBreaker) -> bool | None:
-    """Whether the breaker is on the daemon right now (not its fallback); None if unknown."""
+    """Whether the breaker is on the daemon right now (not its fallback); None if unknown.
+
+    A first use: a daemon-mode breaker connects then, not when it is made.
+    """
+    breaker.state  # noqa: B018
     remote = getattr(breaker._actor, "remote", None)  # RemoteBreaker.remote (private link)
     return bool(remote) if remote is not None else None
 

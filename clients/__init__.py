@@ -18,6 +18,7 @@ from ._breaker import CircuitBreaker
 from ._classify import Classifier, ClassifyFunc, RateLimited, Verdict
 from ._openai import classify_openai, parse_retry_after
 from ._remote import DaemonClient, OnUnavailable, RemoteBreaker
+from ._remote import flush_all_clients as flush
 
 __all__ = [
     "ActorSystem",
@@ -39,5 +40,6 @@ __all__ = [
     "Transition",
     "Verdict",
     "classify_openai",
+    "flush",
     "parse_retry_after",
 ]

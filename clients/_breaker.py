@@ -51,6 +51,9 @@ from breakerd.protocol import (
 from ._classify import Classifier, ClassifyFunc, RateLimited, Verdict
 from ._remote import ON_UNAVAILABLE, OnUnavailable, RemoteBreaker, check_socket_path
 
+#: See ``CircuitBreaker``'s ``daemon_timeout``.
+DEFAULT_DAEMON_TIMEOUT: Final = 0.25
+
 __all__ = ["CircuitBreaker"]
 
 P = ParamSpec("P")
@@ -105,6 +108,16 @@ class CircuitBreaker:
         max_timeout: Upper bound on any open duration, under backoff or from
             a server's ``retry_after``: 600 s by default (raised to
             ``timeout`` when that is longer); ``None`` for no bound.
+        daemon_timeout: Daemon mode only: how long a call may wait for the
+            daemon (its first connection, a trial or strict acquire, an
+            acknowledged outcome such as a failure) before ``on_unavailable``
+            answers instead (default 0.25 s). A healthy daemon answers in
+            tens of microseconds and a busy one in milliseconds, so a
+            quarter of a second only ever runs out on a hung one, and keeps
+            a request served through a hung daemon well inside any web
+            timeout. The outcome of such a call is counted by the policy
+            (``"local"``: the local breaker). Status and admin calls wait
+            for the daemon's answer (up to 5 s).
         window_size, window_seconds, slow_call_duration, slow_call_threshold,
         backoff, jitter, half_open_max_wait: see ``BreakerConfig``.
         record: Exception types that count as failures (default: all).
@@ -144,10 +157,14 @@ class CircuitBreaker:
         strict: bool = False,
         system: ActorSystem | None = None,
         on_unavailable: OnUnavailable = "local",
+        daemon_timeout: float = DEFAULT_DAEMON_TIMEOUT,
     ) -> None:
         if fallback is not None and not callable(fallback):
             raise TypeError(f"fallback must be callable, got {fallback!r}")
         daemon_path = _daemon_path(daemon, on_unavailable, system)
+        if not daemon_timeout > 0:
+            raise ValueError(f"daemon_timeout must be > 0 seconds, got {daemon_timeout!r}")
+        self.daemon_timeout = daemon_timeout
         self.config = BreakerConfig(
             failure_threshold=failure_threshold,
             timeout=timeout,
@@ -187,16 +204,20 @@ class CircuitBreaker:
         self._clock = system.clock
         actor, conflicts = system.actor(self.name, self.config)
         self._actor: BreakerActor = actor
-        self.config_conflicts: tuple[str, ...] = conflicts
+        self._config_conflicts: tuple[str, ...] = conflicts
 
     def _bind_daemon(self, path: str) -> None:
         system = self._explicit_system
+        # Lazy: a process that never calls (a gunicorn --preload master)
+        # holds no connection and no IO thread.
         link = RemoteBreaker.open(
             path,
             self.name,
             self.config,
             self.on_unavailable,
             system if system is not None and system.pid == os.getpid() else None,
+            lazy=True,
+            daemon_timeout=self.daemon_timeout,
         )
         self._system = None
         # The daemon's open deadlines are time.monotonic() instants (one clock
@@ -204,7 +225,7 @@ class CircuitBreaker:
         self._clock = time.monotonic
         # Duck-typed: RemoteBreaker has the surface of BreakerActor used here.
         self._actor = cast(BreakerActor, link)
-        self.config_conflicts = link.conflicts
+        self._config_conflicts = ()
 
     def _rebind_after_fork(self) -> None:
         # The parent's actor thread (or daemon connection) does not exist in a
@@ -238,6 +259,20 @@ class CircuitBreaker:
         self._needs_rebind = True
 
     # -- inspection ------------------------------------------------------------
+
+    @property
+    def config_conflicts(self) -> tuple[str, ...]:
+        """Settings the shared breaker kept different from ours (the first to register won).
+
+        In daemon mode reading it connects, like a call.
+        """
+        if self.daemon_path is None:
+            return self._config_conflicts
+        if self._needs_rebind:
+            self._rebind_after_fork()
+        link = cast(RemoteBreaker, self._actor)
+        link.ensure_started()
+        return link.conflicts
 
     @property
     def state(self) -> CircuitState:

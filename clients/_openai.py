@@ -32,13 +32,12 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import structlog
-
+from breakerd.actor import library_logger
 from breakerd.protocol import Outcome
 
 __all__ = ["classify_openai", "parse_retry_after"]
 
-_logger = structlog.get_logger("breakerd")
+_logger = library_logger()
 
 
 def parse_retry_after(

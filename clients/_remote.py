@@ -70,14 +70,23 @@ Disconnects, forks and exit
   are answered by that policy (a local breaker, fail open, or
   ``DaemonUnavailableError``). Only the IO thread closes the socket, holding
   the baton; other threads ``shutdown()`` it to hand it over.
-* The IO thread reconnects with exponential backoff and jitter, says
-  ``hello`` again and re-registers every live link; each link switches back
-  to the daemon when its ``Registered`` arrives.
+* A caller that gives up on a reply after its link's ``daemon_timeout``
+  marks the client stalled (``note_stalled``): every link switches to its
+  policy, keeping its registration, until the next byte read from the
+  daemon switches them back.
+* The IO thread reconnects with exponential backoff and jitter, cut short
+  when the socket file changes (a daemon starting again), says ``hello``
+  again and re-registers every live link; each link switches back to the
+  daemon when its ``Registered`` arrives.
+* A client connects when something first needs it (``start_nowait``): the
+  facade's links are lazy (``RemoteBreaker.open(lazy=True)``).
 * After ``fork()`` the child forgets every client (closing its copies of
   their file descriptors, never touching the parent's connection); the
   facade's fork hook sends the child's next call down the slow path, which
   opens the child's own connection.
-* At exit every client flushes its queued reports and closes its connection.
+* At exit every client flushes its queued reports and closes its
+  connection: atexit, and a multiprocessing finalizer for the children that
+  end in ``os._exit()`` (``flush_all_clients`` for the rest).
 
 The state table
 ---------------
@@ -104,8 +113,10 @@ generation -1, and those outcomes are not counted anywhere.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import mmap
+import multiprocessing.util
 import os
 import random
 import select
@@ -118,9 +129,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeAlias, cast
 
-import structlog
-
-from breakerd.actor import ActorSystem, BreakerActor, BreakerConfig, Transition, default_system
+from breakerd.actor import (
+    ActorSystem,
+    BreakerActor,
+    BreakerConfig,
+    Transition,
+    default_system,
+    library_logger,
+)
 from breakerd.protocol import (
     MAX_SOCKET_PATH,
     Acquire,
@@ -157,6 +173,7 @@ __all__ = [
     "RemoteBreaker",
     "check_socket_path",
     "close_all_clients",
+    "flush_all_clients",
     "get_client",
 ]
 
@@ -173,15 +190,21 @@ _NO_GENERATION: Final = -1
 _ASK_FOR_SUCCESSES: Final = -(1 << 62)
 
 _READ_SIZE: Final = 65536
+#: While disconnected, how often the IO thread looks for a new socket file (see _nap).
+_SOCKET_POLL: Final = 0.05
+#: The first reconnect delay after the socket file changed (then doubling as usual).
+_SOCKET_RETRY: Final = 0.01
 #: Descriptors accepted with a welcome (the daemon sends one; more are closed).
 _MAX_WELCOME_FDS: Final = 4
 #: Callers read their own replies where the IO thread can be kept off the socket (epoll).
 _BATON: Final = hasattr(select, "epoll")
 #: What a link forwards to the daemon; anything else is answered by the policy.
 _DAEMON_REQUESTS: Final[frozenset[type]] = frozenset({Acquire, Admin, Report, StatusRequest})
+#: What a call waits on (at most daemon_timeout); admin and status wait for the daemon.
+_CALL_REQUESTS: Final[frozenset[type]] = frozenset({Acquire, Report})
 _SUCCESS: Final = Outcome.SUCCESS
 
-_logger = structlog.get_logger("breakerd")
+_logger = library_logger()
 
 
 class ActorSurface(Protocol):
@@ -301,6 +324,13 @@ class DaemonClient:
         self._had_welcome = False
         self._closing = False
         self._first_attempt = threading.Event()
+        self._start_lock = threading.Lock()
+        self._started = False
+        #: A caller gave up waiting for this connection (``daemon_timeout``):
+        #: requests go to each link's policy until the daemon is heard from again.
+        self.stalled = False
+        # What the socket file looked like at the last failed attempt (see _nap).
+        self._socket_seen: tuple[int, int, int] | None = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -316,10 +346,28 @@ class DaemonClient:
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> DaemonClient:
-        """Start the IO thread; returns after its first connection attempt (bounded)."""
-        self._thread.start()
+        """Start the IO thread unless it runs; returns after its first connect attempt (bounded)."""
+        self.start_nowait()
         self._first_attempt.wait(self.connect_timeout + 1.0)
         return self
+
+    def start_nowait(self) -> None:
+        """Start the IO thread (which connects) unless it was started or the client closed."""
+        if self._started:
+            return
+        with self._start_lock:
+            if self._started or self._closing:
+                return
+            self._started = True
+            self._thread.start()
+
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    def wait_first_attempt(self, timeout: float) -> bool:
+        """Wait for the IO thread's first connection attempt; False if not made in time."""
+        return self._first_attempt.wait(timeout)
 
     @property
     def connected(self) -> bool:
@@ -345,6 +393,18 @@ class DaemonClient:
             self._closing = True
             if self._sock is not None:
                 self._flush_locked()
+        with self._start_lock:
+            never_started = not self._started
+            self._started = True  # never starts now
+        if never_started:
+            # Its IO thread would have closed the wake-up pipe.
+            for fd in (self._wake_r, self._wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            _forget(self)
+            return
         self._wake()
         if self._thread.is_alive() and not self.in_io_thread():
             self._thread.join(timeout)
@@ -409,7 +469,14 @@ class DaemonClient:
 
     # -- any thread: requests and reports ----------------------------------------------
 
-    def request(self, message: RequestMessage, reply: Reply, *, read: bool = False) -> bool:
+    def request(
+        self,
+        message: RequestMessage,
+        reply: Reply,
+        *,
+        read: bool = False,
+        read_timeout: float | None = None,
+    ) -> bool:
         """Send a request; ``reply`` will be called exactly once, by the thread reading.
 
         That is the IO thread, or a caller that sent with ``read``: if no
@@ -420,18 +487,21 @@ class DaemonClient:
         deadline (the IO thread times the request out, within a quarter of
         ``request_timeout``) and when the connection breaks (the IO thread
         takes over and fails the request); the caller then waits for
-        ``reply`` as usual.
+        ``reply`` as usual. ``read_timeout`` stops the reading sooner (a
+        caller that will not wait longer than that).
 
         Returns False, without calling ``reply``, when there is no connection.
         """
         if read and _BATON:
-            return self._request_reading(message, reply)
+            return self._request_reading(message, reply, read_timeout)
         with self._lock:
             if self._sock is None:
                 return False
             return self._send_request_locked(message, reply) != 0
 
-    def _request_reading(self, message: RequestMessage, reply: Reply) -> bool:
+    def _request_reading(
+        self, message: RequestMessage, reply: Reply, read_timeout: float | None
+    ) -> bool:
         me = threading.get_ident()
         if me == self._reader_ident or me == self._io_ident:
             # Called back while reading for others: it would wait for itself.
@@ -460,7 +530,10 @@ class DaemonClient:
             # closed under us (that takes the baton). The pending table is the
             # core's: `msgid in pending` is core.is_pending(msgid), inlined.
             pending = self.core._pending
-            deadline = time.monotonic() + self.request_timeout
+            timeout = self.request_timeout
+            if read_timeout is not None and read_timeout < timeout:
+                timeout = read_timeout
+            deadline = time.monotonic() + timeout
             while msgid in pending and self._break_reason is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -520,6 +593,8 @@ class DaemonClient:
                 return self._break_reason or f"read failed: {exc.strerror or exc!r}"
             if not data:
                 return self._break_reason or "the daemon closed the connection"
+            if self.stalled:
+                self._unstall()
             with self._lock:
                 actions = self.core.receive_data(data)
                 failure = self.core.failure
@@ -626,21 +701,36 @@ class DaemonClient:
             self._poller = _IOPoller(self._wake_r)
             while not self._closing:
                 if self._sock is None:
+                    self._socket_seen = _socket_identity(self.path)
                     connected = self._connect()
                     self._first_attempt.set()
                     if not connected:
-                        self._sleep(backoff * random.uniform(0.8, 1.2))
-                        backoff = min(backoff * 2, self.backoff_max)
+                        if self._nap(backoff * random.uniform(0.8, 1.2)):
+                            # A new socket: a new daemon, maybe not listening
+                            # yet (it binds, then listens): retry soon.
+                            backoff = _SOCKET_RETRY
+                        else:
+                            backoff = min(backoff * 2, self.backoff_max)
                         continue
+                connected_at = time.monotonic()
                 self._pump()
                 if self._had_welcome:
                     # A working connection dropped: try again at once.
                     backoff = self.backoff_min
+                elif time.monotonic() - connected_at >= self.request_timeout:
+                    # Unanswered for request_timeout: a hung daemon, which
+                    # queues connections in its listen backlog. Queue the
+                    # next one at once, so that it is answered the moment the
+                    # daemon runs again, not a backoff later. Each try costs
+                    # request_timeout: no tight loop.
+                    continue
                 elif not self._closing:
                     # Dropped before the handshake (a hung daemon, a refused
                     # peer): back off, or it would be a tight loop.
-                    self._sleep(backoff * random.uniform(0.8, 1.2))
-                    backoff = min(backoff * 2, self.backoff_max)
+                    if self._nap(backoff * random.uniform(0.8, 1.2)):
+                        backoff = _SOCKET_RETRY
+                    else:
+                        backoff = min(backoff * 2, self.backoff_max)
         except BaseException:  # pragma: no cover - a bug here must not go silent
             self._log.exception("daemon_client_crashed")
             raise
@@ -655,8 +745,29 @@ class DaemonClient:
                 except OSError:
                     pass
 
+    def _nap(self, seconds: float) -> bool:
+        """Wait out a reconnect delay; True, early, if the socket file changed.
+
+        A daemon that starts (again) binds a new socket file: a new inode, or
+        a file where there was none. Looking at it every ``_SOCKET_POLL``
+        seconds (one stat(), about a microsecond) lets a process switch back
+        within that of the daemon's start, while the delay between real
+        connection attempts still backs off to ``backoff_max`` for a daemon
+        that stays away (or a stale file nobody listens on). Cheaper and
+        simpler than inotify, which also misses a directory made anew.
+        """
+        end = time.monotonic() + seconds
+        while not self._closing:
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._sleep(min(remaining, _SOCKET_POLL))
+            if _socket_identity(self.path) != self._socket_seen:
+                return True
+        return False
+
     def _sleep(self, seconds: float) -> None:
-        """Wait for the backoff delay, or less if woken (close)."""
+        """Wait for ``seconds``, or less if woken (close)."""
         try:
             ready, _, _ = select.select([self._wake_r], [], [], seconds)
         except OSError:  # pragma: no cover
@@ -692,6 +803,7 @@ class DaemonClient:
                 sock.close()
                 return False
             self.epoch += 1
+            self.stalled = False
             self.welcome = None
             self.state_table = None
             self._awaiting_welcome = True
@@ -868,6 +980,30 @@ class DaemonClient:
             link._daemon_lost(announce=not self._closing)
         self._dispatch(actions)
 
+    def note_stalled(self, waited: float) -> None:
+        """A caller waited ``waited`` seconds for a reply in vain: requests go to the policies.
+
+        Until the daemon is heard from again (any bytes read), or the
+        connection is replaced: at ``request_timeout`` the IO thread drops it.
+        """
+        if self.stalled:
+            return
+        self.stalled = True
+        self._log.warning(
+            "daemon_not_answering",
+            waited=waited,
+            fallback="each breaker's on_unavailable policy until it answers",
+        )
+        for link in self._all_links():
+            link._suspend()
+
+    def _unstall(self) -> None:
+        # In the thread reading: bytes came in, so the daemon runs again.
+        self.stalled = False
+        self._log.info("daemon_answering_again")
+        for link in self._all_links():
+            link._resume()
+
     def _note_outage(self, reason: str) -> None:
         if self.outage is None:
             # Once per outage, not once per reconnect attempt.
@@ -1003,18 +1139,24 @@ class MappedStateTable:
         return state_table.slot_words(self._buffer, slot)
 
 
-def get_client(path: str | Path) -> DaemonClient:
-    """The client of this process for the daemon at ``path``, started on first use."""
+def get_client(path: str | Path, *, start: bool = True) -> DaemonClient:
+    """The client of this process for the daemon at ``path``.
+
+    With ``start`` (the default) it is started if it is not yet, and this
+    waits for its first connection attempt (bounded by ``connect_timeout``);
+    without, a new client is only made: ``DaemonClient.start`` opens its
+    connection when something first needs it.
+    """
     key = check_socket_path(path)
     with _clients_lock:
         client = _clients.get(key)
         if client is None or client.pid != os.getpid() or client.closed:
             client = DaemonClient(key)
             _clients[key] = client
-            # Under the lock, so two threads never open two connections; the
-            # first attempt is bounded by connect_timeout.
-            client.start()
-        return client
+            _flush_at_exit()
+    if start:
+        client.start()
+    return client
 
 
 def _forget(client: DaemonClient) -> None:
@@ -1031,6 +1173,39 @@ def close_all_clients() -> None:
         client.close()
 
 
+def flush_all_clients() -> None:
+    """Write every outcome and rejection this process has queued for a daemon, now.
+
+    When this returns they are in the kernel's socket buffers, which the
+    daemon reads even after this process is gone. For a process that ends
+    without running exit hooks (``os._exit()`` after a bare ``os.fork()``).
+    """
+    with _clients_lock:
+        clients = [c for c in _clients.values() if c.pid == os.getpid()]
+    for client in clients:
+        client.flush()
+
+
+# The pid whose multiprocessing finalizer is registered (one per process).
+_finalizer_pid = 0
+
+
+def _flush_at_exit() -> None:
+    # A multiprocessing child (every Process, every Pool worker made by
+    # fork) ends in os._exit(): atexit hooks never run there, but
+    # multiprocessing's own finalizers do, just before (its
+    # BaseProcess._bootstrap calls util._exit_function()). The child clears
+    # the registry it inherited, so each process registers its own, with
+    # its first client. A positive priority runs it in the first round,
+    # before multiprocessing joins the process's own children. In a plain
+    # process both this and atexit run; the second close is a no-op.
+    global _finalizer_pid
+    pid = os.getpid()
+    if _finalizer_pid != pid:
+        _finalizer_pid = pid
+        multiprocessing.util.Finalize(None, close_all_clients, exitpriority=50)
+
+
 def _after_fork_in_child() -> None:
     global _clients_lock
     # The lock may have been held by a parent thread at fork time.
@@ -1043,6 +1218,14 @@ def _after_fork_in_child() -> None:
 
 atexit.register(close_all_clients)
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _socket_identity(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns)
 
 
 def _client_name() -> str:
@@ -1064,6 +1247,13 @@ class RemoteBreaker:
     * ``"allow"``: fail open, a ``closed`` snapshot and nothing recorded;
     * ``"deny"``: fail closed, every acquire answered with
       ``DaemonUnavailableError``.
+
+    ``daemon_timeout`` (None: no bound but the client's ``request_timeout``)
+    is how long a caller waits for the daemon's answer to an acquire or an
+    acknowledged report -- through ``ask_sync``, or ``ask`` from a thread
+    running an asyncio loop -- before the policy answers it instead; the
+    client then sends every link's requests to its policy until the daemon
+    is heard from again (``DaemonClient.note_stalled``).
     """
 
     def __init__(
@@ -1073,11 +1263,20 @@ class RemoteBreaker:
         config: BreakerConfig,
         on_unavailable: OnUnavailable = "local",
         system: ActorSystem | None = None,
+        *,
+        daemon_timeout: float | None = None,
     ) -> None:
         if on_unavailable not in ON_UNAVAILABLE:
             raise ValueError(
                 f"on_unavailable must be 'local', 'allow' or 'deny', not {on_unavailable!r}"
             )
+        if daemon_timeout is not None and not daemon_timeout > 0:
+            raise ValueError(f"daemon_timeout must be > 0 seconds, got {daemon_timeout!r}")
+        self.daemon_timeout = daemon_timeout
+        # A lazy link (see open) until its first use connects it.
+        self._unstarted = False
+        # The daemon refused to register it: every use raises this.
+        self._refused: BaseException | None = None
         self.name = name
         self.config = config
         self.on_unavailable: OnUnavailable = on_unavailable
@@ -1101,6 +1300,9 @@ class RemoteBreaker:
         self._deny_snapshot = Snapshot(name, CircuitState.OPEN, _NO_GENERATION)
         self._announce_lock = threading.Lock()
         self._announced: CircuitState | None = None
+        # Registered on the live connection, but the daemon stopped answering
+        # (DaemonClient.note_stalled): the policy serves until it answers.
+        self._suspended = False
         self._settled = threading.Event()
         self._register_error: BaseException | None = None
         self._log = _logger.bind(breaker=name, socket=client.path)
@@ -1121,6 +1323,8 @@ class RemoteBreaker:
         system: ActorSystem | None = None,
         *,
         client: DaemonClient | None = None,
+        lazy: bool = False,
+        daemon_timeout: float | None = None,
     ) -> RemoteBreaker:
         """Register ``name`` with the daemon at ``path`` and return its link.
 
@@ -1128,10 +1332,20 @@ class RemoteBreaker:
         a daemon that is not there (or slow) leaves the link in its
         ``on_unavailable`` mode, and it switches over once registered.
         Raises the daemon's error if it refuses the registration.
+
+        With ``lazy`` it neither connects nor waits: the link is registered
+        with the connection whenever there is one, and its first use (a
+        snapshot, a request) starts the client if nobody has, then waits
+        as above, at most ``daemon_timeout`` if set; a refused registration
+        is raised by that use and every later one.
         """
         if client is None:
-            client = get_client(path)
-        link = cls(client, name, config, on_unavailable, system)
+            client = get_client(path, start=not lazy)
+        link = cls(client, name, config, on_unavailable, system, daemon_timeout=daemon_timeout)
+        if lazy:
+            link._unstarted = True
+            client.attach(link)
+            return link
         if client.attach(link):
             link._settled.wait(client.connect_timeout)
         error = link._register_error
@@ -1144,8 +1358,34 @@ class RemoteBreaker:
         return link
 
     def __repr__(self) -> str:
+        if self._unstarted:
+            return f"<RemoteBreaker {self.name!r} not connected yet>"
         mode = "daemon" if self._remote else self.on_unavailable
         return f"<RemoteBreaker {self.name!r} {mode} {self.snapshot.state.value}>"
+
+    def ensure_started(self) -> None:
+        """Connect a lazy link (see ``open``); raises the daemon's refusal if it refused."""
+        if self._unstarted:
+            self._begin()
+
+    def _begin(self) -> None:
+        if self._refused is not None:
+            raise self._refused
+        client = self.client
+        client.start_nowait()
+        if not self.in_own_thread():
+            # Every thread that gets here first waits for the same events (at
+            # most this long, once): none falls back while the others connect.
+            limit = self.daemon_timeout or client.connect_timeout
+            deadline = time.monotonic() + limit
+            if client.wait_first_attempt(limit) and client.connected:
+                self._settled.wait(max(0.0, deadline - time.monotonic()))
+        error = self._register_error
+        if error is not None:
+            self._refused = error
+            client.detach(self)
+            raise error
+        self._unstarted = False
 
     @property
     def remote(self) -> bool:
@@ -1211,6 +1451,10 @@ class RemoteBreaker:
             self._tally = (_ASK_FOR_SUCCESSES, self._tally[1])
 
     def _fallback_snapshot(self) -> Snapshot:
+        if self._unstarted:
+            self._begin()
+            if self._remote:
+                return self.snapshot
         policy = self.on_unavailable
         if policy == "allow":
             return self._allow_snapshot
@@ -1237,12 +1481,14 @@ class RemoteBreaker:
             if local is None:  # pragma: no cover - its snapshot made the generation
                 return True
             return local.post_success(generation - LOCAL_GENERATION_OFFSET)
-        if generation < 0 or not self._remote:
+        if generation < 0 or not (self._remote or self._suspended):
             # Admitted by "allow", or by a daemon now out of reach: nowhere to count it.
             return True
-        if generation == self.snapshot.generation:
+        if self._remote and generation == self._remote_snapshot.generation:
             return False  # this success may change the state: send it, and wait
-        # An older generation's: for the daemon's totals only.
+        # An older generation's (for the daemon's totals), or one the daemon
+        # admitted before it stalled: the connection lives, and the daemon
+        # reads it when it runs again.
         return self.client.post((self.name, generation, _SUCCESS, 0.0, 0, None))
 
     def post_report(self, item: tuple[int, Outcome, float]) -> bool:
@@ -1259,7 +1505,7 @@ class RemoteBreaker:
             if local is None:  # pragma: no cover
                 return True
             return local.post_report((generation - LOCAL_GENERATION_OFFSET, outcome, duration))
-        if generation < 0 or not self._remote:
+        if generation < 0 or not (self._remote or self._suspended):
             return True
         return self.client.post((self.name, generation, outcome, duration, 0, None))
 
@@ -1273,20 +1519,93 @@ class RemoteBreaker:
         """Send a request; ``reply(result, error)`` is called exactly once (maybe at once).
 
         Never raises: errors, ``DaemonUnavailableError`` included, go to ``reply``.
+        Called with a reply from a thread running an asyncio loop, the
+        policy answers it if the daemon has not within ``daemon_timeout``.
         """
-        self._ask(message, reply, force, False)
+        if self._unstarted:
+            try:
+                self._begin()
+            except BaseException as exc:
+                _answer(reply, None, exc)
+                return
+        limit = self._wait_limit(message, reply)
+        if limit is None:
+            self._ask(message, reply, force, False)
+            return
+        assert reply is not None
+        bounded = _Bounded(reply, self._late_reply(message))
+        self._ask(message, bounded, force, False)
+        if not bounded.settled:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # no loop to time it on: request_timeout bounds it
+            loop.call_later(limit, self._expire, bounded, message, reply, force, limit)
 
     def ask_sync(self, message: object, *, force: bool = False) -> Any:
         """``ask``, and wait in this thread: the result, or the error raised.
 
         A request that goes to the daemon is read off the socket by this
         thread if no other thread is reading (``DaemonClient.request(read=True)``).
+        An acquire or a report waits at most ``daemon_timeout`` for it; then
+        the policy answers.
         """
+        self.ensure_started()
         waiter = _SyncReply()
-        self._ask(message, waiter, force, True)
+        limit = self._wait_limit(message, waiter)
+        if limit is None:
+            self._ask(message, waiter, force, True)
+            return waiter.wait()
+        deadline = time.monotonic() + limit
+        bounded = _Bounded(waiter, self._late_reply(message))
+        self._ask(message, bounded, force, True, limit)
+        if not waiter.ready(deadline - time.monotonic()):
+            self._expire(bounded, message, waiter, force, limit)
         return waiter.wait()
 
-    def _ask(self, message: object, reply: Reply | None, force: bool, read: bool) -> None:
+    def _wait_limit(self, message: object, reply: Reply | None) -> float | None:
+        # How long a caller waits for the daemon: calls only (an acquire, an
+        # acknowledged report); status and admin wait for the daemon's answer.
+        if reply is None or self.daemon_timeout is None or not self._remote:
+            return None
+        kind = type(message)
+        if kind is Report:
+            if cast(Report, message).generation >= LOCAL_GENERATION_OFFSET:
+                return None
+        elif kind is not Acquire:
+            return None
+        return self.daemon_timeout
+
+    def _expire(
+        self, bounded: _Bounded, message: object, reply: Reply, force: bool, waited: float
+    ) -> None:
+        if not bounded.expire():
+            return  # answered in time
+        self.client.note_stalled(waited)
+        self._ask_unavailable(message, reply, force)
+
+    def _late_reply(self, message: object) -> Reply:
+        # The daemon answered a caller that had given up on it: a trial lease
+        # it granted would be held by nobody until its deadline (and then
+        # count as a failure). Give it back.
+        def late(result: Any, error: BaseException | None) -> None:
+            if isinstance(result, Admission) and result.admitted and result.lease:
+                release = Report(
+                    self.name, result.generation, Outcome.CANCELLED, lease=result.lease
+                )
+                self.client.request(release, _ignore_reply)
+
+        return late
+
+    def _ask(
+        self,
+        message: object,
+        reply: Reply | None,
+        force: bool,
+        read: bool,
+        read_timeout: float | None = None,
+    ) -> None:
+        kind = type(message)
         if type(message) is Report:
             name, generation = message.name, message.generation
             if generation >= LOCAL_GENERATION_OFFSET:
@@ -1296,8 +1615,11 @@ class RemoteBreaker:
                     force,
                 )
                 return
-            if generation < 0 or not self._remote:
-                _answer(reply, self.snapshot, None)
+            if generation < 0:
+                _answer(reply, self.snapshot, None)  # admitted by "allow": counted nowhere
+                return
+            if not self._remote:
+                self._ask_unavailable(message, reply, force)  # the daemon went away meanwhile
                 return
             if (
                 reply is None
@@ -1307,11 +1629,18 @@ class RemoteBreaker:
                 )
             ):
                 return  # fire and forget: batched like post_report
+        if self._remote and kind in _CALL_REQUESTS and reply is not None and self.client.stalled:
+            # The daemon left a caller waiting in vain: do not make this one wait too.
+            self._ask_unavailable(message, reply, force)
+            return
         if (
             self._remote
-            and type(message) in _DAEMON_REQUESTS
+            and kind in _DAEMON_REQUESTS
             and self.client.request(
-                cast(RequestMessage, message), self._remote_reply(message, reply, force), read=read
+                cast(RequestMessage, message),
+                self._remote_reply(message, reply, force),
+                read=read,
+                read_timeout=read_timeout,
             )
         ):
             return
@@ -1324,11 +1653,8 @@ class RemoteBreaker:
             if error is not None:
                 if isinstance(error, (DaemonUnavailableError, ActorStoppedError)):
                     # The daemon went away under this request: answer it as if
-                    # it had come after (an outcome for a lost daemon is dropped).
-                    if type(message) is Report:
-                        _answer(reply, self.snapshot, None)
-                    else:
-                        self._ask_unavailable(message, reply, force)
+                    # it had come after (the policy counts an outcome, if any does).
+                    self._ask_unavailable(message, reply, force)
                     return
                 if reply is None:
                     self._log.warning("daemon_report_failed", error=str(error))
@@ -1350,8 +1676,7 @@ class RemoteBreaker:
         policy = self.on_unavailable
         if policy == "local":
             if type(message) is Report:
-                # A daemon-space outcome with the daemon gone: nowhere to count it.
-                _answer(reply, self.snapshot, None)
+                self._report_locally(message, reply, force)
                 return
             self._ask_local(message, reply, force)
             return
@@ -1365,6 +1690,22 @@ class RemoteBreaker:
             _answer(reply, self.snapshot, None)
             return
         _answer(reply, None, self._unavailable_error())
+
+    def _report_locally(self, report: Report, reply: Reply | None, force: bool) -> None:
+        # An outcome the daemon admitted, with the daemon out of reach (gone,
+        # or not answering in time): the local breaker counts it, as of its
+        # own generation, so a failing service trips it. A cancelled trial
+        # only released a daemon lease: nothing to count here.
+        if report.outcome is Outcome.CANCELLED:
+            _answer(reply, self.snapshot, None)
+            return
+        try:
+            local = self._ensure_local()
+        except BreakerError as exc:
+            _answer(reply, None, exc)
+            return
+        moved = replace(report, generation=local.snapshot.generation, lease=0)
+        self._ask_local(moved, reply, force)
 
     def _unavailable_error(self) -> DaemonUnavailableError:
         reason = self.client.outage or "not registered with it yet"
@@ -1464,6 +1805,7 @@ class RemoteBreaker:
                     rule="the daemon's config file, then the first client, wins",
                 )
             self.conflicts = result.conflicts
+            self._suspended = False
             # The core's cache holds this snapshot or a newer push.
             self._show(self.client.core.snapshots.get(self.name, result.snapshot))
             table = self.client.state_table
@@ -1486,7 +1828,27 @@ class RemoteBreaker:
         if self._remote:
             self._announce(snapshot, "daemon")
 
+    def _suspend(self) -> None:
+        if not self._remote:
+            return
+        self._suspended = True
+        self._remote = False
+        try:
+            snapshot = self.snapshot
+        except BreakerError:  # the local actor system is stopped (exit)
+            return
+        self._announce(snapshot, "daemon_unavailable")
+
+    def _resume(self) -> None:
+        if not self._suspended:
+            return
+        self._suspended = False
+        self._slot_seq = -1  # catch up with the table first
+        self._remote = True
+        self._announce(self.snapshot, "daemon_available")
+
     def _daemon_lost(self, *, announce: bool) -> None:
+        self._suspended = False
         was_remote = self._remote
         self._remote = False
         self._tally = (_ASK_FOR_SUCCESSES, [])
@@ -1535,6 +1897,52 @@ def _answer(reply: Reply | None, result: Any, error: BaseException | None) -> No
         reply(result, error)
 
 
+def _ignore_reply(result: Any, error: BaseException | None) -> None:
+    pass
+
+
+class _Bounded:
+    """A reply its caller may stop waiting for: the first of the answer and ``expire`` wins.
+
+    An answer that comes after ``expire`` goes to ``late`` instead, once. One
+    that comes again (a dispatch run twice after an interrupt) is dropped.
+    """
+
+    __slots__ = ("_late", "_lock", "_reply", "_state")
+
+    _PENDING, _ANSWERED, _EXPIRED, _LATE = range(4)
+
+    def __init__(self, reply: Reply, late: Reply) -> None:
+        self._reply = reply
+        self._late = late
+        self._lock = threading.Lock()
+        self._state = self._PENDING
+
+    @property
+    def settled(self) -> bool:
+        return self._state != self._PENDING
+
+    def __call__(self, result: Any, error: BaseException | None) -> None:
+        with self._lock:
+            state = self._state
+            if state == self._PENDING:
+                self._state = self._ANSWERED
+            elif state == self._EXPIRED:
+                self._state = self._LATE
+        if state == self._PENDING:
+            self._reply(result, error)
+        elif state == self._EXPIRED:
+            self._late(result, error)
+
+    def expire(self) -> bool:
+        """True if no answer came first (the caller now answers itself)."""
+        with self._lock:
+            if self._state != self._PENDING:
+                return False
+            self._state = self._EXPIRED
+            return True
+
+
 class _SyncReply:
     """A reply callback that one thread waits on (lighter than a ``concurrent.futures.Future``)."""
 
@@ -1554,6 +1962,15 @@ class _SyncReply:
         self._error = error
         self.done = True
         self._lock.release()
+
+    def ready(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` seconds for the answer; True if it is in."""
+        if self.done:
+            return True
+        if timeout > 0 and self._lock.acquire(timeout=timeout):
+            self._lock.release()  # for wait()
+            return True
+        return self.done
 
     def wait(self) -> Any:
         if not self.done:

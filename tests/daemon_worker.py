@@ -13,6 +13,8 @@ The plan::
         "name": "svc",
         "breaker": {...},          # CircuitBreaker keyword arguments
         "flush_delay": 60.0,       # optional: how long batched successes may wait
+        "lazy": true,              # optional: "ready" does not read the state (no connection)
+        "request_timeout": 0.5,    # optional: the client's (default 5 s)
         "steps": [...],
     }
 
@@ -35,6 +37,13 @@ stdin line, then returns if it says ``ok`` and raises otherwise):
 * ``{"op": "wait_log", "event": EVENT, "timeout": S}``: until this process
   has logged ``EVENT`` (structlog; e.g. ``daemon_unavailable``).
 * ``{"op": "barrier"}``: read one line from stdin.
+* ``{"op": "threads"}``: the names of this process's threads.
+* ``{"op": "wait_remote", "timeout": S}``: until the breaker is on the
+  daemon's breaker again; ``at`` is when (``time.monotonic()``, host-wide).
+* ``{"op": "wait_attempts", "n": N, "timeout": S}``: until the client has
+  made N connection attempts; ``at`` is when the N-th was seen. With
+  ``"between": true``, then also until it is between attempts (the N-th
+  connection gone) or has started the next one.
 * ``{"op": "fork", "steps": [...]}``: ``os.fork()``; the child runs the
   steps (its lines carry its pid) and exits normally, so its atexit hooks
   run; the parent waits for it and reports its exit status.
@@ -199,6 +208,22 @@ def run_steps(breaker: CircuitBreaker, steps: list[Mapping[str, Any]]) -> None:
             result = {"ok": ok}
         elif op == "barrier":
             result = {"line": sys.stdin.readline().strip()}
+        elif op == "threads":
+            result = {"threads": [thread.name for thread in threading.enumerate()]}
+        elif op == "wait_remote":
+            ok = wait(on_daemon(breaker), step.get("timeout", 10.0))
+            result = {"ok": ok, "at": time.monotonic()}
+        elif op == "wait_attempts":
+            link = breaker._actor
+            assert isinstance(link, remote.RemoteBreaker)
+            client, attempts = link.client, step["n"]
+            ok = wait(lambda: client.attempts >= attempts, step.get("timeout", 10.0))  # noqa: B023 - used at once
+            if ok and step.get("between"):
+                ok = wait(
+                    lambda: not client.connected or client.attempts > attempts,  # noqa: B023
+                    step.get("timeout", 10.0),
+                )
+            result = {"ok": ok, "attempts": client.attempts, "at": time.monotonic()}
         elif op == "fork":
             with warnings.catch_warnings():
                 # 3.12+ warns about fork() with threads running: that is the point here.
@@ -217,11 +242,17 @@ def run_steps(breaker: CircuitBreaker, steps: list[Mapping[str, Any]]) -> None:
 
 def main(plan: Mapping[str, Any]) -> None:
     configure_logging()
+    if "request_timeout" in plan:
+        # The process's client is made on first use with DaemonClient's defaults.
+        defaults = remote.DaemonClient.__init__.__kwdefaults__
+        assert defaults is not None
+        defaults["request_timeout"] = plan["request_timeout"]
     if "flush_delay" in plan:
         # DaemonClient reads the module's FLUSH_DELAY when it is made.
         remote.FLUSH_DELAY = plan["flush_delay"]  # type: ignore[misc]
     breaker = CircuitBreaker(plan["name"], daemon=plan["socket"], **plan.get("breaker", {}))
-    emit(event="ready", state=breaker.state.value)
+    # Reading the state is a first use, which connects: not for a lazy plan.
+    emit(event="ready", state=None if plan.get("lazy") else breaker.state.value)
     run_steps(breaker, plan["steps"])
 
 

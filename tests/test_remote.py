@@ -769,6 +769,7 @@ def test_a_trip_in_the_table_is_seen_without_any_push(
     breaker = CircuitBreaker("svc", daemon=client.path, min_calls=1)
     link = breaker._actor
     assert isinstance(link, RemoteBreaker)
+    assert breaker.state is CircuitState.CLOSED  # the first use registers it
     assert client.state_table is not None
     assert client.state_table.slots == 16
     assert breaker.state is CircuitState.CLOSED
@@ -956,7 +957,7 @@ def test_config_conflicts_come_back_from_the_daemon(daemon: FakeDaemon, sock_pat
     daemon.conflicts["svc"] = ("timeout",)
     with structlog.testing.capture_logs() as logs:
         breaker = CircuitBreaker("svc", timeout=5.0, daemon=sock_path)
-    assert breaker.config_conflicts == ("timeout",)
+        assert breaker.config_conflicts == ("timeout",)  # read: it connects
     assert any(e["event"] == "breaker_config_conflict" for e in logs)
 
 
@@ -965,8 +966,11 @@ def test_a_refused_registration_raises(daemon: FakeDaemon, sock_path: str) -> No
         raise InvalidRequestError("bad settings")
 
     daemon.answer = refuse  # type: ignore[method-assign]
-    with pytest.raises(InvalidRequestError, match="bad settings"):
-        CircuitBreaker("svc", daemon=sock_path)
+    breaker = CircuitBreaker("svc", daemon=sock_path)  # connects on its first use
+    for _ in range(2):  # and that use, like every later one, raises
+        with pytest.raises(InvalidRequestError, match="bad settings"):
+            breaker.call_sync(ok_sync)
+    assert len(daemon.received(Register)) == 1  # refused once, not asked again
 
 
 # -- a daemon that goes away ------------------------------------------------------------
@@ -1009,6 +1013,84 @@ def test_a_hung_daemon_times_out(
     with pytest.raises(DaemonUnavailableError, match=r"no reply within 0\.2s"):
         ask(link, Acquire("svc"))
     daemon.wait_for(lambda: peer.closed)  # the client hung up on it
+
+
+def test_a_sync_call_waits_for_a_hung_daemon_only_daemon_timeout(
+    daemon: FakeDaemon, sock_path: str, system: ActorSystem
+) -> None:
+    breaker = CircuitBreaker(
+        "svc", min_calls=1, daemon=sock_path, system=system, daemon_timeout=0.05
+    )
+    assert breaker.state is CircuitState.CLOSED  # on the daemon
+    daemon.hold.add(Report)  # it reads the failure and never answers
+    started = time.monotonic()
+    with pytest.raises(Boom):
+        breaker.call_sync(fail_sync)
+    # Well under request_timeout (5 s): the caller gave up after daemon_timeout,
+    # the local breaker counted the failure (1 of min_calls=1) and shows it.
+    assert time.monotonic() - started < 1.0
+    assert breaker.state is CircuitState.OPEN
+    local = system.get("svc")
+    assert local is not None
+    assert local.snapshot.state is CircuitState.OPEN
+    with pytest.raises(CircuitBreakerOpenError):
+        breaker.call_sync(ok_sync)
+    # The daemon answers again: the breaker is the daemon's once more.
+    ((peer, msgid, message),) = daemon.held
+    daemon.hold.clear()
+    peer.respond(msgid, daemon.answer(peer, message))
+    link = breaker._actor
+    assert isinstance(link, RemoteBreaker)
+    wait_until(lambda: link.remote)
+    assert not link.client.stalled
+
+
+async def test_an_async_call_waits_for_a_hung_daemon_only_daemon_timeout(
+    daemon: FakeDaemon, sock_path: str, system: ActorSystem
+) -> None:
+    breaker = CircuitBreaker(
+        "svc", daemon=sock_path, system=system, strict=True, daemon_timeout=0.05
+    )
+    assert breaker.state is CircuitState.CLOSED
+    daemon.hold.add(Acquire)
+
+    async def ok() -> int:
+        return 7
+
+    started = time.monotonic()
+    assert await breaker.call(ok) == 7  # admitted by the local breaker
+    assert time.monotonic() - started < 1.0
+    local = system.get("svc")
+    assert local is not None
+    assert len(daemon.held) == 1  # the next call did not ask the stalled daemon
+    assert await breaker.call(ok) == 7
+    assert len(daemon.held) == 1
+
+
+def test_a_trial_lease_granted_too_late_is_given_back(
+    daemon: FakeDaemon, sock_path: str, system: ActorSystem
+) -> None:
+    breaker = CircuitBreaker("svc", daemon=sock_path, system=system, daemon_timeout=0.05)
+    assert breaker.state is CircuitState.CLOSED
+    daemon.push(Snapshot("svc", CircuitState.HALF_OPEN, 1))
+    wait_until(lambda: breaker.state is CircuitState.HALF_OPEN)
+    daemon.hold.add(Acquire)
+    assert breaker.call_sync(ok_sync, 2) == 2  # the local breaker's call, not a trial
+    ((peer, msgid, message),) = daemon.held
+    peer.respond(msgid, daemon.answer(peer, message))  # lease 1, to nobody now
+    released = daemon.wait_for(lambda: [r for r in daemon.received(Report) if r.lease == 1])
+    assert [(r.outcome, r.generation) for r in released] == [(Outcome.CANCELLED, 1)]
+
+
+def test_a_daemon_breaker_holds_no_connection_until_used(
+    daemon: FakeDaemon, sock_path: str
+) -> None:
+    breaker = CircuitBreaker("svc", daemon=sock_path)
+    assert not [t for t in threading.enumerate() if t.name.startswith("breakerd-client")]
+    assert not daemon.live_peers()
+    assert breaker.state is CircuitState.CLOSED  # a status read: it connects
+    assert len(daemon.live_peers()) == 1
+    assert daemon.received(Register) == [Register("svc", breaker.config.as_dict())]
 
 
 def test_local_policy_without_a_daemon(sock_path: str, system: ActorSystem) -> None:
@@ -1069,6 +1151,7 @@ def test_reconnects_reregisters_and_switches_back(
     breaker = CircuitBreaker("svc", daemon=sock_path, system=system)
     link = breaker._actor
     assert isinstance(link, RemoteBreaker)
+    link.ensure_started()
     assert link.remote
     seen: list[Transition] = []
     breaker.on_transition(seen.append)
@@ -1101,7 +1184,7 @@ def test_reconnects_reregisters_and_switches_back(
 def test_an_outcome_goes_back_to_the_breaker_that_admitted_it(
     daemon: FakeDaemon, sock_path: str, system: ActorSystem
 ) -> None:
-    # Admitted by the daemon, reported after it died: dropped, never counted locally.
+    # Admitted by the daemon, reported after it died: the local breaker counts it.
     breaker = CircuitBreaker("svc", min_calls=1, daemon=sock_path, system=system)
     gate, release = threading.Event(), threading.Event()
 
@@ -1122,7 +1205,8 @@ def test_an_outcome_goes_back_to_the_breaker_that_admitted_it(
             call.result(WAIT)
     local = system.get("svc")
     assert local is not None
-    assert local.snapshot.state is CircuitState.CLOSED  # the daemon's failure did not leak in
+    # The failure reached nobody else: it trips the fallback (1 of min_calls=1).
+    assert local.snapshot.state is CircuitState.OPEN
 
 
 def test_a_local_outcome_stays_local_when_the_daemon_comes_back(
@@ -1313,8 +1397,11 @@ async def test_async_and_sync_strict_callers_share_the_connection(
     daemon: FakeDaemon, sock_path: str
 ) -> None:
     numbered_admissions(daemon)
-    breaker = CircuitBreaker("svc", daemon=sock_path, strict=True)
-    mixed = CircuitBreaker("sync", daemon=sock_path, strict=True)
+    # A fake daemon in this process's threads, loaded on purpose, may well take
+    # longer than the default daemon_timeout (0.25 s) to answer: every call
+    # here must go to it, never to the fallback.
+    breaker = CircuitBreaker("svc", daemon=sock_path, strict=True, daemon_timeout=60.0)
+    mixed = CircuitBreaker("sync", daemon=sock_path, strict=True, daemon_timeout=60.0)
     async_link, sync_link = breaker._actor, mixed._actor
     assert isinstance(async_link, RemoteBreaker)
     assert isinstance(sync_link, RemoteBreaker)
@@ -1559,6 +1646,7 @@ def test_reports_are_flushed_at_exit(daemon: FakeDaemon, sock_path: str) -> None
         "remote.FLUSH_DELAY = 3600.0  # only the exit hook can send it now\n"
         "from breakerd.clients import CircuitBreaker\n"
         f"breaker = CircuitBreaker('exiting', daemon={sock_path!r})\n"
+        "breaker._actor.ensure_started()\n"
         "assert breaker._actor.remote\n"
         "for _ in range(3):\n"
         "    breaker.call_sync(int)\n"
@@ -1594,6 +1682,7 @@ def test_daemon_true_uses_the_default_socket(
     monkeypatch.setenv("BREAKERD_SOCKET", sock_path)
     breaker = CircuitBreaker("svc", daemon=True)
     assert breaker.daemon_path == sock_path
+    assert breaker.state is CircuitState.CLOSED  # the first use registers it
     assert daemon.received(Register) == [Register("svc", breaker.config.as_dict())]
     breaker_path = CircuitBreaker("svc", daemon=Path(sock_path))
     assert breaker_path.daemon_path == sock_path
@@ -1630,6 +1719,7 @@ def test_against_the_real_daemon_killed_and_restarted(sock_path: str, system: Ac
         breaker = CircuitBreaker("e2e", min_calls=2, daemon=sock_path, system=system)
         link = breaker._actor
         assert isinstance(link, RemoteBreaker)
+        link.ensure_started()
         assert link.remote
         for _ in range(50):
             breaker.call_sync(ok_sync)

@@ -321,6 +321,7 @@ def test_a_breaker_reads_a_trip_before_the_trippers_reply_is_out(daemon: DaemonP
     breaker = CircuitBreaker("svc", daemon=daemon.socket_path, min_calls=1, timeout=30)
     link = breaker._actor
     assert isinstance(link, RemoteBreaker)
+    link.ensure_started()  # a daemon-mode breaker connects on its first use
     assert link.remote
     assert link.client.state_table is not None
     tripper = RawClient(daemon.socket_path)
