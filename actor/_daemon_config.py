@@ -9,6 +9,7 @@ Example ``breakerd.toml``::
     max_inflight = 256        # requests in flight per connection
     max_outbox = 1048576      # bytes buffered per connection before it is dropped
     state_table_slots = 65536 # breakers in the shared state table (+1 header); 0: off
+    metrics = "127.0.0.1:9464" # Prometheus text at http://HOST:PORT/metrics (needs the extra)
 
     [defaults]                # every breaker, unless a client or section says otherwise
     failure_threshold = 0.5
@@ -34,7 +35,13 @@ from typing import Any
 from ._machine import BreakerConfig
 from ._state_table import DEFAULT_STATE_TABLE_SLOTS
 
-__all__ = ["ConfigError", "DaemonSettings", "load_config"]
+__all__ = [
+    "ConfigError",
+    "DaemonSettings",
+    "MetricsUnavailableError",
+    "load_config",
+    "parse_metrics_address",
+]
 
 _BREAKER_FIELDS = frozenset(f.name for f in fields(BreakerConfig))
 # 512 MiB of address space: far beyond any host's breakers, and a typo in the
@@ -44,6 +51,10 @@ _MAX_TABLE_SLOTS = 1 << 24
 
 class ConfigError(ValueError):
     """The config file is unreadable or holds a bad setting."""
+
+
+class MetricsUnavailableError(RuntimeError):
+    """The metrics endpoint cannot be served (its port is taken, say)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,8 @@ class DaemonSettings:
     state_table_slots: int = DEFAULT_STATE_TABLE_SLOTS
     defaults: dict[str, Any] = field(default_factory=dict)
     breakers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: (host, port) of the Prometheus endpoint; None: no metrics.
+    metrics: tuple[str, int] | None = None
 
     def configured(self, name: str) -> BreakerConfig | None:
         """The config-file settings for ``name``, or None when it has no section."""
@@ -106,6 +119,7 @@ def load_config(path: Path | None, socket_path: Path) -> DaemonSettings:
         "max_inflight",
         "max_outbox",
         "state_table_slots",
+        "metrics",
     }
     unknown = sorted(set(daemon) - known_daemon)
     if unknown:
@@ -123,6 +137,7 @@ def load_config(path: Path | None, socket_path: Path) -> DaemonSettings:
         ),
         defaults=dict(defaults),
         breakers=breakers,
+        metrics=_metrics(daemon["metrics"], path) if "metrics" in daemon else None,
     )
     # Validate every breaker now, so a bad file fails at start, not at first use.
     try:
@@ -132,6 +147,25 @@ def load_config(path: Path | None, socket_path: Path) -> DaemonSettings:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     return settings
+
+
+def parse_metrics_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6; ``:PORT``: every interface) as (host, port)."""
+    host, colon, port_text = text.rpartition(":")
+    if not colon or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"metrics address must be HOST:PORT, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host or "0.0.0.0", int(port_text)
+
+
+def _metrics(value: object, path: Path) -> tuple[str, int]:
+    if not isinstance(value, str):
+        raise ConfigError(f'{path}: [daemon] metrics must be a "HOST:PORT" string, got {value!r}')
+    try:
+        return parse_metrics_address(value)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: [daemon] {exc}") from None
 
 
 def _table(data: dict[str, Any], key: str, path: Path) -> dict[str, Any]:

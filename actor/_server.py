@@ -73,7 +73,7 @@ from breakerd.protocol import (
 )
 
 from ._actor import BreakerActor
-from ._daemon_config import DaemonSettings
+from ._daemon_config import DaemonSettings, MetricsUnavailableError
 from ._machine import BreakerConfig, Transition
 from ._state_table import SharedStateTable, StateTableUnavailableError
 from ._system import ActorSystem
@@ -160,8 +160,11 @@ class Daemon:
     ) -> None:
         self._take_lock()
         server: asyncio.Server | None = None
+        metrics: Any = None
         try:
             self._make_state_table()
+            # Before the socket appears, so that a ready daemon is scrapable.
+            metrics = self._start_metrics()
             async with anyio.create_task_group() as group:
                 await group.start(self.system.serve)
                 if self._handle_signals:
@@ -194,6 +197,8 @@ class Daemon:
         finally:
             if server is not None:
                 server.close()
+            if metrics is not None:
+                metrics.close()
             if self.state_table is not None:
                 self.state_table.close()
                 self.state_table = None
@@ -213,6 +218,25 @@ class Daemon:
                 error=str(exc),
                 effect="clients learn of transitions by push only",
             )
+
+    def _start_metrics(self) -> Any:
+        if self.settings.metrics is None:
+            return None
+        # Imported here: prometheus-client is an optional extra.
+        from ._metrics import BreakerCollector, MetricsServer
+
+        host, port = self.settings.metrics
+        collector = BreakerCollector(
+            self.system.actors, self.system.clock, clients=lambda: len(self.peers)
+        )
+        try:
+            server = MetricsServer(collector, host, port)
+        except OSError as exc:
+            raise MetricsUnavailableError(
+                f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}"
+            ) from exc
+        self.log.info("metrics_serving", host=host, port=server.port, path="/metrics")
+        return server
 
     async def _watch_signals(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
