@@ -65,6 +65,9 @@ from breakerd.protocol import (
     StatePush,
     Status,
     StatusRequest,
+    Subscribe,
+    Subscribed,
+    TransitionEvent,
     UnknownBreakerError,
     VersionMismatchError,
     Welcome,
@@ -112,6 +115,9 @@ class Daemon:
         self.system = ActorSystem(clock=clock)
         self.peers: set[_Peer] = set()
         self.subscribers: dict[str, set[_Peer]] = {}
+        #: Connections that asked for transition events, and the breakers
+        #: they asked about (empty: every breaker).
+        self.watchers: dict[_Peer, frozenset[str]] = {}
         self.uid = os.getuid()
         self.log = structlog.get_logger("breakerd.daemon")
         self._handle_signals = handle_signals
@@ -363,14 +369,37 @@ class Daemon:
     def _pusher(self, name: str) -> Callable[[Transition, Snapshot], None]:
         def push(transition: Transition, snapshot: Snapshot) -> None:
             subscribers = self.subscribers.get(name)
-            if not subscribers:
-                return
-            # Encoded once for every subscriber: all of them are past hello.
-            frame = frame_notification(StatePush(snapshot))
-            for peer in tuple(subscribers):
-                peer.push_frame(frame)
+            if subscribers:
+                # Encoded once for every subscriber: all of them are past hello.
+                frame = frame_notification(StatePush(snapshot))
+                for peer in tuple(subscribers):
+                    peer.push_frame(frame)
+            if self.watchers:
+                # After the clients' pushes: an operator's tail can wait a little.
+                self._push_event(name, transition)
 
         return push
+
+    def _push_event(self, name: str, transition: Transition) -> None:
+        frame: bytes | None = None
+        for peer, names in tuple(self.watchers.items()):
+            if names and name not in names:
+                continue
+            if frame is None:
+                frame = frame_notification(
+                    TransitionEvent(
+                        name,
+                        transition.from_state,
+                        transition.to_state,
+                        transition.generation,
+                        transition.reason,
+                        self.system.clock(),
+                        transition.failure_rate,
+                        transition.slow_call_rate,
+                        transition.open_until,
+                    )
+                )
+            peer.push_frame(frame)
 
 
 class _Peer(asyncio.BufferedProtocol):
@@ -458,6 +487,7 @@ class _Peer(asyncio.BufferedProtocol):
         if self not in daemon.peers:
             return
         daemon.peers.discard(self)
+        daemon.watchers.pop(self, None)
         for name in self.names:
             subscribers = daemon.subscribers.get(name)
             if subscribers is not None:
@@ -537,6 +567,11 @@ class _Peer(asyncio.BufferedProtocol):
                 self._register(msgid, message)  # type: ignore[arg-type]
             elif kind is StatusRequest:
                 self._status(msgid, message)  # type: ignore[arg-type]
+            elif kind is Subscribe:
+                names: tuple[str, ...] = message.names  # type: ignore[attr-defined]
+                self.daemon.watchers[self] = frozenset(names)
+                self.log.info("events_subscribed", breakers=sorted(names) or "all")
+                self._reply(msgid, Subscribed(), None)
             else:
                 raise InvalidRequestError(f"unexpected request {kind.__name__}")
         except BreakerError as exc:

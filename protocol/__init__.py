@@ -69,6 +69,9 @@ from ._messages import (
     StatePush,
     Status,
     StatusRequest,
+    Subscribe,
+    Subscribed,
+    TransitionEvent,
     Welcome,
 )
 from ._paths import SOCKET_ENV, default_socket_path
@@ -119,6 +122,9 @@ __all__ = [
     "StatePush",
     "Status",
     "StatusRequest",
+    "Subscribe",
+    "Subscribed",
+    "TransitionEvent",
     "UnknownBreakerError",
     "VersionMismatchError",
     "Welcome",
