@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pytest
 from daemon_helpers import DaemonProcess, RawClient, spawn_worker, wait_for, worker_result
@@ -28,7 +28,10 @@ from breakerd.protocol import (
     TransitionEvent,
 )
 
-TRIP = [["register", "LLM", {"min_calls": 2, "timeout": 300.0}], ["fail", "LLM", 2]]
+TRIP: list[list[Any]] = [
+    ["register", "LLM", {"min_calls": 2, "timeout": 300.0}],
+    ["fail", "LLM", 2],
+]
 
 
 class Command:
