@@ -7,7 +7,8 @@
 
 The same metric names and labels as ``breakerd serve --metrics`` (the README
 lists them), for the in-process breakers of one actor system. Breakers in
-daemon mode live in the daemon: scrape the daemon for those.
+daemon mode live in the daemon: scrape the daemon for those (one shows up
+here only once it has fallen back to a local breaker during an outage).
 """
 
 from __future__ import annotations
