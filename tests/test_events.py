@@ -20,12 +20,18 @@ import pytest
 from daemon_helpers import DaemonProcess, RawClient, spawn_worker, wait_for, worker_result
 
 from breakerd.protocol import (
+    PROTOCOL_VERSION,
     CircuitState,
+    Connection,
     Hello,
+    LocalProtocolError,
     NotificationReceived,
+    RemoteProtocolError,
+    RequestReceived,
     Subscribe,
     Subscribed,
     TransitionEvent,
+    frame_notification,
 )
 
 TRIP: list[list[Any]] = [
@@ -174,3 +180,21 @@ def test_raw_subscriber_gets_transition_notifications(daemon: DaemonProcess) -> 
     # ``at`` is read when the daemon sends the event, a moment after the trip.
     assert message.open_until - message.at == pytest.approx(300.0, abs=1.0)
     watcher.close()
+
+
+EVENT = TransitionEvent(
+    "LLM", CircuitState.CLOSED, CircuitState.OPEN, 1, "failure_rate_exceeded", 5.0
+)
+
+
+def test_only_a_server_sends_transition_events() -> None:
+    hello = Hello(1, PROTOCOL_VERSION, "t", 1)
+    client = Connection("client")
+    greeting = client.send_request(0, hello)
+    with pytest.raises(LocalProtocolError, match="a client sends no 'transition' notifications"):
+        client.send_notification(EVENT)
+    server = Connection("server")
+    server.receive_data(greeting + frame_notification(EVENT))  # as a rogue client would
+    assert server.next_event() == RequestReceived(0, hello)
+    with pytest.raises(RemoteProtocolError, match="a client sent a 'transition' notification"):
+        server.next_event()
