@@ -298,20 +298,38 @@ class Daemon:
     def _bind(self) -> socket.socket:
         mode = self.settings.socket_mode
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Readiness: bound and listening under a hidden name first, then
+        # renamed into place, so that a client connecting as soon as the file
+        # appears is never refused (under load, a start in six was). We hold
+        # the lock, so the hidden name is ours too.
+        path = self.socket_path
+        hidden = path.with_name(f".{path.name}~")
+        if len(bytes(hidden)) > 107:
+            hidden = path  # no room for the longer name: bind in place
         # Bind under a umask that already gives the final mode: no window in
         # which the socket is open to others.
         old_umask = os.umask(0o777 & ~mode)
         try:
-            listener.bind(str(self.socket_path))
+            if hidden != path and (hidden.exists() or hidden.is_symlink()):
+                hidden.unlink()  # left by a daemon killed while starting
+            listener.bind(str(hidden))
         except BaseException:
             listener.close()
             raise
         finally:
             os.umask(old_umask)
-        if self.settings.socket_gid is not None:
-            os.chown(self.socket_path, -1, self.settings.socket_gid)
-        os.chmod(self.socket_path, mode)
-        listener.listen(_BACKLOG)
+        try:
+            if self.settings.socket_gid is not None:
+                os.chown(hidden, -1, self.settings.socket_gid)
+            os.chmod(hidden, mode)
+            listener.listen(_BACKLOG)
+            if hidden != path:
+                os.rename(hidden, path)
+        except BaseException:
+            listener.close()
+            if hidden != path:
+                hidden.unlink(missing_ok=True)
+            raise
         listener.setblocking(False)
         return listener
 
