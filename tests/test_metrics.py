@@ -25,6 +25,7 @@ from breakerd.actor import ActorSystem, ConfigError, load_config
 from breakerd.actor._daemon_config import parse_metrics_address
 from breakerd.actor.testing import FakeClock
 from breakerd.clients import CircuitBreaker, CircuitBreakerOpenError, CircuitState
+from breakerd.clients._remote import close_all_clients
 from breakerd.clients.metrics import BreakerCollector
 
 P = "breakerd_circuitbreaker_"
@@ -43,6 +44,14 @@ def value(
     scrape: dict[tuple[str, frozenset[tuple[str, str]]], float], metric: str, /, **labels: str
 ) -> float:
     return scrape[(metric, frozenset(labels.items()))]
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    # A daemon-mode breaker's client would go on reconnecting to the killed
+    # daemon in the background, through every later test.
+    yield
+    close_all_clients()
 
 
 @pytest.fixture
