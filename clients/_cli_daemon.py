@@ -116,7 +116,7 @@ def _run_status(args: argparse.Namespace) -> int:
     if not args.watch:
         _print_status(_socket(args), args.json)
         return 0
-    from ._events import follow_transitions
+    from ._events import follow_until_interrupted
 
     path = _socket(args)
     # Redraw only when a transition is pushed: the terminal is cleared when
@@ -131,7 +131,7 @@ def _run_status(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     try:
-        follow_transitions(path, (), redraw, on_subscribed=redraw)
+        follow_until_interrupted(path, (), redraw, on_subscribed=redraw)
     except KeyboardInterrupt:
         return 0
     return 0
@@ -201,7 +201,7 @@ def add_events(subparsers: Any) -> None:
 
 
 def _run_events(args: argparse.Namespace) -> int:
-    from ._events import event_line, event_record, follow_transitions
+    from ._events import event_line, event_record, follow_until_interrupted
 
     def show(event: Any) -> None:
         line = json.dumps(event_record(event)) if args.json else event_line(event)
@@ -209,7 +209,7 @@ def _run_events(args: argparse.Namespace) -> int:
         print(line, flush=True)
 
     try:
-        follow_transitions(_socket(args), args.names, show)
+        follow_until_interrupted(_socket(args), args.names, show)
     except KeyboardInterrupt:
         return 0
     return 0

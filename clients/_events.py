@@ -10,10 +10,11 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from breakerd.protocol import (
     MIN_PROTOCOL_VERSION,
@@ -29,7 +30,10 @@ from breakerd.protocol import (
     TransitionEvent,
 )
 
-__all__ = ["event_line", "event_record", "follow_transitions"]
+__all__ = ["event_line", "event_record", "follow_transitions", "follow_until_interrupted"]
+
+#: Longest pause between two attempts to reach a daemon that went away.
+MAX_RECONNECT_DELAY = 2.0
 
 
 def follow_transitions(
@@ -95,6 +99,51 @@ def follow_transitions(
         raise DaemonUnavailableError(f"the daemon at {socket_path} spoke gibberish: {exc}") from exc
     finally:
         sock.close()
+
+
+def follow_until_interrupted(
+    socket_path: Path,
+    names: Sequence[str],
+    on_event: Callable[[TransitionEvent], None],
+    *,
+    on_subscribed: Callable[[], None] | None = None,
+    stderr: TextIO = sys.stderr,
+) -> None:
+    """``follow_transitions``, resubscribing whenever the daemon comes back.
+
+    An operator tails events through a daemon restart: losing the daemon is
+    one line on ``stderr``, and the stream resumes once it is back
+    (transitions in between are not shown). No daemon at the start is an
+    error, raised at once. Returns only by an exception (Ctrl-C).
+    """
+    reached = False
+    lost = False
+    delay = 0.1
+
+    def subscribed() -> None:
+        nonlocal reached, lost, delay
+        if lost:
+            print(f"breakerd: resubscribed at {socket_path}", file=stderr, flush=True)
+        reached, lost, delay = True, False, 0.1
+        if on_subscribed is not None:
+            on_subscribed()
+
+    while True:
+        try:
+            follow_transitions(socket_path, names, on_event, on_subscribed=subscribed)
+        except DaemonUnavailableError as exc:
+            if not reached:
+                raise
+            if not lost:
+                lost = True
+                print(
+                    f"breakerd: {exc}; reconnecting (transitions until then are not shown)",
+                    file=stderr,
+                    flush=True,
+                )
+            # A pause between attempts to reach another process, not logic.
+            time.sleep(delay)
+            delay = min(delay * 2, MAX_RECONNECT_DELAY)
 
 
 def _wall(instant: float) -> float:

@@ -147,6 +147,33 @@ def test_status_watch_redraws_on_every_pushed_change(daemon: DaemonProcess) -> N
         client.close()
 
 
+def test_events_carry_on_through_a_daemon_restart(tmp_short: Path) -> None:
+    sock = tmp_short / "s.sock"
+    first = DaemonProcess(sock, log_path=tmp_short / "first.log").wait_ready()
+    events = Command("events", "--json", "--socket", str(sock))
+    second: DaemonProcess | None = None
+    try:
+        wait_for(lambda: subscriptions(first) == 1, what="the subscription")
+        assert first.terminate() == 0
+        second = DaemonProcess(sock, log_path=tmp_short / "second.log").wait_ready()
+        restarted = second
+        wait_for(lambda: subscriptions(restarted) == 1, what="the new subscription")
+        worker_result(spawn_worker(sock, TRIP))
+        record = json.loads(events.line())
+        assert (record["name"], record["to_state"]) == ("LLM", "open")
+        code, err = events.interrupt()
+        assert code == 0
+        lost, back = err.splitlines()
+        assert lost.startswith("breakerd: the daemon at ")
+        assert lost.endswith("reconnecting (transitions until then are not shown)")
+        assert back == f"breakerd: resubscribed at {sock}"
+    finally:
+        events.kill()
+        first.kill()
+        if second is not None:
+            second.kill()
+
+
 def test_events_without_a_daemon_is_one_line_and_exit_1(tmp_short: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "breakerd.clients", "events", "--socket", str(tmp_short / "x")],
