@@ -36,7 +36,7 @@ import struct
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import anyio.abc
@@ -80,6 +80,9 @@ from ._daemon_config import DaemonSettings, MetricsUnavailableError
 from ._machine import BreakerConfig, Transition
 from ._state_table import SharedStateTable, StateTableUnavailableError
 from ._system import ActorSystem
+
+if TYPE_CHECKING:
+    from ._metrics import MetricsServer
 
 __all__ = ["SERVER_NAME", "Daemon", "DaemonAlreadyRunningError"]
 
@@ -166,7 +169,7 @@ class Daemon:
     ) -> None:
         self._take_lock()
         server: asyncio.Server | None = None
-        metrics: Any = None
+        metrics: MetricsServer | None = None
         try:
             self._make_state_table()
             # Before the socket appears, so that a ready daemon is scrapable.
@@ -225,7 +228,7 @@ class Daemon:
                 effect="clients learn of transitions by push only",
             )
 
-    def _start_metrics(self) -> Any:
+    def _start_metrics(self) -> MetricsServer | None:
         if self.settings.metrics is None:
             return None
         # Imported here: prometheus-client is an optional extra.
@@ -304,14 +307,16 @@ class Daemon:
         # the lock, so the hidden name is ours too.
         path = self.socket_path
         hidden = path.with_name(f".{path.name}~")
-        if len(bytes(hidden)) > 107:
-            hidden = path  # no room for the longer name: bind in place
+        if len(bytes(hidden)) > 107 or (
+            hidden.exists() and not stat.S_ISSOCK(hidden.lstat().st_mode)
+        ):
+            hidden = path  # no room for the longer name, or not ours: bind in place
         # Bind under a umask that already gives the final mode: no window in
         # which the socket is open to others.
         old_umask = os.umask(0o777 & ~mode)
         try:
             if hidden != path and (hidden.exists() or hidden.is_symlink()):
-                hidden.unlink()  # left by a daemon killed while starting
+                hidden.unlink()  # a socket left by a daemon killed while starting
             listener.bind(str(hidden))
         except BaseException:
             listener.close()
