@@ -15,8 +15,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--loop", choices=LOOPS, default="auto", help="event loop (auto: uvloop if installed)"
     )
+    parser.add_argument(
+        "--metrics", default=None, metavar="HOST:PORT", help="serve Prometheus metrics there"
+    )
     args = parser.parse_args(argv)
-    return serve_main(args.socket, args.config, args.loop)
+    return serve_main(args.socket, args.config, args.loop, args.metrics)
 
 
 if __name__ == "__main__":

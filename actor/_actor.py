@@ -58,7 +58,7 @@ from breakerd.protocol import (
 from ._logging import library_logger
 from ._machine import BreakerConfig, Machine, Transition
 
-__all__ = ["BreakerActor", "Envelope", "Reply", "TransitionListener"]
+__all__ = ["BreakerActor", "CallTimes", "Envelope", "Reply", "TransitionListener"]
 
 #: Answers a request: ``reply(result, None)`` or ``reply(None, error)``.
 Reply: TypeAlias = Callable[[Any, BaseException | None], None]
@@ -87,6 +87,36 @@ _EVENTS: Final[dict[tuple[CircuitState, CircuitState] | CircuitState, tuple[str,
     CircuitState.DISABLED: ("breaker_disabled", "warning"),
     CircuitState.CLOSED: ("breaker_reset", "info"),
 }
+
+
+class CallTimes:
+    """Seconds and slow calls of the outcomes reported one by one, for metrics.
+
+    Batched plain successes carry no duration and never reach this. The
+    actor's thread writes it; another thread may read any one field (a
+    float or int attribute read is atomic under the GIL).
+    """
+
+    __slots__ = ("failed", "ignored", "slow_failed", "slow_successful", "successful")
+
+    def __init__(self) -> None:
+        self.successful = 0.0
+        self.failed = 0.0
+        self.ignored = 0.0
+        self.slow_successful = 0
+        self.slow_failed = 0
+
+    def add(self, outcome: Outcome, duration: float, slow_call_duration: float | None) -> None:
+        if outcome is Outcome.SUCCESS:
+            self.successful += duration
+            if slow_call_duration is not None and duration > slow_call_duration:
+                self.slow_successful += 1
+        elif outcome is Outcome.FAILURE or outcome is Outcome.RATE_LIMITED:
+            self.failed += duration
+            if slow_call_duration is not None and duration > slow_call_duration:
+                self.slow_failed += 1
+        elif outcome is Outcome.IGNORED:
+            self.ignored += duration
 
 
 class Envelope:
@@ -131,6 +161,12 @@ class BreakerActor:
         #: to tell every client goes first).
         self.on_publish: Callable[[Snapshot], None] | None = None
         self.restarts = 0
+        #: Transitions since the actor started, by (from_state, to_state)
+        #: values. Replaced at every transition, never mutated, so another
+        #: thread (a metrics scrape) reads it whole.
+        self.transition_counts: dict[tuple[str, str], int] = {}
+        #: Durations and slow calls reported to this actor, stale reports too.
+        self.call_times = CallTimes()
         self._clock = clock
         self._inbox: deque[InboxItem] = deque()
         # (key, tally): read as one attribute so a proxy never pairs one
@@ -368,6 +404,7 @@ class BreakerActor:
             try:
                 if type(item) is tuple:
                     generation, outcome, duration = item
+                    self.call_times.add(outcome, duration, self.config.slow_call_duration)
                     result = self.machine.record(
                         generation, outcome, self._clock(), duration=duration
                     )
@@ -385,6 +422,7 @@ class BreakerActor:
         now = self._clock()
         result: object
         if type(message) is Report:
+            self.call_times.add(message.outcome, message.duration, self.config.slow_call_duration)
             record = self.machine.record(
                 message.generation,
                 message.outcome,
@@ -453,6 +491,11 @@ class BreakerActor:
             return
         self._publish()
         snapshot = self.snapshot
+        counts = dict(self.transition_counts)
+        for transition in transitions:
+            key = (transition.from_state.value, transition.to_state.value)
+            counts[key] = counts.get(key, 0) + 1
+        self.transition_counts = counts
         for transition in transitions:
             # Listeners first (the daemon's pushes to every client), the log
             # line after: formatting it must not delay the trip's propagation.

@@ -12,6 +12,7 @@ Example ``breakerd.toml``::
     max_breakers = 10000      # breakers in the daemon
     max_breakers_per_client = 1000  # breakers one connection may hold (register)
     breaker_idle_timeout = 600.0    # reclaim a closed breaker nobody held this long
+    metrics = "127.0.0.1:9464" # Prometheus text at http://HOST:PORT/metrics (needs the extra)
 
     [defaults]                # every breaker, unless a client or section says otherwise
     failure_threshold = 0.5
@@ -44,7 +45,9 @@ __all__ = [
     "DEFAULT_MAX_BREAKERS_PER_CLIENT",
     "ConfigError",
     "DaemonSettings",
+    "MetricsUnavailableError",
     "load_config",
+    "parse_metrics_address",
 ]
 
 #: Breakers in one daemon. A breaker costs the daemon some 9 KiB (its actor,
@@ -72,6 +75,10 @@ class ConfigError(ValueError):
     """The config file is unreadable or holds a bad setting."""
 
 
+class MetricsUnavailableError(RuntimeError):
+    """The metrics endpoint cannot be served (its port is taken, say)."""
+
+
 @dataclass(frozen=True)
 class DaemonSettings:
     socket_path: Path
@@ -91,6 +98,8 @@ class DaemonSettings:
     breaker_idle_timeout: float = DEFAULT_BREAKER_IDLE_TIMEOUT
     defaults: dict[str, Any] = field(default_factory=dict)
     breakers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: (host, port) of the Prometheus endpoint; None: no metrics.
+    metrics: tuple[str, int] | None = None
 
     def configured(self, name: str) -> BreakerConfig | None:
         """The config-file settings for ``name``, or None when it has no section."""
@@ -140,6 +149,7 @@ def load_config(path: Path | None, socket_path: Path) -> DaemonSettings:
         "max_breakers",
         "max_breakers_per_client",
         "breaker_idle_timeout",
+        "metrics",
     }
     unknown = sorted(set(daemon) - known_daemon)
     if unknown:
@@ -170,6 +180,7 @@ def load_config(path: Path | None, socket_path: Path) -> DaemonSettings:
         ),
         defaults=dict(defaults),
         breakers=breakers,
+        metrics=_metrics(daemon["metrics"], path) if "metrics" in daemon else None,
     )
     # Validate every breaker now, so a bad file fails at start, not at first use.
     try:
@@ -179,6 +190,25 @@ def load_config(path: Path | None, socket_path: Path) -> DaemonSettings:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     return settings
+
+
+def parse_metrics_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6; ``:PORT``: every interface) as (host, port)."""
+    host, colon, port_text = text.rpartition(":")
+    if not colon or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"metrics address must be HOST:PORT, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host or "0.0.0.0", int(port_text)
+
+
+def _metrics(value: object, path: Path) -> tuple[str, int]:
+    if not isinstance(value, str):
+        raise ConfigError(f'{path}: [daemon] metrics must be a "HOST:PORT" string, got {value!r}')
+    try:
+        return parse_metrics_address(value)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: [daemon] {exc}") from None
 
 
 def _table(data: dict[str, Any], key: str, path: Path) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import sys
@@ -13,7 +14,12 @@ import structlog
 
 from breakerd.protocol import MAX_SOCKET_PATH, default_socket_path
 
-from ._daemon_config import ConfigError, load_config
+from ._daemon_config import (
+    ConfigError,
+    MetricsUnavailableError,
+    load_config,
+    parse_metrics_address,
+)
 from ._server import Daemon, DaemonAlreadyRunningError
 
 __all__ = ["LOOPS", "configure_daemon_logging", "resolve_loop", "serve_main"]
@@ -51,8 +57,16 @@ def resolve_loop(requested: str) -> Loop:
     return "uvloop"
 
 
-def serve_main(socket_path: Path | None, config_path: Path | None, loop: str = "auto") -> int:
-    """Run the daemon in the foreground. Returns the process exit status."""
+def serve_main(
+    socket_path: Path | None,
+    config_path: Path | None,
+    loop: str = "auto",
+    metrics: str | None = None,
+) -> int:
+    """Run the daemon in the foreground. Returns the process exit status.
+
+    ``metrics``: ``HOST:PORT`` for the Prometheus endpoint, over the config file's.
+    """
     configure_daemon_logging()
     try:
         chosen = resolve_loop(loop)
@@ -68,11 +82,24 @@ def serve_main(socket_path: Path | None, config_path: Path | None, loop: str = "
     except ConfigError as exc:
         print(f"breakerd: {exc}", file=sys.stderr)
         return 2
+    if metrics is not None:
+        try:
+            settings = dataclasses.replace(settings, metrics=parse_metrics_address(metrics))
+        except ValueError as exc:
+            print(f"breakerd: --metrics: {exc}", file=sys.stderr)
+            return 2
+    if settings.metrics is not None and importlib.util.find_spec("prometheus_client") is None:
+        print(
+            "breakerd: metrics need prometheus-client, which is not installed "
+            "(pip install 'breakerd[metrics]')",
+            file=sys.stderr,
+        )
+        return 2
     daemon = Daemon(settings, loop_name=chosen)
     try:
         # uvloop's C loop costs the daemon less per request than asyncio's.
         anyio.run(daemon.run, backend_options={"use_uvloop": chosen == "uvloop"})
-    except DaemonAlreadyRunningError as exc:
+    except (DaemonAlreadyRunningError, MetricsUnavailableError) as exc:
         print(f"breakerd: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

@@ -44,7 +44,7 @@ import struct
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import anyio.abc
@@ -76,6 +76,9 @@ from breakerd.protocol import (
     StatePush,
     Status,
     StatusRequest,
+    Subscribe,
+    Subscribed,
+    TransitionEvent,
     UnknownBreakerError,
     VersionMismatchError,
     Welcome,
@@ -84,11 +87,14 @@ from breakerd.protocol import (
 )
 
 from ._actor import BreakerActor
-from ._daemon_config import DaemonSettings
+from ._daemon_config import DaemonSettings, MetricsUnavailableError
 from ._machine import BreakerConfig, Transition
 from ._reclaim import IdleBreakers, sweep_period
 from ._state_table import SharedStateTable, StateTableUnavailableError
 from ._system import ActorSystem
+
+if TYPE_CHECKING:
+    from ._metrics import MetricsServer
 
 __all__ = ["SERVER_NAME", "Daemon", "DaemonAlreadyRunningError"]
 
@@ -138,6 +144,9 @@ class Daemon:
         self.subscribers: dict[str, set[_Peer]] = {}
         #: Breakers no connection holds: reclaimed once idle long enough.
         self.idle = IdleBreakers(settings.breaker_idle_timeout)
+        #: Connections that asked for transition events, and the breakers
+        #: they asked about (empty: every breaker).
+        self.watchers: dict[_Peer, frozenset[str]] = {}
         self.uid = os.getuid()
         self.log = structlog.get_logger("breakerd.daemon")
         self._handle_signals = handle_signals
@@ -186,8 +195,11 @@ class Daemon:
     ) -> None:
         self._take_lock()
         server: asyncio.Server | None = None
+        metrics: MetricsServer | None = None
         try:
             self._make_state_table()
+            # Before the socket appears, so that a ready daemon is scrapable.
+            metrics = self._start_metrics()
             async with anyio.create_task_group() as group:
                 await group.start(self.system.serve)
                 group.start_soon(self._sweep_idle_breakers)
@@ -221,6 +233,8 @@ class Daemon:
         finally:
             if server is not None:
                 server.close()
+            if metrics is not None:
+                metrics.close()
             if self.state_table is not None:
                 self.state_table.close()
                 self.state_table = None
@@ -240,6 +254,25 @@ class Daemon:
                 error=str(exc),
                 effect="clients learn of transitions by push only",
             )
+
+    def _start_metrics(self) -> MetricsServer | None:
+        if self.settings.metrics is None:
+            return None
+        # Imported here: prometheus-client is an optional extra.
+        from ._metrics import BreakerCollector, MetricsServer
+
+        host, port = self.settings.metrics
+        collector = BreakerCollector(
+            self.system.actors, self.system.clock, clients=lambda: len(self.peers)
+        )
+        try:
+            server = MetricsServer(collector, host, port)
+        except OSError as exc:
+            raise MetricsUnavailableError(
+                f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}"
+            ) from exc
+        self.log.info("metrics_serving", host=host, port=server.port, path="/metrics")
+        return server
 
     async def _watch_signals(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -473,8 +506,32 @@ class Daemon:
     def _pusher(self, name: str) -> Callable[[Transition, Snapshot], None]:
         def push(transition: Transition, snapshot: Snapshot) -> None:
             self._push(name, snapshot)
+            if self.watchers:
+                # After the clients' pushes: an operator's tail can wait a little.
+                self._push_event(name, transition)
 
         return push
+
+    def _push_event(self, name: str, transition: Transition) -> None:
+        frame: bytes | None = None
+        for peer, names in tuple(self.watchers.items()):
+            if names and name not in names:
+                continue
+            if frame is None:
+                frame = frame_notification(
+                    TransitionEvent(
+                        name,
+                        transition.from_state,
+                        transition.to_state,
+                        transition.generation,
+                        transition.reason,
+                        self.system.clock(),
+                        transition.failure_rate,
+                        transition.slow_call_rate,
+                        transition.open_until,
+                    )
+                )
+            peer.push_frame(frame)
 
 
 class _Peer(asyncio.BufferedProtocol):
@@ -566,6 +623,7 @@ class _Peer(asyncio.BufferedProtocol):
         if self not in daemon.peers:
             return
         daemon.peers.discard(self)
+        daemon.watchers.pop(self, None)
         for name in self.names:
             daemon.let_go(name, self)
         released = 0
@@ -643,6 +701,11 @@ class _Peer(asyncio.BufferedProtocol):
                 self._register(msgid, message)  # type: ignore[arg-type]
             elif kind is StatusRequest:
                 self._status(msgid, message)  # type: ignore[arg-type]
+            elif kind is Subscribe:
+                names: tuple[str, ...] = message.names  # type: ignore[attr-defined]
+                self.daemon.watchers[self] = frozenset(names)
+                self.log.info("events_subscribed", breakers=sorted(names) or "all")
+                self._reply(msgid, Subscribed(), None)
             else:
                 raise InvalidRequestError(f"unexpected request {kind.__name__}")
         except BreakerError as exc:

@@ -1,9 +1,10 @@
 """Run every breakerd benchmark and write ``bench/RESULTS.md``.
 
 ``python bench/run_all.py [--quick] [--output PATH]`` runs ``bench_embedded.py``
-(scenario a, in-process) and then ``bench_daemon.py`` (scenarios b to g,
-daemon mode), each in its own process, one after the other. Their tables
-stream to this terminal as they come; afterwards the goals of issue 4 are
+(scenario a, in-process), ``bench_daemon.py`` (scenarios b to g, daemon
+mode) and ``bench_status.py`` (the ``breakerd status`` command's wall time),
+each in its own process, one after the other. Their tables
+stream to this terminal as they come; afterwards the goals are
 printed with MET / NOT MET, and everything (the machine, the goals, the full
 output of both) is written to ``bench/RESULTS.md`` (or ``--output``).
 
@@ -201,7 +202,7 @@ def write_results(
         "|---|---|",
         *(f"| {k} | {v} |" for k, v in info.items()),
         "",
-        "## Goals (issue 4)",
+        "## Goals",
         "",
         goals_table(rows),
         "",
@@ -230,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for script, to_rows in (
             ("bench_embedded.py", embedded_rows),
             ("bench_daemon.py", daemon_rows),
+            ("bench_status.py", daemon_rows),
         ):
             out = Path(tmp) / (script + ".json")
             print(f"\n######## {script} {' '.join(flag)} ########\n", flush=True)
@@ -244,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info["Total time"] = f"{time.monotonic() - started:.0f} s"
     write_results(args.output, info, rows, outputs, args.quick)
     print()
-    print("######## goals (issue 4) ########")
+    print("######## goals ########")
     for r in rows:
         print(f"   {r.verdict:<8} {r.text}: {r.figure}  [goal {r.target}]")
     for failure in failed:

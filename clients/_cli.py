@@ -19,7 +19,7 @@ from typing import NoReturn, TextIO
 
 from breakerd.protocol import BreakerError
 
-from ._cli_daemon import add_admin_commands, add_serve, add_status
+from ._cli_daemon import add_admin_commands, add_events, add_serve, add_status
 
 __all__ = ["main"]
 
@@ -134,6 +134,7 @@ _COMMANDS: tuple[Callable[[argparse._SubParsersAction[_Parser]], None], ...] = (
     _add_demo,
     add_serve,
     add_status,
+    add_events,
     add_admin_commands,
 )
 

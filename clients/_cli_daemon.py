@@ -1,4 +1,4 @@
-"""The daemon's subcommands: ``serve``, ``status``, ``open``/``close``/``reset``/``disable``."""
+"""The daemon's subcommands: ``serve``, ``status``, ``events``, and the admin ones."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from breakerd.protocol import (
 
 from ._admin import ask_daemon
 
-__all__ = ["add_admin_commands", "add_serve", "add_status"]
+__all__ = ["add_admin_commands", "add_events", "add_serve", "add_status"]
 
 _ADMIN: dict[str, tuple[AdminOp, str]] = {
     "open": ("force_open", "force a breaker open: reject every call until it is reset"),
@@ -61,19 +61,32 @@ def add_serve(subparsers: Any) -> None:
         default="auto",
         help="the daemon's event loop (default auto: uvloop when installed, else asyncio)",
     )
+    parser.add_argument(
+        "--metrics",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (needs breakerd[metrics]; "
+        "overrides [daemon] metrics)",
+    )
     parser.set_defaults(handler=_run_serve)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     from breakerd.actor._serve_main import serve_main
 
-    return serve_main(_socket(args), args.config, args.loop)
+    return serve_main(_socket(args), args.config, args.loop, args.metrics)
 
 
 def add_status(subparsers: Any) -> None:
     parser = subparsers.add_parser("status", help="show every breaker the daemon serves")
     _socket_option(parser)
     parser.add_argument("--json", action="store_true", help="print a JSON list of objects")
+    parser.add_argument(
+        "--watch",
+        action="store_true",
+        help="redraw at every state change the daemon pushes, until interrupted "
+        "(with --json: one JSON list a line)",
+    )
     parser.set_defaults(handler=_run_status)
 
 
@@ -100,24 +113,49 @@ def status_record(status: BreakerStatus, now: float) -> dict[str, Any]:
 
 
 def _run_status(args: argparse.Namespace) -> int:
+    if not args.watch:
+        _print_status(_socket(args), args.json)
+        return 0
+    from ._events import follow_until_interrupted
+
+    path = _socket(args)
+    # Redraw only when a transition is pushed: the terminal is cleared when
+    # it is one, and a pipe gets one table after another.
+    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() and not args.json else ""
+
+    def redraw(*_: object) -> None:
+        sys.stdout.write(clear)
+        _print_status(path, args.json, compact=True)
+        if not clear and not args.json:
+            print()
+        sys.stdout.flush()
+
+    try:
+        follow_until_interrupted(path, (), redraw, on_subscribed=redraw)
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def _print_status(path: Path, as_json: bool, *, compact: bool = False) -> None:
     breakers: list[BreakerStatus] = []
     offset: int | None = 0
     while offset is not None:
         # A page at a time: every breaker's status may not fit in one frame.
-        (status,) = ask_daemon(_socket(args), StatusRequest(None, offset))
+        (status,) = ask_daemon(path, StatusRequest(None, offset))
         assert isinstance(status, Status)
         breakers.extend(status.breakers)
         offset = status.next_offset
     # CLOCK_MONOTONIC is system-wide on Linux: the daemon's deadlines are ours.
     now = time.monotonic()
     records = [status_record(b, now) for b in breakers]
-    if args.json:
-        json.dump(records, sys.stdout, indent=2)
+    if as_json:
+        json.dump(records, sys.stdout, indent=None if compact else 2)
         sys.stdout.write("\n")
-        return 0
+        return
     if not records:
         print("no breakers registered")
-        return 0
+        return
     headers = ["NAME", "STATE", "FAILURES", "SLOW", "CALLS", "OPEN FOR", "TRIALS", "CLIENTS"]
     rows = [
         [
@@ -137,11 +175,44 @@ def _run_status(args: argparse.Namespace) -> int:
         print(
             "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         )
-    return 0
 
 
 def _percent(rate: float | None) -> str:
     return "-" if rate is None else f"{rate:.0%}"
+
+
+def add_events(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "events",
+        help="print breaker state changes as they happen, until interrupted",
+        description="Print one line per state change of the named breakers (every breaker "
+        "when none is named, those registered later too), as the daemon pushes it, "
+        "flushed at once. Ctrl-C ends it with exit status 0.",
+    )
+    parser.add_argument("names", nargs="*", metavar="NAME", help="only these breakers")
+    _socket_option(parser)
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object a line: time, name, from_state, to_state, reason, "
+        "failure_rate, slow_call_rate, open_until (times in seconds since the epoch)",
+    )
+    parser.set_defaults(handler=_run_events)
+
+
+def _run_events(args: argparse.Namespace) -> int:
+    from ._events import event_line, event_record, follow_until_interrupted
+
+    def show(event: Any) -> None:
+        line = json.dumps(event_record(event)) if args.json else event_line(event)
+        # Flushed at once: the output is piped and tailed during incidents.
+        print(line, flush=True)
+
+    try:
+        follow_until_interrupted(_socket(args), args.names, show)
+    except KeyboardInterrupt:
+        return 0
+    return 0
 
 
 def add_admin_commands(subparsers: Any) -> None:

@@ -71,6 +71,9 @@ from ._messages import (
     StatePush,
     Status,
     StatusRequest,
+    Subscribe,
+    Subscribed,
+    TransitionEvent,
     Welcome,
 )
 from ._paths import MAX_SOCKET_PATH, SOCKET_ENV, default_socket_path
@@ -124,6 +127,9 @@ __all__ = [
     "StatePush",
     "Status",
     "StatusRequest",
+    "Subscribe",
+    "Subscribed",
+    "TransitionEvent",
     "UnknownBreakerError",
     "VersionMismatchError",
     "Welcome",

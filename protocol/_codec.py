@@ -36,9 +36,15 @@ acquire    request       Acquire               Admission
 report     request       Report                Snapshot
 admin      request       Admin                 Snapshot
 status     request       StatusRequest         Status
+subscribe  request       Subscribe             Subscribed
 reports    notification  ReportBatch           (client to server)
 state      notification  StatePush             (server to client)
+transition notification  TransitionEvent       (server to client, after subscribe)
 =========  ============  ====================  ================
+
+``subscribe`` and ``transition`` are additions within version 1: a client
+that never subscribes never receives a ``transition``, and a daemon too old
+to know ``subscribe`` closes the connection as for any unknown method.
 
 Decoding raises ``RemoteProtocolError`` naming the message and field at fault;
 the decoders assume their input came from the peer.
@@ -69,6 +75,9 @@ from ._messages import (
     StatePush,
     Status,
     StatusRequest,
+    Subscribe,
+    Subscribed,
+    TransitionEvent,
     Welcome,
 )
 
@@ -96,9 +105,9 @@ REQUEST: Final = 0
 RESPONSE: Final = 1
 NOTIFICATION: Final = 2
 
-RequestMessage: TypeAlias = Hello | Register | Acquire | Report | Admin | StatusRequest
-ResultMessage: TypeAlias = Welcome | Registered | Admission | Snapshot | Status
-NotificationMessage: TypeAlias = StatePush | ReportBatch
+RequestMessage: TypeAlias = Hello | Register | Acquire | Report | Admin | StatusRequest | Subscribe
+ResultMessage: TypeAlias = Welcome | Registered | Admission | Snapshot | Status | Subscribed
+NotificationMessage: TypeAlias = StatePush | ReportBatch | TransitionEvent
 
 _Map: TypeAlias = dict[str, Any]
 
@@ -729,6 +738,66 @@ def _state_push(d: _Map) -> StatePush:
     return StatePush(_nested_snapshot(d, "state params"))
 
 
+# subscribe and transition events
+
+
+def _subscribe_map(m: Subscribe) -> _Map:
+    return {"names": m.names}
+
+
+def _subscribe(d: _Map) -> Subscribe:
+    w = "subscribe params"
+    if "names" not in d:
+        return Subscribe()
+    names = _array(d, "names", w)
+    for item in names:
+        if type(item) is not str:
+            raise RemoteProtocolError(
+                f"{w}: field 'names' must hold strings, not {_wire_type(item)}"
+            )
+    return Subscribe(tuple(names))
+
+
+def _subscribed_map(m: Subscribed) -> _Map:
+    return {"type": "subscribed"}
+
+
+def _subscribed(d: _Map) -> Subscribed:
+    return Subscribed()
+
+
+def _transition_map(m: TransitionEvent) -> _Map:
+    return {
+        "name": m.name,
+        "from_state": m.from_state,
+        "to_state": m.to_state,
+        "generation": m.generation,
+        "reason": m.reason,
+        "at": m.at,
+        "failure_rate": m.failure_rate,
+        "slow_call_rate": m.slow_call_rate,
+        "open_until": m.open_until,
+    }
+
+
+def _transition(d: _Map) -> TransitionEvent:
+    w = "transition params"
+    at = d.get("at", _MISSING)
+    if type(at) is not float and type(at) is not int:
+        raise _bad(w, "at", "a number", at)
+    return TransitionEvent(
+        name=_str(d, "name", w),
+        from_state=_enum(d, "from_state", w, _STATES),
+        to_state=_enum(d, "to_state", w, _STATES),
+        generation=_int(d, "generation", w),
+        reason=_str(d, "reason", w),
+        at=float(at),
+        failure_rate=_opt_float(d, "failure_rate", w),
+        slow_call_rate=_opt_float(d, "slow_call_rate", w),
+        open_until=_opt_float(d, "open_until", w),
+    )
+
+
 # --- dispatch tables --------------------------------------------------------------
 
 _REQUEST_ENCODERS: Final[dict[type, tuple[str, Callable[[Any], _Map]]]] = {
@@ -738,6 +807,7 @@ _REQUEST_ENCODERS: Final[dict[type, tuple[str, Callable[[Any], _Map]]]] = {
     Report: ("report", _report_map),
     Admin: ("admin", _admin_map),
     StatusRequest: ("status", _status_request_map),
+    Subscribe: ("subscribe", _subscribe_map),
 }
 _REQUEST_DECODERS: Final[dict[str, Callable[[_Map], RequestMessage]]] = {
     "hello": _hello,
@@ -746,6 +816,7 @@ _REQUEST_DECODERS: Final[dict[str, Callable[[_Map], RequestMessage]]] = {
     "report": _report,
     "admin": _admin,
     "status": _status_request,
+    "subscribe": _subscribe,
 }
 _RESULT_ENCODERS: Final[dict[type, Callable[[Any], _Map]]] = {
     Welcome: _welcome_map,
@@ -753,6 +824,7 @@ _RESULT_ENCODERS: Final[dict[type, Callable[[Any], _Map]]] = {
     Admission: _admission_map,
     Snapshot: _snapshot_result_map,
     Status: _status_map,
+    Subscribed: _subscribed_map,
 }
 _RESULT_DECODERS: Final[dict[str, Callable[[_Map], ResultMessage]]] = {
     "welcome": _welcome,
@@ -760,14 +832,17 @@ _RESULT_DECODERS: Final[dict[str, Callable[[_Map], ResultMessage]]] = {
     "admission": _admission,
     "snapshot": _snapshot_result,
     "status": _status,
+    "subscribed": _subscribed,
 }
 _NOTIFICATION_ENCODERS: Final[dict[type, tuple[str, Callable[[Any], _Map]]]] = {
     ReportBatch: ("reports", _reports_map),
     StatePush: ("state", _state_push_map),
+    TransitionEvent: ("transition", _transition_map),
 }
 _NOTIFICATION_DECODERS: Final[dict[str, Callable[[_Map], NotificationMessage]]] = {
     "reports": _reports,
     "state": _state_push,
+    "transition": _transition,
 }
 
 

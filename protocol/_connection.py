@@ -84,7 +84,7 @@ from ._errors import (
     RemoteProtocolError,
     VersionMismatchError,
 )
-from ._messages import Hello, ReportBatch, StatePush, Welcome
+from ._messages import Hello, ReportBatch, StatePush, TransitionEvent, Welcome
 
 Role: TypeAlias = Literal["client", "server"]
 
@@ -345,7 +345,11 @@ class Connection:
                 self._fail(RemoteProtocolError("'hello' sent twice"))
         elif isinstance(event, NotificationReceived):
             if not isinstance(event.message, ReportBatch):
-                self._fail(RemoteProtocolError("a client sent a 'state' notification"))
+                self._fail(
+                    RemoteProtocolError(
+                        f"a client sent a {method_of(event.message)!r} notification"
+                    )
+                )
             if not self._greeted:
                 self._fail(
                     RemoteProtocolError(
@@ -362,7 +366,7 @@ class Connection:
             if isinstance(event.result, Welcome):
                 self._accept_welcome(event.result, RemoteProtocolError)
         elif isinstance(event, NotificationReceived):
-            if not isinstance(event.message, StatePush):
+            if not isinstance(event.message, (StatePush, TransitionEvent)):
                 self._fail(RemoteProtocolError("a server sent a 'reports' notification"))
         else:
             self._fail(RemoteProtocolError(f"a server sent a {method_of(event.message)!r} request"))
@@ -425,18 +429,19 @@ class Connection:
         return self._frame(obj)
 
     def send_notification(self, message: NotificationMessage) -> bytes:
-        """Bytes for a notification: ``ReportBatch`` from a client, ``StatePush`` from a server."""
+        """Bytes for a notification: ``ReportBatch`` from a client, ``StatePush`` or
+        ``TransitionEvent`` from a server."""
         if self._error is not None:
             self._raise_dead()
         obj = encode_notification(message)
         if self._server:
-            if not isinstance(message, StatePush):
+            if not isinstance(message, (StatePush, TransitionEvent)):
                 self._fail(LocalProtocolError("a server sends no 'reports' notifications"))
             if self.version is None:
                 self._fail(LocalProtocolError("no 'state' push before the Welcome is sent"))
         else:
             if not isinstance(message, ReportBatch):
-                self._fail(LocalProtocolError("a client sends no 'state' notifications"))
+                self._fail(LocalProtocolError(f"a client sends no {obj[1]!r} notifications"))
             if not self._greeted:
                 self._fail(LocalProtocolError("the first message must be a 'hello' request"))
         return self._frame(obj)

@@ -206,3 +206,36 @@ class StatePush:
     """Notification: a breaker this connection uses changed state."""
 
     snapshot: Snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    """Ask for a ``TransitionEvent`` at every transition of these breakers.
+
+    Empty ``names``: every breaker, those registered later too. Answered with
+    ``Subscribed``; the events follow on the same connection until it closes.
+    """
+
+    names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribed:
+    """The answer to ``Subscribe``: events follow from now on."""
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionEvent:
+    """Notification to a subscriber: one breaker changed state."""
+
+    name: str
+    from_state: CircuitState
+    to_state: CircuitState
+    generation: int
+    reason: str
+    #: Monotonic instant of the transition.
+    at: float
+    failure_rate: float | None = None
+    slow_call_rate: float | None = None
+    #: Monotonic instant when an ``open`` breaker accepts its first trial.
+    open_until: float | None = None

@@ -158,3 +158,27 @@ def test_the_config_file_wins_over_clients(tmp_path: Path) -> None:
     finally:
         process.kill()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_the_command_line_imports_no_runtime_it_does_not_use() -> None:
+    # `breakerd status` must answer fast: importing the actor runtime, asyncio
+    # and anyio costs more than the status round trip itself.
+    code = (
+        "import sys, breakerd.clients._cli\n"
+        "heavy = {'breakerd.actor', 'asyncio', 'anyio', 'structlog', 'openai'}\n"
+        "print(sorted(heavy & set(sys.modules)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_public_names_still_import_from_the_package() -> None:
+    import breakerd.clients as clients
+
+    for name in clients.__all__:
+        assert getattr(clients, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = clients.nope

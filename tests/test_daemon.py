@@ -312,7 +312,10 @@ def test_connection_limit_and_a_client_that_stops_reading(tmp_short: Path) -> No
         extra = socket.socket(socket.AF_UNIX)
         extra.settimeout(10)
         extra.connect(str(process.socket_path))
-        extra.sendall(b"\x00")
+        try:
+            extra.sendall(b"\x00")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # aborted before the byte went out: closed at once indeed
         assert closed_by_peer(extra)  # over max_connections: closed at once
         assert good.status("svc").breakers[0].snapshot.state is CircuitState.CLOSED
         refused = [e for e in process.log_events() if e["event"] == "peer_refused"]

@@ -48,6 +48,9 @@ from breakerd.protocol import (
     StatePush,
     Status,
     StatusRequest,
+    Subscribe,
+    Subscribed,
+    TransitionEvent,
     Welcome,
     _codec,
 )
@@ -121,7 +124,19 @@ msgpack_values = st.recursive(
     max_leaves=30,
 )
 methods = st.sampled_from(
-    ["hello", "register", "acquire", "report", "admin", "status", "reports", "state", "x"]
+    [
+        "hello",
+        "register",
+        "acquire",
+        "report",
+        "admin",
+        "status",
+        "subscribe",
+        "reports",
+        "state",
+        "transition",
+        "x",
+    ]
 )
 # Values shaped like messages, so that the field checks get reached.
 message_like = st.one_of(
@@ -129,6 +144,23 @@ message_like = st.one_of(
     st.tuples(st.just(0), st.integers(-1, 2**33), methods, msgpack_values).map(list),
     st.tuples(st.just(1), st.integers(-1, 2**33), msgpack_values, msgpack_values).map(list),
     st.tuples(st.just(2), methods, msgpack_values).map(list),
+    st.tuples(
+        st.just(2),
+        st.just("transition"),
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "name": msgpack_values,
+                "from_state": st.sampled_from(["open", "closed", "nope"]) | msgpack_values,
+                "to_state": st.sampled_from(["open", "half_open"]) | msgpack_values,
+                "generation": msgpack_values,
+                "reason": msgpack_values,
+                "at": msgpack_values,
+                "failure_rate": msgpack_values,
+                "open_until": msgpack_values,
+            },
+        ),
+    ).map(list),
     st.tuples(
         st.just(2),
         st.just("reports"),
@@ -139,7 +171,11 @@ message_like = st.one_of(
         st.integers(0, 10),
         st.none(),
         st.fixed_dictionaries(
-            {"type": st.sampled_from(["welcome", "registered", "admission", "snapshot"])},
+            {
+                "type": st.sampled_from(
+                    ["welcome", "registered", "admission", "snapshot", "subscribed"]
+                )
+            },
             optional={
                 "snapshot": msgpack_values,
                 "name": msgpack_values,
@@ -216,6 +252,7 @@ requests: st.SearchStrategy[RequestMessage] = st.one_of(
     reports,
     st.builds(Admin, name=names, op=st.sampled_from(sorted(ADMIN_OPS))),
     st.builds(StatusRequest, name=st.none() | names),
+    st.builds(Subscribe, names=st.lists(names, max_size=4).map(tuple)),
 )
 results: st.SearchStrategy[ResultMessage] = st.one_of(
     st.builds(
@@ -233,6 +270,7 @@ results: st.SearchStrategy[ResultMessage] = st.one_of(
         retry_after=opt_floats,
     ),
     snapshots,
+    st.just(Subscribed()),
     st.builds(
         Status,
         st.lists(
@@ -271,6 +309,28 @@ def test_any_notification_round_trips(batch: tuple[Report, ...], snapshot: Snaps
     assert server.next_event() == NotificationReceived(ReportBatch(batch))
     client.receive_data(server.send_notification(StatePush(snapshot)))
     assert client.next_event() == NotificationReceived(StatePush(snapshot))
+
+
+transition_events = st.builds(
+    TransitionEvent,
+    name=names,
+    from_state=st.sampled_from(CircuitState),
+    to_state=st.sampled_from(CircuitState),
+    generation=ints,
+    reason=names,
+    at=floats,
+    failure_rate=opt_floats,
+    slow_call_rate=opt_floats,
+    open_until=opt_floats,
+)
+
+
+@given(event=transition_events)
+def test_any_transition_event_round_trips(event: TransitionEvent) -> None:
+    client, server = fresh("client", True), fresh("server", True)
+    client.receive_data(server.send_notification(event))
+    assert client.next_event() == NotificationReceived(event)
+    assert client.next_event() is NEED_DATA
 
 
 @st.composite
