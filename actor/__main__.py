@@ -15,8 +15,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--loop", choices=LOOPS, default="auto", help="event loop (auto: uvloop if installed)"
     )
+    parser.add_argument(
+        "--state-file",
+        default=None,
+        metavar="PATH",
+        help="where breaker state survives restarts (default: beside the socket; none: off)",
+    )
     args = parser.parse_args(argv)
-    return serve_main(args.socket, args.config, args.loop)
+    return serve_main(args.socket, args.config, args.loop, args.state_file)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Example ``breakerd.toml``::
     max_inflight = 256        # requests in flight per connection
     max_outbox = 1048576      # bytes buffered per connection before it is dropped
     state_table_slots = 65536 # breakers in the shared state table (+1 header); 0: off
+    state_file = "/var/lib/breakerd/state.json"  # default: beside the socket; "none": off
 
     [defaults]                # every breaker, unless a client or section says otherwise
     failure_threshold = 0.5
@@ -27,14 +28,14 @@ from __future__ import annotations
 
 import grp
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from ._machine import BreakerConfig
 from ._state_table import DEFAULT_STATE_TABLE_SLOTS
 
-__all__ = ["ConfigError", "DaemonSettings", "load_config"]
+__all__ = ["ConfigError", "DaemonSettings", "load_config", "with_state_file"]
 
 _BREAKER_FIELDS = frozenset(f.name for f in fields(BreakerConfig))
 # 512 MiB of address space: far beyond any host's breakers, and a typo in the
@@ -60,6 +61,21 @@ class DaemonSettings:
     state_table_slots: int = DEFAULT_STATE_TABLE_SLOTS
     defaults: dict[str, Any] = field(default_factory=dict)
     breakers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Where breaker state survives restarts: None is beside the socket
+    #: (``breakerd.sock`` -> ``breakerd.state``); see ``persist_state``.
+    state_file: Path | None = None
+    #: False: no state file at all (``--state-file none``).
+    persist_state: bool = True
+    #: The file these settings came from, re-read on SIGHUP.
+    config_path: Path | None = None
+
+    def state_file_path(self) -> Path | None:
+        """The state file to use, or None when persistence is off."""
+        if not self.persist_state:
+            return None
+        if self.state_file is not None:
+            return self.state_file
+        return self.socket_path.with_suffix(".state")
 
     def configured(self, name: str) -> BreakerConfig | None:
         """The config-file settings for ``name``, or None when it has no section."""
@@ -106,6 +122,7 @@ def load_config(path: Path | None, socket_path: Path) -> DaemonSettings:
         "max_inflight",
         "max_outbox",
         "state_table_slots",
+        "state_file",
     }
     unknown = sorted(set(daemon) - known_daemon)
     if unknown:
@@ -123,7 +140,10 @@ def load_config(path: Path | None, socket_path: Path) -> DaemonSettings:
         ),
         defaults=dict(defaults),
         breakers=breakers,
+        config_path=path,
     )
+    if "state_file" in daemon:
+        settings = with_state_file(settings, _state_file(daemon["state_file"], path))
     # Validate every breaker now, so a bad file fails at start, not at first use.
     try:
         BreakerConfig.from_dict(settings.defaults)
@@ -132,6 +152,19 @@ def load_config(path: Path | None, socket_path: Path) -> DaemonSettings:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     return settings
+
+
+def with_state_file(settings: DaemonSettings, value: str) -> DaemonSettings:
+    """``settings`` with ``--state-file value`` applied: a path, or ``none`` for no file."""
+    if value == "none":
+        return replace(settings, state_file=None, persist_state=False)
+    return replace(settings, state_file=Path(value), persist_state=True)
+
+
+def _state_file(value: object, path: Path) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f'{path}: [daemon] state_file must be a path or "none", got {value!r}')
+    return value
 
 
 def _table(data: dict[str, Any], key: str, path: Path) -> dict[str, Any]:

@@ -13,7 +13,8 @@ import structlog
 
 from breakerd.protocol import default_socket_path
 
-from ._daemon_config import ConfigError, load_config
+from . import _systemd as systemd
+from ._daemon_config import ConfigError, load_config, with_state_file
 from ._server import Daemon, DaemonAlreadyRunningError
 
 __all__ = ["LOOPS", "configure_daemon_logging", "resolve_loop", "serve_main"]
@@ -51,15 +52,40 @@ def resolve_loop(requested: str) -> Loop:
     return "uvloop"
 
 
-def serve_main(socket_path: Path | None, config_path: Path | None, loop: str = "auto") -> int:
-    """Run the daemon in the foreground. Returns the process exit status."""
+def serve_main(
+    socket_path: Path | None,
+    config_path: Path | None,
+    loop: str = "auto",
+    state_file: str | None = None,
+) -> int:
+    """Run the daemon in the foreground. Returns the process exit status.
+
+    ``state_file``: ``--state-file`` (a path, or ``none``); None leaves it to
+    the config file, else beside the socket.
+    """
     configure_daemon_logging()
     try:
         chosen = resolve_loop(loop)
     except ValueError as exc:
         print(f"breakerd: {exc}", file=sys.stderr)
         return 2
+    try:
+        inherited = systemd.listen_socket()
+    except systemd.ActivationError as exc:
+        print(f"breakerd: {exc}", file=sys.stderr)
+        return 2
     path = socket_path if socket_path is not None else default_socket_path()
+    if inherited is not None:
+        # The unit's ListenStream= decides; the lock and state file go beside it.
+        name = inherited.getsockname()
+        if not isinstance(name, str) or not name.startswith("/"):
+            print(
+                "breakerd: the socket systemd passed has no path (ListenStream= must be "
+                "a file system path)",
+                file=sys.stderr,
+            )
+            return 2
+        path = Path(name)
     if len(str(path).encode()) > 107:
         print(f"breakerd: socket path too long for a Unix socket: {path}", file=sys.stderr)
         return 2
@@ -68,7 +94,9 @@ def serve_main(socket_path: Path | None, config_path: Path | None, loop: str = "
     except ConfigError as exc:
         print(f"breakerd: {exc}", file=sys.stderr)
         return 2
-    daemon = Daemon(settings, loop_name=chosen)
+    if state_file is not None:
+        settings = with_state_file(settings, state_file)
+    daemon = Daemon(settings, loop_name=chosen, listen_socket=inherited)
     try:
         # uvloop's C loop costs the daemon less per request than asyncio's.
         anyio.run(daemon.run, backend_options={"use_uvloop": chosen == "uvloop"})

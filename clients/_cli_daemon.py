@@ -61,13 +61,20 @@ def add_serve(subparsers: Any) -> None:
         default="auto",
         help="the daemon's event loop (default auto: uvloop when installed, else asyncio)",
     )
+    parser.add_argument(
+        "--state-file",
+        default=None,
+        metavar="PATH",
+        help="where breaker state survives restarts (default: [daemon] state_file, else "
+        "beside the socket, e.g. breakerd.state; 'none' turns it off)",
+    )
     parser.set_defaults(handler=_run_serve)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     from breakerd.actor._serve_main import serve_main
 
-    return serve_main(_socket(args), args.config, args.loop)
+    return serve_main(_socket(args), args.config, args.loop, args.state_file)
 
 
 def add_status(subparsers: Any) -> None:
