@@ -75,7 +75,9 @@ class DaemonSettings:
             return None
         if self.state_file is not None:
             return self.state_file
-        return self.socket_path.with_suffix(".state")
+        beside = self.socket_path.with_suffix(".state")
+        # A socket named like a state file must not be replaced by one.
+        return beside if beside != self.socket_path else beside.with_name(beside.name + ".state")
 
     def configured(self, name: str) -> BreakerConfig | None:
         """The config-file settings for ``name``, or None when it has no section."""

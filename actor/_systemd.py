@@ -31,7 +31,16 @@ import structlog
 
 from ._actor import BreakerActor
 
-__all__ = ["SD_LISTEN_FDS_START", "listen_socket", "notify", "watchdog", "watchdog_interval"]
+__all__ = [
+    "SD_LISTEN_FDS_START",
+    "ActivationError",
+    "listen_socket",
+    "notify",
+    "ping_all",
+    "reloading_message",
+    "watchdog",
+    "watchdog_interval",
+]
 
 SD_LISTEN_FDS_START: Final = 3
 

@@ -6,6 +6,7 @@ nothing sleeps and no real clock decides anything.
 
 from __future__ import annotations
 
+import grp
 import json
 import math
 import os
@@ -18,9 +19,13 @@ import anyio.lowlevel
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from breakerd.actor._actor import BreakerActor
+from breakerd.actor._daemon_config import ConfigError, load_config, with_state_file
 from breakerd.actor._machine import BreakerConfig, Machine
+from breakerd.actor._reload import reload_config
+from breakerd.actor._server import Daemon
 from breakerd.actor._state_file import (
     StateFile,
     StateFileError,
@@ -409,3 +414,67 @@ async def test_the_watchdog_is_fed_only_once_every_actor_has_drained() -> None:
             await anyio.lowlevel.checkpoint()
         assert sent == ["WATCHDOG=1"]
         group.cancel_scope.cancel()
+
+
+# -- where the file goes -----------------------------------------------------------
+
+
+def test_the_state_file_goes_beside_the_socket_unless_told(tmp_path: Path) -> None:
+    assert load_config(None, Path("/run/b/breakerd.sock")).state_file_path() == Path(
+        "/run/b/breakerd.state"
+    )
+    # A socket named like a state file is never replaced by one.
+    assert load_config(None, Path("/run/b/x.state")).state_file_path() == Path(
+        "/run/b/x.state.state"
+    )
+    config = tmp_path / "b.toml"
+    config.write_text('[daemon]\nstate_file = "/var/lib/breakerd/state.json"\n')
+    settings = load_config(config, Path("/run/b/breakerd.sock"))
+    assert settings.state_file_path() == Path("/var/lib/breakerd/state.json")
+    # The command line wins over the file.
+    assert with_state_file(settings, "none").state_file_path() is None
+    assert with_state_file(settings, "/x/s.json").state_file_path() == Path("/x/s.json")
+    config.write_text("[daemon]\nstate_file = 1\n")
+    with pytest.raises(ConfigError, match='state_file must be a path or "none"'):
+        load_config(config, Path("/run/b/breakerd.sock"))
+
+
+# -- SIGHUP's reload, on a daemon that is not running -----------------------------------
+
+
+def test_reload_applies_sections_keeps_what_needs_a_restart_and_survives_a_bad_file(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "b.toml"
+    config.write_text("[breakers.svc]\nmin_calls = 5\n")
+    daemon = Daemon(load_config(config, tmp_path / "s.sock"), handle_signals=False)
+    actor, _ = daemon.system.actor("svc", daemon.settings.configured("svc"))
+    other, _ = daemon.system.actor("other", BreakerConfig(min_calls=3))
+    group = grp.getgrgid(os.getgid()).gr_name
+    config.write_text(
+        f'[daemon]\nsocket_group = "{group}"\nmax_connections = 7\n'
+        "[defaults]\nmin_calls = 9\n[breakers.svc]\nmin_calls = 2\n"
+    )
+    with capture_logs() as logs:
+        assert reload_config(daemon)
+    assert actor.config.min_calls == 2
+    assert other.config.min_calls == 3  # no section: [defaults] is for new breakers
+    assert daemon.settings.max_connections == 7
+    assert daemon.settings.socket_gid is None  # the socket is made already
+    events = {log["event"]: log for log in logs}
+    assert events["config_reload_needs_restart"]["settings"] == ["socket_mode", "socket_gid"]
+    assert events["breaker_reconfigured"]["settings"] == ["min_calls"]
+
+    config.write_text("[breakers.svc]\nmin_calls = 0\n")
+    with capture_logs() as logs:
+        assert not reload_config(daemon)
+    assert actor.config.min_calls == 2
+    assert [log["event"] for log in logs] == ["config_reload_failed"]
+    assert "min_calls must be an integer >= 1" in logs[0]["error"]
+
+
+def test_reload_without_a_config_file_changes_nothing(tmp_path: Path) -> None:
+    daemon = Daemon(load_config(None, tmp_path / "s.sock"), handle_signals=False)
+    with capture_logs() as logs:
+        assert not reload_config(daemon)
+    assert [log["event"] for log in logs] == ["config_reload_skipped"]
