@@ -18,8 +18,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--metrics", default=None, metavar="HOST:PORT", help="serve Prometheus metrics there"
     )
+    parser.add_argument(
+        "--state-file",
+        default=None,
+        metavar="PATH",
+        help="where breaker state survives restarts (default: beside the socket; none: off)",
+    )
     args = parser.parse_args(argv)
-    return serve_main(args.socket, args.config, args.loop, args.metrics)
+    return serve_main(
+        args.socket, args.config, args.loop, metrics=args.metrics, state_file=args.state_file
+    )
 
 
 if __name__ == "__main__":

@@ -595,3 +595,38 @@ class BreakerActor:
                     self._log.exception("reply_failed_on_stop")
         if self._loop is not None:
             self._wake()  # let run() see the flag and return
+
+    # -- the daemon's state file, reloads and watchdog (the loop thread only) ------
+
+    def settle(self) -> None:
+        """Apply whatever is queued (tallies, inbox) now, as the actor's own task would.
+
+        Not from inside a transition listener, which runs in the middle of
+        serving a message.
+        """
+        self._drain()
+
+    def export_state(self) -> dict[str, Any]:
+        """The machine's state for the state file (``Machine.export_state``)."""
+        return self.machine.export_state(self._clock())
+
+    def restore(self, machine: Machine) -> None:
+        """Carry on from a machine restored from the state file (before serving)."""
+        self.machine = machine
+        self.config = machine.config
+        self._publish()
+
+    def reconfigure(self, config: BreakerConfig) -> None:
+        """Apply new settings now, keeping the breaker's state (see ``Machine.reconfigure``)."""
+        self._take_tallies()
+        self.config = config
+        self._apply(self.machine.reconfigure(config, self._clock()))
+        self._publish()
+
+    def ping(self, reply: Reply) -> None:
+        """Answer ``reply`` from the actor's own drain, never inline: proof that it drains."""
+        if self._stopped:
+            reply(None, ActorStoppedError(f"breaker {self.name!r}: the actor is stopped"))
+            return
+        self._inbox.append(Envelope(StatusRequest(self.name), reply))
+        self._wake()

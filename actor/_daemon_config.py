@@ -13,6 +13,7 @@ Example ``breakerd.toml``::
     max_breakers_per_client = 1000  # breakers one connection may hold (register)
     breaker_idle_timeout = 600.0    # reclaim a closed breaker nobody held this long
     metrics = "127.0.0.1:9464" # Prometheus text at http://HOST:PORT/metrics (needs the extra)
+    state_file = "/var/lib/breakerd/state.json"  # default: beside the socket; "none": off
 
     [defaults]                # every breaker, unless a client or section says otherwise
     failure_threshold = 0.5
@@ -32,7 +33,7 @@ from __future__ import annotations
 import grp
 import math
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -48,6 +49,7 @@ __all__ = [
     "MetricsUnavailableError",
     "load_config",
     "parse_metrics_address",
+    "with_state_file",
 ]
 
 #: Breakers in one daemon. A breaker costs the daemon some 9 KiB (its actor,
@@ -100,6 +102,23 @@ class DaemonSettings:
     breakers: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: (host, port) of the Prometheus endpoint; None: no metrics.
     metrics: tuple[str, int] | None = None
+    #: Where breaker state survives restarts: None is beside the socket
+    #: (``breakerd.sock`` -> ``breakerd.state``); see ``persist_state``.
+    state_file: Path | None = None
+    #: False: no state file at all (``--state-file none``).
+    persist_state: bool = True
+    #: The file these settings came from, re-read on SIGHUP.
+    config_path: Path | None = None
+
+    def state_file_path(self) -> Path | None:
+        """The state file to use, or None when persistence is off."""
+        if not self.persist_state:
+            return None
+        if self.state_file is not None:
+            return self.state_file
+        beside = self.socket_path.with_suffix(".state")
+        # A socket named like a state file must not be replaced by one.
+        return beside if beside != self.socket_path else beside.with_name(beside.name + ".state")
 
     def configured(self, name: str) -> BreakerConfig | None:
         """The config-file settings for ``name``, or None when it has no section."""
@@ -150,6 +169,7 @@ def load_config(path: Path | None, socket_path: Path) -> DaemonSettings:
         "max_breakers_per_client",
         "breaker_idle_timeout",
         "metrics",
+        "state_file",
     }
     unknown = sorted(set(daemon) - known_daemon)
     if unknown:
@@ -181,7 +201,10 @@ def load_config(path: Path | None, socket_path: Path) -> DaemonSettings:
         defaults=dict(defaults),
         breakers=breakers,
         metrics=_metrics(daemon["metrics"], path) if "metrics" in daemon else None,
+        config_path=path,
     )
+    if "state_file" in daemon:
+        settings = with_state_file(settings, _state_file(daemon["state_file"], path))
     # Validate every breaker now, so a bad file fails at start, not at first use.
     try:
         BreakerConfig.from_dict(settings.defaults)
@@ -209,6 +232,19 @@ def _metrics(value: object, path: Path) -> tuple[str, int]:
         return parse_metrics_address(value)
     except ValueError as exc:
         raise ConfigError(f"{path}: [daemon] {exc}") from None
+
+
+def with_state_file(settings: DaemonSettings, value: str) -> DaemonSettings:
+    """``settings`` with ``--state-file value`` applied: a path, or ``none`` for no file."""
+    if value == "none":
+        return replace(settings, state_file=None, persist_state=False)
+    return replace(settings, state_file=Path(value), persist_state=True)
+
+
+def _state_file(value: object, path: Path) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f'{path}: [daemon] state_file must be a path or "none", got {value!r}')
+    return value
 
 
 def _table(data: dict[str, Any], key: str, path: Path) -> dict[str, Any]:

@@ -842,6 +842,151 @@ class Machine:
             return _TimeWindow(self.config.window_seconds)
         return _CountWindow(self.config.window_size)
 
+    # -- persistence and reload (the daemon's state file, SIGHUP) --------------
+
+    def export_state(self, now: float) -> dict[str, Any]:
+        """Everything a restarted daemon needs to carry this breaker on, as plain data.
+
+        Instants are ``now``'s clock (monotonic); the caller converts them for
+        storage. Trial leases are left out: their holders' connections do not
+        survive a restart, so they are given back, as on a disconnect.
+        """
+        window = self._window
+        window.expire(now)
+        window_data: dict[str, Any]
+        if isinstance(window, _TimeWindow):
+            window_data = {"buckets": [list(bucket) for bucket in window._buckets]}
+        else:
+            # One digit per outcome (failed | slow << 1): compact, and exact.
+            window_data = {"items": "".join(map(str, window._items))}
+        return {
+            "name": self.name,
+            "config": self.config.as_dict(),
+            "state": self.state.value,
+            "generation": self.generation,
+            "open_until": self.open_until,
+            "open_streak": self._open_streak,
+            "next_lease": self._next_lease,
+            "trials": [self._trial_successes, self._trial_failures, self._trial_slow],
+            "window": window_data,
+            "totals": {
+                "successes": self.successes,
+                "failures": self.failures,
+                "ignored": self.ignored,
+                "rejections": self.rejections,
+            },
+        }
+
+    @classmethod
+    def restore(
+        cls,
+        data: dict[str, Any],
+        *,
+        rng: Callable[[], float] | None = None,
+    ) -> Machine:
+        """The machine ``export_state`` described, one generation on.
+
+        ``data``'s instants must already be on the restoring process's clock.
+        The generation is bumped so that a permit granted before the restart
+        reports as stale. Raises ``ValueError`` on anything inconsistent.
+        """
+        try:
+            config = BreakerConfig.from_dict(dict(data["config"]))
+            machine = cls(str(data["name"]), config, generation=_count(data["generation"]) + 1)
+            state = CircuitState(data["state"])
+            open_until = data["open_until"]
+            if (state is OPEN) != (open_until is not None):
+                raise ValueError("open_until must be set exactly when the state is open")
+            if open_until is not None and not (
+                isinstance(open_until, (int, float)) and math.isfinite(open_until)
+            ):
+                raise ValueError(f"open_until must be a finite number, got {open_until!r}")
+            machine.state = state
+            machine.open_until = None if open_until is None else float(open_until)
+            machine._open_streak = _count(data["open_streak"])
+            machine._next_lease = max(1, _count(data["next_lease"]))
+            successes, failures, slow = (_count(n) for n in data["trials"])
+            if state is HALF_OPEN:
+                machine._trial_successes = successes
+                machine._trial_failures = failures
+                machine._trial_slow = slow
+            totals = data["totals"]
+            machine.successes = _count(totals["successes"])
+            machine.failures = _count(totals["failures"])
+            machine.ignored = _count(totals["ignored"])
+            machine.rejections = _count(totals["rejections"])
+            machine._restore_window(data["window"])
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"malformed breaker record: {exc!r}") from None
+        return machine
+
+    def _restore_window(self, data: dict[str, Any]) -> None:
+        window = self._window
+        if isinstance(window, _TimeWindow):
+            previous = -math.inf
+            for second, total, failures, slow in data["buckets"]:
+                counts = (_count(total), _count(failures), _count(slow))
+                if not isinstance(second, int) or second <= previous:
+                    raise ValueError("time window buckets must have increasing whole seconds")
+                if counts[1] > counts[0] or counts[2] > counts[0]:
+                    raise ValueError("a time window bucket holds more failures than outcomes")
+                previous = second
+                window._buckets.append([second, *counts])
+                window.total += counts[0]
+                window.failures += counts[1]
+                window.slow += counts[2]
+            return
+        items = data["items"]
+        if not isinstance(items, str) or len(items) > window.size or items.strip("0123"):
+            raise ValueError("a count window must be at most window_size digits 0-3")
+        for item in map(int, items):
+            window.add(bool(item & 1), bool(item >> 1), 0.0)
+
+    def change_mark(self) -> tuple[object, ...]:
+        """Equal between two instants unless ``export_state`` may differ (time aside).
+
+        Every outcome, rejection, lease and transition moves a counter here, so
+        the daemon re-exports only the breakers that changed.
+        """
+        return (
+            self.generation,
+            self.successes,
+            self.failures,
+            self.ignored,
+            self.rejections,
+            self._next_lease,
+            self._trial_successes + self._trial_failures,
+            self.config,
+        )
+
+    def reconfigure(self, config: BreakerConfig, now: float) -> tuple[Transition, ...]:
+        """New settings for a live breaker, keeping its state and, where it fits, its window.
+
+        The window is kept unless its kind or size changes (then it starts
+        empty: outcomes judged under another window are not comparable). An
+        open breaker keeps its deadline; new timeouts apply from the next
+        opening. A half-open breaker whose finished trials now reach
+        ``half_open_calls`` is judged at once, so it cannot wait for trials
+        that will never be handed out.
+        """
+        old = self.config
+        self.config = config
+        if (old.window_seconds, old.window_size if old.window_seconds is None else None) != (
+            config.window_seconds,
+            config.window_size if config.window_seconds is None else None,
+        ):
+            self._window = self._new_window()
+        if self.state is HALF_OPEN and not self._leases:
+            return self._judge_trials(now)
+        return _NO_TRANSITIONS
+
+
+def _count(value: object) -> int:
+    """A stored count: a non-negative int, or ``ValueError``."""
+    if type(value) is not int or value < 0:
+        raise ValueError(f"expected a count (an integer >= 0), got {value!r}")
+    return value
+
 
 def _backoff_duration(timeout: float, backoff: float, streak: int, cap: float | None) -> float:
     """``min(timeout * backoff ** streak, cap)``, without overflow.

@@ -14,11 +14,13 @@ import structlog
 
 from breakerd.protocol import MAX_SOCKET_PATH, default_socket_path
 
+from . import _systemd as systemd
 from ._daemon_config import (
     ConfigError,
     MetricsUnavailableError,
     load_config,
     parse_metrics_address,
+    with_state_file,
 )
 from ._server import Daemon, DaemonAlreadyRunningError
 
@@ -62,10 +64,13 @@ def serve_main(
     config_path: Path | None,
     loop: str = "auto",
     metrics: str | None = None,
+    state_file: str | None = None,
 ) -> int:
     """Run the daemon in the foreground. Returns the process exit status.
 
     ``metrics``: ``HOST:PORT`` for the Prometheus endpoint, over the config file's.
+    ``state_file``: ``--state-file`` (a path, or ``none``); None leaves it to
+    the config file, else beside the socket.
     """
     configure_daemon_logging()
     try:
@@ -73,7 +78,23 @@ def serve_main(
     except ValueError as exc:
         print(f"breakerd: {exc}", file=sys.stderr)
         return 2
+    try:
+        inherited = systemd.listen_socket()
+    except systemd.ActivationError as exc:
+        print(f"breakerd: {exc}", file=sys.stderr)
+        return 2
     path = socket_path if socket_path is not None else default_socket_path()
+    if inherited is not None:
+        # The unit's ListenStream= decides; the lock and state file go beside it.
+        name = inherited.getsockname()
+        if not isinstance(name, str) or not name.startswith("/"):
+            print(
+                "breakerd: the socket systemd passed has no path (ListenStream= must be "
+                "a file system path)",
+                file=sys.stderr,
+            )
+            return 2
+        path = Path(name)
     if len(str(path).encode()) > MAX_SOCKET_PATH:
         print(f"breakerd: socket path too long for a Unix socket: {path}", file=sys.stderr)
         return 2
@@ -95,7 +116,9 @@ def serve_main(
             file=sys.stderr,
         )
         return 2
-    daemon = Daemon(settings, loop_name=chosen)
+    if state_file is not None:
+        settings = with_state_file(settings, state_file)
+    daemon = Daemon(settings, loop_name=chosen, listen_socket=inherited)
     try:
         # uvloop's C loop costs the daemon less per request than asyncio's.
         anyio.run(daemon.run, backend_options={"use_uvloop": chosen == "uvloop"})

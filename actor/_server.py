@@ -86,10 +86,13 @@ from breakerd.protocol import (
     negotiate_version,
 )
 
+from . import _systemd as systemd
 from ._actor import BreakerActor
 from ._daemon_config import DaemonSettings, MetricsUnavailableError
 from ._machine import BreakerConfig, Transition
 from ._reclaim import IdleBreakers, sweep_period
+from ._reload import reload_config
+from ._state_file import StateFile
 from ._state_table import SharedStateTable, StateTableUnavailableError
 from ._system import ActorSystem
 
@@ -111,13 +114,6 @@ _ADMIN_CLIENT = "breakerd-cli"
 STATUS_PAGE = 1000
 
 
-def _unlink_if_there(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 class DaemonAlreadyRunningError(RuntimeError):
     """Another daemon holds the lock for this socket."""
 
@@ -132,6 +128,8 @@ class Daemon:
         clock: Callable[[], float] = time.monotonic,
         handle_signals: bool = True,
         loop_name: str = "asyncio",
+        wall_clock: Callable[[], float] = time.time,
+        listen_socket: socket.socket | None = None,
     ) -> None:
         self.settings = settings
         #: For the log: which event loop ``run`` was started on.
@@ -160,6 +158,15 @@ class Daemon:
         self.read_buffer = bytearray(_READ_SIZE)
         #: The shared state table, once run() has made it (None: not offered).
         self.state_table: SharedStateTable | None = None
+        #: A socket systemd passed us (socket activation): served, never bound or unlinked.
+        self.listen_socket = listen_socket
+        path = settings.state_file_path()
+        #: Breaker state across restarts (None: ``--state-file none``).
+        self.state_file = (
+            None
+            if path is None
+            else StateFile(path, self.system.actors, clock=clock, wall_clock=wall_clock)
+        )
 
     @property
     def socket_path(self) -> Path:
@@ -198,6 +205,7 @@ class Daemon:
         metrics: MetricsServer | None = None
         try:
             self._make_state_table()
+            self._restore_state()
             # Before the socket appears, so that a ready daemon is scrapable.
             metrics = self._start_metrics()
             async with anyio.create_task_group() as group:
@@ -207,7 +215,7 @@ class Daemon:
                     await group.start(self._watch_signals)
                 # Readiness contract: the socket file appears only once signal
                 # handlers are in place and the listener accepts connections.
-                listener = self._bind()
+                listener = self.listen_socket or self._bind()
                 loop = asyncio.get_running_loop()
                 server = await loop.create_unix_server(
                     lambda: _Peer(self), sock=listener, backlog=_BACKLOG
@@ -219,11 +227,28 @@ class Daemon:
                     loop=self.loop_name,
                     state_table_slots=self.state_table.slots if self.state_table else 0,
                     breakers_configured=sorted(self.settings.breakers),
+                    state_file=str(self.state_file.path) if self.state_file else None,
+                    breakers_restored=self.state_file.restored if self.state_file else 0,
+                    socket_activated=self.listen_socket is not None,
                 )
+                if self.listen_socket is None:
+                    # Only now under its real name: whoever sees the file can
+                    # connect, with the final mode, to a daemon that logged its start.
+                    os.replace(self._bind_path, self.socket_path)
+                systemd.notify("READY=1")
+                interval = systemd.watchdog_interval()
+                if interval is not None:
+                    group.start_soon(systemd.watchdog, interval, self.system.actors)
+                if self.state_file is not None:
+                    group.start_soon(self.state_file.run)
                 task_status.started()
                 await self._stop.wait()
+                systemd.notify("STOPPING=1")
                 self.log.info("daemon_stopping", connections=len(self.peers))
                 server.close()
+                if self.state_file is not None:
+                    # Before the actors stop: what their inboxes hold counts too.
+                    self.state_file.write(settle=True)
                 # Stopping the actors fails every pending request with a
                 # "shutting down" error, written to its peer before we close.
                 self.system.stop()
@@ -274,13 +299,35 @@ class Daemon:
         self.log.info("metrics_serving", host=host, port=server.port, path="/metrics")
         return server
 
+    def _restore_state(self) -> None:
+        if self.state_file is None:
+            return
+        for machine in self.state_file.load():
+            try:
+                actor, _ = self.system.actor(machine.name, machine.config)
+            except (ValueError, BreakerError) as exc:
+                # A name or a number of breakers this daemon no longer accepts.
+                self.log.error("state_breaker_skipped", breaker=machine.name[:200], error=str(exc))
+                continue
+            actor.restore(machine)
+            self._attach(actor)
+            # Nobody holds it until a client registers it: reclaimable when idle.
+            self.idle.let_go(machine.name, self.system.clock())
+            # The config file wins over the settings a breaker was saved with.
+            configured = self.settings.configured(machine.name)
+            if configured is not None and configured != machine.config:
+                actor.reconfigure(configured)
+
     async def _watch_signals(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             task_status.started()
             async for signum in signals:
                 self.log.info("signal_received", signal=signal.Signals(signum).name)
+                if signum == signal.SIGHUP:
+                    reload_config(self)
+                    continue
                 self.stop()
                 return
 
@@ -306,7 +353,9 @@ class Daemon:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
-        if self.socket_path.exists() or self.socket_path.is_symlink():
+        if self.listen_socket is None and (
+            self.socket_path.exists() or self.socket_path.is_symlink()
+        ):
             # We hold the lock, so whoever made this socket is gone.
             if not stat.S_ISSOCK(self.socket_path.lstat().st_mode):
                 self._release_lock()
@@ -325,47 +374,43 @@ class Daemon:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    @property
+    def _bind_path(self) -> Path:
+        hidden = self.socket_path.with_name(f".{self.socket_path.name}.{os.getpid()}")
+        if len(os.fsencode(hidden)) > MAX_SOCKET_PATH:
+            return self.socket_path  # no room for the longer name: bind in place
+        return hidden
+
     def _bind(self) -> socket.socket:
+        """A listener bound under a temporary name; run() renames it into place."""
         mode = self.settings.socket_mode
-        # Readiness is the socket file: it must accept from the moment it
-        # exists. So bind under a temporary name, listen, and only then
-        # rename it into place (atomic): no client ever finds a file that
-        # refuses connections, or one with the wrong owner or mode.
-        final = str(self.socket_path)
-        staging = str(self.socket_path.with_name(f".{os.getpid()}.bind"))
-        if len(os.fsencode(staging)) > MAX_SOCKET_PATH:
-            staging = final  # no room for a longer name: bind in place
+        path = self._bind_path
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # Bind under a umask that already gives the final mode: no window in
         # which the socket is open to others.
         old_umask = os.umask(0o777 & ~mode)
         try:
-            if staging != final:
-                _unlink_if_there(staging)  # left by a daemon of this pid that died binding
-            listener.bind(staging)
-            if self.settings.socket_gid is not None:
-                os.chown(staging, -1, self.settings.socket_gid)
-            os.chmod(staging, mode)
-            listener.listen(_BACKLOG)
-            if staging != final:
-                os.rename(staging, final)
+            listener.bind(str(path))
         except BaseException:
             listener.close()
-            if staging != final:
-                _unlink_if_there(staging)
             raise
         finally:
             os.umask(old_umask)
+        if self.settings.socket_gid is not None:
+            os.chown(path, -1, self.settings.socket_gid)
+        os.chmod(path, mode)
+        listener.listen(_BACKLOG)
         listener.setblocking(False)
         return listener
 
     def _remove_socket(self) -> None:
-        if self._lock_fd is None:
-            return  # not ours
-        try:
-            self.socket_path.unlink()
-        except FileNotFoundError:
-            pass
+        if self._lock_fd is None or self.listen_socket is not None:
+            return  # not ours (systemd's socket outlives us, for the next activation)
+        for path in (self.socket_path, self._bind_path):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
 
     # -- breakers ----------------------------------------------------------------
 
@@ -389,11 +434,7 @@ class Daemon:
             except ValueError as exc:
                 raise InvalidRequestError(str(exc)) from None
             if actor.listeners == []:
-                actor.listeners.append(self._pusher(name))
-                table = self.state_table
-                in_table = table is not None and table.slot_for(name) != 0
-                actor.on_publish = self._publisher(name, in_table)
-                actor.on_publish(actor.snapshot)  # the table's first word, and a baseline
+                self._attach(actor)
             existing = actor
         conflicts = existing.config.differences(requested_config)
         if conflicts:
@@ -466,6 +507,19 @@ class Daemon:
                     idle_after=self.settings.breaker_idle_timeout,
                     remaining=self.system.count,
                 )
+
+    def _attach(self, actor: BreakerActor) -> None:
+        """Hook a new actor up to the state file, the pushes and the state table."""
+        actor.listeners.append(self._pusher(actor.name))
+        if self.state_file is not None:
+            # After the pushes (the state table has told every client already;
+            # a push held back by a write would only reach fewer of them), but
+            # before the request that caused the transition is answered.
+            actor.listeners.append(self.state_file.on_transition)
+        table = self.state_table
+        in_table = table is not None and table.slot_for(actor.name) != 0
+        actor.on_publish = self._publisher(actor.name, in_table)
+        actor.on_publish(actor.snapshot)  # the table's first word, and a baseline
 
     def actor(self, name: str) -> BreakerActor:
         actor = self.system.get(name)

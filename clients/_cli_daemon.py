@@ -68,13 +68,22 @@ def add_serve(subparsers: Any) -> None:
         help="serve Prometheus metrics at http://HOST:PORT/metrics (needs breakerd[metrics]; "
         "overrides [daemon] metrics)",
     )
+    parser.add_argument(
+        "--state-file",
+        default=None,
+        metavar="PATH",
+        help="where breaker state survives restarts (default: [daemon] state_file, else "
+        "beside the socket, e.g. breakerd.state; 'none' turns it off)",
+    )
     parser.set_defaults(handler=_run_serve)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     from breakerd.actor._serve_main import serve_main
 
-    return serve_main(_socket(args), args.config, args.loop, args.metrics)
+    return serve_main(
+        _socket(args), args.config, args.loop, metrics=args.metrics, state_file=args.state_file
+    )
 
 
 def add_status(subparsers: Any) -> None:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -80,16 +80,23 @@ class DaemonProcess:
         log_path: Path | None = None,
         *,
         loop: str = "auto",
+        extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.socket_path = socket_path
         self.loop = loop
         args = [sys.executable, "-m", "breakerd.actor", "--socket", str(socket_path)]
-        args += ["--loop", loop]
+        args += ["--loop", loop, *extra_args]
         if config is not None:
             args += ["--config", str(config)]
         self.stderr_path = log_path or socket_path.parent / "daemon.log"
         self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(args, stderr=self._stderr, stdout=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            args,
+            stderr=self._stderr,
+            stdout=subprocess.DEVNULL,
+            env=None if env is None else {**os.environ, **env},
+        )
 
     def wait_ready(self, *, started_log: bool = False) -> DaemonProcess:
         """Wait for the socket file (the readiness contract), or for the

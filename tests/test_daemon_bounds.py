@@ -140,12 +140,15 @@ def test_only_the_holder_can_settle_a_trial_lease(
 
 def test_a_lease_from_a_killed_daemon_is_stale_in_the_next_one(tmp_short: Path) -> None:
     path = tmp_short / "s.sock"
-    first = DaemonProcess(path).wait_ready()
+    # No state file: the random start alone keeps the numbers apart (with
+    # one, the restored generation moves on past the old one too).
+    no_state = ["--state-file", "none"]
+    first = DaemonProcess(path, extra_args=no_state).wait_ready()
     old = RawClient(path)
     trial = half_open_with_a_trial(old)
     old.close()
-    first.kill()  # kill -9: no state survives
-    second = DaemonProcess(path).wait_ready(started_log=True)
+    first.kill()  # kill -9
+    second = DaemonProcess(path, extra_args=no_state).wait_ready(started_log=True)
     try:
         client = RawClient(path)
         new_trial = half_open_with_a_trial(client)
