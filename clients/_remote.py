@@ -1291,6 +1291,9 @@ class RemoteBreaker:
         # The breaker's slot in the daemon's state table (None: no table), and
         # the slot's seq when _remote_snapshot last caught up with it.
         self._slot_words: memoryview | None = None
+        # _slot_words while the daemon's breaker is in use, else None: the hot
+        # path's one test (see _sync_live, called wherever either changes).
+        self._live_words: memoryview | None = None
         self._slot_seq = -1
         self._local: BreakerActor | None = None
         self._local_system: ActorSystem | None = None
@@ -1408,12 +1411,23 @@ class RemoteBreaker:
 
     @property
     def snapshot(self) -> Snapshot:
+        # The common case first, in as few loads as possible: the table's slot
+        # has not moved since this link last caught up with it.
+        words = self._live_words
+        if words is not None and words[0] == self._slot_seq:
+            return self._remote_snapshot
+        return self._snapshot_slow()
+
+    def _snapshot_slow(self) -> Snapshot:
         if self._remote:
             words = self._slot_words
             if words is not None and words[0] != self._slot_seq:
                 return self._snapshot_from_table(words)
             return self._remote_snapshot
         return self._fallback_snapshot()
+
+    def _sync_live(self) -> None:
+        self._live_words = self._slot_words if self._remote else None
 
     def _snapshot_from_table(self, words: memoryview) -> Snapshot:
         # Any thread, no lock: racing threads build equal snapshots.
@@ -1812,6 +1826,7 @@ class RemoteBreaker:
             self._slot_seq = -1  # before the new slot: its first read catches up
             self._slot_words = table.slot(result.slot) if table is not None else None
             self._remote = True
+            self._sync_live()
             self._register_error = None
             self._settled.set()
             self._announce(self._remote_snapshot, "daemon_available")
@@ -1833,6 +1848,7 @@ class RemoteBreaker:
             return
         self._suspended = True
         self._remote = False
+        self._sync_live()
         try:
             snapshot = self.snapshot
         except BreakerError:  # the local actor system is stopped (exit)
@@ -1845,6 +1861,7 @@ class RemoteBreaker:
         self._suspended = False
         self._slot_seq = -1  # catch up with the table first
         self._remote = True
+        self._sync_live()
         self._announce(self.snapshot, "daemon_available")
 
     def _daemon_lost(self, *, announce: bool) -> None:
@@ -1853,6 +1870,7 @@ class RemoteBreaker:
         self._remote = False
         self._tally = (_ASK_FOR_SUCCESSES, [])
         self._slot_words = None
+        self._sync_live()
         self._settled.set()
         # Not when the client closes (at exit): announcing would build the
         # local fallback, and its actor thread, for nothing.
