@@ -87,6 +87,8 @@ _BACKLOG = 1024
 #: Bytes read from a connection at a time, into the daemon's one receive buffer.
 _READ_SIZE = 1 << 18
 _connection_ids = itertools.count(1)
+#: Seconds between two summaries of one connection's repeated log event.
+LOG_SUMMARY_INTERVAL = 10.0
 #: Breakers per status page: ~200 bytes each plus the name, far below a frame.
 STATUS_PAGE = 1000
 
@@ -349,6 +351,46 @@ class Daemon:
         return push
 
 
+class _RepeatedEvents:
+    """One connection's repeated warnings: the first logged in full, the rest counted.
+
+    A client can make the daemon warn once per item it sends (a report for
+    a breaker nobody registered); a line per item would turn a flood into
+    megabytes of log and seconds of stall. Repeats are summed and logged as
+    one ``summary`` line of the same event per ``LOG_SUMMARY_INTERVAL``, and
+    at close.
+    """
+
+    __slots__ = ("_since", "counts", "pending")
+
+    def __init__(self) -> None:
+        self._since = time.monotonic()
+        #: Event -> repeats not yet summarized (present once logged in full).
+        self.counts: dict[str, int] = {}
+        self.pending = False
+
+    def warning(self, log: Any, event: str, **fields: Any) -> None:
+        count = self.counts.get(event)
+        if count is None:
+            self.counts[event] = 0
+            log.warning(event, **fields)
+        else:
+            self.counts[event] = count + 1
+            self.pending = True
+
+    def summarize(self, log: Any, *, final: bool = False) -> None:
+        """Log what was counted, if ``LOG_SUMMARY_INTERVAL`` has passed (or ``final``)."""
+        now = time.monotonic()
+        if not self.pending or (not final and now - self._since < LOG_SUMMARY_INTERVAL):
+            return
+        for event, count in self.counts.items():
+            if count:
+                log.warning(event, summary=True, count=count, seconds=round(now - self._since, 3))
+                self.counts[event] = 0
+        self._since = now
+        self.pending = False
+
+
 class _Peer(asyncio.BufferedProtocol):
     """One client connection."""
 
@@ -365,6 +407,7 @@ class _Peer(asyncio.BufferedProtocol):
         self.leases: dict[tuple[str, int], int] = {}
         # Actors given successes without a drain armed (see _reports).
         self._unflushed: list[BreakerActor] = []
+        self.repeats = _RepeatedEvents()
 
     # -- asyncio callbacks -------------------------------------------------------
 
@@ -424,6 +467,8 @@ class _Peer(asyncio.BufferedProtocol):
                 for actor in unflushed:
                     actor.flush_soon()
                 unflushed.clear()
+            if self.repeats.pending:
+                self.repeats.summarize(self.log)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -450,6 +495,7 @@ class _Peer(asyncio.BufferedProtocol):
                 except BreakerError:
                     pass  # shutting down: the lease dies with the actor
         self.leases.clear()
+        self.repeats.summarize(self.log, final=True)
         self.log.info(
             "client_disconnected", leases_released=released, error=repr(exc) if exc else None
         )
@@ -650,10 +696,11 @@ class _Peer(asyncio.BufferedProtocol):
             return
         successes: dict[tuple[str, int], int] = {}
         busy: BreakerActor | None = None
+        repeats = self.repeats
         for report in message.items:
             actor = system.get(report.name)
             if actor is None:
-                self.log.warning("report_for_unknown_breaker", breaker=report.name)
+                repeats.warning(self.log, "report_for_unknown_breaker", breaker=report.name)
                 continue
             if report.lease:
                 self.leases.pop((report.name, report.lease), None)
@@ -699,7 +746,7 @@ class _Peer(asyncio.BufferedProtocol):
         for name, generation, count in successes:
             actor = system.get(name)
             if actor is None:
-                self.log.warning("report_for_unknown_breaker", breaker=name)
+                self.repeats.warning(self.log, "report_for_unknown_breaker", breaker=name)
             elif deferred:
                 actor.post_success(generation, count, flush=False)
                 self._unflushed.append(actor)
