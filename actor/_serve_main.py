@@ -14,7 +14,7 @@ import structlog
 from breakerd.protocol import default_socket_path
 
 from ._daemon_config import ConfigError, load_config
-from ._server import Daemon, DaemonAlreadyRunningError
+from ._server import Daemon, DaemonAlreadyRunningError, UnsafeSocketPathError
 
 __all__ = ["LOOPS", "configure_daemon_logging", "resolve_loop", "serve_main"]
 
@@ -72,7 +72,7 @@ def serve_main(socket_path: Path | None, config_path: Path | None, loop: str = "
     try:
         # uvloop's C loop costs the daemon less per request than asyncio's.
         anyio.run(daemon.run, backend_options={"use_uvloop": chosen == "uvloop"})
-    except DaemonAlreadyRunningError as exc:
+    except (DaemonAlreadyRunningError, UnsafeSocketPathError) as exc:
         print(f"breakerd: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

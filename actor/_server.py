@@ -78,7 +78,7 @@ from ._machine import BreakerConfig, Transition
 from ._state_table import SharedStateTable, StateTableUnavailableError
 from ._system import ActorSystem
 
-__all__ = ["SERVER_NAME", "Daemon", "DaemonAlreadyRunningError"]
+__all__ = ["SERVER_NAME", "Daemon", "DaemonAlreadyRunningError", "UnsafeSocketPathError"]
 
 SERVER_NAME = "breakerd/0.1"
 _PEERCRED = struct.Struct("3i")
@@ -95,6 +95,10 @@ STATUS_PAGE = 1000
 
 class DaemonAlreadyRunningError(RuntimeError):
     """Another daemon holds the lock for this socket."""
+
+
+class UnsafeSocketPathError(RuntimeError):
+    """The socket's directory or lock file could be another process's: not used."""
 
 
 class Daemon:
@@ -228,10 +232,13 @@ class Daemon:
 
     def _take_lock(self) -> None:
         directory = self.socket_path.parent
-        if not directory.exists():
+        try:
             directory.mkdir(mode=0o700, parents=True)
             os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except FileExistsError:
+            # Not ours: /tmp/breakerd-$UID can be made by anyone before us.
+            self._check_directory(directory)
+        fd = self._open_lock_file()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -252,11 +259,58 @@ class Daemon:
             # We hold the lock, so whoever made this socket is gone.
             if not stat.S_ISSOCK(self.socket_path.lstat().st_mode):
                 self._release_lock()
-                raise RuntimeError(
+                raise UnsafeSocketPathError(
                     f"{self.socket_path} exists and is not a socket; not touching it"
                 )
             self.socket_path.unlink()
             self.log.warning("stale_socket_removed", socket=str(self.socket_path))
+
+    def _check_directory(self, directory: Path) -> None:
+        """Refuse a directory someone else could have prepared (or can change under us)."""
+        info = os.lstat(directory)
+        if stat.S_ISLNK(info.st_mode):
+            raise UnsafeSocketPathError(
+                f"socket directory {directory} is a symlink; refusing to serve through it"
+            )
+        if not stat.S_ISDIR(info.st_mode):
+            raise UnsafeSocketPathError(f"socket directory {directory} is not a directory")
+        if info.st_uid != self.uid:
+            raise UnsafeSocketPathError(
+                f"socket directory {directory} belongs to uid {info.st_uid}, not to the "
+                f"daemon's uid {self.uid}; remove it or choose another --socket"
+            )
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise UnsafeSocketPathError(
+                f"socket directory {directory} is writable by group or others (mode "
+                f"{stat.S_IMODE(info.st_mode):04o}); make it 0700 or choose another --socket"
+            )
+
+    def _open_lock_file(self) -> int:
+        """The lock file, made anew, or the one a previous daemon of ours left."""
+        path = self.lock_path
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        try:
+            fd = os.open(path, flags)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsafeSocketPathError(
+                    f"lock file {path} is a symlink; not following it (remove it if it is stale)"
+                ) from None
+            raise
+        # It existed: truncated below only if it can only be a lock file of
+        # ours. A hard link to some other file has a second name.
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != self.uid or info.st_nlink != 1:
+            os.close(fd)
+            raise UnsafeSocketPathError(
+                f"lock file {path} is not a plain file of the daemon's uid {self.uid} "
+                f"with one name; not touching it (remove it if it is stale)"
+            )
+        return fd
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:

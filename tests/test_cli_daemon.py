@@ -12,10 +12,7 @@ from pathlib import Path
 
 import pytest
 from daemon_helpers import DaemonProcess, RawClient, short_tmpdir, wait_for
-from hypothesis import given
-from hypothesis import strategies as st
 
-from breakerd.clients._cli_daemon import printable
 from breakerd.protocol import CircuitState, Outcome, Register
 
 
@@ -161,29 +158,3 @@ def test_the_config_file_wins_over_clients(tmp_path: Path) -> None:
     finally:
         process.kill()
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def test_status_table_escapes_control_characters_in_names(daemon: DaemonProcess) -> None:
-    client = RawClient(daemon.socket_path)
-    forged = "a\nLLM  open  100%"
-    painted = "\x1b[31mred\x9b2J\x7f"
-    for name in (forged, painted, "back\\slash"):
-        client.register(name)
-    result = breakerd("status", "--socket", str(daemon.socket_path))
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    # A header and one row per breaker: no forged row, no escape sequence.
-    assert len(lines) == 4, lines
-    assert not any(ch in result.stdout for ch in "\x1b\x9b\x7f")
-    names = [line.split()[0] for line in lines[1:]]
-    assert names == ["\\x1b[31mred\\x9b2J\\x7f", "a\\nLLM", "back\\\\slash"]
-    # JSON carries the names exactly as they are.
-    records = json.loads(breakerd("status", "--json", "--socket", str(daemon.socket_path)).stdout)
-    assert sorted(r["name"] for r in records) == sorted([forged, painted, "back\\slash"])
-    client.close()
-
-
-@given(st.text(), st.text())
-def test_escaped_names_are_printable_and_never_collide(first: str, second: str) -> None:
-    assert printable(first).isprintable()
-    assert (printable(first) == printable(second)) == (first == second)

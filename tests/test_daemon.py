@@ -28,8 +28,6 @@ from breakerd.protocol import (
     Hello,
     InvalidRequestError,
     Outcome,
-    Report,
-    ReportBatch,
     StatusRequest,
     UnknownBreakerError,
 )
@@ -367,24 +365,3 @@ def test_status_comes_in_pages_and_names_are_bounded(daemon: DaemonProcess) -> N
         client.register("x" * 201)
     assert client.status("svc-0001").breakers[0].snapshot.name == "svc-0001"
     client.close()
-
-
-def test_reports_for_unknown_breakers_cost_a_few_log_lines(daemon: DaemonProcess) -> None:
-    client = RawClient(daemon.socket_path)
-    client.register("svc")
-    ghosts = ReportBatch(
-        tuple(Report(f"ghost-{i}", 0, Outcome.FAILURE) for i in range(1000)),
-        successes=(("ghost-a", 0, 5), ("ghost-b", 0, 7)),
-    )
-    for _ in range(50):
-        client.notify(ghosts)
-    # A request behind the batches: the daemon has handled them when it answers.
-    assert client.status("svc").breakers[0].failures == 0
-    client.close()
-    wait_for(lambda: "client_disconnected" in daemon.log(), what="the disconnect")
-    lines = daemon.log().splitlines()
-    assert len(lines) < 20, len(lines)
-    unknown = [e for e in daemon.log_events() if e["event"] == "report_for_unknown_breaker"]
-    assert unknown[0]["breaker"] == "ghost-0"
-    summarized = sum(e["count"] for e in unknown if e.get("summary"))
-    assert summarized == 50 * 1002 - 1

@@ -1,0 +1,301 @@
+"""Hostile local processes against a real daemon: squatters, impostors, floods and names.
+
+The daemon serves every process on the host: one that misbehaves must never
+cost the others their breakers, and one that pretends to be the daemon must
+never steer a client. Real daemon processes, real sockets; the impostors are
+real processes running as another uid (root is needed to become one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import structlog.testing
+from daemon_helpers import DaemonProcess, RawClient, wait_for
+from hypothesis import given
+from hypothesis import strategies as st
+
+from breakerd.actor import BreakerConfig
+from breakerd.clients import DaemonClient, DaemonUnavailableError, RemoteBreaker
+from breakerd.clients._cli_daemon import printable
+from breakerd.protocol import (
+    NEED_DATA,
+    Acquire,
+    Admission,
+    CircuitState,
+    Connection,
+    Hello,
+    Outcome,
+    Register,
+    Registered,
+    Report,
+    ReportBatch,
+    RequestReceived,
+    ResultMessage,
+    Snapshot,
+    Status,
+    Welcome,
+    negotiate_version,
+)
+
+NOBODY = 65534
+as_root = pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another uid")
+
+
+def breakerd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "breakerd.clients", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def start_daemon(socket_path: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "breakerd.actor", "--socket", str(socket_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def refused(socket_path: Path) -> str:
+    """The one line a daemon refusing to start on ``socket_path`` printed (it must exit 1)."""
+    proc = start_daemon(socket_path)
+    try:
+        _, err = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError(f"the daemon started on {socket_path}") from None
+    assert proc.returncode == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+# -- the socket directory ------------------------------------------------------------------
+
+
+def test_a_planted_symlink_lock_file_is_refused_and_its_target_untouched(tmp_short: Path) -> None:
+    target = tmp_short / "precious"
+    target.write_text("keep me\n")
+    (tmp_short / "s.sock.lock").symlink_to(target)
+    line = refused(tmp_short / "s.sock")
+    assert "s.sock.lock" in line
+    assert "symlink" in line
+    assert target.read_text() == "keep me\n"
+    assert not (tmp_short / "s.sock").exists()
+
+
+def test_a_hard_linked_lock_file_is_refused_and_its_target_untouched(tmp_short: Path) -> None:
+    target = tmp_short / "precious"
+    target.write_text("keep me\n")
+    os.link(target, tmp_short / "s.sock.lock")
+    line = refused(tmp_short / "s.sock")
+    assert "s.sock.lock" in line
+    assert target.read_text() == "keep me\n"
+
+
+def test_a_directory_others_can_write_is_refused(tmp_short: Path) -> None:
+    shared = tmp_short / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    line = refused(shared / "s.sock")
+    assert str(shared) in line
+    assert "writable" in line
+    assert list(shared.iterdir()) == []
+
+
+@as_root
+def test_a_directory_of_another_uid_is_refused(tmp_short: Path) -> None:
+    theirs = tmp_short / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, NOBODY, NOBODY)
+    line = refused(theirs / "s.sock")
+    assert str(theirs) in line
+    assert f"uid {NOBODY}" in line
+    assert list(theirs.iterdir()) == []
+
+
+def test_a_directory_the_daemon_made_or_owns_privately_is_used(tmp_short: Path) -> None:
+    made = DaemonProcess(tmp_short / "new" / "s.sock", log_path=tmp_short / "1.log")
+    made.wait_ready()
+    assert made.terminate() == 0
+    # Readable by others is fine (a socket_group needs to reach the socket).
+    tmp_short.chmod(0o755)
+    owned = DaemonProcess(tmp_short / "s.sock", log_path=tmp_short / "2.log").wait_ready()
+    assert owned.terminate() == 0
+
+
+# -- an impostor daemon --------------------------------------------------------------------
+
+
+def _serve_as(uid: int, path: Path, ready_w: int) -> None:
+    """In a forked child: become ``uid`` and answer like a daemon whose breakers stay closed."""
+    os.setgid(uid)
+    os.setuid(uid)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(8)
+    os.write(ready_w, b"!")
+    while True:
+        sock, _ = listener.accept()
+        conn = Connection("server")
+        while data := sock.recv(65536):
+            conn.receive_data(data)
+            while (event := conn.next_event()) is not NEED_DATA:
+                if not isinstance(event, RequestReceived):
+                    continue
+                message = event.message
+                result: ResultMessage
+                if isinstance(message, Hello):
+                    result = Welcome(negotiate_version(message), "impostor", os.getpid())
+                elif isinstance(message, Register):
+                    result = Registered(Snapshot(message.name, CircuitState.CLOSED, 0), (), 0)
+                elif isinstance(message, Acquire):
+                    snapshot = Snapshot(message.name, CircuitState.CLOSED, 0)
+                    result = Admission(True, 0, 0, snapshot)
+                else:
+                    result = Status((), None)
+                sock.sendall(conn.send_response(event.msgid, result))
+        sock.close()
+
+
+@pytest.fixture
+def impostor(tmp_short: Path) -> Iterator[Path]:
+    """A socket served by a process running as nobody, in a directory nobody owns."""
+    tmp_short.chmod(0o711)
+    theirs = tmp_short / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, NOBODY, NOBODY)
+    path = theirs / "s.sock"
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(ready_r)
+            _serve_as(NOBODY, path, ready_w)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    try:
+        assert os.read(ready_r, 1) == b"!"
+        yield path
+    finally:
+        os.close(ready_r)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+@as_root
+def test_a_daemon_of_an_untrusted_uid_is_treated_as_unavailable(
+    impostor: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("BREAKERD_TRUSTED_UIDS", raising=False)
+    with structlog.testing.capture_logs() as logs:
+        client = DaemonClient(impostor, connect_timeout=2.0).start()
+    try:
+        link = RemoteBreaker.open(impostor, "svc", BreakerConfig(), "deny", client=client)
+        assert not link.remote
+        assert not client.connected
+        assert client.outage is not None
+        assert f"uid {NOBODY}" in client.outage
+        with pytest.raises(DaemonUnavailableError, match=f"uid {NOBODY}"):
+            link.ask_sync(Acquire("svc"))
+    finally:
+        client.close()
+    (warning,) = [e for e in logs if e["event"] == "daemon_unavailable"]
+    assert f"uid {NOBODY}" in warning["reason"]
+    assert "BREAKERD_TRUSTED_UIDS" in warning["reason"]
+
+
+@as_root
+def test_a_trusted_uid_may_serve(impostor: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = DaemonClient(impostor, connect_timeout=2.0, trusted_uids=[NOBODY]).start()
+    try:
+        link = RemoteBreaker.open(impostor, "svc", BreakerConfig(), "deny", client=client)
+        assert link.remote
+    finally:
+        client.close()
+    monkeypatch.setenv("BREAKERD_TRUSTED_UIDS", f"1001, {NOBODY}")
+    client = DaemonClient(impostor, connect_timeout=2.0).start()
+    try:
+        link = RemoteBreaker.open(impostor, "svc", BreakerConfig(), "deny", client=client)
+        assert link.remote
+    finally:
+        client.close()
+
+
+@as_root
+def test_the_cli_refuses_a_daemon_of_an_untrusted_uid(
+    impostor: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("BREAKERD_TRUSTED_UIDS", raising=False)
+    result = breakerd("status", "--socket", str(impostor))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert f"uid {NOBODY}" in lines[0]
+
+
+# -- floods ----------------------------------------------------------------------------------
+
+
+def test_reports_for_unknown_breakers_cost_a_few_log_lines(daemon: DaemonProcess) -> None:
+    client = RawClient(daemon.socket_path)
+    client.register("svc")
+    ghosts = ReportBatch(
+        tuple(Report(f"ghost-{i}", 0, Outcome.FAILURE) for i in range(1000)),
+        successes=(("ghost-a", 0, 5), ("ghost-b", 0, 7)),
+    )
+    for _ in range(50):
+        client.notify(ghosts)
+    # A request behind the batches: the daemon has handled them when it answers.
+    assert client.status("svc").breakers[0].failures == 0
+    client.close()
+    wait_for(lambda: "client_disconnected" in daemon.log(), what="the disconnect")
+    lines = daemon.log().splitlines()
+    assert len(lines) < 20, len(lines)
+    unknown = [e for e in daemon.log_events() if e["event"] == "report_for_unknown_breaker"]
+    assert unknown[0]["breaker"] == "ghost-0"
+    summarized = sum(e["count"] for e in unknown if e.get("summary"))
+    assert summarized == 50 * 1002 - 1
+
+
+# -- names on the admin's terminal --------------------------------------------------------
+
+
+def test_status_table_escapes_control_characters_in_names(daemon: DaemonProcess) -> None:
+    client = RawClient(daemon.socket_path)
+    forged = "a\nLLM  open  100%"
+    painted = "\x1b[31mred\x9b2J\x7f"
+    for name in (forged, painted, "back\\slash"):
+        client.register(name)
+    result = breakerd("status", "--socket", str(daemon.socket_path))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    # A header and one row per breaker: no forged row, no escape sequence.
+    assert len(lines) == 4, lines
+    assert not any(ch in result.stdout for ch in "\x1b\x9b\x7f")
+    names = [line.split()[0] for line in lines[1:]]
+    assert names == ["\\x1b[31mred\\x9b2J\\x7f", "a\\nLLM", "back\\\\slash"]
+    # JSON carries the names exactly as they are.
+    records = json.loads(breakerd("status", "--json", "--socket", str(daemon.socket_path)).stdout)
+    assert sorted(r["name"] for r in records) == sorted([forged, painted, "back\\slash"])
+    client.close()
+
+
+@given(st.text(), st.text())
+def test_escaped_names_are_printable_and_never_collide(first: str, second: str) -> None:
+    assert printable(first).isprintable()
+    assert (printable(first) == printable(second)) == (first == second)
