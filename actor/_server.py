@@ -123,6 +123,8 @@ class Daemon:
         self._handle_signals = handle_signals
         self._stop = anyio.Event()
         self._lock_fd: int | None = None
+        # The socket's name until it is published (see _bind).
+        self._temp_socket: Path | None = None
         # Every connection reads into this one buffer: the loop is one thread,
         # and asyncio hands each read over (buffer_updated) before the next.
         # A plain Protocol would cost every read a fresh 256 KiB bytes object,
@@ -187,6 +189,7 @@ class Daemon:
                     state_table_slots=self.state_table.slots if self.state_table else 0,
                     breakers_configured=sorted(self.settings.breakers),
                 )
+                self._publish_socket()
                 task_status.started()
                 await self._stop.wait()
                 self.log.info("daemon_stopping", connections=len(self.peers))
@@ -322,26 +325,47 @@ class Daemon:
             self._lock_fd = None
 
     def _bind(self) -> socket.socket:
+        """A listening socket, under a temporary name until ``_publish_socket``.
+
+        The socket file is the readiness signal: a connect that finds it
+        before listen() is refused, so it appears, by a rename, only once
+        the daemon accepts connections. (Without room for the temporary
+        name, it is bound in place.)
+        """
         mode = self.settings.socket_mode
+        path = self.socket_path
+        temp = path.with_name(f".{path.name}.{os.getpid()}")
+        if len(os.fsencode(temp)) > 107:
+            temp = path
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # Bind under a umask that already gives the final mode: no window in
         # which the socket is open to others.
         old_umask = os.umask(0o777 & ~mode)
         try:
-            listener.bind(str(self.socket_path))
+            listener.bind(str(temp))
+            if temp != path:
+                self._temp_socket = temp
+            listener.listen(_BACKLOG)
+            if self.settings.socket_gid is not None:
+                os.chown(temp, -1, self.settings.socket_gid)
+            os.chmod(temp, mode)
         except BaseException:
             listener.close()
             raise
         finally:
             os.umask(old_umask)
-        if self.settings.socket_gid is not None:
-            os.chown(self.socket_path, -1, self.settings.socket_gid)
-        os.chmod(self.socket_path, mode)
-        listener.listen(_BACKLOG)
         listener.setblocking(False)
         return listener
 
+    def _publish_socket(self) -> None:
+        temp, self._temp_socket = self._temp_socket, None
+        if temp is not None:
+            os.rename(temp, self.socket_path)
+
     def _remove_socket(self) -> None:
+        if self._temp_socket is not None:
+            self._temp_socket.unlink(missing_ok=True)
+            self._temp_socket = None
         if self._lock_fd is None:
             return  # not ours
         try:
