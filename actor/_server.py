@@ -13,15 +13,25 @@ What protects the others from one bad client:
   ``allowed_uids``; anyone else is closed at once and logged;
 * a malformed frame (or an oversized length prefix, refused before its body
   is buffered) closes that one connection;
-* ``max_connections``, ``max_inflight`` requests per connection (more get a
-  ``busy`` error), and a bounded outbox: a client that stops reading is
-  dropped once ``max_outbox`` bytes wait for it, it never blocks an actor;
+* ``max_connections``, plus one slot kept for the admin CLI (a connection
+  that gets it must say hello as ``breakerd-cli``), and at most
+  ``max_connections_per_pid`` of them from one process;
+* ``hello_timeout`` for a new connection to say hello, ``idle_timeout`` for
+  one that holds nothing (no breaker, no request, no lease) and says nothing;
+* ``max_inflight`` requests per connection (more get a ``busy`` error), and a
+  bounded outbox: a client that stops reading is dropped once ``max_outbox``
+  bytes wait for it, it never blocks an actor;
+* ``read_budget`` bytes per connection per loop turn: a connection that read
+  more stops being read for as many turns as it overdrew, so a flood of
+  big frames from some connections cannot starve the others' requests;
+* repeated warnings a client causes are logged once, then summarized;
 * a connection's half-open trial leases are released when it closes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import errno
 import fcntl
@@ -87,8 +97,16 @@ _BACKLOG = 1024
 #: Bytes read from a connection at a time, into the daemon's one receive buffer.
 _READ_SIZE = 1 << 18
 _connection_ids = itertools.count(1)
+#: Seconds per loop turn for handling the data of connections past their
+#: read budget; once spent, more of it waits for a later turn. A 1 MiB frame
+#: of reports takes ~100 ms to decode, in one piece: after such a piece the
+#: others get as long again (see Daemon.spent).
+_TURN_BUDGET = 0.005
 #: Seconds between two summaries of one connection's repeated log event.
 LOG_SUMMARY_INTERVAL = 10.0
+#: What the admin CLI (``clients/_admin.py``) calls itself in its hello: the
+#: one client the reserved connection slot is kept for.
+ADMIN_CLIENT = "breakerd-cli"
 #: Breakers per status page: ~200 bytes each plus the name, far below a frame.
 STATUS_PAGE = 1000
 
@@ -117,7 +135,24 @@ class Daemon:
         self.loop_name = loop_name
         self.system = ActorSystem(clock=clock)
         self.peers: set[_Peer] = set()
+        #: The connection in the slot kept for the admin CLI, if taken.
+        self.admin_peer: _Peer | None = None
+        #: pid -> connections it holds (SO_PEERCRED's pid, at connect time).
+        self.connections_by_pid: dict[int, int] = {}
         self.subscribers: dict[str, set[_Peer]] = {}
+        #: Advances once per event-loop turn in which a connection read data:
+        #: the clock of the read budgets.
+        self.turn = 0
+        self._turn_armed = False
+        #: Connections paused until the turns have paid back what they overdrew.
+        self.throttled: set[_Peer] = set()
+        #: Seconds spent this turn handling what connections sent.
+        self.turn_spent = 0.0
+        #: Connections whose received bytes wait for a turn with time left.
+        self.deferred: collections.deque[_Peer] = collections.deque()
+        # perf_counter() before which big readers wait (see spent()).
+        self._rest_until = 0.0
+        self._rest_armed = False
         self.uid = os.getuid()
         self.log = structlog.get_logger("breakerd.daemon")
         self._handle_signals = handle_signals
@@ -174,6 +209,7 @@ class Daemon:
                 await group.start(self.system.serve)
                 if self._handle_signals:
                     await group.start(self._watch_signals)
+                group.start_soon(self._sweep)
                 # Readiness contract: the socket file appears only once signal
                 # handlers are in place and the listener accepts connections.
                 listener = self._bind()
@@ -209,6 +245,71 @@ class Daemon:
             self._remove_socket()
             self._release_lock()
             self.log.info("daemon_stopped")
+
+    async def _sweep(self) -> None:
+        """Close connections that hold nothing and say nothing; summarize repeated warnings."""
+        idle_timeout = self.settings.idle_timeout
+        period = min(idle_timeout / 4, LOG_SUMMARY_INTERVAL / 2)
+        loop = asyncio.get_running_loop()
+        while True:
+            await anyio.sleep(period)
+            now = loop.time()
+            for peer in tuple(self.peers):
+                if peer.repeats.pending:
+                    peer.repeats.summarize(peer.log)
+                if peer.idle and now - peer.last_heard >= idle_timeout:
+                    peer.log.info("peer_dropped", reason="idle", idle_timeout=idle_timeout)
+                    peer.close(abort=True)
+
+    def next_turn_soon(self) -> None:
+        """Advance ``turn`` at the next loop turn (read budgets are refilled per turn)."""
+        if not self._turn_armed:
+            self._turn_armed = True
+            asyncio.get_running_loop().call_soon(self._next_turn)
+
+    def may_work_for_big_readers(self) -> bool:
+        """Whether data of connections past their read budget may be handled now."""
+        return self.turn_spent < _TURN_BUDGET and time.perf_counter() >= self._rest_until
+
+    def spent(self, started: float) -> None:
+        """Account for the time since ``started`` spent handling a connection's data."""
+        now = time.perf_counter()
+        spent = now - started
+        self.turn_spent += spent
+        if spent >= _TURN_BUDGET:
+            # One long piece of work (a big frame's decoding cannot be cut):
+            # as long again for everyone else before the next one.
+            self._rest_until = now + spent
+
+    def defer(self, peer: _Peer) -> None:
+        """Handle what ``peer`` sent in a later turn; it is not read meanwhile."""
+        peer.hold()
+        self.deferred.append(peer)
+        self.next_turn_soon()
+
+    def _next_turn(self) -> None:
+        self._turn_armed = False
+        self.turn += 1
+        self.turn_spent = 0.0
+        throttled = self.throttled
+        if throttled:
+            for peer in tuple(throttled):
+                if peer.repaid():
+                    throttled.discard(peer)
+        deferred = self.deferred
+        # First come, first served, while there is time for them.
+        while deferred and self.may_work_for_big_readers():
+            deferred.popleft().handle_deferred()
+        if throttled:
+            self.next_turn_soon()
+        elif deferred and not self._rest_armed:
+            self._rest_armed = True
+            delay = max(0.0, self._rest_until - time.perf_counter())
+            asyncio.get_running_loop().call_later(delay, self._rested)
+
+    def _rested(self) -> None:
+        self._rest_armed = False
+        self.next_turn_soon()
 
     def _make_state_table(self) -> None:
         slots = self.settings.state_table_slots
@@ -486,6 +587,16 @@ class _Peer(asyncio.BufferedProtocol):
         # Actors given successes without a drain armed (see _reports).
         self._unflushed: list[BreakerActor] = []
         self.repeats = _RepeatedEvents()
+        self.pid = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: loop.time() of the last read (for idle_timeout).
+        self.last_heard = 0.0
+        self._hello_timer: asyncio.TimerHandle | None = None
+        # The read budget: bytes that may still be read this turn (negative:
+        # overdrawn), as of turn _credit_turn.
+        self._credit = daemon.settings.read_budget
+        self._credit_turn = 0
+        self._holds = 0
 
     # -- asyncio callbacks -------------------------------------------------------
 
@@ -493,23 +604,110 @@ class _Peer(asyncio.BufferedProtocol):
         # uvloop's transports have the whole Transport API without subclassing it.
         transport = self.transport = cast(asyncio.Transport, base)
         daemon = self.daemon
+        settings = daemon.settings
         sock = transport.get_extra_info("socket")
         pid, uid, gid = _PEERCRED.unpack(
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
         )
         self.log = self.log.bind(peer_pid=pid, peer_uid=uid)
         if not daemon.peer_allowed(uid, gid):
-            self.log.warning("peer_refused", reason="uid not allowed", peer_gid=gid)
-            self.closed = True
-            transport.abort()
+            self._refuse("uid not allowed", peer_gid=gid)
             return
-        if len(daemon.peers) >= daemon.settings.max_connections:
-            self.log.warning("peer_refused", reason="too many connections")
-            self.closed = True
-            transport.abort()
+        held = daemon.connections_by_pid.get(pid, 0)
+        if held >= settings.max_connections_per_pid:
+            self._refuse(
+                "too many connections from this process",
+                limit=settings.max_connections_per_pid,
+            )
             return
+        if len(daemon.peers) - (daemon.admin_peer is not None) >= settings.max_connections:
+            if daemon.admin_peer is not None:
+                self._refuse("too many connections", limit=settings.max_connections)
+                return
+            # The last slot: kept for `breakerd status` and friends, so that an
+            # operator can always look, even while the pool is full.
+            daemon.admin_peer = self
+        self.pid = pid
+        daemon.connections_by_pid[pid] = held + 1
         daemon.peers.add(self)
-        self.log.info("client_connected")
+        loop = self._loop = asyncio.get_running_loop()
+        self.last_heard = loop.time()
+        self._hello_timer = loop.call_later(settings.hello_timeout, self._no_hello)
+        self.log.info("client_connected", admin_slot=daemon.admin_peer is self)
+
+    def _refuse(self, reason: str, **fields: Any) -> None:
+        self.log.warning("peer_refused", reason=reason, **fields)
+        self.closed = True
+        assert self.transport is not None
+        self.transport.abort()
+
+    def _no_hello(self) -> None:
+        self._hello_timer = None
+        if not self.closed:
+            self.log.warning(
+                "peer_dropped",
+                reason="no hello in time",
+                hello_timeout=self.daemon.settings.hello_timeout,
+            )
+            self.close(abort=True)
+
+    @property
+    def idle(self) -> bool:
+        """Past hello and holding nothing: no breaker, no request in flight, no lease."""
+        return (
+            self._hello_timer is None
+            and not self.closed
+            and not self.names
+            and not self.inflight
+            and not self.leases
+        )
+
+    def repaid(self) -> bool:
+        """One more turn has passed: resume reading once what was overdrawn is paid back."""
+        if self.closed:
+            return True
+        self._credit += self.daemon.settings.read_budget
+        self._credit_turn = self.daemon.turn
+        if self._credit < 0:
+            return False
+        self._release()
+        return True
+
+    def _charge(self, nbytes: int) -> bool:
+        daemon = self.daemon
+        budget = daemon.settings.read_budget
+        credit = self._credit
+        turn = daemon.turn
+        if turn != self._credit_turn:
+            credit = min(budget, credit + (turn - self._credit_turn) * budget)
+            self._credit_turn = turn
+        credit -= nbytes
+        self._credit = credit
+        if credit >= 0:
+            return False
+        if self not in daemon.throttled and not self.closed:
+            self.hold()
+            daemon.throttled.add(self)
+        # Turns are counted only while someone is over budget: a turn more
+        # per request would cost every client a spare trip round the loop.
+        daemon.next_turn_soon()
+        return True
+
+    def handle_deferred(self) -> None:
+        """Handle the bytes ``data_received`` left for a later turn, then read on."""
+        self.handle_events()
+        self._release()
+
+    def hold(self) -> None:
+        # Reading pauses while anything holds it (the read budget, a busy actor).
+        self._holds += 1
+        if self._holds == 1 and self.transport is not None:
+            self.transport.pause_reading()
+
+    def _release(self) -> None:
+        self._holds -= 1
+        if self._holds == 0 and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
 
     def get_buffer(self, sizehint: int) -> bytearray:
         return self.daemon.read_buffer
@@ -522,9 +720,30 @@ class _Peer(asyncio.BufferedProtocol):
     def data_received(self, data: bytes | bytearray) -> None:
         if self.closed:
             return
-        conn = self.conn
+        overdrawn = self._charge(len(data))
+        if self._loop is not None:
+            self.last_heard = self._loop.time()
         try:
-            conn.receive_data(data)
+            self.conn.receive_data(data)
+        except ProtocolError as exc:
+            self.log.warning("protocol_error", error=str(exc))
+            self.close(abort=True)
+            return
+        daemon = self.daemon
+        if overdrawn and not daemon.may_work_for_big_readers():
+            # Big readers had their share: these bytes wait for a later turn,
+            # and the small requests of others are not kept waiting.
+            daemon.defer(self)
+            return
+        self.handle_events()
+
+    def handle_events(self) -> None:
+        """Handle every complete message received so far."""
+        if self.closed:
+            return
+        conn = self.conn
+        started = time.perf_counter()
+        try:
             while True:
                 event = conn.next_event()
                 if event is NEED_DATA:
@@ -547,6 +766,7 @@ class _Peer(asyncio.BufferedProtocol):
                 unflushed.clear()
             if self.repeats.pending:
                 self.repeats.summarize(self.log)
+            self.daemon.spent(started)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -557,6 +777,15 @@ class _Peer(asyncio.BufferedProtocol):
         if self not in daemon.peers:
             return
         daemon.peers.discard(self)
+        if daemon.admin_peer is self:
+            daemon.admin_peer = None
+        held = daemon.connections_by_pid.pop(self.pid, 1) - 1
+        if held > 0:
+            daemon.connections_by_pid[self.pid] = held
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+        daemon.throttled.discard(self)
         for name in self.names:
             subscribers = daemon.subscribers.get(name)
             if subscribers is not None:
@@ -645,8 +874,24 @@ class _Peer(asyncio.BufferedProtocol):
                 self.close()
 
     def _hello(self, msgid: int, hello: Hello) -> None:
-        version = negotiate_version(hello)
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
         self.log = self.log.bind(client=hello.client)
+        if self.daemon.admin_peer is self and hello.client != ADMIN_CLIENT:
+            self.log.warning("peer_refused", reason="too many connections", admin_slot=True)
+            self._reply(
+                msgid,
+                None,
+                InboxFullError(
+                    f"too many connections (max_connections "
+                    f"{self.daemon.settings.max_connections}); the one slot left is kept "
+                    "for breakerd admin commands"
+                ),
+            )
+            self.close()
+            return
+        version = negotiate_version(hello)
         table = self.daemon.state_table
         if table is not None and self._send_with_table(
             msgid, Welcome(version, SERVER_NAME, os.getpid(), table.slots), table.reader_fd
@@ -838,10 +1083,9 @@ class _Peer(asyncio.BufferedProtocol):
     def _pause_until_drained(self, actor: BreakerActor) -> None:
         # Backpressure: stop reading this peer's socket until the actor has
         # caught up; its writes then block in its own process, not in ours.
-        transport = self.transport
-        if transport is None or self.closed:
+        if self.transport is None or self.closed:
             return
-        transport.pause_reading()
+        self.hold()
         loop = asyncio.get_running_loop()
 
         def resume() -> None:
@@ -850,6 +1094,6 @@ class _Peer(asyncio.BufferedProtocol):
             if actor.backlog > actor.max_inbox // 4:
                 loop.call_later(0.001, resume)
             else:
-                transport.resume_reading()
+                self._release()
 
         loop.call_later(0.001, resume)
