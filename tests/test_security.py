@@ -469,6 +469,6 @@ def test_a_status_request_is_answered_promptly_while_others_flood(
             flooder.wait(10)
     latencies.sort()
     print(f"status latency under flood ({daemon.loop}): {[round(x, 3) for x in latencies]}")
-    # Measured 0.01-0.03 s median (0.1-0.2 s at worst) on 2 busy CPUs,
-    # against 6-9 s before the read budget and the rate-limited log.
+    # Measured: medians of 0.005-0.12 s (0.22 s at worst) on 2 busy CPUs,
+    # against 3-7 s before the read budget and the rate-limited log.
     assert statistics.median(latencies) < 0.5, latencies
