@@ -28,6 +28,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from breakerd.actor import BreakerConfig
+from breakerd.actor._daemon_config import ConfigError, load_config
 from breakerd.clients import DaemonClient, DaemonUnavailableError, RemoteBreaker
 from breakerd.clients._admin import ask_daemon
 from breakerd.clients._cli_daemon import printable
@@ -472,3 +473,36 @@ def test_a_status_request_is_answered_promptly_while_others_flood(
     # Measured: medians of 0.005-0.12 s (0.22 s at worst) on 2 busy CPUs,
     # against 3-7 s before the read budget and the rate-limited log.
     assert statistics.median(latencies) < 0.5, latencies
+
+
+# -- the settings --------------------------------------------------------------------------
+
+
+def test_connection_limits_have_defaults_and_are_checked(tmp_path: Path) -> None:
+    socket_path = tmp_path / "s.sock"
+    defaults = load_config(None, socket_path)
+    assert (
+        defaults.max_connections_per_pid,
+        defaults.hello_timeout,
+        defaults.idle_timeout,
+        defaults.read_budget,
+    ) == (64, 5.0, 60.0, 65536)
+    config = tmp_path / "d.toml"
+    config.write_text(
+        "[daemon]\nmax_connections_per_pid = 2\nhello_timeout = 1\nidle_timeout = 0.5\n"
+        "read_budget = 4096\n"
+    )
+    settings = load_config(config, socket_path)
+    assert (settings.max_connections_per_pid, settings.hello_timeout) == (2, 1.0)
+    assert (settings.idle_timeout, settings.read_budget) == (0.5, 4096)
+    for line, message in [
+        ("hello_timeout = 0", "hello_timeout must be a number of seconds > 0"),
+        ("idle_timeout = inf", "idle_timeout must be a number of seconds > 0"),
+        ("idle_timeout = nan", "idle_timeout must be"),
+        ("hello_timeout = true", "hello_timeout must be"),
+        ("read_budget = 0", "read_budget must be an integer >= 1"),
+        ("max_connections_per_pid = 1.5", "max_connections_per_pid must be an integer"),
+    ]:
+        config.write_text(f"[daemon]\n{line}\n")
+        with pytest.raises(ConfigError, match=message):
+            load_config(config, socket_path)
