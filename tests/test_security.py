@@ -347,7 +347,8 @@ def limited_daemon(tmp: Path, settings: str) -> DaemonProcess:
 def test_one_process_cannot_hold_every_connection(tmp_short: Path) -> None:
     process = limited_daemon(
         tmp_short,
-        "max_connections = 8\nmax_connections_per_pid = 4\nhello_timeout = 0.5\nidle_timeout = 1.0",
+        # Long enough for the checks below to come first, even on a busy machine.
+        "max_connections = 8\nmax_connections_per_pid = 4\nhello_timeout = 2.0\nidle_timeout = 2.0",
     )
     try:
         holder = RawClient(process.socket_path)  # holds a breaker: never idle
