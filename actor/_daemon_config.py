@@ -68,8 +68,8 @@ class DaemonSettings:
     #: Seconds a connection that holds nothing (no breaker registered, no
     #: request in flight, no trial lease) may stay silent before it is closed.
     idle_timeout: float = 60.0
-    #: Bytes a connection may have handled per event-loop turn: past it, its
-    #: reading pauses for as many turns as it overdrew (a flooder waits, others not).
+    #: Bytes a connection may send per event-loop turn: past it, it is not read
+    #: until later turns pay back what it overdrew (a flooder waits, others not).
     read_budget: int = 1 << 16
     max_inflight: int = 256
     max_outbox: int = 1 << 20

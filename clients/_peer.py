@@ -33,7 +33,7 @@ def trusted_uids(
     env = os.environ if environ is None else environ
     uids = {os.getuid(), 0, *extra}
     for entry in env.get(TRUSTED_UIDS_ENV, "").replace(",", " ").split():
-        if not entry.isdigit():
+        if not (entry.isascii() and entry.isdigit()):
             raise ValueError(
                 f"{TRUSTED_UIDS_ENV}: {entry!r} is not a uid (expected numbers separated "
                 "by commas or spaces)"
