@@ -21,17 +21,17 @@ What protects the others from one bad client:
 * ``max_inflight`` requests per connection (more get a ``busy`` error), and a
   bounded outbox: a client that stops reading is dropped once ``max_outbox``
   bytes wait for it, it never blocks an actor;
-* ``read_budget`` bytes per connection per loop turn: a connection that read
-  more stops being read for as many turns as it overdrew, so a flood of
-  big frames from some connections cannot starve the others' requests;
-* repeated warnings a client causes are logged once, then summarized;
+* ``read_budget`` bytes per connection per loop turn: a connection that sent
+  more is read less often, so a flood of big frames from some connections
+  cannot starve the others' requests (``_fairness.ReadScheduler``);
+* repeated warnings a client causes are logged once, then summarized
+  (``_fairness.RepeatedEvents``);
 * a connection's half-open trial leases are released when it closes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import errno
 import fcntl
@@ -84,6 +84,7 @@ from breakerd.protocol import (
 
 from ._actor import BreakerActor
 from ._daemon_config import DaemonSettings
+from ._fairness import LOG_SUMMARY_INTERVAL, ReadScheduler, RepeatedEvents
 from ._machine import BreakerConfig, Transition
 from ._state_table import SharedStateTable, StateTableUnavailableError
 from ._system import ActorSystem
@@ -97,13 +98,6 @@ _BACKLOG = 1024
 #: Bytes read from a connection at a time, into the daemon's one receive buffer.
 _READ_SIZE = 1 << 18
 _connection_ids = itertools.count(1)
-#: Seconds per loop turn for handling the data of connections past their
-#: read budget; once spent, more of it waits for a later turn. A 1 MiB frame
-#: of reports takes ~100 ms to decode, in one piece: after such a piece the
-#: others get as long again (see Daemon.spent).
-_TURN_BUDGET = 0.005
-#: Seconds between two summaries of one connection's repeated log event.
-LOG_SUMMARY_INTERVAL = 10.0
 #: What the admin CLI (``clients/_admin.py``) calls itself in its hello: the
 #: one client the reserved connection slot is kept for.
 ADMIN_CLIENT = "breakerd-cli"
@@ -140,19 +134,8 @@ class Daemon:
         #: pid -> connections it holds (SO_PEERCRED's pid, at connect time).
         self.connections_by_pid: dict[int, int] = {}
         self.subscribers: dict[str, set[_Peer]] = {}
-        #: Advances once per event-loop turn in which a connection read data:
-        #: the clock of the read budgets.
-        self.turn = 0
-        self._turn_armed = False
-        #: Connections paused until the turns have paid back what they overdrew.
-        self.throttled: set[_Peer] = set()
-        #: Seconds spent this turn handling what connections sent.
-        self.turn_spent = 0.0
-        #: Connections whose received bytes wait for a turn with time left.
-        self.deferred: collections.deque[_Peer] = collections.deque()
-        # perf_counter() before which big readers wait (see spent()).
-        self._rest_until = 0.0
-        self._rest_armed = False
+        #: Who is read when, once connections go over their read budget.
+        self.reads: ReadScheduler[_Peer] = ReadScheduler()
         self.uid = os.getuid()
         self.log = structlog.get_logger("breakerd.daemon")
         self._handle_signals = handle_signals
@@ -260,56 +243,6 @@ class Daemon:
                 if peer.idle and now - peer.last_heard >= idle_timeout:
                     peer.log.info("peer_dropped", reason="idle", idle_timeout=idle_timeout)
                     peer.close(abort=True)
-
-    def next_turn_soon(self) -> None:
-        """Advance ``turn`` at the next loop turn (read budgets are refilled per turn)."""
-        if not self._turn_armed:
-            self._turn_armed = True
-            asyncio.get_running_loop().call_soon(self._next_turn)
-
-    def may_work_for_big_readers(self) -> bool:
-        """Whether data of connections past their read budget may be handled now."""
-        return self.turn_spent < _TURN_BUDGET and time.perf_counter() >= self._rest_until
-
-    def spent(self, started: float) -> None:
-        """Account for the time since ``started`` spent handling a connection's data."""
-        now = time.perf_counter()
-        spent = now - started
-        self.turn_spent += spent
-        if spent >= _TURN_BUDGET:
-            # One long piece of work (a big frame's decoding cannot be cut):
-            # as long again for everyone else before the next one.
-            self._rest_until = now + spent
-
-    def defer(self, peer: _Peer) -> None:
-        """Handle what ``peer`` sent in a later turn; it is not read meanwhile."""
-        peer.hold()
-        self.deferred.append(peer)
-        self.next_turn_soon()
-
-    def _next_turn(self) -> None:
-        self._turn_armed = False
-        self.turn += 1
-        self.turn_spent = 0.0
-        throttled = self.throttled
-        if throttled:
-            for peer in tuple(throttled):
-                if peer.repaid():
-                    throttled.discard(peer)
-        deferred = self.deferred
-        # First come, first served, while there is time for them.
-        while deferred and self.may_work_for_big_readers():
-            deferred.popleft().handle_deferred()
-        if throttled:
-            self.next_turn_soon()
-        elif deferred and not self._rest_armed:
-            self._rest_armed = True
-            delay = max(0.0, self._rest_until - time.perf_counter())
-            asyncio.get_running_loop().call_later(delay, self._rested)
-
-    def _rested(self) -> None:
-        self._rest_armed = False
-        self.next_turn_soon()
 
     def _make_state_table(self) -> None:
         slots = self.settings.state_table_slots
@@ -530,46 +463,6 @@ class Daemon:
         return push
 
 
-class _RepeatedEvents:
-    """One connection's repeated warnings: the first logged in full, the rest counted.
-
-    A client can make the daemon warn once per item it sends (a report for
-    a breaker nobody registered); a line per item would turn a flood into
-    megabytes of log and seconds of stall. Repeats are summed and logged as
-    one ``summary`` line of the same event per ``LOG_SUMMARY_INTERVAL``, and
-    at close.
-    """
-
-    __slots__ = ("_since", "counts", "pending")
-
-    def __init__(self) -> None:
-        self._since = time.monotonic()
-        #: Event -> repeats not yet summarized (present once logged in full).
-        self.counts: dict[str, int] = {}
-        self.pending = False
-
-    def warning(self, log: Any, event: str, **fields: Any) -> None:
-        count = self.counts.get(event)
-        if count is None:
-            self.counts[event] = 0
-            log.warning(event, **fields)
-        else:
-            self.counts[event] = count + 1
-            self.pending = True
-
-    def summarize(self, log: Any, *, final: bool = False) -> None:
-        """Log what was counted, if ``LOG_SUMMARY_INTERVAL`` has passed (or ``final``)."""
-        now = time.monotonic()
-        if not self.pending or (not final and now - self._since < LOG_SUMMARY_INTERVAL):
-            return
-        for event, count in self.counts.items():
-            if count:
-                log.warning(event, summary=True, count=count, seconds=round(now - self._since, 3))
-                self.counts[event] = 0
-        self._since = now
-        self.pending = False
-
-
 class _Peer(asyncio.BufferedProtocol):
     """One client connection."""
 
@@ -586,7 +479,7 @@ class _Peer(asyncio.BufferedProtocol):
         self.leases: dict[tuple[str, int], int] = {}
         # Actors given successes without a drain armed (see _reports).
         self._unflushed: list[BreakerActor] = []
-        self.repeats = _RepeatedEvents()
+        self.repeats = RepeatedEvents()
         self.pid = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         #: loop.time() of the last read (for idle_timeout).
@@ -667,7 +560,7 @@ class _Peer(asyncio.BufferedProtocol):
         if self.closed:
             return True
         self._credit += self.daemon.settings.read_budget
-        self._credit_turn = self.daemon.turn
+        self._credit_turn = self.daemon.reads.turn
         if self._credit < 0:
             return False
         self._release()
@@ -675,9 +568,10 @@ class _Peer(asyncio.BufferedProtocol):
 
     def _charge(self, nbytes: int) -> bool:
         daemon = self.daemon
+        reads = daemon.reads
         budget = daemon.settings.read_budget
         credit = self._credit
-        turn = daemon.turn
+        turn = reads.turn
         if turn != self._credit_turn:
             credit = min(budget, credit + (turn - self._credit_turn) * budget)
             self._credit_turn = turn
@@ -685,12 +579,8 @@ class _Peer(asyncio.BufferedProtocol):
         self._credit = credit
         if credit >= 0:
             return False
-        if self not in daemon.throttled and not self.closed:
-            self.hold()
-            daemon.throttled.add(self)
-        # Turns are counted only while someone is over budget: a turn more
-        # per request would cost every client a spare trip round the loop.
-        daemon.next_turn_soon()
+        if not self.closed:
+            reads.throttle(self)
         return True
 
     def handle_deferred(self) -> None:
@@ -730,10 +620,10 @@ class _Peer(asyncio.BufferedProtocol):
             self.close(abort=True)
             return
         daemon = self.daemon
-        if overdrawn and not daemon.may_work_for_big_readers():
+        if overdrawn and not daemon.reads.may_work_for_big_readers():
             # Big readers had their share: these bytes wait for a later turn,
             # and the small requests of others are not kept waiting.
-            daemon.defer(self)
+            daemon.reads.defer(self)
             return
         self.handle_events()
 
@@ -766,7 +656,7 @@ class _Peer(asyncio.BufferedProtocol):
                 unflushed.clear()
             if self.repeats.pending:
                 self.repeats.summarize(self.log)
-            self.daemon.spent(started)
+            self.daemon.reads.spent(started)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -785,7 +675,7 @@ class _Peer(asyncio.BufferedProtocol):
         if self._hello_timer is not None:
             self._hello_timer.cancel()
             self._hello_timer = None
-        daemon.throttled.discard(self)
+        daemon.reads.forget(self)
         for name in self.names:
             subscribers = daemon.subscribers.get(name)
             if subscribers is not None:
