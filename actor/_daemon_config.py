@@ -5,7 +5,11 @@ Example ``breakerd.toml``::
     [daemon]
     allowed_uids = [1001]     # besides the daemon's own uid and root
     socket_group = "workers"  # open the socket (mode 0660) to this group's members
-    max_connections = 1024
+    max_connections = 1024    # plus one kept for `breakerd` admin commands
+    max_connections_per_pid = 64
+    hello_timeout = 5.0       # seconds a new connection has to say hello
+    idle_timeout = 60.0       # seconds a connection holding nothing may stay silent
+    read_budget = 65536       # bytes per connection per loop turn before it is paused
     max_inflight = 256        # requests in flight per connection
     max_outbox = 1048576      # bytes buffered per connection before it is dropped
     state_table_slots = 65536 # breakers in the shared state table (+1 header); 0: off
@@ -31,7 +35,6 @@ clients (whose differing settings are reported back as conflicts).
 from __future__ import annotations
 
 import grp
-import math
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -71,6 +74,9 @@ _BREAKER_FIELDS = frozenset(f.name for f in fields(BreakerConfig))
 # 512 MiB of address space: far beyond any host's breakers, and a typo in the
 # file must not make the daemon reserve terabytes.
 _MAX_TABLE_SLOTS = 1 << 24
+# A day: a timeout is a bound on what a client can hold, and inf or 1e300
+# would disable it (and overflow the event loop's timer arithmetic).
+_MAX_SECONDS = 86_400.0
 
 
 class ConfigError(ValueError):
@@ -89,6 +95,16 @@ class DaemonSettings:
     #: The group the socket is opened to (mode 0660), and whose members may connect.
     socket_gid: int | None = None
     max_connections: int = 1024
+    #: Connections one process may hold (SO_PEERCRED's pid).
+    max_connections_per_pid: int = 64
+    #: Seconds a new connection has to complete its hello before it is closed.
+    hello_timeout: float = 5.0
+    #: Seconds a connection that holds nothing (no breaker registered, no
+    #: request in flight, no trial lease) may stay silent before it is closed.
+    idle_timeout: float = 60.0
+    #: Bytes a connection may send per event-loop turn: past it, it is not read
+    #: until later turns pay back what it overdrew (a flooder waits, others not).
+    read_budget: int = 1 << 16
     max_inflight: int = 256
     max_outbox: int = 1 << 20
     #: Slots in the shared state table (the header included); 0: no table.
@@ -162,6 +178,10 @@ def load_config(path: Path | None, socket_path: Path) -> DaemonSettings:
         "allowed_uids",
         "socket_group",
         "max_connections",
+        "max_connections_per_pid",
+        "hello_timeout",
+        "idle_timeout",
+        "read_budget",
         "max_inflight",
         "max_outbox",
         "state_table_slots",
@@ -180,6 +200,12 @@ def load_config(path: Path | None, socket_path: Path) -> DaemonSettings:
         socket_mode=0o660 if "socket_group" in daemon else 0o600,
         socket_gid=_group(daemon["socket_group"], path) if "socket_group" in daemon else None,
         max_connections=_positive(daemon.get("max_connections", 1024), "max_connections", path),
+        max_connections_per_pid=_positive(
+            daemon.get("max_connections_per_pid", 64), "max_connections_per_pid", path
+        ),
+        hello_timeout=_seconds(daemon.get("hello_timeout", 5.0), "hello_timeout", path),
+        idle_timeout=_seconds(daemon.get("idle_timeout", 60.0), "idle_timeout", path),
+        read_budget=_positive(daemon.get("read_budget", 1 << 16), "read_budget", path),
         max_inflight=_positive(daemon.get("max_inflight", 256), "max_inflight", path),
         max_outbox=_positive(daemon.get("max_outbox", 1 << 20), "max_outbox", path),
         state_table_slots=_table_slots(
@@ -275,9 +301,14 @@ def _positive(value: object, key: str, path: Path) -> int:
 
 
 def _seconds(value: object, key: str, path: Path) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not 0 < value <= _MAX_SECONDS
+    ):
         raise ConfigError(
-            f"{path}: [daemon] {key} must be a finite number of seconds > 0, got {value!r}"
+            f"{path}: [daemon] {key} must be a number of seconds > 0 and <= {_MAX_SECONDS:g}, "
+            f"got {value!r}"
         )
     return float(value)
 

@@ -22,7 +22,7 @@ from ._daemon_config import (
     parse_metrics_address,
     with_state_file,
 )
-from ._server import Daemon, DaemonAlreadyRunningError
+from ._server import Daemon, DaemonAlreadyRunningError, UnsafeSocketPathError
 
 __all__ = ["LOOPS", "configure_daemon_logging", "resolve_loop", "serve_main"]
 
@@ -122,7 +122,7 @@ def serve_main(
     try:
         # uvloop's C loop costs the daemon less per request than asyncio's.
         anyio.run(daemon.run, backend_options={"use_uvloop": chosen == "uvloop"})
-    except (DaemonAlreadyRunningError, MetricsUnavailableError) as exc:
+    except (DaemonAlreadyRunningError, MetricsUnavailableError, UnsafeSocketPathError) as exc:
         print(f"breakerd: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

@@ -17,9 +17,19 @@ What protects the others from one bad client:
   a connection registered), a ``limit_exceeded`` error past either or once
   the state table is full; a closed breaker nobody holds is reclaimed after
   ``breaker_idle_timeout``;
-* ``max_connections``, ``max_inflight`` requests per connection (more get a
-  ``busy`` error), and a bounded outbox: a client that stops reading is
-  dropped once ``max_outbox`` bytes wait for it, it never blocks an actor;
+* ``max_connections``, plus one slot kept for the admin CLI (a connection
+  that gets it must say hello as ``breakerd-cli``), and at most
+  ``max_connections_per_pid`` of them from one process;
+* ``hello_timeout`` for a new connection to say hello, ``idle_timeout`` for
+  one that holds nothing (no breaker, no request, no lease) and says nothing;
+* ``max_inflight`` requests per connection (more get a ``busy`` error), and a
+  bounded outbox: a client that stops reading is dropped once ``max_outbox``
+  bytes wait for it, it never blocks an actor;
+* ``read_budget`` bytes per connection per loop turn: a connection that sent
+  more is read less often, so a flood of big frames from some connections
+  cannot starve the others' requests (``_fairness.ReadScheduler``);
+* repeated warnings a client causes are logged once, then summarized
+  (``_fairness.RepeatedEvents``);
 * a half-open trial lease is settled only by the connection it was granted
   to (anyone else's report of it is stale), and released when that
   connection closes;
@@ -89,6 +99,7 @@ from breakerd.protocol import (
 from . import _systemd as systemd
 from ._actor import BreakerActor
 from ._daemon_config import DaemonSettings, MetricsUnavailableError
+from ._fairness import LOG_SUMMARY_INTERVAL, ReadScheduler, RepeatedEvents
 from ._machine import BreakerConfig, Transition
 from ._reclaim import IdleBreakers, sweep_period
 from ._reload import reload_config
@@ -99,7 +110,7 @@ from ._system import ActorSystem
 if TYPE_CHECKING:
     from ._metrics import MetricsServer
 
-__all__ = ["SERVER_NAME", "Daemon", "DaemonAlreadyRunningError"]
+__all__ = ["SERVER_NAME", "Daemon", "DaemonAlreadyRunningError", "UnsafeSocketPathError"]
 
 SERVER_NAME = "breakerd/0.1"
 _PEERCRED = struct.Struct("3i")
@@ -108,14 +119,19 @@ _BACKLOG = 1024
 #: Bytes read from a connection at a time, into the daemon's one receive buffer.
 _READ_SIZE = 1 << 18
 _connection_ids = itertools.count(1)
-#: The ``client`` the admin command line says hello with (``breakerd.clients._admin``).
-_ADMIN_CLIENT = "breakerd-cli"
+#: What the admin CLI (``clients/_admin.py``) calls itself in its hello: the
+#: one client the reserved connection slot is kept for.
+ADMIN_CLIENT = "breakerd-cli"
 #: Breakers per status page: ~200 bytes each plus the name, far below a frame.
 STATUS_PAGE = 1000
 
 
 class DaemonAlreadyRunningError(RuntimeError):
     """Another daemon holds the lock for this socket."""
+
+
+class UnsafeSocketPathError(RuntimeError):
+    """The socket's directory or lock file could be another process's: not used."""
 
 
 class Daemon:
@@ -145,11 +161,18 @@ class Daemon:
         #: Connections that asked for transition events, and the breakers
         #: they asked about (empty: every breaker).
         self.watchers: dict[_Peer, frozenset[str]] = {}
+        #: The connection in the slot kept for the admin CLI, if taken.
+        self.admin_peer: _Peer | None = None
+        #: pid -> connections it holds (SO_PEERCRED's pid, at connect time).
+        self.connections_by_pid: dict[int, int] = {}
+        #: Who is read when, once connections go over their read budget.
+        self.reads: ReadScheduler[_Peer] = ReadScheduler()
         self.uid = os.getuid()
         self.log = structlog.get_logger("breakerd.daemon")
         self._handle_signals = handle_signals
         self._stop = anyio.Event()
         self._lock_fd: int | None = None
+        # The socket's name until it is published (see _bind).
         # Every connection reads into this one buffer: the loop is one thread,
         # and asyncio hands each read over (buffer_updated) before the next.
         # A plain Protocol would cost every read a fresh 256 KiB bytes object,
@@ -213,6 +236,7 @@ class Daemon:
                 group.start_soon(self._sweep_idle_breakers)
                 if self._handle_signals:
                     await group.start(self._watch_signals)
+                group.start_soon(self._sweep)
                 # Readiness contract: the socket file appears only once signal
                 # handlers are in place and the listener accepts connections.
                 listener = self.listen_socket or self._bind()
@@ -266,6 +290,21 @@ class Daemon:
             self._remove_socket()
             self._release_lock()
             self.log.info("daemon_stopped")
+
+    async def _sweep(self) -> None:
+        """Close connections that hold nothing and say nothing; summarize repeated warnings."""
+        idle_timeout = self.settings.idle_timeout
+        period = min(idle_timeout / 4, LOG_SUMMARY_INTERVAL / 2)
+        loop = asyncio.get_running_loop()
+        while True:
+            await anyio.sleep(period)
+            now = loop.time()
+            for peer in tuple(self.peers):
+                if peer.repeats.pending:
+                    peer.repeats.summarize(peer.log)
+                if peer.idle and now - peer.last_heard >= idle_timeout:
+                    peer.log.info("peer_dropped", reason="idle", idle_timeout=idle_timeout)
+                    peer.close(abort=True)
 
     def _make_state_table(self) -> None:
         slots = self.settings.state_table_slots
@@ -333,10 +372,13 @@ class Daemon:
 
     def _take_lock(self) -> None:
         directory = self.socket_path.parent
-        if not directory.exists():
+        try:
             directory.mkdir(mode=0o700, parents=True)
             os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except FileExistsError:
+            # Not ours: /tmp/breakerd-$UID can be made by anyone before us.
+            self._check_directory(directory)
+        fd = self._open_lock_file()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -359,11 +401,58 @@ class Daemon:
             # We hold the lock, so whoever made this socket is gone.
             if not stat.S_ISSOCK(self.socket_path.lstat().st_mode):
                 self._release_lock()
-                raise RuntimeError(
+                raise UnsafeSocketPathError(
                     f"{self.socket_path} exists and is not a socket; not touching it"
                 )
             self.socket_path.unlink()
             self.log.warning("stale_socket_removed", socket=str(self.socket_path))
+
+    def _check_directory(self, directory: Path) -> None:
+        """Refuse a directory someone else could have prepared (or can change under us)."""
+        info = os.lstat(directory)
+        if stat.S_ISLNK(info.st_mode):
+            raise UnsafeSocketPathError(
+                f"socket directory {directory} is a symlink; refusing to serve through it"
+            )
+        if not stat.S_ISDIR(info.st_mode):
+            raise UnsafeSocketPathError(f"socket directory {directory} is not a directory")
+        if info.st_uid != self.uid:
+            raise UnsafeSocketPathError(
+                f"socket directory {directory} belongs to uid {info.st_uid}, not to the "
+                f"daemon's uid {self.uid}; remove it or choose another --socket"
+            )
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise UnsafeSocketPathError(
+                f"socket directory {directory} is writable by group or others (mode "
+                f"{stat.S_IMODE(info.st_mode):04o}); make it 0700 or choose another --socket"
+            )
+
+    def _open_lock_file(self) -> int:
+        """The lock file, made anew, or the one a previous daemon of ours left."""
+        path = self.lock_path
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        try:
+            fd = os.open(path, flags)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsafeSocketPathError(
+                    f"lock file {path} is a symlink; not following it (remove it if it is stale)"
+                ) from None
+            raise
+        # It existed: truncated below only if it can only be a lock file of
+        # ours. A hard link to some other file has a second name.
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != self.uid or info.st_nlink != 1:
+            os.close(fd)
+            raise UnsafeSocketPathError(
+                f"lock file {path} is not a plain file of the daemon's uid {self.uid} "
+                f"with one name; not touching it (remove it if it is stale)"
+            )
+        return fd
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
@@ -607,6 +696,17 @@ class _Peer(asyncio.BufferedProtocol):
         self.leases: dict[tuple[str, int], int] = {}
         # Actors given successes without a drain armed (see _reports).
         self._unflushed: list[BreakerActor] = []
+        self.repeats = RepeatedEvents()
+        self.pid = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: loop.time() of the last read (for idle_timeout).
+        self.last_heard = 0.0
+        self._hello_timer: asyncio.TimerHandle | None = None
+        # The read budget: bytes that may still be read this turn (negative:
+        # overdrawn), as of turn _credit_turn.
+        self._credit = daemon.settings.read_budget
+        self._credit_turn = 0
+        self._holds = 0
 
     # -- asyncio callbacks -------------------------------------------------------
 
@@ -614,24 +714,110 @@ class _Peer(asyncio.BufferedProtocol):
         # uvloop's transports have the whole Transport API without subclassing it.
         transport = self.transport = cast(asyncio.Transport, base)
         daemon = self.daemon
+        settings = daemon.settings
         sock = transport.get_extra_info("socket")
         pid, uid, gid = _PEERCRED.unpack(
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
         )
         self.log = self.log.bind(peer_pid=pid, peer_uid=uid)
         if not daemon.peer_allowed(uid, gid):
-            self.log.warning("peer_refused", reason="uid not allowed", peer_gid=gid)
-            self.closed = True
-            transport.abort()
+            self._refuse("uid not allowed", peer_gid=gid)
             return
-        if len(daemon.peers) >= daemon.settings.max_connections:
-            self.log.warning("peer_refused", reason="too many connections")
-            self.closed = True
-            transport.abort()
+        held = daemon.connections_by_pid.get(pid, 0)
+        if held >= settings.max_connections_per_pid:
+            self._refuse(
+                "too many connections from this process",
+                limit=settings.max_connections_per_pid,
+            )
             return
+        if len(daemon.peers) - (daemon.admin_peer is not None) >= settings.max_connections:
+            if daemon.admin_peer is not None:
+                self._refuse("too many connections", limit=settings.max_connections)
+                return
+            # The last slot: kept for `breakerd status` and friends, so that an
+            # operator can always look, even while the pool is full.
+            daemon.admin_peer = self
+        self.pid = pid
+        daemon.connections_by_pid[pid] = held + 1
         daemon.peers.add(self)
-        # Logged with the hello, which says whether it is an admin command.
-        self.log.debug("connection_accepted")
+        loop = self._loop = asyncio.get_running_loop()
+        self.last_heard = loop.time()
+        self._hello_timer = loop.call_later(settings.hello_timeout, self._no_hello)
+        # client_connected is logged with the hello, which says whether it is
+        # an admin command; the reserved slot being taken is news of its own.
+        if daemon.admin_peer is self:
+            self.log.info("connection_accepted", admin_slot=True)
+
+    def _refuse(self, reason: str, **fields: Any) -> None:
+        self.log.warning("peer_refused", reason=reason, **fields)
+        self.closed = True
+        assert self.transport is not None
+        self.transport.abort()
+
+    def _no_hello(self) -> None:
+        self._hello_timer = None
+        if not self.closed:
+            self.log.warning(
+                "peer_dropped",
+                reason="no hello in time",
+                hello_timeout=self.daemon.settings.hello_timeout,
+            )
+            self.close(abort=True)
+
+    @property
+    def idle(self) -> bool:
+        """Past hello and holding nothing: no breaker, no request in flight, no lease."""
+        return (
+            self._hello_timer is None
+            and not self.closed
+            and not self.names
+            and not self.inflight
+            and not self.leases
+        )
+
+    def repaid(self) -> bool:
+        """One more turn has passed: resume reading once what was overdrawn is paid back."""
+        if self.closed:
+            return True
+        self._credit += self.daemon.settings.read_budget
+        self._credit_turn = self.daemon.reads.turn
+        if self._credit < 0:
+            return False
+        self._release()
+        return True
+
+    def _charge(self, nbytes: int) -> bool:
+        daemon = self.daemon
+        reads = daemon.reads
+        budget = daemon.settings.read_budget
+        credit = self._credit
+        turn = reads.turn
+        if turn != self._credit_turn:
+            credit = min(budget, credit + (turn - self._credit_turn) * budget)
+            self._credit_turn = turn
+        credit -= nbytes
+        self._credit = credit
+        if credit >= 0:
+            return False
+        if not self.closed:
+            reads.throttle(self)
+        return True
+
+    def handle_deferred(self) -> None:
+        """Handle the bytes ``data_received`` left for a later turn, then read on."""
+        self.handle_events()
+        self._release()
+
+    def hold(self) -> None:
+        # Reading pauses while anything holds it (the read budget, a busy actor).
+        self._holds += 1
+        if self._holds == 1 and self.transport is not None:
+            self.transport.pause_reading()
+
+    def _release(self) -> None:
+        self._holds -= 1
+        if self._holds == 0 and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
 
     def get_buffer(self, sizehint: int) -> bytearray:
         return self.daemon.read_buffer
@@ -644,9 +830,30 @@ class _Peer(asyncio.BufferedProtocol):
     def data_received(self, data: bytes | bytearray) -> None:
         if self.closed:
             return
-        conn = self.conn
+        overdrawn = self._charge(len(data))
+        if self._loop is not None:
+            self.last_heard = self._loop.time()
         try:
-            conn.receive_data(data)
+            self.conn.receive_data(data)
+        except ProtocolError as exc:
+            self.log.warning("protocol_error", error=str(exc))
+            self.close(abort=True)
+            return
+        daemon = self.daemon
+        if overdrawn and not daemon.reads.may_work_for_big_readers():
+            # Big readers had their share: these bytes wait for a later turn,
+            # and the small requests of others are not kept waiting.
+            daemon.reads.defer(self)
+            return
+        self.handle_events()
+
+    def handle_events(self) -> None:
+        """Handle every complete message received so far."""
+        if self.closed:
+            return
+        conn = self.conn
+        started = time.perf_counter()
+        try:
             while True:
                 event = conn.next_event()
                 if event is NEED_DATA:
@@ -667,6 +874,9 @@ class _Peer(asyncio.BufferedProtocol):
                 for actor in unflushed:
                     actor.flush_soon()
                 unflushed.clear()
+            if self.repeats.pending:
+                self.repeats.summarize(self.log)
+            self.daemon.reads.spent(started)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -678,6 +888,15 @@ class _Peer(asyncio.BufferedProtocol):
             return
         daemon.peers.discard(self)
         daemon.watchers.pop(self, None)
+        if daemon.admin_peer is self:
+            daemon.admin_peer = None
+        held = daemon.connections_by_pid.pop(self.pid, 1) - 1
+        if held > 0:
+            daemon.connections_by_pid[self.pid] = held
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+        daemon.reads.forget(self)
         for name in self.names:
             daemon.let_go(name, self)
         released = 0
@@ -692,6 +911,7 @@ class _Peer(asyncio.BufferedProtocol):
                 except BreakerError:
                     pass  # shutting down: the lease dies with the actor
         self.leases.clear()
+        self.repeats.summarize(self.log, final=True)
         (self.log.debug if self.admin else self.log.info)(
             "client_disconnected", leases_released=released, error=repr(exc) if exc else None
         )
@@ -768,9 +988,25 @@ class _Peer(asyncio.BufferedProtocol):
                 self.close()
 
     def _hello(self, msgid: int, hello: Hello) -> None:
-        version = negotiate_version(hello)
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
         self.log = self.log.bind(client=hello.client)
-        self.admin = hello.client == _ADMIN_CLIENT
+        if self.daemon.admin_peer is self and hello.client != ADMIN_CLIENT:
+            self.log.warning("peer_refused", reason="too many connections", admin_slot=True)
+            self._reply(
+                msgid,
+                None,
+                InboxFullError(
+                    f"too many connections (max_connections "
+                    f"{self.daemon.settings.max_connections}); the one slot left is kept "
+                    "for breakerd admin commands"
+                ),
+            )
+            self.close()
+            return
+        version = negotiate_version(hello)
+        self.admin = hello.client == ADMIN_CLIENT
         (self.log.debug if self.admin else self.log.info)("client_connected")
         table = self.daemon.state_table
         if table is not None and self._send_with_table(
@@ -913,10 +1149,11 @@ class _Peer(asyncio.BufferedProtocol):
             return
         successes: dict[tuple[str, int], int] = {}
         busy: BreakerActor | None = None
+        repeats = self.repeats
         for report in message.items:
             actor = system.get(report.name)
             if actor is None:
-                self.log.warning("report_for_unknown_breaker", breaker=report.name)
+                repeats.warning(self.log, "report_for_unknown_breaker", breaker=report.name)
                 continue
             if report.lease:
                 if self.leases.pop((report.name, report.lease), None) is not None:
@@ -962,7 +1199,7 @@ class _Peer(asyncio.BufferedProtocol):
         for name, generation, count in successes:
             actor = system.get(name)
             if actor is None:
-                self.log.warning("report_for_unknown_breaker", breaker=name)
+                self.repeats.warning(self.log, "report_for_unknown_breaker", breaker=name)
             elif deferred:
                 actor.add_successes(generation, count, flush=False)
                 self._unflushed.append(actor)
@@ -976,10 +1213,9 @@ class _Peer(asyncio.BufferedProtocol):
     def _pause_until_drained(self, actor: BreakerActor) -> None:
         # Backpressure: stop reading this peer's socket until the actor has
         # caught up; its writes then block in its own process, not in ours.
-        transport = self.transport
-        if transport is None or self.closed:
+        if self.transport is None or self.closed:
             return
-        transport.pause_reading()
+        self.hold()
         loop = asyncio.get_running_loop()
 
         def resume() -> None:
@@ -988,6 +1224,6 @@ class _Peer(asyncio.BufferedProtocol):
             if actor.backlog > actor.max_inbox // 4:
                 loop.call_later(0.001, resume)
             else:
-                transport.resume_reading()
+                self._release()
 
         loop.call_later(0.001, resume)

@@ -19,6 +19,8 @@ from breakerd.protocol import (
     ResponseReceived,
 )
 
+from ._peer import trusted_uids, untrusted_peer
+
 __all__ = ["ask_daemon"]
 
 
@@ -41,6 +43,9 @@ def ask_daemon(socket_path: Path, *messages: RequestMessage, timeout: float = 10
             raise DaemonUnavailableError(
                 f"not allowed to connect to {socket_path}: {exc.strerror}"
             ) from exc
+        untrusted = untrusted_peer(sock, trusted_uids())
+        if untrusted is not None:
+            raise DaemonUnavailableError(f"not asking the daemon at {socket_path}: {untrusted}")
         conn = Connection("client")
         hello = Hello(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, "breakerd-cli", os.getpid())
         data = conn.send_request(0, hello)

@@ -20,7 +20,7 @@ from breakerd.protocol import (
 
 from ._admin import ask_daemon
 
-__all__ = ["add_admin_commands", "add_events", "add_serve", "add_status"]
+__all__ = ["add_admin_commands", "add_events", "add_serve", "add_status", "printable"]
 
 _ADMIN: dict[str, tuple[AdminOp, str]] = {
     "open": ("force_open", "force a breaker open: reject every call until it is reset"),
@@ -168,7 +168,7 @@ def _print_status(path: Path, as_json: bool, *, compact: bool = False) -> None:
     headers = ["NAME", "STATE", "FAILURES", "SLOW", "CALLS", "OPEN FOR", "TRIALS", "CLIENTS"]
     rows = [
         [
-            r["name"],
+            printable(r["name"]),
             r["state"],
             _percent(r["failure_rate"]),
             _percent(r["slow_call_rate"]),
@@ -184,6 +184,36 @@ def _print_status(path: Path, as_json: bool, *, compact: bool = False) -> None:
         print(
             "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         )
+
+
+def printable(name: str) -> str:
+    """``name`` safe for a terminal: backslash escapes for what is not printable.
+
+    Names come from any client: a newline would forge a row, an escape
+    sequence would drive the admin's terminal. Backslashes are doubled so an
+    escaped name never reads like another name.
+    """
+    if name.isprintable() and "\\" not in name:
+        return name
+    return "".join(_escape(ch) for ch in name)
+
+
+def _escape(ch: str) -> str:
+    if ch == "\\":
+        return "\\\\"
+    if ch.isprintable():
+        return ch
+    if ch in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[ch]
+    code = ord(ch)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def _percent(rate: float | None) -> str:

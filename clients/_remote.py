@@ -115,6 +115,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import fcntl
 import mmap
 import multiprocessing.util
 import os
@@ -125,6 +126,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeAlias, cast
@@ -162,6 +164,8 @@ from breakerd.protocol import (
 )
 
 from ._core import Action, ClientCore, Completion, NotConnectedError, Reply, ReportItem
+from ._peer import trusted_uids as _trusted_uids
+from ._peer import untrusted_peer
 
 __all__ = [
     "FLUSH_DELAY",
@@ -256,6 +260,9 @@ class DaemonClient:
         backoff_min, backoff_max: Reconnect delays (doubling, +-20% jitter).
         flush_delay: How long batched reports wait before they are sent
             (default: ``FLUSH_DELAY``, read when the client is made).
+        trusted_uids: Uids the daemon may run as besides this process's own
+            and root (``$BREAKERD_TRUSTED_UIDS`` adds more); a daemon running
+            as anyone else is treated as unavailable.
     """
 
     def __init__(
@@ -267,8 +274,11 @@ class DaemonClient:
         backoff_min: float = 0.05,
         backoff_max: float = 2.0,
         flush_delay: float | None = None,
+        trusted_uids: Iterable[int] = (),
     ) -> None:
         self.path = check_socket_path(path)
+        #: Uids the daemon may run as (SO_PEERCRED is checked on every connection).
+        self.trusted_uids = _trusted_uids(trusted_uids)
         if connect_timeout <= 0:
             raise ValueError(f"connect_timeout must be > 0, got {connect_timeout!r}")
         if not 0 < backoff_min <= backoff_max:
@@ -792,6 +802,12 @@ class DaemonClient:
             sock.close()
             self._note_outage(f"cannot connect ({exc.strerror or exc!r})")
             return False
+        untrusted = untrusted_peer(sock, self.trusted_uids)
+        if untrusted is not None:
+            # Someone else's socket at our path: its answers could steer every breaker.
+            sock.close()
+            self._note_outage(untrusted)
+            return False
         # Bounds a write to a daemon that stopped reading; reads only happen
         # after poll() says there is data, so they never wait on it.
         sock.settimeout(self.request_timeout)
@@ -1120,10 +1136,14 @@ class MappedStateTable:
 
     The mapping lives as long as a slot view of it does (a link switching to
     a new connection never pulls memory from under a thread reading the old
-    one); the daemon's seals keep it from shrinking under us.
+    one); the daemon's seals keep it from shrinking under us. They are
+    checked before mapping: whoever answers on the socket sent this
+    descriptor, and a table that can shrink would kill this process with
+    SIGBUS, one that can be written through another descriptor would lie.
     """
 
     def __init__(self, fd: int, slots: int) -> None:
+        _check_seals(fd)
         size = os.fstat(fd).st_size
         if size != slots * state_table.SLOT_SIZE:
             raise state_table.StateTableError(
@@ -1137,6 +1157,32 @@ class MappedStateTable:
         if not 1 <= slot < self.slots:
             return None
         return state_table.slot_words(self._buffer, slot)
+
+
+# Not in the fcntl module of every Python the package supports (Linux 5.1+).
+_F_SEAL_FUTURE_WRITE: Final = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
+
+
+def _check_seals(fd: int) -> None:
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except (OSError, AttributeError) as exc:
+        raise state_table.StateTableError(
+            f"the table's descriptor cannot carry seals (not a sealed memfd): {exc}"
+        ) from None
+    missing = [
+        name
+        for name, bits in (
+            ("grow", fcntl.F_SEAL_GROW),
+            ("shrink", fcntl.F_SEAL_SHRINK),
+            ("write", fcntl.F_SEAL_WRITE | _F_SEAL_FUTURE_WRITE),
+        )
+        if not seals & bits
+    ]
+    if missing:
+        raise state_table.StateTableError(
+            f"the table is not sealed against {', '.join(missing)} (seals {seals:#x})"
+        )
 
 
 def get_client(path: str | Path, *, start: bool = True) -> DaemonClient:

@@ -309,6 +309,10 @@ def test_connection_limit_and_a_client_that_stops_reading(tmp_short: Path) -> No
             flood_until_dropped()
         wait_for(lambda: "client_too_slow" in process.log(), what="the daemon to drop the reader")
         third = RawClient(process.socket_path)  # the dropped one freed its slot
+        # The slot kept for the admin CLI, taken by a connection yet to say hello.
+        reserved = socket.socket(socket.AF_UNIX)
+        reserved.connect(str(process.socket_path))
+        wait_for(lambda: 'admin_slot": true' in process.log(), what="the reserved slot taken")
         extra = socket.socket(socket.AF_UNIX)
         extra.settimeout(10)
         extra.connect(str(process.socket_path))
@@ -323,6 +327,7 @@ def test_connection_limit_and_a_client_that_stops_reading(tmp_short: Path) -> No
         for sock in (good, third):
             sock.close()
         extra.close()
+        reserved.close()
     finally:
         assert process.terminate() == 0
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import fcntl
 import os
 import shutil
 import signal
@@ -824,13 +825,20 @@ def test_without_the_tables_descriptor_the_client_lives_on_pushes(
     wait_until(lambda: link.snapshot == opened)
 
 
-def test_a_descriptor_that_is_not_a_table_is_refused_with_a_warning(
-    daemon: FakeDaemon, make_client: Callable[..., DaemonClient], tmp_path: Path
-) -> None:
-    table_daemon(daemon)
-    bogus = tmp_path / "bogus"
-    bogus.write_bytes(b"\0" * 16 * 32)  # the announced size, but no header
-    fd = os.open(bogus, os.O_RDONLY)
+def sealed_memfd(data: bytes, seals: int) -> int:
+    """A memfd holding ``data``, with ``seals`` added (what the daemon hands out, or not)."""
+    fd = os.memfd_create("bogus", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.write(fd, data)
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
+
+
+_TABLE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+
+
+def refused_table(daemon: FakeDaemon, fd: int, make_client: Callable[..., DaemonClient]) -> str:
+    """The warning a client logs when offered ``fd`` as the table; it lives on pushes."""
     daemon.table_fd_override = fd
     try:
         with structlog.testing.capture_logs() as logs:
@@ -840,11 +848,38 @@ def test_a_descriptor_that_is_not_a_table_is_refused_with_a_warning(
         os.close(fd)
     assert link.remote
     assert client.state_table is None
+    assert link._slot_words is None
     (warning,) = [e for e in logs if e["event"] == "state_table_unusable"]
-    assert "magic" in warning["error"]
     opened = Snapshot("svc", CircuitState.OPEN, 1, open_until=time.monotonic() + 30)
     daemon.push(opened)
     wait_until(lambda: link.snapshot == opened)
+    error: str = warning["error"]
+    return error
+
+
+def test_a_descriptor_that_is_not_a_table_is_refused_with_a_warning(
+    daemon: FakeDaemon, make_client: Callable[..., DaemonClient]
+) -> None:
+    table_daemon(daemon)
+    # Sealed like a table and of the announced size, but no header.
+    fd = sealed_memfd(b"\0" * 16 * 32, _TABLE_SEALS)
+    assert "magic" in refused_table(daemon, fd, make_client)
+
+
+def test_a_table_that_could_change_size_or_be_written_is_refused(
+    daemon: FakeDaemon, make_client: Callable[..., DaemonClient], tmp_path: Path
+) -> None:
+    table = table_daemon(daemon)
+    # A copy of a real table (header and all), missing one seal at a time:
+    # shrunk, it would kill the client with SIGBUS; written, it would lie.
+    image = bytes(os.pread(table.reader_fd, 16 * 32, 0))
+    for missing in (fcntl.F_SEAL_SHRINK, fcntl.F_SEAL_GROW, fcntl.F_SEAL_WRITE):
+        fd = sealed_memfd(image, _TABLE_SEALS & ~missing)
+        assert "seal" in refused_table(daemon, fd, make_client)
+    # A plain file cannot be sealed at all.
+    plain = tmp_path / "plain"
+    plain.write_bytes(image)
+    assert "seal" in refused_table(daemon, os.open(plain, os.O_RDONLY), make_client)
 
 
 def test_a_reconnected_client_reads_the_new_daemons_table(
