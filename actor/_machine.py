@@ -586,13 +586,12 @@ class Machine:
         A plain outcome counts. A trial's counts only if a transition cut its
         lease short; an expired lease was counted as a failure when it expired.
         """
-        if outcome is Outcome.CANCELLED:
-            return
         if lease:
             if lease not in self._orphans:
                 return
-            del self._orphans[lease]
-        self._count_total(outcome)
+            del self._orphans[lease]  # its first report settles it, whatever it says
+        if outcome is not Outcome.CANCELLED:
+            self._count_total(outcome)
 
     def _settle_neutral(
         self, outcome: Outcome, retry_after: float | None, now: float

@@ -244,6 +244,11 @@ class Daemon:
                 server = await loop.create_unix_server(
                     lambda: _Peer(self), sock=listener, backlog=_BACKLOG
                 )
+                if self.listen_socket is None:
+                    # Only now under its real name: whoever sees the file can
+                    # connect, with the final mode. The log line comes after,
+                    # so whoever reads it finds the socket in place too.
+                    os.replace(self._bind_path, self.socket_path)
                 self.log.info(
                     "daemon_started",
                     socket=str(self.socket_path),
@@ -255,10 +260,6 @@ class Daemon:
                     breakers_restored=self.state_file.restored if self.state_file else 0,
                     socket_activated=self.listen_socket is not None,
                 )
-                if self.listen_socket is None:
-                    # Only now under its real name: whoever sees the file can
-                    # connect, with the final mode, to a daemon that logged its start.
-                    os.replace(self._bind_path, self.socket_path)
                 systemd.notify("READY=1")
                 interval = systemd.watchdog_interval()
                 if interval is not None:

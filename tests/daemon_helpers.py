@@ -103,6 +103,7 @@ class DaemonProcess:
         ``daemon_started`` line when a stale file may already be there."""
 
         def ready() -> bool:
+            # The daemon logs daemon_started once the socket is in place.
             if started_log:
                 return "daemon_started" in self.log()
             return self.socket_path.exists()

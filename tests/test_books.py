@@ -401,3 +401,15 @@ def test_daemon_mode_another_process_learns_successes_must_wait(
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_cut_short_trial_is_settled_by_its_first_report() -> None:
+    # Cancelled first, then reported again: the lease counts once at most.
+    machine = Machine("m", BreakerConfig(min_calls=1, window_size=1, timeout=1))
+    machine.record(0, Outcome.FAILURE, 0.0)
+    trial = machine.acquire(1.0)
+    assert trial.lease
+    machine.force_open(1.0)
+    machine.record(trial.generation, Outcome.CANCELLED, 1.0, lease=trial.lease)
+    machine.record(trial.generation, Outcome.SUCCESS, 1.0, lease=trial.lease)
+    assert (machine.successes, machine.failures) == (0, 1)

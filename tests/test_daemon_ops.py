@@ -58,7 +58,8 @@ def test_after_sigterm_a_restarted_daemon_has_every_breaker_as_it_was(tmp_short:
     assert first.terminate() == 0
     assert (tmp_short / "s.state").exists()
 
-    second = DaemonProcess(tmp_short / "s.sock", log_path=tmp_short / "2.log").wait_ready()
+    second = DaemonProcess(tmp_short / "s.sock", log_path=tmp_short / "2.log")
+    second.wait_ready(started_log=True)
     try:
         (started,) = events(second, "daemon_started")
         assert started["breakers_restored"] == 3

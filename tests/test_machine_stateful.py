@@ -151,11 +151,12 @@ class Model:
         if generation != self.generation:
             # Out of the window, but in the books if the call really ran:
             # any plain permit of an older generation, or a trial cut short.
-            if generation < self.generation and outcome is not Outcome.CANCELLED:
-                if not lease:
-                    self.count(outcome)
-                elif lease in self.orphans:
-                    self.orphans.discard(lease)
+            if generation < self.generation:
+                if lease:
+                    if lease not in self.orphans:
+                        return False
+                    self.orphans.discard(lease)  # the first report settles it
+                if outcome is not Outcome.CANCELLED:
                     self.count(outcome)
             return False
         if self.state is DISABLED:
