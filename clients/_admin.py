@@ -21,7 +21,38 @@ from breakerd.protocol import (
 
 from ._peer import trusted_uids, untrusted_peer
 
-__all__ = ["ask_daemon"]
+__all__ = ["ask_daemon", "connect_to_daemon"]
+
+
+def connect_to_daemon(socket_path: Path, timeout: float | None = None) -> socket.socket:
+    """A blocking socket connected to the daemon at ``socket_path``, its peer checked.
+
+    Raises ``DaemonUnavailableError`` when nothing listens there, when this
+    process may not connect, and when whoever listens is not a daemon this
+    process trusts (``SO_PEERCRED``: its own uid, root, or a trusted uid).
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(socket_path))
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        sock.close()
+        raise DaemonUnavailableError(
+            f"no breakerd daemon at {socket_path} (is 'breakerd serve' running?)"
+        ) from exc
+    except PermissionError as exc:
+        sock.close()
+        raise DaemonUnavailableError(
+            f"not allowed to connect to {socket_path}: {exc.strerror}"
+        ) from exc
+    except BaseException:
+        sock.close()
+        raise
+    untrusted = untrusted_peer(sock, trusted_uids())
+    if untrusted is not None:
+        sock.close()
+        raise DaemonUnavailableError(f"not asking the daemon at {socket_path}: {untrusted}")
+    return sock
 
 
 def ask_daemon(socket_path: Path, *messages: RequestMessage, timeout: float = 10.0) -> list[Any]:
@@ -30,22 +61,8 @@ def ask_daemon(socket_path: Path, *messages: RequestMessage, timeout: float = 10
     Raises the daemon's error for the first request that failed, and
     ``DaemonUnavailableError`` when there is no daemon to ask.
     """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
+    sock = connect_to_daemon(socket_path, timeout)
     try:
-        try:
-            sock.connect(str(socket_path))
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise DaemonUnavailableError(
-                f"no breakerd daemon at {socket_path} (is 'breakerd serve' running?)"
-            ) from exc
-        except PermissionError as exc:
-            raise DaemonUnavailableError(
-                f"not allowed to connect to {socket_path}: {exc.strerror}"
-            ) from exc
-        untrusted = untrusted_peer(sock, trusted_uids())
-        if untrusted is not None:
-            raise DaemonUnavailableError(f"not asking the daemon at {socket_path}: {untrusted}")
         conn = Connection("client")
         hello = Hello(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, "breakerd-cli", os.getpid())
         data = conn.send_request(0, hello)

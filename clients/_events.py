@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +28,8 @@ from breakerd.protocol import (
     Subscribe,
     TransitionEvent,
 )
+
+from ._admin import connect_to_daemon
 
 __all__ = ["event_line", "event_record", "follow_transitions", "follow_until_interrupted"]
 
@@ -50,18 +51,8 @@ def follow_transitions(
     ``DaemonUnavailableError`` when the daemon is missing, too old for
     events, or goes away.
     """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = connect_to_daemon(socket_path)
     try:
-        try:
-            sock.connect(str(socket_path))
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise DaemonUnavailableError(
-                f"no breakerd daemon at {socket_path} (is 'breakerd serve' running?)"
-            ) from exc
-        except PermissionError as exc:
-            raise DaemonUnavailableError(
-                f"not allowed to connect to {socket_path}: {exc.strerror}"
-            ) from exc
         conn = Connection("client")
         hello = Hello(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, "breakerd-events", os.getpid())
         sock.sendall(conn.send_request(0, hello) + conn.send_request(1, Subscribe(tuple(names))))

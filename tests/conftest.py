@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,22 @@ def tmp_short() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture(params=["asyncio", "uvloop"])
+#: uvloop is an optional extra (``breakerd[uvloop]``, in ``dev``): without it
+#: the daemon runs on asyncio only, and its uvloop cases have nothing to run on.
+UVLOOP = importlib.util.find_spec("uvloop") is not None
+
+
+@pytest.fixture(
+    params=[
+        "asyncio",
+        pytest.param(
+            "uvloop",
+            marks=pytest.mark.skipif(
+                not UVLOOP, reason="uvloop is not installed (pip install 'breakerd[uvloop]')"
+            ),
+        ),
+    ]
+)
 def daemon(tmp_short: Path, request: pytest.FixtureRequest) -> Iterator[DaemonProcess]:
     """``breakerd serve`` on each event loop it supports (uvloop comes with the dev extra)."""
     # The log line, not the socket file: the file appears at bind(), a moment
