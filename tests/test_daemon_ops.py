@@ -209,6 +209,17 @@ def socket_activate() -> str:
     return found
 
 
+def accepts(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        return False
+    finally:
+        probe.close()
+    return True
+
+
 def test_socket_activation_serves_the_inherited_socket_and_never_unlinks_it(
     tmp_short: Path,
 ) -> None:
@@ -224,7 +235,8 @@ def test_socket_activation_serves_the_inherited_socket_and_never_unlinks_it(
     daemon = DaemonProcess.__new__(DaemonProcess)  # only for its log helpers
     daemon.stderr_path = log_path
     try:
-        wait_for(path.exists, what="systemd-socket-activate's socket")
+        # systemd-socket-activate binds before it listens: wait until it accepts.
+        wait_for(lambda: accepts(path), what="systemd-socket-activate's socket")
         # The first connection starts the daemon on the socket systemd made.
         client = RawClient(path)
         assert client.register("svc").state is CircuitState.CLOSED
