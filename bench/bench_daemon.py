@@ -549,7 +549,7 @@ def print_b(r: CallsResult) -> list[Goal]:
     ratio = r.ratios["sync"]["pybreaker"]["ratio_of_medians"]
     over = r.sync.overhead_stats("daemon").median
     peer = r.sync.overhead_stats("pybreaker").median
-    return [
+    goals = [
         Goal(
             "b_daemon_call_sync",
             "Daemon-backed `call_sync` (closed) overhead vs pybreaker's local `call`",
@@ -559,6 +559,35 @@ def print_b(r: CallsResult) -> list[Goal]:
             ratio,
         )
     ]
+    for label, result in (("call_sync", r.sync), ("call", r.async_)):
+        # The same call through the daemon and embedded, in the same run.
+        daemon_over = result.overhead_stats("daemon").median
+        embedded_over = result.overhead_stats("embedded").median
+        vs_embedded = daemon_over / embedded_over
+        goals.append(
+            Goal(
+                f"b_daemon_vs_embedded_{label}",
+                f"Daemon-backed `{label}` (closed) overhead vs the same call embedded",
+                f"{vs_embedded:.2f}x ({daemon_over:.3f} us vs {embedded_over:.3f} us)",
+                "<= 1.3x",
+                vs_embedded <= 1.3,
+                vs_embedded,
+            )
+        )
+    io_ns = r.sync.actor_cpu_ns.get("daemon")
+    if io_ns:
+        io_us = statistics.median(io_ns) / 1000.0
+        goals.append(
+            Goal(
+                "b_io_thread_cpu",
+                "Client IO-thread CPU per daemon-backed success (`call_sync`)",
+                f"{io_us:.4f} us",
+                "<= 0.05 us",
+                io_us <= 0.05,
+                io_us,
+            )
+        )
+    return goals
 
 
 # -- c: outcomes per second from N client processes ---------------------------------------

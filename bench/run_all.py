@@ -166,6 +166,18 @@ def embedded_rows(report: dict[str, Any]) -> list[Row]:
             ratio <= 0.5,
         )
     )
+    for key, label in (("c_async_rejection", "`call`"), ("c_sync_rejection", "`call_sync`")):
+        c = scenarios[key]["contenders"]
+        ratio = ratios[key]["circuitbreaker"]["ratio_of_medians"]
+        rows.append(
+            Row(
+                f"Embedded rejection ({label}, breaker open) vs circuitbreaker's",
+                f"{ratio:.2f}x ({c['breakerd']['overhead_us']['median']:.3f} us vs "
+                f"{c['circuitbreaker']['overhead_us']['median']:.3f} us)",
+                "< 1.0x",
+                ratio < 1.0,
+            )
+        )
     return rows
 
 
