@@ -64,6 +64,9 @@ _OPEN: Final = CircuitState.OPEN
 _DISABLED: Final = CircuitState.DISABLED
 _FORCED_OPEN: Final = CircuitState.FORCED_OPEN
 _SUCCESS: Final = Outcome.SUCCESS
+#: A state's plain string. ``CircuitState.X.value`` runs Python code in the
+#: enum module on every read, a third of a rejection's cost.
+_STATE_NAMES: Final[dict[CircuitState, str]] = {state: state.value for state in CircuitState}
 
 
 class CircuitBreaker:
@@ -543,16 +546,16 @@ class CircuitBreaker:
         state = snapshot.state
         if state is _FORCED_OPEN:
             self._actor.post_rejection()
-            return CircuitBreakerOpenError(self.name, None, state.value)
+            return CircuitBreakerOpenError(self.name, None, _STATE_NAMES[state])
         if state is _OPEN and snapshot.open_until is not None:
             remaining = snapshot.open_until - self._clock()
             if remaining > 0:
                 self._actor.post_rejection()
-                return CircuitBreakerOpenError(self.name, remaining, state.value)
+                return CircuitBreakerOpenError(self.name, remaining, _STATE_NAMES[state])
         return None
 
     def _rejection(self, snapshot: Snapshot, retry_after: float | None) -> CircuitBreakerOpenError:
-        return CircuitBreakerOpenError(self.name, retry_after, snapshot.state.value)
+        return CircuitBreakerOpenError(self.name, retry_after, _STATE_NAMES[snapshot.state])
 
     async def _reject_async(
         self, error: CircuitBreakerOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
