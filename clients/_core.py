@@ -168,6 +168,9 @@ class ClientCore:
         self._undelivered: list[Action] = []
         # Names of breakers that rejected a call locally, one entry per call.
         self._rejections: deque[str] = deque()
+        # name -> tally of local rejections (a count each), kept for the
+        # core's life so a link holds its list for good; emptied, never dropped.
+        self._rejection_tallies: dict[str, list[int]] = {}
         self._name_sizes: dict[str, int] = {}
 
     # -- the connection's lifetime ---------------------------------------------------
@@ -212,6 +215,8 @@ class ClientCore:
         for tally in list(self._tallies.values()):
             del tally[:]
         self._tallies.clear()
+        for rejected in list(self._rejection_tallies.values()):
+            del rejected[:]
 
     def unavailable_error(self, reason: str) -> DaemonUnavailableError:
         return DaemonUnavailableError(
@@ -259,7 +264,13 @@ class ClientCore:
     def _fold_successes(self, message: RequestMessage) -> RequestMessage:
         # A strict caller's queued successes ride on its next acquire: the
         # daemon decodes one frame instead of two.
-        if type(message) is not Acquire or self._reports or self._rejections or message.successes:
+        if (
+            type(message) is not Acquire
+            or self._reports
+            or self._rejections
+            or message.successes
+            or any(self._rejection_tallies.values())
+        ):
             return message
         found: tuple[int, list[int]] | None = None
         for (name, generation), tally in list(self._tallies.items()):
@@ -275,7 +286,7 @@ class ClientCore:
         return Acquire(message.name, taken, generation)
 
     def _tallied(self) -> bool:
-        return any(self._tallies.values())
+        return any(self._tallies.values()) or any(self._rejection_tallies.values())
 
     def _allocate_msgid(self) -> int:
         msgid = self._next_msgid
@@ -343,6 +354,14 @@ class ClientCore:
             self._forget_old_tallies(name)
         return tally
 
+    def rejection_tally(self, name: str) -> list[int]:
+        """The list to which a link appends the count of each local rejection
+        of ``name`` (no lock: ``list.append``), bounded by the appender. Any thread."""
+        rejected = self._rejection_tallies.get(name)
+        if rejected is None:
+            rejected = self._rejection_tallies.setdefault(name, [])
+        return rejected
+
     def _forget_old_tallies(self, name: str) -> None:
         keys = [key for key, tally in list(self._tallies.items()) if key[0] == name]
         for key in keys[:-_TALLIES_PER_BREAKER]:
@@ -407,6 +426,12 @@ class ClientCore:
         while rejections:
             name = rejections.popleft()
             rejected[name] = rejected.get(name, 0) + 1
+        for name, tally in list(self._rejection_tallies.items()):
+            taken = len(tally)
+            if taken:
+                count = sum(tally[:taken])
+                del tally[:taken]
+                rejected[name] = rejected.get(name, 0) + count
         if successes or rejected:
             counts = ReportBatch(
                 (),

@@ -1361,6 +1361,7 @@ class RemoteBreaker:
         # check with another's tally.
         self._tally: tuple[int, list[int]] = (_ASK_FOR_SUCCESSES, [])
         self._queue_limit = client.core.max_queued_reports
+        self._rejected = client.core.rejection_tally(name)
 
     @classmethod
     def open(
@@ -1571,7 +1572,14 @@ class RemoteBreaker:
 
     def post_rejection(self, count: int = 1) -> None:
         if self._remote:
-            self.client.post_rejection(self.name)
+            # The hot path of an open breaker: a tally append, as for successes.
+            rejected = self._rejected
+            if len(rejected) < self._queue_limit:  # status totals only: drop past it
+                rejected.append(count)
+                client = self.client
+                if not client._flush_armed:
+                    client._flush_armed = True
+                    client._wake()
         elif self._local is not None:
             self._local.post_rejection(count)
 
