@@ -44,6 +44,7 @@ import dataclasses
 import errno
 import fcntl
 import grp
+import inspect
 import itertools
 import os
 import pwd
@@ -124,6 +125,27 @@ _connection_ids = itertools.count(1)
 ADMIN_CLIENT = "breakerd-cli"
 #: Breakers per status page: ~200 bytes each plus the name, far below a frame.
 STATUS_PAGE = 1000
+
+
+async def _serve_unix(
+    loop: asyncio.AbstractEventLoop,
+    protocol: Callable[[], asyncio.BaseProtocol],
+    listener: socket.socket,
+) -> asyncio.Server:
+    """``create_unix_server`` that never unlinks the socket file itself.
+
+    asyncio from Python 3.13 and uvloop from 0.21 remove a server's socket
+    file when it closes (``cleanup_socket``); the daemon decides that alone:
+    its own socket goes at shutdown, but one systemd passed in must stay for
+    the next activation. Loops without the parameter never remove it.
+    """
+    # Any: the typeshed of Python 3.11, which mypy checks against, lacks the parameter.
+    create: Any = loop.create_unix_server
+    if "cleanup_socket" in inspect.signature(create).parameters:
+        server = await create(protocol, sock=listener, backlog=_BACKLOG, cleanup_socket=False)
+    else:
+        server = await create(protocol, sock=listener, backlog=_BACKLOG)
+    return cast(asyncio.Server, server)
 
 
 class DaemonAlreadyRunningError(RuntimeError):
@@ -241,9 +263,7 @@ class Daemon:
                 # handlers are in place and the listener accepts connections.
                 listener = self.listen_socket or self._bind()
                 loop = asyncio.get_running_loop()
-                server = await loop.create_unix_server(
-                    lambda: _Peer(self), sock=listener, backlog=_BACKLOG
-                )
+                server = await _serve_unix(loop, lambda: _Peer(self), listener)
                 if self.listen_socket is None:
                     # Only now under its real name: whoever sees the file can
                     # connect, with the final mode. The log line comes after,
