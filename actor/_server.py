@@ -97,6 +97,7 @@ from ._state_table import SharedStateTable, StateTableUnavailableError
 from ._system import ActorSystem
 
 if TYPE_CHECKING:
+    from ._fleet import FleetLink
     from ._metrics import MetricsServer
 
 __all__ = ["SERVER_NAME", "Daemon", "DaemonAlreadyRunningError"]
@@ -167,6 +168,12 @@ class Daemon:
             if path is None
             else StateFile(path, self.system.actors, clock=clock, wall_clock=wall_clock)
         )
+        #: The link to the other hosts' daemons through Redis (None: no fleet).
+        self.fleet: FleetLink | None = None
+        if settings.fleet is not None and settings.fleet.redis:
+            from ._fleet import FleetLink
+
+            self.fleet = FleetLink(settings.fleet, self.system.get, clock)
 
     @property
     def socket_path(self) -> Path:
@@ -211,6 +218,8 @@ class Daemon:
             async with anyio.create_task_group() as group:
                 await group.start(self.system.serve)
                 group.start_soon(self._sweep_idle_breakers)
+                if self.fleet is not None:
+                    group.start_soon(self.fleet.run)
                 if self._handle_signals:
                     await group.start(self._watch_signals)
                 # Readiness contract: the socket file appears only once signal
@@ -489,6 +498,8 @@ class Daemon:
                 continue
             self.system.remove(name)
             self.idle.forget(name)
+            if self.fleet is not None:
+                self.fleet.forget(name)
             if self.state_table is not None:
                 self.state_table.release(name)
             reclaimed.append(name)
@@ -520,6 +531,8 @@ class Daemon:
         in_table = table is not None and table.slot_for(actor.name) != 0
         actor.on_publish = self._publisher(actor.name, in_table)
         actor.on_publish(actor.snapshot)  # the table's first word, and a baseline
+        if self.fleet is not None:
+            self.fleet.attach(actor)
 
     def actor(self, name: str) -> BreakerActor:
         actor = self.system.get(name)

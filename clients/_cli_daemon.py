@@ -75,6 +75,13 @@ def add_serve(subparsers: Any) -> None:
         help="where breaker state survives restarts (default: [daemon] state_file, else "
         "beside the socket, e.g. breakerd.state; 'none' turns it off)",
     )
+    parser.add_argument(
+        "--redis",
+        default=None,
+        metavar="URL",
+        help="share opens and trials with the daemons of other hosts through this Redis "
+        "(redis://HOST:PORT/DB or unix:///PATH; needs breakerd[redis]; overrides [fleet] redis)",
+    )
     parser.set_defaults(handler=_run_serve)
 
 
@@ -82,7 +89,12 @@ def _run_serve(args: argparse.Namespace) -> int:
     from breakerd.actor._serve_main import serve_main
 
     return serve_main(
-        _socket(args), args.config, args.loop, metrics=args.metrics, state_file=args.state_file
+        _socket(args),
+        args.config,
+        args.loop,
+        metrics=args.metrics,
+        state_file=args.state_file,
+        redis=args.redis,
     )
 
 

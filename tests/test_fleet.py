@@ -1,0 +1,331 @@
+"""The fleet: daemons on separate sockets (separate hosts) sharing one real redis-server."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from daemon_helpers import DaemonProcess, RawClient, poll_until, wait_for
+from redis_helpers import RedisServer
+
+from breakerd.protocol import CircuitState, Outcome
+
+#: Every breaker in these tests: two failures open it.
+TRIPPY: dict[str, Any] = {"min_calls": 2, "failure_threshold": 0.5, "timeout": 30.0}
+
+
+@pytest.fixture
+def redis_server(tmp_short: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_short)
+    yield server
+    server.kill()
+
+
+class Fleet:
+    """Daemons ("hosts") started against one Redis; all killed at the end."""
+
+    def __init__(self, directory: Path, server: RedisServer) -> None:
+        self.directory = directory
+        self.server = server
+        self.daemons: dict[str, DaemonProcess] = {}
+
+    def start(self, host: str, config: str = "", *, share: str = "open") -> DaemonProcess:
+        path = self.directory / f"{host}.toml"
+        path.write_text(
+            f'[fleet]\nredis = "{self.server.url}"\nhost = "{host}"\nshare = "{share}"\n{config}'
+        )
+        process = DaemonProcess(
+            self.directory / f"{host}.sock",
+            path,
+            self.directory / f"{host}.log",
+            loop="asyncio",
+            extra_args=["--state-file", "none"],
+        ).wait_ready(started_log=True)
+        self.daemons[host] = process
+        wait_for(lambda: "fleet_joined" in process.log(), what=f"{host} joining the fleet")
+        return process
+
+    def client(self, host: str) -> RawClient:
+        return RawClient(self.daemons[host].socket_path)
+
+    def kill(self) -> None:
+        for process in self.daemons.values():
+            process.kill()
+
+
+@pytest.fixture
+def fleet(tmp_short: Path, redis_server: RedisServer) -> Iterator[Fleet]:
+    group = Fleet(tmp_short, redis_server)
+    yield group
+    group.kill()
+
+
+def trip(client: RawClient, name: str) -> None:
+    generation = client.register(name, **TRIPPY).generation
+    for _ in range(2):
+        snapshot = client.report(name, generation, Outcome.FAILURE)
+    assert snapshot.state is CircuitState.OPEN
+
+
+def state(client: RawClient, name: str) -> CircuitState:
+    return client.status(name).breakers[0].snapshot.state
+
+
+def in_state(client: RawClient, name: str, expected: CircuitState) -> bool:
+    return state(client, name) is expected
+
+
+def events(process: DaemonProcess, event: str) -> list[dict[str, Any]]:
+    return [line for line in process.log_events() if line.get("event") == event]
+
+
+def test_an_open_on_one_host_opens_the_others_and_late_joiners(fleet: Fleet) -> None:
+    fleet.start("a")
+    fleet.start("b")
+    a, b = fleet.client("a"), fleet.client("b")
+    b.register("api", **TRIPPY)
+    trip(a, "api")
+    assert poll_until(lambda: state(b, "api") is CircuitState.OPEN, 5.0)
+    admission = b.acquire("api")
+    assert not admission.admitted
+    # B's deadline is A's (30 s), within the time the message took.
+    (a_status,) = a.status("api").breakers
+    (b_status,) = b.status("api").breakers
+    assert a_status.snapshot.open_until is not None
+    assert b_status.snapshot.open_until is not None
+    assert abs(a_status.snapshot.open_until - b_status.snapshot.open_until) < 1.0
+    # A host that joins later finds the open in Redis when it registers the breaker.
+    fleet.start("c")
+    c = fleet.client("c")
+    c.register("api", **TRIPPY)
+    assert poll_until(lambda: state(c, "api") is CircuitState.OPEN, 5.0)
+    # A breaker nobody tripped stays closed everywhere.
+    b.register("other", **TRIPPY)
+    assert state(b, "other") is CircuitState.CLOSED
+
+
+def test_share_off_keeps_a_breaker_to_itself(fleet: Fleet) -> None:
+    config = '[breakers.private]\nshare = "off"\n'
+    fleet.start("a", config)
+    fleet.start("b", config)
+    a, b = fleet.client("a"), fleet.client("b")
+    b.register("private", **TRIPPY)
+    b.register("public", **TRIPPY)
+    trip(a, "private")
+    trip(a, "public")
+    # Messages travel in order on one channel: once "public" is open on B,
+    # "private" would have been too.
+    assert poll_until(lambda: state(b, "public") is CircuitState.OPEN, 5.0)
+    assert state(b, "private") is CircuitState.CLOSED
+
+
+def test_opens_only_grow_in_redis(redis_server: RedisServer) -> None:
+    from breakerd.actor._fleet import OPEN_LUA
+
+    r = redis.Redis(unix_socket_path=str(redis_server.socket_path))
+    script = r.register_script(OPEN_LUA)
+    keys = ["t:open:x", "t:trial:x"]
+    now, _ = script(keys=keys, args=["h1", 30_000, "x", "t:fleet", "0", "test"])
+    _, opens = script(keys=keys, args=["h1", 1_000, "x", "t:fleet", "0", "test"])
+    assert opens[0] == b"h1"
+    assert float(opens[1]) >= now + 30_000  # the shorter open did not win
+    # The key lives as long as the latest open, for hosts that join late.
+    assert 29_000 < r.pttl("t:open:x") <= 30_000
+    r.close()
+
+
+def test_quorum_ignores_one_hosts_trip(fleet: Fleet) -> None:
+    config = '[breakers.barrier]\nshare = "open"\n'
+    for host in ("a", "b", "c"):
+        fleet.start(host, config, share="quorum:2")
+    a, b, c = fleet.client("a"), fleet.client("b"), fleet.client("c")
+    b.register("api", **TRIPPY)
+    b.register("barrier", **TRIPPY)
+    trip(a, "api")
+    trip(a, "barrier")
+    assert poll_until(lambda: state(b, "barrier") is CircuitState.OPEN, 5.0)
+    assert state(b, "api") is CircuitState.CLOSED  # one sick host does not cut B off
+    trip(c, "api")  # a second host: the quorum
+    assert poll_until(lambda: state(b, "api") is CircuitState.OPEN, 5.0)
+
+
+def _open_until(client: RawClient, name: str) -> float:
+    until = client.status(name).breakers[0].snapshot.open_until
+    assert until is not None
+    return until
+
+
+def test_the_fleet_sends_half_open_calls_trials_in_all(fleet: Fleet) -> None:
+    config = {**TRIPPY, "timeout": 0.5, "half_open_calls": 2, "half_open_max_wait": 30.0}
+    hosts = ("a", "b", "c")
+    for host in hosts:
+        fleet.start(host)
+    clients = {host: fleet.client(host) for host in hosts}
+    for client in clients.values():
+        client.register("api", **config)
+    generation = clients["a"].register("api", **config).generation
+    for _ in range(2):
+        clients["a"].report("api", generation, Outcome.FAILURE)
+    for client in clients.values():
+        assert poll_until(partial(in_state, client, "api", CircuitState.OPEN), 5.0)
+    latest = max(_open_until(client, "api") for client in clients.values())
+    wait_for(lambda: time.monotonic() > latest + 0.05, what="the open time to pass")
+
+    # Every host calls, from two threads each, for a while: the upstream
+    # (counted) sees exactly half_open_calls trials.
+    admitted: list[tuple[RawClient, int, int]] = []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + 1.5
+
+    def caller(host: str) -> None:
+        client = fleet.client(host)
+        while time.monotonic() < stop_at:
+            admission = client.acquire("api")
+            if admission.admitted:
+                with lock:
+                    admitted.append((client, admission.generation, admission.lease))
+            time.sleep(0.005)  # a client's pace, not a wait for time to pass
+
+    threads = [threading.Thread(target=caller, args=(h,)) for h in hosts for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(admitted) == 2
+    assert all(lease for _, _, lease in admitted)
+    # Both trials succeed on their host: the breaker closes on every host.
+    for client, generation, lease in admitted:
+        client.report("api", generation, Outcome.SUCCESS, lease=lease)
+    for client in clients.values():
+        assert poll_until(partial(in_state, client, "api", CircuitState.CLOSED), 5.0)
+
+
+def test_a_failed_trial_reopens_the_fleet(fleet: Fleet) -> None:
+    config = {**TRIPPY, "timeout": 0.3, "backoff": 10.0, "max_timeout": 20.0}
+    fleet.start("a")
+    fleet.start("b")
+    a, b = fleet.client("a"), fleet.client("b")
+    b.register("api", **config)
+    generation = a.register("api", **config).generation
+    for _ in range(2):
+        a.report("api", generation, Outcome.FAILURE)
+    assert poll_until(lambda: state(b, "api") is CircuitState.OPEN, 5.0)
+    wait_for(lambda: time.monotonic() > _open_until(a, "api") + 0.05, what="the open time")
+    admission = poll_until(lambda: (adm := a.acquire("api")).admitted and adm, 5.0)
+    assert admission
+    a.report("api", admission.generation, Outcome.FAILURE, lease=admission.lease)
+    # A's re-open is 10x longer (backoff), and B follows it: not B's own 0.3 s.
+    assert poll_until(lambda: _open_until(b, "api") > time.monotonic() + 1.0, 5.0)
+
+
+def test_a_host_killed_holding_the_trial_lease_delays_recovery_by_half_open_max_wait(
+    fleet: Fleet,
+) -> None:
+    config = {**TRIPPY, "timeout": 0.3, "half_open_max_wait": 1.0}
+    fleet.start("a")
+    fleet.start("b")
+    a, b = fleet.client("a"), fleet.client("b")
+    b.register("api", **config)
+    generation = a.register("api", **config).generation
+    for _ in range(2):
+        a.report("api", generation, Outcome.FAILURE)
+    assert poll_until(lambda: state(b, "api") is CircuitState.OPEN, 5.0)
+    wait_for(lambda: time.monotonic() > _open_until(a, "api") + 0.05, what="the open time")
+    assert poll_until(lambda: a.acquire("api").admitted, 5.0)  # A holds the trial
+    assert not b.acquire("api").admitted  # B waits: the lease is A's
+    fleet.daemons["a"].kill()
+    killed = time.monotonic()
+    assert poll_until(lambda: b.acquire("api").admitted, 5.0)
+    assert time.monotonic() - killed <= 1.0 + 0.5  # half_open_max_wait, plus a poll
+
+
+def test_redis_killed_then_restarted_empty(fleet: Fleet, redis_server: RedisServer) -> None:
+    fleet.start("a")
+    fleet.start("b")
+    a, b = fleet.client("a"), fleet.client("b")
+    b.register("api", **TRIPPY)
+    redis_server.kill()
+    started = time.monotonic()
+    trip(a, "api")  # A protects itself at once, alone
+    assert not a.acquire("api").admitted
+    assert time.monotonic() - started < 1.0  # no call waited on the dead Redis
+    wait_for(lambda: events(fleet.daemons["a"], "fleet_unavailable"), what="fleet_unavailable")
+    assert state(b, "api") is CircuitState.CLOSED
+    redis_server.start()  # empty: no opens, no leases
+    # A republishes its own open; B re-reads and follows.
+    assert poll_until(lambda: state(b, "api") is CircuitState.OPEN, 10.0)
+    wait_for(lambda: events(fleet.daemons["a"], "fleet_rejoined"), what="fleet_rejoined")
+    assert len(events(fleet.daemons["a"], "fleet_unavailable")) == 1  # logged once
+
+
+def test_redis_paused_slows_no_call(fleet: Fleet, redis_server: RedisServer) -> None:
+    fleet.start("a")
+    fleet.start("b")
+    a, b = fleet.client("a"), fleet.client("b")
+    b.register("api", **TRIPPY)
+    b.register("other", **TRIPPY)
+    redis_server.pause()
+    try:
+        started = time.monotonic()
+        trip(a, "api")
+        for _ in range(20):
+            b.acquire("other")
+        assert time.monotonic() - started < 1.0
+        for host in ("a", "b"):
+            wait_for(
+                partial(events, fleet.daemons[host], "fleet_unavailable"),
+                what=f"{host}: fleet_unavailable",
+            )
+        # Redis is gone: B's trials need no lease, and B decides alone.
+        assert state(b, "api") is CircuitState.CLOSED
+    finally:
+        redis_server.resume()
+    assert poll_until(lambda: state(b, "api") is CircuitState.OPEN, 10.0)
+
+
+def test_a_hostile_value_in_redis_is_bounded_and_logged(
+    fleet: Fleet, redis_server: RedisServer
+) -> None:
+    config = {**TRIPPY, "timeout": 1.0, "max_timeout": 5.0}
+    fleet.start("b")
+    b = fleet.client("b")
+    b.register("api", **config)
+    r = redis.Redis(unix_socket_path=str(redis_server.socket_path))
+    seconds, micros = r.time()
+    now_ms = seconds * 1000 + micros // 1000
+    year_ms = now_ms + 365 * 86400 * 1000
+    r.publish("breakerd:fleet", b"\xff not json")
+    r.publish("breakerd:fleet", json.dumps({"op": "open", "name": "api", "host": "evil"}))
+    r.publish(
+        "breakerd:fleet",
+        json.dumps(
+            {"op": "open", "name": "api", "host": "evil", "now": now_ms, "opens": ["evil", "x"]}
+        ),
+    )
+    r.publish(
+        "breakerd:fleet",
+        json.dumps(
+            {
+                "op": "open",
+                "name": "api",
+                "host": "evil",
+                "now": now_ms,
+                "opens": ["evil", str(year_ms)],
+            }
+        ),
+    )
+    r.close()
+    assert poll_until(lambda: state(b, "api") is CircuitState.OPEN, 5.0)
+    assert _open_until(b, "api") <= time.monotonic() + 5.0  # max_timeout, not a year
+    log = fleet.daemons["b"]
+    assert len(events(log, "fleet_message_invalid")) == 3
+    (bounded,) = events(log, "fleet_value_bounded")
+    assert bounded["breaker"] == "api"
+    assert bounded["from_host"] == "evil"
