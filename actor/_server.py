@@ -892,6 +892,7 @@ class _Peer(asyncio.BufferedProtocol):
             return
         results: dict[str, BreakerStatus] = {}
         failed: list[BaseException] = []
+        fleet = daemon.fleet
 
         def collect(name: str) -> Callable[[Any, BaseException | None], None]:
             def on_status(result: Any, error: BaseException | None) -> None:
@@ -900,12 +901,19 @@ class _Peer(asyncio.BufferedProtocol):
                 else:
                     clients = len(daemon.subscribers.get(name, ()))
                     results[name] = dataclasses.replace(result, clients=clients)
+                    if fleet is not None:
+                        results[name] = dataclasses.replace(
+                            results[name],
+                            share=str(fleet.share_for(name)),
+                            hosts_open=tuple(fleet.hosts_open(name)),
+                        )
                 if len(results) + len(failed) == len(actors):
                     if failed:
                         self._reply(msgid, None, failed[0])
                     else:
                         ordered = tuple(results[n] for n in sorted(results))
-                        self._reply(msgid, Status(ordered, next_offset), None)
+                        link = None if fleet is None else fleet.state
+                        self._reply(msgid, Status(ordered, next_offset, link), None)
 
             return on_status
 

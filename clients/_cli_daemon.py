@@ -130,6 +130,11 @@ def status_record(status: BreakerStatus, now: float) -> dict[str, Any]:
         "rejections": status.rejections,
         "ignored": status.ignored,
         "generation": snapshot.generation,
+        **(
+            {}
+            if status.share is None
+            else {"fleet": {"share": status.share, "hosts_open": list(status.hosts_open)}}
+        ),
     }
 
 
@@ -161,12 +166,14 @@ def _run_status(args: argparse.Namespace) -> int:
 def _print_status(path: Path, as_json: bool, *, compact: bool = False) -> None:
     breakers: list[BreakerStatus] = []
     offset: int | None = 0
+    fleet: str | None = None
     while offset is not None:
         # A page at a time: every breaker's status may not fit in one frame.
         (status,) = ask_daemon(path, StatusRequest(None, offset))
         assert isinstance(status, Status)
         breakers.extend(status.breakers)
         offset = status.next_offset
+        fleet = status.fleet
     # CLOCK_MONOTONIC is system-wide on Linux: the daemon's deadlines are ours.
     now = time.monotonic()
     records = [status_record(b, now) for b in breakers]
@@ -174,6 +181,8 @@ def _print_status(path: Path, as_json: bool, *, compact: bool = False) -> None:
         json.dump(records, sys.stdout, indent=None if compact else 2)
         sys.stdout.write("\n")
         return
+    if fleet is not None:
+        print(f"fleet link: {fleet}")
     if not records:
         print("no breakers registered")
         return

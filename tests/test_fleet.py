@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -329,3 +331,51 @@ def test_a_hostile_value_in_redis_is_bounded_and_logged(
     (bounded,) = events(log, "fleet_value_bounded")
     assert bounded["breaker"] == "api"
     assert bounded["from_host"] == "evil"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "breakerd.clients", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_status_shows_the_link_and_each_breakers_share(
+    fleet: Fleet, redis_server: RedisServer
+) -> None:
+    fleet.start("a", '[breakers.private]\nshare = "off"\n')
+    fleet.start("b")
+    a, b = fleet.client("a"), fleet.client("b")
+    b.register("api", **TRIPPY)
+    a.register("private", **TRIPPY)
+    trip(a, "api")
+    assert poll_until(lambda: state(b, "api") is CircuitState.OPEN, 5.0)
+    socket_b = str(fleet.daemons["b"].socket_path)
+    result = cli("status", "--json", "--socket", socket_b)
+    assert result.returncode == 0, result.stderr
+    (record,) = json.loads(result.stdout)
+    assert record["fleet"] == {"share": "open", "hosts_open": ["a"]}
+    result = cli("status", "--json", "--socket", str(fleet.daemons["a"].socket_path))
+    records = {r["name"]: r for r in json.loads(result.stdout)}
+    assert records["private"]["fleet"] == {"share": "off", "hosts_open": []}
+    assert cli("status", "--socket", socket_b).stdout.startswith("fleet link: up\n")
+    redis_server.kill()
+    wait_for(lambda: events(fleet.daemons["b"], "fleet_unavailable"), what="fleet_unavailable")
+    assert cli("status", "--socket", socket_b).stdout.startswith("fleet link: down\n")
+
+
+def test_a_daemon_without_the_fleet_shows_none(tmp_short: Path) -> None:
+    process = DaemonProcess(tmp_short / "s.sock", loop="asyncio").wait_ready(started_log=True)
+    try:
+        client = RawClient(process.socket_path)
+        client.register("api")
+        status = client.status()
+        assert status.fleet is None
+        assert status.breakers[0].share is None
+        result = cli("status", "--json", "--socket", str(process.socket_path))
+        assert "fleet" not in json.loads(result.stdout)[0]
+    finally:
+        process.kill()
