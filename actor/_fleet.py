@@ -28,12 +28,12 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
 import anyio
 import structlog
 
-from breakerd.protocol import CircuitState
+from breakerd.protocol import Admin, AdminOp, BreakerError, CircuitState
 
 from ._fleet_logic import (
     MAX_RECONNECT_DELAY,
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
     from ._actor import BreakerActor
 
-__all__ = ["CLOSE_LUA", "OPEN_LUA", "READ_LUA", "TRIAL_LUA", "FleetLink"]
+__all__ = ["ADMIN_LUA", "CLOSE_LUA", "OPEN_LUA", "READ_LUA", "TRIAL_LUA", "FleetLink"]
 
 _NOW_LUA: Final = """
 local t = redis.call('TIME')
@@ -101,6 +101,20 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return {now, -1}
 end
 return {now, redis.call('PTTL', KEYS[1])}
+"""
+)
+
+#: KEYS: opens, trial. ARGV: host, name, channel, operation. A reset
+#: forgets the fleet's opens and lease too: no host re-opens from them.
+ADMIN_LUA: Final = (
+    _NOW_LUA
+    + """
+if ARGV[4] == 'reset' then
+  redis.call('DEL', KEYS[1], KEYS[2])
+end
+redis.call('PUBLISH', ARGV[3], cjson.encode(
+  {op='admin', name=ARGV[2], host=ARGV[1], admin=ARGV[4], now=now}))
+return now
 """
 )
 
@@ -163,6 +177,10 @@ class FleetLink:
         actor.listeners.append(self._on_transition)
         if self.state == "up":
             self._push(("read", name))  # a late joiner: what is open already
+
+    def admin(self, name: str, op: str) -> None:
+        """Send an admin move to the other daemons (this one's actor does it itself)."""
+        self._push((f"admin:{op}", name))
 
     def forget(self, name: str) -> None:
         self._names.discard(name)
@@ -256,6 +274,7 @@ class FleetLink:
                 "close": client.register_script(CLOSE_LUA),
                 "trial": client.register_script(TRIAL_LUA),
                 "read": client.register_script(READ_LUA),
+                "admin": client.register_script(ADMIN_LUA),
             }
             await self._heartbeat(client)
             pubsub: Any = client.pubsub(ignore_subscribe_messages=True)
@@ -337,6 +356,16 @@ class FleetLink:
         before = self._clock()
         result: Any
         with anyio.fail_after(settings.op_timeout):
+            if kind.startswith("admin:"):
+                result = await scripts["admin"](
+                    keys=[settings.open_key(name), settings.trial_key(name)],
+                    args=[settings.host, name, settings.channel, kind[len("admin:") :]],
+                )
+                self.commands += 1
+                self._measure(float(result), before)
+                if kind == "admin:reset":
+                    self.opens.pop(name, None)
+                return
             if kind == "open":
                 until = self.own_opens.get(name)
                 if until is None or until <= before:
@@ -397,7 +426,12 @@ class FleetLink:
             except ValueError as exc:
                 self.log.warning("fleet_message_invalid", error=str(exc)[:300])
                 continue
-            if news.host == self.settings.host or news.name not in self._names:
+            if news.host == self.settings.host:
+                continue
+            if news.op == "admin":
+                self._admin_news(news.name, news.admin)
+                continue
+            if news.name not in self._names:
                 continue
             self._trial_retry.pop(news.name, None)
             if news.op == "close":
@@ -408,6 +442,20 @@ class FleetLink:
                     actor.fleet_close()
                 continue
             self._apply_opens(news.name, news.opens)
+
+    def _admin_news(self, name: str, op: str) -> None:
+        # Every breaker of that name, shared or not: the operator named it.
+        actor = self._get_actor(name)
+        if actor is None:
+            return
+        if op == "reset":
+            self.opens.pop(name, None)
+            self.own_opens.pop(name, None)
+        self.log.info("fleet_admin_received", breaker=name, op=op)
+        try:
+            actor.ask(Admin(name, cast(AdminOp, op)), None, force=True)
+        except BreakerError:
+            pass  # shutting down
 
     def _apply_opens(self, name: str, raw: object) -> None:
         actor = self._get_actor(name)

@@ -29,6 +29,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from breakerd.protocol import ADMIN_OPS
+
 __all__ = [
     "DEFAULT_SHARE",
     "FleetMessage",
@@ -119,7 +121,7 @@ class FleetSettings:
 class FleetMessage:
     """One pub/sub message: a breaker opened (with every host's open) or closed."""
 
-    op: Literal["open", "close"]
+    op: Literal["open", "close", "admin"]
     name: str
     host: str
     #: Redis time (milliseconds) when the message was made.
@@ -127,6 +129,8 @@ class FleetMessage:
     reason: str = ""
     #: host -> open-until, Redis milliseconds (``open`` only).
     opens: dict[str, float] = field(default_factory=dict)
+    #: ``force_open``, ``disable`` or ``reset`` (``admin`` only).
+    admin: str = ""
 
 
 def parse_opens(flat: object) -> dict[str, float]:
@@ -161,19 +165,22 @@ def parse_message(data: bytes | str) -> FleetMessage:
     if not isinstance(raw, dict):
         raise ValueError("a fleet message must be a JSON object")
     op, name, host, now = raw.get("op"), raw.get("name"), raw.get("host"), raw.get("now")
-    if op not in ("open", "close"):
+    if op not in ("open", "close", "admin"):
         raise ValueError(f"unknown op {op!r:.50}")
     if not isinstance(name, str) or not isinstance(host, str):
         raise ValueError("name and host must be strings")
     if isinstance(now, bool) or not isinstance(now, (int, float)) or not math.isfinite(now):
         raise ValueError(f"now must be a finite number, got {now!r:.50}")
     reason = raw.get("reason", "")
+    admin = raw.get("admin", "")
+    if op == "admin" and admin not in ADMIN_OPS:
+        raise ValueError(f"unknown admin operation {admin!r:.50}")
     opens: dict[str, float] = {}
     if op == "open":
         # cjson encodes an empty Lua table as an object, a full one as a list.
         flat = raw.get("opens")
         opens = parse_opens([] if flat == {} else flat)
-    return FleetMessage(op, name, host, float(now), str(reason)[:100], opens)
+    return FleetMessage(op, name, host, float(now), str(reason)[:100], opens, str(admin))
 
 
 def fleet_deadline(

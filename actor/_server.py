@@ -534,6 +534,20 @@ class Daemon:
         if self.fleet is not None:
             self.fleet.attach(actor)
 
+    def fleet_admin(self, message: Admin) -> None:
+        """Send an admin move to every daemon of the fleet; raises when it cannot go."""
+        fleet = self.fleet
+        if fleet is None:
+            raise InvalidRequestError(
+                "--fleet: this daemon is in no fleet (start it with --redis or [fleet] redis)"
+            )
+        if fleet.state != "up":
+            raise InvalidRequestError(
+                f"--fleet: the fleet link is {fleet.state}: nothing done; try again, or "
+                f"leave out --fleet to act on this host only"
+            )
+        fleet.admin(message.name, message.op)
+
     def actor(self, name: str) -> BreakerActor:
         actor = self.system.get(name)
         if actor is None:
@@ -872,6 +886,8 @@ class _Peer(asyncio.BufferedProtocol):
 
             actor.ask(message, reply)
         else:
+            if type(message) is Admin and message.fleet:
+                self.daemon.fleet_admin(message)  # refused (raises) unless the link is up
             actor.ask(message, lambda result, error: self._reply(msgid, result, error))
 
     def _status(self, msgid: int, message: StatusRequest) -> None:

@@ -250,10 +250,15 @@ def add_admin_commands(subparsers: Any) -> None:
         parser = subparsers.add_parser(command, help=help_text, description=help_text)
         parser.add_argument("name", metavar="NAME", help="the breaker's name")
         _socket_option(parser)
+        parser.add_argument(
+            "--fleet",
+            action="store_true",
+            help="on every daemon of the fleet (those connected to Redis now), not only this one",
+        )
         parser.set_defaults(handler=_run_admin, admin_op=op)
 
 
 def _run_admin(args: argparse.Namespace) -> int:
-    (snapshot,) = ask_daemon(_socket(args), Admin(args.name, args.admin_op))
-    print(f"{args.name}: {snapshot.state.value}")
+    (snapshot,) = ask_daemon(_socket(args), Admin(args.name, args.admin_op, args.fleet))
+    print(f"{args.name}: {snapshot.state.value}" + (" (sent to the fleet)" if args.fleet else ""))
     return 0

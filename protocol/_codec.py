@@ -645,12 +645,14 @@ def _bad_report_item(i: int, item: list[Any]) -> RemoteProtocolError:
 
 
 def _admin_map(m: Admin) -> _Map:
+    if m.fleet:
+        return {"name": m.name, "op": m.op, "fleet": True}
     return {"name": m.name, "op": m.op}
 
 
 def _admin(d: _Map) -> Admin:
     w = "admin params"
-    return Admin(_str(d, "name", w), _enum(d, "op", w, _ADMIN_OPS))
+    return Admin(_str(d, "name", w), _enum(d, "op", w, _ADMIN_OPS), _bool(d, "fleet", w, False))
 
 
 # snapshot (the result of report and admin)

@@ -168,6 +168,8 @@ class ReportBatch:
 class Admin:
     name: str
     op: AdminOp
+    #: Every daemon of the fleet too (through Redis), not only this one.
+    fleet: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -379,3 +379,53 @@ def test_a_daemon_without_the_fleet_shows_none(tmp_short: Path) -> None:
         assert "fleet" not in json.loads(result.stdout)[0]
     finally:
         process.kill()
+
+
+def test_admin_with_fleet_acts_on_every_host(fleet: Fleet) -> None:
+    fleet.start("a")
+    fleet.start("b")
+    a, b = fleet.client("a"), fleet.client("b")
+    b.register("api", **TRIPPY)
+    b.register("private", **TRIPPY)
+    trip(a, "api")
+    assert poll_until(lambda: state(b, "api") is CircuitState.OPEN, 5.0)
+    socket_a = str(fleet.daemons["a"].socket_path)
+    result = cli("reset", "api", "--fleet", "--socket", socket_a)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "api: closed (sent to the fleet)\n"
+    assert poll_until(lambda: state(b, "api") is CircuitState.CLOSED, 5.0)
+    # The fleet's record of the open is gone too: a late joiner stays closed.
+    fleet.start("c")
+    c = fleet.client("c")
+    c.register("api", **TRIPPY)
+    a.register("private", **TRIPPY)
+    assert cli("open", "private", "--fleet", "--socket", socket_a).returncode == 0
+    assert poll_until(lambda: state(b, "private") is CircuitState.FORCED_OPEN, 5.0)
+    assert state(c, "api") is CircuitState.CLOSED
+    assert cli("disable", "api", "--fleet", "--socket", socket_a).returncode == 0
+    for client in (b, c):
+        assert poll_until(partial(in_state, client, "api", CircuitState.DISABLED), 5.0)
+    assert state(a, "api") is CircuitState.DISABLED
+
+
+def test_admin_with_fleet_is_refused_without_a_link(
+    fleet: Fleet, redis_server: RedisServer, tmp_short: Path
+) -> None:
+    fleet.start("a")
+    a = fleet.client("a")
+    a.register("api", **TRIPPY)
+    socket_a = str(fleet.daemons["a"].socket_path)
+    redis_server.kill()
+    wait_for(lambda: events(fleet.daemons["a"], "fleet_unavailable"), what="fleet_unavailable")
+    result = cli("open", "api", "--fleet", "--socket", socket_a)
+    assert result.returncode != 0
+    assert "the fleet link is down: nothing done" in result.stderr
+    assert state(a, "api") is CircuitState.CLOSED
+    plain = DaemonProcess(tmp_short / "p.sock", loop="asyncio").wait_ready(started_log=True)
+    try:
+        RawClient(plain.socket_path).register("api")
+        result = cli("reset", "api", "--fleet", "--socket", str(plain.socket_path))
+        assert result.returncode != 0
+        assert "this daemon is in no fleet" in result.stderr
+    finally:
+        plain.kill()

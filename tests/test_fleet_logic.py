@@ -75,6 +75,8 @@ def test_messages_parse() -> None:
     assert close.opens == {}
     empty = json.dumps({"op": "open", "name": "api", "host": "h", "now": 5, "opens": {}})
     assert parse_message(empty).opens == {}
+    admin = json.dumps({"op": "admin", "name": "a", "host": "h", "now": 5, "admin": "reset"})
+    assert parse_message(admin).admin == "reset"
 
 
 @pytest.mark.parametrize(
@@ -88,6 +90,7 @@ def test_messages_parse() -> None:
         b'{"op": "open", "name": "a", "host": "h", "now": 1, "opens": ["h"]}',
         b'{"op": "open", "name": "a", "host": "h", "now": 1, "opens": ["h", "inf"]}',
         b'{"op": "open", "name": "a", "host": "h", "now": 1, "opens": [1, "2"]}',
+        b'{"op": "admin", "name": "a", "host": "h", "now": 1, "admin": "explode"}',
     ],
 )
 def test_bad_messages_are_refused_with_a_value_error(data: bytes) -> None:
