@@ -154,6 +154,8 @@ class FleetLink:
         self._names: set[str] = set()
         #: Breakers opened here on their own outcomes: name -> open-until (our clock).
         self.own_opens: dict[str, float] = {}
+        #: Why each of those opened (the transition's reason), for the others' logs.
+        self._open_reasons: dict[str, str] = {}
         #: Trial leases this host holds: name -> when Redis lets them go (our clock).
         self.trials_held: dict[str, float] = {}
         self._trials_asked: set[str] = set()
@@ -184,7 +186,13 @@ class FleetLink:
 
     def forget(self, name: str) -> None:
         self._names.discard(name)
-        for table in (self.own_opens, self.trials_held, self._trial_retry, self.opens):
+        for table in (
+            self.own_opens,
+            self._open_reasons,
+            self.trials_held,
+            self._trial_retry,
+            self.opens,
+        ):
             table.pop(name, None)
         self._trials_asked.discard(name)
 
@@ -213,10 +221,12 @@ class FleetLink:
             if transition.reason.startswith("fleet_") or transition.open_until is None:
                 return  # the fleet's own news: not sent back
             self.own_opens[name] = transition.open_until
+            self._open_reasons[name] = transition.reason
             if self.state == "up":
                 self._push(("open", name))
         elif target is CircuitState.CLOSED:
             self.own_opens.pop(name, None)
+            self._open_reasons.pop(name, None)
             self.trials_held.pop(name, None)
             if transition.reason == "trial_succeeded" and self.state == "up":
                 self._push(("close", name))
@@ -370,7 +380,6 @@ class FleetLink:
                 until = self.own_opens.get(name)
                 if until is None or until <= before:
                     return
-                snapshot = actor.snapshot
                 result = await scripts["open"](
                     keys=[settings.open_key(name), settings.trial_key(name)],
                     args=[
@@ -379,7 +388,7 @@ class FleetLink:
                         name,
                         settings.channel,
                         "1",
-                        f"g{snapshot.generation}",
+                        self._open_reasons.get(name, ""),
                     ],
                 )
             elif kind == "close":
@@ -441,7 +450,7 @@ class FleetLink:
                 if actor is not None:
                     actor.fleet_close()
                 continue
-            self._apply_opens(news.name, news.opens)
+            self._apply_opens(news.name, news.opens, f"{news.host}: {news.reason}")
 
     def _admin_news(self, name: str, op: str) -> None:
         # Every breaker of that name, shared or not: the operator named it.
@@ -457,7 +466,7 @@ class FleetLink:
         except BreakerError:
             pass  # shutting down
 
-    def _apply_opens(self, name: str, raw: object) -> None:
+    def _apply_opens(self, name: str, raw: object, why: str = "") -> None:
         actor = self._get_actor(name)
         if actor is None:
             return
@@ -485,6 +494,8 @@ class FleetLink:
         self.opens[name] = local
         until = fleet_deadline(local, now, self.share_for(name), self.settings.host)
         if until is not None:
+            if actor.snapshot.state is not CircuitState.OPEN:
+                self.log.info("fleet_open_received", breaker=name, reason=why[:300])
             actor.fleet_open(until)
 
 

@@ -97,6 +97,8 @@ def test_an_open_on_one_host_opens_the_others_and_late_joiners(fleet: Fleet) -> 
     assert poll_until(lambda: state(b, "api") is CircuitState.OPEN, 5.0)
     admission = b.acquire("api")
     assert not admission.admitted
+    (received,) = events(fleet.daemons["b"], "fleet_open_received")
+    assert received["reason"] == "a: failure_rate_exceeded"
     # B's deadline is A's (30 s), within the time the message took.
     (a_status,) = a.status("api").breakers
     (b_status,) = b.status("api").breakers
