@@ -51,6 +51,8 @@ class Fleet:
             extra_args=["--state-file", "none"],
         ).wait_ready(started_log=True)
         self.daemons[host] = process
+        # The socket gets its name a moment after daemon_started is logged.
+        wait_for(process.socket_path.exists, what=f"{host}'s socket")
         wait_for(lambda: "fleet_joined" in process.log(), what=f"{host} joining the fleet")
         return process
 
@@ -431,3 +433,47 @@ def test_admin_with_fleet_is_refused_without_a_link(
         assert "this daemon is in no fleet" in result.stderr
     finally:
         plain.kill()
+
+
+def test_serve_redis_turns_the_fleet_on(tmp_short: Path, redis_server: RedisServer) -> None:
+    processes = [
+        DaemonProcess(
+            tmp_short / f"{host}.sock",
+            log_path=tmp_short / f"{host}.log",
+            loop="asyncio",
+            extra_args=["--redis", redis_server.url, "--state-file", "none"],
+        ).wait_ready()
+        for host in ("a", "b")
+    ]
+    try:
+        for process in processes:
+            wait_for(partial(events, process, "fleet_joined"), what="fleet_joined")
+        a, b = (RawClient(process.socket_path) for process in processes)
+        b.register("api", **TRIPPY)
+        trip(a, "api")
+        assert poll_until(lambda: state(b, "api") is CircuitState.OPEN, 5.0)
+    finally:
+        for process in processes:
+            process.kill()
+
+
+def test_the_fleet_without_redis_py_is_refused_clearly(tmp_short: Path) -> None:
+    config = tmp_short / "f.toml"
+    config.write_text('[fleet]\nredis = "redis://localhost:6379/0"\n')
+    # redis-py hidden from the daemon, as on a host without the extra.
+    code = (
+        "import sys; sys.modules['redis'] = None; "
+        "from breakerd.actor.__main__ import main; raise SystemExit(main(sys.argv[1:]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, "--socket", str(tmp_short / "s.sock"), "--config", config],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "pip install 'breakerd[redis]'" in result.stderr
+    result = cli("serve", "--socket", str(tmp_short / "s.sock"), "--redis", "http://x")
+    assert result.returncode == 2
+    assert '--redis must be a "redis://..." or "unix://..." URL' in result.stderr
