@@ -223,3 +223,28 @@ def test_fleet_close_goes_through_half_open() -> None:
     ]
     assert machine.state is CircuitState.CLOSED
     assert Machine("m").fleet_close(0.0) == ()  # closed already
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["me", "a", "b", "c", "d"]),
+        st.floats(min_value=-100, max_value=100, allow_nan=False),
+        max_size=5,
+    ),
+    st.floats(min_value=-50, max_value=50, allow_nan=False),
+    st.integers(min_value=1, max_value=6),
+)
+def test_fleet_deadline_properties(opens: dict[str, float], now: float, quorum: int) -> None:
+    others = [until for host, until in opens.items() if host != "me" and until > now]
+    shared = fleet_deadline(opens, now, Share("open"), "me")
+    # Open: the latest other host still open, or nothing.
+    assert shared == (max(others) if others else None)
+    until = fleet_deadline(opens, now, Share("quorum", quorum), "me")
+    live = [u for u in opens.values() if u > now]
+    if until is None:
+        assert len(live) < quorum
+    else:
+        # Until then at least N hosts are open; right after it, fewer than N.
+        assert until > now
+        assert sum(u >= until for u in live) >= quorum
+        assert sum(u > until for u in live) < quorum
