@@ -177,6 +177,20 @@ class FleetLink:
         self._names.add(name)
         actor.trial_gate = self.gate
         actor.listeners.append(self._on_transition)
+        snapshot = actor.snapshot
+        if (
+            self.share_for(name).mode == "open"
+            and snapshot.state is CircuitState.OPEN
+            and snapshot.open_until is not None
+            and snapshot.open_until > self._clock()
+        ):
+            # Restored open from the state file: the fleet may never have
+            # heard of it. Not under quorum, where it would count as this
+            # host's own trip although the fleet may have caused it.
+            self.own_opens[name] = snapshot.open_until
+            self._open_reasons[name] = "restored"
+            if self.state == "up":
+                self._push(("open", name))
         if self.state == "up":
             self._push(("read", name))  # a late joiner: what is open already
 

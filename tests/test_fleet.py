@@ -477,3 +477,38 @@ def test_the_fleet_without_redis_py_is_refused_clearly(tmp_short: Path) -> None:
     result = cli("serve", "--socket", str(tmp_short / "s.sock"), "--redis", "http://x")
     assert result.returncode == 2
     assert '--redis must be a "redis://..." or "unix://..." URL' in result.stderr
+
+
+def test_an_open_restored_from_the_state_file_is_published(
+    fleet: Fleet, redis_server: RedisServer, tmp_short: Path
+) -> None:
+    config = tmp_short / "a.toml"
+    config.write_text(f'[fleet]\nredis = "{redis_server.url}"\nhost = "a"\n')
+
+    def start_a() -> DaemonProcess:
+        process = DaemonProcess(
+            tmp_short / "a.sock",
+            config,
+            tmp_short / "a.log",
+            loop="asyncio",
+            extra_args=["--state-file", str(tmp_short / "a.state")],
+        ).wait_ready(started_log=True)
+        wait_for(process.socket_path.exists, what="a's socket")
+        return process
+
+    a_process = start_a()
+    try:
+        # The fleet never hears of this open: A trips while Redis is down,
+        # and stops before it is back.
+        redis_server.kill()
+        trip(RawClient(a_process.socket_path), "api")
+        assert a_process.terminate() == 0
+        redis_server.start()
+        a_process = start_a()
+        wait_for(partial(events, a_process, "fleet_joined"), what="a joining")
+        fleet.start("b")
+        b = fleet.client("b")
+        b.register("api", **TRIPPY)
+        assert poll_until(lambda: state(b, "api") is CircuitState.OPEN, 10.0)
+    finally:
+        a_process.kill()
