@@ -512,3 +512,34 @@ def test_an_open_restored_from_the_state_file_is_published(
         assert poll_until(lambda: state(b, "api") is CircuitState.OPEN, 10.0)
     finally:
         a_process.kill()
+
+
+def test_the_library_on_a_host_without_the_lease_rejects_without_calling(fleet: Fleet) -> None:
+    from breakerd.clients import CircuitBreaker, CircuitBreakerOpenError
+    from breakerd.clients._remote import close_all_clients
+
+    config = {**TRIPPY, "timeout": 0.3, "half_open_max_wait": 30.0}
+    fleet.start("a")
+    fleet.start("b")
+    a = fleet.client("a")
+    breaker = CircuitBreaker("api", daemon=str(fleet.daemons["b"].socket_path), **config)
+    calls: list[int] = []
+
+    def upstream() -> int:
+        calls.append(1)
+        return 1
+
+    try:
+        assert breaker.call_sync(upstream) == 1
+        generation = a.register("api", **config).generation
+        for _ in range(2):
+            a.report("api", generation, Outcome.FAILURE)
+        assert poll_until(lambda: breaker.state is CircuitState.OPEN, 5.0)
+        wait_for(lambda: time.monotonic() > _open_until(a, "api") + 0.05, what="the open time")
+        assert poll_until(lambda: a.acquire("api").admitted, 5.0)  # A holds the trial
+        for _ in range(20):
+            with pytest.raises(CircuitBreakerOpenError):
+                breaker.call_sync(upstream)
+        assert len(calls) == 1  # none of them reached the upstream
+    finally:
+        close_all_clients()
