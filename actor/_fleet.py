@@ -372,6 +372,23 @@ class FleetLink:
                 await self._do(scripts, ops.popleft())
 
     async def _do(self, scripts: dict[str, Any], op: _Op) -> None:
+        """One op; a command Redis refuses (a key of the wrong type, say) is that op's loss.
+
+        Only an error of the link itself (a timeout, a lost connection) ends
+        the session: a hostile value under one breaker's key must not take
+        the whole fleet link down again and again.
+        """
+        from redis.exceptions import ResponseError
+
+        try:
+            await self._send(scripts, op)
+        except ResponseError as exc:
+            self._trials_asked.discard(op[1])
+            self.log.warning(
+                "fleet_command_failed", op=op[0], breaker=op[1][:200], error=str(exc)[:300]
+            )
+
+    async def _send(self, scripts: dict[str, Any], op: _Op) -> None:
         kind, name = op
         settings = self.settings
         actor = self._get_actor(name)

@@ -543,3 +543,23 @@ def test_the_library_on_a_host_without_the_lease_rejects_without_calling(fleet: 
         assert len(calls) == 1  # none of them reached the upstream
     finally:
         close_all_clients()
+
+
+def test_a_key_of_the_wrong_type_costs_one_breaker_not_the_link(
+    fleet: Fleet, redis_server: RedisServer
+) -> None:
+    fleet.start("a")
+    fleet.start("b")
+    a, b = fleet.client("a"), fleet.client("b")
+    b.register("api", **TRIPPY)
+    b.register("other", **TRIPPY)
+    r = redis.Redis(unix_socket_path=str(redis_server.socket_path))
+    r.set("breakerd:open:api", "not a sorted set")
+    r.close()
+    trip(a, "api")
+    trip(a, "other")
+    assert poll_until(lambda: state(b, "other") is CircuitState.OPEN, 5.0)
+    failed = events(fleet.daemons["a"], "fleet_command_failed")
+    # Reading it when A registered the breaker, and writing its open.
+    assert [(f["op"], f["breaker"]) for f in failed] == [("read", "api"), ("open", "api")]
+    assert not events(fleet.daemons["a"], "fleet_unavailable")
