@@ -5,9 +5,10 @@ Figures:
   1. open propagation A -> B: from the failure report that opens a breaker
      on daemon A to the first call that daemon B rejects (a client on B
      calling ``acquire`` in a tight loop), over many breakers; p50/p99/max;
-  2. Redis commands per second per host at steady state: two daemons with
-     breakers registered and closed, Redis's ``total_commands_processed``
-     over an idle stretch (our own ``INFO`` reads subtracted);
+  2. Redis commands per second per host at steady state: the two daemons
+     with figure 1's breakers registered (open, with 60 s to run: no
+     transition during the stretch), Redis's ``total_commands_processed``
+     over an idle stretch (our own ``INFO`` read subtracted);
   3. the call path with the fleet on and off: ``call_sync`` of a no-op
      through a daemon with ``--redis`` and one without, interleaved rounds
      in this process; the ratio is what counts (the machine is shared).
@@ -131,8 +132,7 @@ def main() -> int:
 
         seconds = 5.0 if args.quick else 20.0
         per_host = steady_commands(server, 2, seconds)
-        breakers = 2 * rounds
-        print(f"2. Redis commands per second per host, steady state ({breakers} breakers):")
+        print(f"2. Redis commands per second per host, steady state ({rounds} breakers each):")
         print(f"   {per_host:.2f}   (100 hosts: {100 * per_host:.0f}/s on one Redis)")
 
         calls = 20_000 if args.quick else 100_000
