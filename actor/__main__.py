@@ -24,9 +24,20 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PATH",
         help="where breaker state survives restarts (default: beside the socket; none: off)",
     )
+    parser.add_argument(
+        "--redis",
+        default=None,
+        metavar="URL",
+        help="join the fleet through this Redis (redis://... or unix://...)",
+    )
     args = parser.parse_args(argv)
     return serve_main(
-        args.socket, args.config, args.loop, metrics=args.metrics, state_file=args.state_file
+        args.socket,
+        args.config,
+        args.loop,
+        metrics=args.metrics,
+        state_file=args.state_file,
+        redis=args.redis,
     )
 
 

@@ -160,6 +160,10 @@ class BreakerActor:
         #: hear of a transition (the daemon's state table: the cheapest way
         #: to tell every client goes first).
         self.on_publish: Callable[[Snapshot], None] | None = None
+        #: The fleet's say on a trial (the daemon's fleet link): asked with the
+        #: breaker's name when an open breaker's time is up; False keeps it
+        #: open and rejects the call, as another host holds the trial lease.
+        self.trial_gate: Callable[[str], bool] | None = None
         self.restarts = 0
         #: Transitions since the actor started, by (from_state, to_state)
         #: values. Replaced at every transition, never mutated, so another
@@ -440,6 +444,21 @@ class BreakerActor:
                 self._publish()
             result = self.snapshot
         elif type(message) is Acquire:
+            machine = self.machine
+            gate = self.trial_gate
+            if (
+                gate is not None
+                and machine.state is CircuitState.OPEN
+                and machine.open_until is not None
+                and now >= machine.open_until
+                and not gate(self.name)
+            ):
+                # Another host runs the trials: no call leaves this one.
+                machine.count_rejections(1)
+                result = Admission(False, machine.generation, 0, self.snapshot, None)
+                if envelope.reply is not None:
+                    envelope.reply(result, None)
+                return
             decision = self.machine.acquire(now)
             self._apply(decision.transitions)
             if decision.lease:
@@ -622,6 +641,23 @@ class BreakerActor:
         self.config = config
         self._apply(self.machine.reconfigure(config, self._clock()))
         self._publish()
+
+    def fleet_open(self, until: float) -> None:
+        """Open until ``until`` (this clock) because of other hosts (``Machine.fleet_open``)."""
+        self._take_tallies()
+        deadline = self.machine.next_deadline()
+        generation = self.machine.generation
+        self._apply(self.machine.fleet_open(until, self._clock()))
+        if self.machine.generation != generation:
+            self._publish()
+        if self.machine.next_deadline() != deadline:
+            self._wake()
+
+    def fleet_close(self) -> None:
+        """Another host's trials succeeded: close (``Machine.fleet_close``)."""
+        self._take_tallies()
+        self._apply(self.machine.fleet_close(self._clock()))
+        self._wake()
 
     def ping(self, reply: Reply) -> None:
         """Answer ``reply`` from the actor's own drain, never inline: proof that it drains."""

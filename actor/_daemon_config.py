@@ -26,6 +26,11 @@ Example ``breakerd.toml``::
     [breakers.LLM]            # one breaker: wins over any client's settings
     timeout = 60.0
     half_open_calls = 2
+    share = "quorum:2"        # the fleet: "off", "open" (default) or "quorum:N"
+
+    [fleet]                   # daemons on other hosts share opens and trials (breakerd[redis])
+    redis = "redis://redis.internal:6379/0"   # or "unix:///run/redis/redis.sock"
+    share = "open"            # every breaker without its own ``share``
 
 Precedence for a breaker's settings: its ``[breakers.NAME]`` section (over
 ``[defaults]``), then the first client that registers it, then later
@@ -40,6 +45,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
+from ._fleet_logic import FleetSettings, Share, parse_share
 from ._machine import BreakerConfig
 from ._state_table import DEFAULT_STATE_TABLE_SLOTS
 
@@ -125,6 +131,8 @@ class DaemonSettings:
     persist_state: bool = True
     #: The file these settings came from, re-read on SIGHUP.
     config_path: Path | None = None
+    #: Redis and what each breaker shares with the fleet; None: no fleet.
+    fleet: FleetSettings | None = None
 
     def state_file_path(self) -> Path | None:
         """The state file to use, or None when persistence is off."""
@@ -161,7 +169,7 @@ def load_config(path: Path | None, socket_path: Path) -> DaemonSettings:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
-    unknown = sorted(set(data) - {"daemon", "defaults", "breakers"})
+    unknown = sorted(set(data) - {"daemon", "defaults", "breakers", "fleet"})
     if unknown:
         raise ConfigError(f"{path}: unknown section(s): {', '.join(unknown)}")
     daemon = _table(data, "daemon", path)
@@ -169,11 +177,17 @@ def load_config(path: Path | None, socket_path: Path) -> DaemonSettings:
     breakers_table = _table(data, "breakers", path)
     _check_breaker_keys(defaults, "[defaults]", path)
     breakers: dict[str, dict[str, Any]] = {}
+    shares: dict[str, Share] = {}
     for name, section in breakers_table.items():
         if not isinstance(section, dict):
             raise ConfigError(f"{path}: [breakers.{name}] must be a table")
+        section = dict(section)
+        if "share" in section:
+            shares[name] = _share(section.pop("share"), f"[breakers.{name}]", path)
         _check_breaker_keys(section, f"[breakers.{name}]", path)
-        breakers[name] = dict(section)
+        if section or name not in shares:
+            # A section that only says what to share leaves the settings to clients.
+            breakers[name] = section
     known_daemon = {
         "allowed_uids",
         "socket_group",
@@ -228,6 +242,7 @@ def load_config(path: Path | None, socket_path: Path) -> DaemonSettings:
         breakers=breakers,
         metrics=_metrics(daemon["metrics"], path) if "metrics" in daemon else None,
         config_path=path,
+        fleet=_fleet(_table(data, "fleet", path), shares, path),
     )
     if "state_file" in daemon:
         settings = with_state_file(settings, _state_file(daemon["state_file"], path))
@@ -239,6 +254,46 @@ def load_config(path: Path | None, socket_path: Path) -> DaemonSettings:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     return settings
+
+
+def _share(value: object, where: str, path: Path) -> Share:
+    try:
+        return parse_share(value)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {where} {exc}") from None
+
+
+def _fleet(section: dict[str, Any], shares: dict[str, Share], path: Path) -> FleetSettings | None:
+    unknown = sorted(set(section) - {"redis", "share", "prefix", "host"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown [fleet] setting(s): {', '.join(unknown)}")
+    if "redis" not in section:
+        if section or shares:
+            # Shares kept for --redis, which may turn the fleet on.
+            return FleetSettings(
+                redis="",
+                share=_share(section.get("share", "open"), "[fleet]", path),
+                shares=shares,
+            )
+        return None
+    url = section["redis"]
+    if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(
+            f'{path}: [fleet] redis must be a "redis://..." or "unix://..." URL, got {url!r}'
+        )
+    extra: dict[str, Any] = {}
+    for key in ("prefix", "host"):
+        if key in section:
+            value = section[key]
+            if not isinstance(value, str) or not value or len(value) > 200:
+                raise ConfigError(f"{path}: [fleet] {key} must be a short string, got {value!r}")
+            extra[key] = value
+    return FleetSettings(
+        redis=url,
+        share=_share(section.get("share", "open"), "[fleet]", path),
+        shares=shares,
+        **extra,
+    )
 
 
 def parse_metrics_address(text: str) -> tuple[str, int]:

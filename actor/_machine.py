@@ -979,6 +979,36 @@ class Machine:
             return self._judge_trials(now)
         return _NO_TRANSITIONS
 
+    # -- the fleet (other hosts' opens and verdicts, through the daemon) -------
+
+    def fleet_open(self, until: float, now: float) -> tuple[Transition, ...]:
+        """Stay open until ``until`` because other hosts are; opens only grow.
+
+        Closed and half-open open (a half-open's trials are cut short, as by
+        any verdict). Open keeps the later deadline; a later one moves the
+        generation on, no transition, so that every client's copy of the
+        deadline (the state table's slot) moves too. Administrative states
+        are the operator's: untouched.
+        """
+        state = self.state
+        if not until > now:
+            return _NO_TRANSITIONS
+        if state is CLOSED or state is HALF_OPEN:
+            return (self._move(OPEN, "fleet_open", now, open_until=until),)
+        if state is OPEN and self.open_until is not None and until > self.open_until:
+            self.open_until = until
+            self.generation += 1
+        return _NO_TRANSITIONS
+
+    def fleet_close(self, now: float) -> tuple[Transition, ...]:
+        """Another host's trials succeeded: close, through half-open (the whitelist's path)."""
+        transitions: list[Transition] = []
+        if self.state is OPEN:
+            transitions.append(self._move(HALF_OPEN, "fleet_closed", now))
+        if self.state is HALF_OPEN:
+            transitions.append(self._move(CLOSED, "fleet_closed", now))
+        return tuple(transitions)
+
 
 def _count(value: object) -> int:
     """A stored count: a non-negative int, or ``ValueError``."""

@@ -41,8 +41,9 @@ _RESTART_ONLY: Final = (
     "socket_gid",
     "state_table_slots",
 )
-#: Kept from the running daemon without a word: ``--state-file`` overrides the file.
-_KEPT: Final = ("state_file", "persist_state")
+#: Kept from the running daemon without a word: ``--state-file`` overrides the
+#: file, and the fleet link keeps the Redis and shares it started with.
+_KEPT: Final = ("state_file", "persist_state", "fleet")
 
 
 def reload_config(daemon: Daemon) -> bool:

@@ -22,6 +22,7 @@ from ._daemon_config import (
     parse_metrics_address,
     with_state_file,
 )
+from ._fleet_logic import FleetSettings
 from ._server import Daemon, DaemonAlreadyRunningError, UnsafeSocketPathError
 
 __all__ = ["LOOPS", "configure_daemon_logging", "resolve_loop", "serve_main"]
@@ -65,12 +66,14 @@ def serve_main(
     loop: str = "auto",
     metrics: str | None = None,
     state_file: str | None = None,
+    redis: str | None = None,
 ) -> int:
     """Run the daemon in the foreground. Returns the process exit status.
 
     ``metrics``: ``HOST:PORT`` for the Prometheus endpoint, over the config file's.
     ``state_file``: ``--state-file`` (a path, or ``none``); None leaves it to
     the config file, else beside the socket.
+    ``redis``: ``--redis URL``, over ``[fleet] redis``: the fleet is on.
     """
     configure_daemon_logging()
     try:
@@ -118,6 +121,26 @@ def serve_main(
         return 2
     if state_file is not None:
         settings = with_state_file(settings, state_file)
+    if redis is not None:
+        if not redis.startswith(("redis://", "rediss://", "unix://")):
+            print(
+                f'breakerd: --redis must be a "redis://..." or "unix://..." URL, got {redis!r}',
+                file=sys.stderr,
+            )
+            return 2
+        fleet = settings.fleet or FleetSettings(redis=redis)
+        settings = dataclasses.replace(settings, fleet=dataclasses.replace(fleet, redis=redis))
+    if (
+        settings.fleet is not None
+        and settings.fleet.redis
+        and importlib.util.find_spec("redis") is None
+    ):
+        print(
+            "breakerd: the fleet ([fleet] redis or --redis) needs redis-py, which is not "
+            "installed (pip install 'breakerd[redis]')",
+            file=sys.stderr,
+        )
+        return 2
     daemon = Daemon(settings, loop_name=chosen, listen_socket=inherited)
     try:
         # uvloop's C loop costs the daemon less per request than asyncio's.

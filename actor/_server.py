@@ -109,6 +109,7 @@ from ._state_table import SharedStateTable, StateTableUnavailableError
 from ._system import ActorSystem
 
 if TYPE_CHECKING:
+    from ._fleet import FleetLink
     from ._metrics import MetricsServer
 
 __all__ = ["SERVER_NAME", "Daemon", "DaemonAlreadyRunningError", "UnsafeSocketPathError"]
@@ -212,6 +213,12 @@ class Daemon:
             if path is None
             else StateFile(path, self.system.actors, clock=clock, wall_clock=wall_clock)
         )
+        #: The link to the other hosts' daemons through Redis (None: no fleet).
+        self.fleet: FleetLink | None = None
+        if settings.fleet is not None and settings.fleet.redis:
+            from ._fleet import FleetLink
+
+            self.fleet = FleetLink(settings.fleet, self.system.get, clock)
 
     @property
     def socket_path(self) -> Path:
@@ -256,6 +263,8 @@ class Daemon:
             async with anyio.create_task_group() as group:
                 await group.start(self.system.serve)
                 group.start_soon(self._sweep_idle_breakers)
+                if self.fleet is not None:
+                    group.start_soon(self.fleet.run)
                 if self._handle_signals:
                     await group.start(self._watch_signals)
                 group.start_soon(self._sweep)
@@ -599,6 +608,8 @@ class Daemon:
                 continue
             self.system.remove(name)
             self.idle.forget(name)
+            if self.fleet is not None:
+                self.fleet.forget(name)
             if self.state_table is not None:
                 self.state_table.release(name)
             reclaimed.append(name)
@@ -630,6 +641,22 @@ class Daemon:
         in_table = table is not None and table.slot_for(actor.name) != 0
         actor.on_publish = self._publisher(actor.name, in_table)
         actor.on_publish(actor.snapshot)  # the table's first word, and a baseline
+        if self.fleet is not None:
+            self.fleet.attach(actor)
+
+    def fleet_admin(self, message: Admin) -> None:
+        """Send an admin move to every daemon of the fleet; raises when it cannot go."""
+        fleet = self.fleet
+        if fleet is None:
+            raise InvalidRequestError(
+                "--fleet: this daemon is in no fleet (start it with --redis or [fleet] redis)"
+            )
+        if fleet.state != "up":
+            raise InvalidRequestError(
+                f"--fleet: the fleet link is {fleet.state}: nothing done; try again, or "
+                f"leave out --fleet to act on this host only"
+            )
+        fleet.admin(message.name, message.op)
 
     def actor(self, name: str) -> BreakerActor:
         actor = self.system.get(name)
@@ -1116,6 +1143,8 @@ class _Peer(asyncio.BufferedProtocol):
 
             actor.ask(message, reply)
         else:
+            if type(message) is Admin and message.fleet:
+                self.daemon.fleet_admin(message)  # refused (raises) unless the link is up
             actor.ask(message, lambda result, error: self._reply(msgid, result, error))
 
     def _status(self, msgid: int, message: StatusRequest) -> None:
@@ -1136,6 +1165,7 @@ class _Peer(asyncio.BufferedProtocol):
             return
         results: dict[str, BreakerStatus] = {}
         failed: list[BaseException] = []
+        fleet = daemon.fleet
 
         def collect(name: str) -> Callable[[Any, BaseException | None], None]:
             def on_status(result: Any, error: BaseException | None) -> None:
@@ -1144,12 +1174,19 @@ class _Peer(asyncio.BufferedProtocol):
                 else:
                     clients = len(daemon.subscribers.get(name, ()))
                     results[name] = dataclasses.replace(result, clients=clients)
+                    if fleet is not None:
+                        results[name] = dataclasses.replace(
+                            results[name],
+                            share=str(fleet.share_for(name)),
+                            hosts_open=tuple(fleet.hosts_open(name)),
+                        )
                 if len(results) + len(failed) == len(actors):
                     if failed:
                         self._reply(msgid, None, failed[0])
                     else:
                         ordered = tuple(results[n] for n in sorted(results))
-                        self._reply(msgid, Status(ordered, next_offset), None)
+                        link = None if fleet is None else fleet.state
+                        self._reply(msgid, Status(ordered, next_offset, link), None)
 
             return on_status
 

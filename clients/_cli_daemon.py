@@ -75,6 +75,13 @@ def add_serve(subparsers: Any) -> None:
         help="where breaker state survives restarts (default: [daemon] state_file, else "
         "beside the socket, e.g. breakerd.state; 'none' turns it off)",
     )
+    parser.add_argument(
+        "--redis",
+        default=None,
+        metavar="URL",
+        help="share opens and trials with the daemons of other hosts through this Redis "
+        "(redis://HOST:PORT/DB or unix:///PATH; needs breakerd[redis]; overrides [fleet] redis)",
+    )
     parser.set_defaults(handler=_run_serve)
 
 
@@ -82,7 +89,12 @@ def _run_serve(args: argparse.Namespace) -> int:
     from breakerd.actor._serve_main import serve_main
 
     return serve_main(
-        _socket(args), args.config, args.loop, metrics=args.metrics, state_file=args.state_file
+        _socket(args),
+        args.config,
+        args.loop,
+        metrics=args.metrics,
+        state_file=args.state_file,
+        redis=args.redis,
     )
 
 
@@ -118,6 +130,11 @@ def status_record(status: BreakerStatus, now: float) -> dict[str, Any]:
         "rejections": status.rejections,
         "ignored": status.ignored,
         "generation": snapshot.generation,
+        **(
+            {}
+            if status.share is None
+            else {"fleet": {"share": status.share, "hosts_open": list(status.hosts_open)}}
+        ),
     }
 
 
@@ -149,12 +166,14 @@ def _run_status(args: argparse.Namespace) -> int:
 def _print_status(path: Path, as_json: bool, *, compact: bool = False) -> None:
     breakers: list[BreakerStatus] = []
     offset: int | None = 0
+    fleet: str | None = None
     while offset is not None:
         # A page at a time: every breaker's status may not fit in one frame.
         (status,) = ask_daemon(path, StatusRequest(None, offset))
         assert isinstance(status, Status)
         breakers.extend(status.breakers)
         offset = status.next_offset
+        fleet = status.fleet
     # CLOCK_MONOTONIC is system-wide on Linux: the daemon's deadlines are ours.
     now = time.monotonic()
     records = [status_record(b, now) for b in breakers]
@@ -162,6 +181,8 @@ def _print_status(path: Path, as_json: bool, *, compact: bool = False) -> None:
         json.dump(records, sys.stdout, indent=None if compact else 2)
         sys.stdout.write("\n")
         return
+    if fleet is not None:
+        print(f"fleet link: {fleet}")
     if not records:
         print("no breakers registered")
         return
@@ -259,10 +280,15 @@ def add_admin_commands(subparsers: Any) -> None:
         parser = subparsers.add_parser(command, help=help_text, description=help_text)
         parser.add_argument("name", metavar="NAME", help="the breaker's name")
         _socket_option(parser)
+        parser.add_argument(
+            "--fleet",
+            action="store_true",
+            help="on every daemon of the fleet (those connected to Redis now), not only this one",
+        )
         parser.set_defaults(handler=_run_admin, admin_op=op)
 
 
 def _run_admin(args: argparse.Namespace) -> int:
-    (snapshot,) = ask_daemon(_socket(args), Admin(args.name, args.admin_op))
-    print(f"{args.name}: {snapshot.state.value}")
+    (snapshot,) = ask_daemon(_socket(args), Admin(args.name, args.admin_op, args.fleet))
+    print(f"{args.name}: {snapshot.state.value}" + (" (sent to the fleet)" if args.fleet else ""))
     return 0

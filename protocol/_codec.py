@@ -645,12 +645,14 @@ def _bad_report_item(i: int, item: list[Any]) -> RemoteProtocolError:
 
 
 def _admin_map(m: Admin) -> _Map:
+    if m.fleet:
+        return {"name": m.name, "op": m.op, "fleet": True}
     return {"name": m.name, "op": m.op}
 
 
 def _admin(d: _Map) -> Admin:
     w = "admin params"
-    return Admin(_str(d, "name", w), _enum(d, "op", w, _ADMIN_OPS))
+    return Admin(_str(d, "name", w), _enum(d, "op", w, _ADMIN_OPS), _bool(d, "fleet", w, False))
 
 
 # snapshot (the result of report and admin)
@@ -688,21 +690,25 @@ def _status_request(d: _Map) -> StatusRequest:
 
 
 def _status_map(m: Status) -> _Map:
-    return {
-        "type": "status",
-        "breakers": [
-            {
-                "snapshot": _snapshot_map(b.snapshot),
-                "successes": b.successes,
-                "failures": b.failures,
-                "rejections": b.rejections,
-                "ignored": b.ignored,
-                "clients": b.clients,
-            }
-            for b in m.breakers
-        ],
-        "next_offset": m.next_offset,
-    }
+    breakers = []
+    for b in m.breakers:
+        item: _Map = {
+            "snapshot": _snapshot_map(b.snapshot),
+            "successes": b.successes,
+            "failures": b.failures,
+            "rejections": b.rejections,
+            "ignored": b.ignored,
+            "clients": b.clients,
+        }
+        if b.share is not None:
+            # Optional keys: a daemon in no fleet sends what it always sent.
+            item["share"] = b.share
+            item["hosts_open"] = list(b.hosts_open)
+        breakers.append(item)
+    d: _Map = {"type": "status", "breakers": breakers, "next_offset": m.next_offset}
+    if m.fleet is not None:
+        d["fleet"] = m.fleet
+    return d
 
 
 def _status(d: _Map) -> Status:
@@ -719,12 +725,23 @@ def _status(d: _Map) -> Status:
                 rejections=_int(b, "rejections", w),
                 ignored=_int(b, "ignored", w),
                 clients=_int(b, "clients", w, 0),
+                share=_opt_str(b, "share", w),
+                hosts_open=_hosts(b, w),
             )
         )
     next_offset = d.get("next_offset")
     if next_offset is not None and (type(next_offset) is not int or next_offset < 0):
         raise _bad("status result", "next_offset", "a non-negative integer or nil", next_offset)
-    return Status(tuple(breakers), next_offset)
+    return Status(tuple(breakers), next_offset, _opt_str(d, "fleet", "status result"))
+
+
+def _hosts(d: _Map, where: str) -> tuple[str, ...]:
+    if "hosts_open" not in d:
+        return ()
+    hosts = _array(d, "hosts_open", where)
+    if not all(type(host) is str for host in hosts):
+        raise _bad(where, "hosts_open", "an array of strings", hosts)
+    return tuple(hosts)
 
 
 # state push

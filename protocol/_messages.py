@@ -168,6 +168,8 @@ class ReportBatch:
 class Admin:
     name: str
     op: AdminOp
+    #: Every daemon of the fleet too (through Redis), not only this one.
+    fleet: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,12 +195,19 @@ class BreakerStatus:
     rejections: int
     ignored: int
     clients: int = 0
+    #: What the breaker shares with the fleet ("off", "open", "quorum:N");
+    #: None: the daemon is in no fleet.
+    share: str | None = None
+    #: The fleet's hosts whose open of this breaker is current, as last heard.
+    hosts_open: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class Status:
     breakers: tuple[BreakerStatus, ...]
     next_offset: int | None = None
+    #: The fleet link's state ("connecting", "up", "down"); None: no fleet.
+    fleet: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

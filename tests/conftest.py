@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_helpers import DaemonProcess, short_tmpdir
+from daemon_helpers import DaemonProcess, short_tmpdir, wait_for
 
 
 @pytest.fixture
@@ -40,5 +40,7 @@ def daemon(tmp_short: Path, request: pytest.FixtureRequest) -> Iterator[DaemonPr
     # The log line, not the socket file: the file appears at bind(), a moment
     # before listen(), and a connect in that moment is refused.
     process = DaemonProcess(tmp_short / "s.sock", loop=request.param).wait_ready(started_log=True)
+    # And the socket's final name, given a moment after that line is logged.
+    wait_for(process.socket_path.exists, what="the daemon's socket")
     yield process
     process.kill()
