@@ -430,6 +430,9 @@ class BreakerActor:
                 duration=message.duration,
                 lease=message.lease,
                 retry_after=message.retry_after,
+                reason=message.reason,
+                error_code=message.error_code,
+                pid=message.pid,
             )
             self._apply(record.transitions)
             if not record.transitions and (

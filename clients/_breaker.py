@@ -26,6 +26,7 @@ import anyio.to_thread
 
 from breakerd.actor import (
     DEFAULT_MAX_TIMEOUT,
+    DEFAULT_QUOTA_TIMEOUT,
     ActorSystem,
     BreakerActor,
     BreakerConfig,
@@ -120,6 +121,13 @@ class CircuitBreaker:
             for the daemon's answer (up to 5 s).
         window_size, window_seconds, slow_call_duration, slow_call_threshold,
         backoff, jitter, half_open_max_wait: see ``BreakerConfig``.
+        quota_timeout: Seconds a key-wide error keeps the breaker open: a
+            quota error (429 ``insufficient_quota``, 402) and, with
+            ``auth_opens``, a 401/403. Default 900 s; it is also their cap
+            (``max_timeout`` does not apply to them). Then one trial.
+        auth_opens: Open the breaker for ``quota_timeout`` on a 401/403 from
+            the openai SDK (default False: they are logged at error and
+            ignored, as a caller's bad request would be).
         record: Exception types that count as failures (default: all).
         ignore: Exception types that count as neither success nor failure.
         classify: ``classify(exc)`` returning an ``Outcome``, ``RateLimited`` or
@@ -150,6 +158,8 @@ class CircuitBreaker:
         max_timeout: float | None = DEFAULT_MAX_TIMEOUT,
         jitter: float = 0.0,
         half_open_max_wait: float = 60.0,
+        quota_timeout: float = DEFAULT_QUOTA_TIMEOUT,
+        auth_opens: bool = False,
         record: tuple[type[BaseException], ...] = (Exception,),
         ignore: tuple[type[BaseException], ...] = (),
         classify: ClassifyFunc | None = None,
@@ -178,12 +188,15 @@ class CircuitBreaker:
             max_timeout=max_timeout,
             jitter=jitter,
             half_open_max_wait=half_open_max_wait,
+            quota_timeout=quota_timeout,
         )
         self.name = name
+        #: This breaker's key under its parent when it is a scope, else None.
+        self._scope_key: str | None = None
         self.fallback = fallback
         self.strict = strict
         self._classifier = Classifier(
-            record=record, ignore=ignore, classify=classify, openai=openai
+            record=record, ignore=ignore, classify=classify, openai=openai, auth_opens=auth_opens
         )
         self._explicit_system = system
         #: The daemon's socket in daemon mode, else None.
@@ -543,16 +556,27 @@ class CircuitBreaker:
         state = snapshot.state
         if state is _FORCED_OPEN:
             self._actor.post_rejection()
-            return CircuitBreakerOpenError(self.name, None, state.value)
+            return self._rejection(snapshot, None)
         if state is _OPEN and snapshot.open_until is not None:
             remaining = snapshot.open_until - self._clock()
             if remaining > 0:
                 self._actor.post_rejection()
-                return CircuitBreakerOpenError(self.name, remaining, state.value)
+                return self._rejection(snapshot, remaining)
         return None
 
     def _rejection(self, snapshot: Snapshot, retry_after: float | None) -> CircuitBreakerOpenError:
-        return CircuitBreakerOpenError(self.name, retry_after, snapshot.state.value)
+        # The deadline leaves the monotonic clock only here, at the edge: the
+        # wall clock is what a person (or another host) can read.
+        return CircuitBreakerOpenError(
+            self.name,
+            retry_after,
+            snapshot.state.value,
+            scope=self._scope_key,
+            reason=snapshot.reason,
+            error_code=snapshot.error_code,
+            open_until=None if retry_after is None else time.time() + retry_after,
+            opened_by_pid=snapshot.opened_by_pid or None,
+        )
 
     async def _reject_async(
         self, error: CircuitBreakerOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -585,9 +609,21 @@ class CircuitBreaker:
         self, verdict: Verdict, generation: int, lease: int, duration: float
     ) -> Report | None:
         if isinstance(verdict, RateLimited):
+            reason = verdict.reason
             return Report(
-                self.name, generation, Outcome.RATE_LIMITED, duration, lease, verdict.retry_after
+                self.name,
+                generation,
+                Outcome.RATE_LIMITED,
+                duration,
+                lease,
+                verdict.retry_after,
+                None if reason == "rate_limited" else reason,
+                verdict.error_code,
+                self._pid,
             )
+        if verdict is Outcome.FAILURE:
+            # The pid names the process that opened the breaker, if this does.
+            return Report(self.name, generation, verdict, duration, lease, pid=self._pid)
         if verdict is Outcome.CANCELLED and not lease:
             return None  # a closed-state permit holds nothing to release
         return Report(self.name, generation, verdict, duration, lease)
