@@ -837,6 +837,8 @@ class Machine:
         new.successes, new.failures = self.successes, self.failures
         new.ignored, new.rejections = self.ignored, self.rejections
         new._open_streak = self._open_streak
+        new.open_reason, new.error_code = self.open_reason, self.error_code
+        new.opened_by_pid = self.opened_by_pid
         state = self.state
         if state is OPEN or state is HALF_OPEN:
             open_until = self.open_until if state is OPEN else None

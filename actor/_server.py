@@ -937,7 +937,7 @@ class _Peer(asyncio.BufferedProtocol):
             ):
                 # The batched tuple form has no room for retry_after; a full
                 # inbox still takes it, and this peer is paused below.
-                actor.ask(report, None, force=True)
+                actor.ask(dataclasses.replace(report, pid=self.peer_pid), None, force=True)
             if actor.backlog > actor.max_inbox // 2:
                 busy = actor
         for name, generation, count in message.successes:

@@ -762,11 +762,7 @@ class CircuitBreaker:
                 verdict.retry_after,
                 None if reason == "rate_limited" else reason,
                 verdict.error_code,
-                self._pid,
             )
-        if verdict is Outcome.FAILURE:
-            # The pid names the process that opened the breaker, if this does.
-            return Report(self.name, generation, verdict, duration, lease, pid=self._pid)
         if verdict is Outcome.CANCELLED and not lease:
             return None  # a closed-state permit holds nothing to release
         return Report(self.name, generation, verdict, duration, lease)

@@ -361,6 +361,9 @@ async def test_a_later_long_retry_after_extends_the_open(
     # A new generation, so every proxy sees the later deadline.
     assert guard.snapshot.generation == opened + 1
     assert guard.snapshot.open_until == pytest.approx(clock.now + 50.0)
+    actor = system.get("LLM")
+    assert actor is not None
+    assert actor.restarts == 0  # the open-to-open transition is logged, not a crash
     with pytest.raises(CircuitBreakerOpenError) as info:
         await guard.call(upstream, 0, 1.0)
     assert info.value.retry_after == pytest.approx(50.0)
