@@ -714,11 +714,12 @@ class CircuitBreaker:
             self.name,
             retry_after,
             snapshot.state.value,
-            scope=self._scope_key,
-            reason=snapshot.reason,
-            error_code=snapshot.error_code,
-            open_until=None if retry_after is None else time.time() + retry_after,
-            opened_by_pid=snapshot.opened_by_pid or None,
+            None,
+            self._scope_key,
+            snapshot.reason,
+            snapshot.error_code,
+            None if retry_after is None else time.time() + retry_after,
+            snapshot.opened_by_pid or None,
         )
 
     async def _reject_async(

@@ -64,7 +64,7 @@ class CircuitBreakerOpenError(BreakerError):
         retry_after: float | None = None,
         state: str = "open",
         message: str | None = None,
-        *,
+        # Not keyword-only: a rejection builds one per call, positionally.
         scope: str | None = None,
         reason: str | None = None,
         error_code: str | None = None,
