@@ -322,6 +322,11 @@ class CircuitBreaker:
         return self if child is None else cast(CircuitBreaker, child)
 
     @property
+    def has_scopes(self) -> bool:
+        """Whether this breaker was made with ``scope=``."""
+        return self._scopes is not None
+
+    @property
     def scope_count(self) -> int:
         """Live scopes under this breaker (0 without ``scope``)."""
         return 0 if self._scopes is None else len(self._scopes)
