@@ -1002,6 +1002,8 @@ class Machine:
             "open_streak": self._open_streak,
             "next_lease": self._next_lease,
             "trials": [self._trial_successes, self._trial_failures, self._trial_slow],
+            # Why it is not closed (optional: files from before it lack it).
+            "why": [self.open_reason, self.error_code, self.opened_by_pid],
             "window": window_data,
             "totals": {
                 "successes": self.successes,
@@ -1050,6 +1052,16 @@ class Machine:
             machine.ignored = _count(totals["ignored"])
             machine.rejections = _count(totals["rejections"])
             machine._restore_window(data["window"])
+            why = data.get("why")
+            if why is not None and state is not CLOSED:
+                reason, error_code, pid = why
+                if not (
+                    (reason is None or isinstance(reason, str))
+                    and (error_code is None or isinstance(error_code, str))
+                ):
+                    raise ValueError(f"why must be [reason, error_code, pid], got {why!r}")
+                machine.open_reason, machine.error_code = reason, error_code
+                machine.opened_by_pid = _count(pid)
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed breaker record: {exc!r}") from None
         return machine

@@ -9,6 +9,8 @@ import math
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from breakerd.actor._machine import BreakerConfig, Machine
 from breakerd.protocol import CircuitState, Outcome
@@ -145,3 +147,61 @@ def test_the_snapshot_reason_names_the_rate_that_tripped() -> None:
     m.record(generation, Outcome.SUCCESS, 0.0, duration=2.0, pid=5)
     snapshot = m.snapshot()
     assert (snapshot.state, snapshot.reason, snapshot.opened_by_pid) == (OPEN, "slow_call_rate", 5)
+
+
+def test_why_it_is_open_survives_export_and_restore() -> None:
+    m = make(quota_timeout=900)
+    generation = m.acquire(0.0).generation
+    m.record(generation, RL, 0.0, reason="quota", error_code="insufficient_quota", pid=42)
+    restored = Machine.restore(m.export_state(1.0))
+    snapshot = restored.snapshot()
+    assert (snapshot.reason, snapshot.error_code, snapshot.opened_by_pid) == (
+        "quota",
+        "insufficient_quota",
+        42,
+    )
+    # A record written before the field existed restores without it.
+    old = m.export_state(1.0)
+    del old["why"]
+    assert Machine.restore(old).snapshot().reason is None
+    bad = m.export_state(1.0)
+    bad["why"] = [1, None, 0]
+    with pytest.raises(ValueError, match="why"):
+        Machine.restore(bad)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    first=st.floats(0, 1000),
+    late=st.lists(
+        st.tuples(st.floats(0, 50), st.none() | st.floats(-10, 5000) | st.just(math.nan)),
+        max_size=12,
+    ),
+)
+def test_open_until_never_shrinks_under_late_rate_limits(
+    first: float, late: list[tuple[float, float | None]]
+) -> None:
+    """Any run of late rate limits: the deadline is the max of the capped ones."""
+    m = make(timeout=30, max_timeout=600)
+    generation = m.acquire(0.0).generation
+    m.record(generation, RL, 0.0, retry_after=first)
+    now = 0.0
+    expected = min(first, 600.0)
+    for step, retry_after in late:
+        now += step
+        if m.state is not OPEN:
+            break
+        before = (m.open_until, m.generation)
+        result = m.record(generation, RL, now, retry_after=retry_after)
+        assert m.open_until is not None
+        assert before[0] is not None
+        assert m.open_until >= before[0]
+        usable = retry_after is not None and math.isfinite(retry_after) and retry_after >= 0
+        if usable and retry_after is not None and now + min(retry_after, 600.0) > expected:
+            expected = now + min(retry_after, 600.0)
+            assert m.generation == before[1] + 1
+            assert len(result.transitions) == 1
+        else:
+            assert m.generation == before[1]
+            assert result.transitions == ()
+        assert m.open_until == expected
