@@ -110,6 +110,8 @@ def test_scopes_across_processes(daemon: DaemonProcess, server: StandInServer) -
     # Late answers of calls admitted before the opening, from a third
     # process: a shorter Retry-After never shortens the open, a longer one
     # extends it (merged with max()), and every process sees the new deadline.
+    watcher = RawClient(daemon.socket_path)
+    watcher.register("LLM/gpt-4o")  # a process that only watches: it gets pushes
     raw = RawClient(daemon.socket_path)
     opened: Snapshot = raw.register("LLM/gpt-4o")
     assert opened.open_until is not None
@@ -125,6 +127,10 @@ def test_scopes_across_processes(daemon: DaemonProcess, server: StandInServer) -
     assert longer.open_until > opened.open_until + 60
     assert longer.generation == opened.generation + 1
     raw.close()
+    watcher.status("LLM/gpt-4o")  # a round trip: the push came before its reply
+    assert watcher.pushes[-1].generation == longer.generation
+    assert watcher.pushes[-1].open_until == longer.open_until
+    watcher.close()
     (c,) = worker(daemon, server, "gpt-4o")
     assert c["end"] == "rejected"
     assert 100 < c["retry_after"] <= 120
