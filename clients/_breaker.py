@@ -218,6 +218,8 @@ class CircuitBreaker:
         self.name = name
         #: This breaker's key under its parent when it is a scope, else None.
         self._scope_key: str | None = None
+        # (snapshot, its open deadline on the wall clock) for rejections.
+        self._wall_deadline: tuple[Snapshot | None, float] = (None, 0.0)
         self.fallback = fallback
         self.strict = strict
         self._classifier: Callable[[BaseException], Verdict] = Classifier(
@@ -709,7 +711,22 @@ class CircuitBreaker:
             remaining = snapshot.open_until - self._clock()
             if remaining > 0:
                 self._actor.post_rejection()
-                return self._rejection(snapshot, remaining)
+                # The hot path of an open breaker: the wall-clock deadline is
+                # read once per published snapshot, not once per rejection.
+                wall = self._wall_deadline
+                if wall[0] is not snapshot:
+                    wall = self._wall_deadline = (snapshot, time.time() + remaining)
+                return CircuitBreakerOpenError(
+                    self.name,
+                    remaining,
+                    "open",
+                    None,
+                    self._scope_key,
+                    snapshot.reason,
+                    snapshot.error_code,
+                    wall[1],
+                    snapshot.opened_by_pid or None,
+                )
         return None
 
     def _rejection(self, snapshot: Snapshot, retry_after: float | None) -> CircuitBreakerOpenError:
