@@ -706,7 +706,9 @@ class CircuitBreaker:
         state = snapshot.state
         if state is _FORCED_OPEN:
             self._actor.post_rejection()
-            return self._rejection(snapshot, None)
+            return CircuitBreakerOpenError(
+                self.name, None, "forced_open", None, self._scope_key, "forced_open"
+            )
         if state is _OPEN and snapshot.open_until is not None:
             remaining = snapshot.open_until - self._clock()
             if remaining > 0:

@@ -57,6 +57,12 @@ class CircuitBreakerOpenError(BreakerError):
     """
 
     code = "open"
+    # Class-level defaults: a rejection stores only what it knows.
+    scope: str | None = None
+    reason: str | None = None
+    error_code: str | None = None
+    open_until: float | None = None
+    opened_by_pid: int | None = None
 
     def __init__(
         self,
@@ -77,11 +83,16 @@ class CircuitBreakerOpenError(BreakerError):
         self.retry_after = retry_after
         self.state = state
         self._message = message
-        self.scope = scope
-        self.reason = reason
-        self.error_code = error_code
-        self.open_until = open_until
-        self.opened_by_pid = opened_by_pid
+        if scope is not None:
+            self.scope = scope
+        if reason is not None:
+            self.reason = reason
+        if error_code is not None:
+            self.error_code = error_code
+        if open_until is not None:
+            self.open_until = open_until
+        if opened_by_pid is not None:
+            self.opened_by_pid = opened_by_pid
 
     def __str__(self) -> str:
         message = self._message
