@@ -5,6 +5,7 @@ from ._daemon_config import ConfigError, DaemonSettings, load_config
 from ._logging import LibraryLogger, library_logger
 from ._machine import (
     DEFAULT_MAX_TIMEOUT,
+    DEFAULT_QUOTA_TIMEOUT,
     BreakerConfig,
     Decision,
     IllegalTransitionError,
@@ -17,6 +18,7 @@ from ._system import ActorSystem, default_system
 
 __all__ = [
     "DEFAULT_MAX_TIMEOUT",
+    "DEFAULT_QUOTA_TIMEOUT",
     "SERVER_NAME",
     "ActorSystem",
     "BreakerActor",

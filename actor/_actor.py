@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -83,6 +84,7 @@ _EVENTS: Final[dict[tuple[CircuitState, CircuitState] | CircuitState, tuple[str,
     (CircuitState.HALF_OPEN, CircuitState.OPEN): ("breaker_reopened", "warning"),
     (CircuitState.OPEN, CircuitState.HALF_OPEN): ("breaker_half_open", "info"),
     (CircuitState.HALF_OPEN, CircuitState.CLOSED): ("breaker_closed", "info"),
+    (CircuitState.OPEN, CircuitState.OPEN): ("breaker_open_extended", "warning"),
     CircuitState.FORCED_OPEN: ("breaker_forced_open", "warning"),
     CircuitState.DISABLED: ("breaker_disabled", "warning"),
     CircuitState.CLOSED: ("breaker_reset", "info"),
@@ -153,6 +155,7 @@ class BreakerActor:
         self.name = name
         self.config = config
         self.machine = Machine(name, config, generation=generation, first_lease=first_lease)
+        self._own_pid = os.getpid()
         self.snapshot: Snapshot = self.machine.snapshot()
         self.max_inbox = max_inbox
         self.listeners: list[TransitionListener] = []
@@ -434,6 +437,10 @@ class BreakerActor:
                 duration=message.duration,
                 lease=message.lease,
                 retry_after=message.retry_after,
+                reason=message.reason,
+                error_code=message.error_code,
+                # The daemon names its peer; in-process, the reporter is us.
+                pid=message.pid or self._own_pid,
             )
             self._apply(record.transitions)
             if not record.transitions and (
@@ -557,6 +564,10 @@ class BreakerActor:
         }
         if transition.failure_rate is not None:
             fields["failure_rate"] = round(transition.failure_rate, 4)
+        if transition.error_code is not None:
+            fields["error_code"] = transition.error_code
+        if transition.pid:
+            fields["pid"] = transition.pid
         if transition.open_until is not None:
             fields["open_for"] = round(max(0.0, transition.open_until - self._clock()), 3)
         getattr(self._log, level)(event, **fields)

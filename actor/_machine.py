@@ -50,6 +50,8 @@ from breakerd.protocol import CircuitState, Outcome, Snapshot
 
 __all__ = [
     "DEFAULT_MAX_TIMEOUT",
+    "DEFAULT_QUOTA_TIMEOUT",
+    "KEY_WIDE_REASONS",
     "BreakerConfig",
     "Decision",
     "IllegalTransitionError",
@@ -72,6 +74,9 @@ _AUTOMATIC: Final[frozenset[tuple[CircuitState, CircuitState]]] = frozenset(
         (OPEN, HALF_OPEN),
         (HALF_OPEN, OPEN),
         (HALF_OPEN, CLOSED),
+        # A later rate-limit deadline extends an open period: a new generation,
+        # so every proxy and the state table see the new deadline.
+        (OPEN, OPEN),
     }
 )
 _ADMIN_TARGETS: Final = frozenset({FORCED_OPEN, DISABLED, CLOSED})
@@ -85,6 +90,23 @@ _MAX_ORPHAN_LEASES: Final = 1024
 #: retry hints of real APIs (seconds to a minute) and what an on-call engineer
 #: waits before looking, and short enough that a wrong hint heals by itself.
 DEFAULT_MAX_TIMEOUT: Final = 600.0
+
+#: The default ``quota_timeout``: fifteen minutes. A quota or billing error
+#: (or a rejected key) needs a person; retrying it every ``timeout`` only adds
+#: noise, and fifteen minutes still notices a fix within a coffee break.
+DEFAULT_QUOTA_TIMEOUT: Final = 900.0
+
+#: Error classes that a key-wide fault reports: open for ``quota_timeout``,
+#: capped by it rather than by ``max_timeout``.
+KEY_WIDE_REASONS: Final = frozenset({"quota", "auth"})
+
+# What a snapshot says about an opening, from the transition's reason.
+_SNAPSHOT_REASONS: Final = {
+    "failure_rate_exceeded": "failure_rate",
+    "slow_call_rate_exceeded": "slow_call_rate",
+    "admin_force_open": "forced_open",
+    "admin_disable": "disabled",
+}
 
 
 class IllegalTransitionError(RuntimeError):
@@ -117,6 +139,10 @@ class BreakerConfig:
             (0.1 means +-10%), so many breakers do not retry in step.
         half_open_max_wait: A trial lease not reported within this many
             seconds counts as a failure, so no breaker stays half-open forever.
+        quota_timeout: Seconds a key-wide error (``quota``: quota exhausted or
+            payment required; ``auth`` when the client opens on it) keeps the
+            breaker open, and the cap on such an error's ``retry_after``
+            (``max_timeout`` does not apply to them). Default 900 s.
     """
 
     failure_threshold: float = 0.5
@@ -131,6 +157,7 @@ class BreakerConfig:
     max_timeout: float | None = DEFAULT_MAX_TIMEOUT
     jitter: float = 0.0
     half_open_max_wait: float = 60.0
+    quota_timeout: float = DEFAULT_QUOTA_TIMEOUT
 
     def __post_init__(self) -> None:
         def bad(field_name: str, expected: str) -> ValueError:
@@ -177,6 +204,8 @@ class BreakerConfig:
             raise bad("jitter", "a number in [0, 1)")
         if not finite(self.half_open_max_wait) or self.half_open_max_wait <= 0:
             raise bad("half_open_max_wait", "a number of seconds > 0")
+        if not finite(self.quota_timeout) or self.quota_timeout < 0:
+            raise bad("quota_timeout", "a finite number of seconds >= 0")
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -208,6 +237,10 @@ class Transition:
     failure_rate: float | None = None
     slow_call_rate: float | None = None
     open_until: float | None = None
+    #: The provider's error code behind an opening, if any.
+    error_code: str | None = None
+    #: The process whose outcome caused the transition (0: none, or an administrator).
+    pid: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,6 +408,12 @@ class Machine:
         self.state: CircuitState = CLOSED
         self.generation = generation
         self.open_until: float | None = None
+        # Why the breaker is not closed, for rejections and status (snapshot).
+        self.open_reason: str | None = None
+        self.error_code: str | None = None
+        self.opened_by_pid = 0
+        # The pid of the report being applied, for the transition it may cause.
+        self._pid = 0
         self._window: _CountWindow | _TimeWindow = self._new_window()
         # Consecutive openings without a close in between, for backoff.
         self._open_streak = 0
@@ -455,6 +494,9 @@ class Machine:
             trials_in_flight=len(self._leases),
             slow_call_duration=self.config.slow_call_duration,
             successes_safe=self.successes_safe(),
+            reason=self.open_reason,
+            error_code=self.error_code,
+            opened_by_pid=self.opened_by_pid,
         )
 
     # -- commands ----------------------------------------------------------
@@ -509,15 +551,51 @@ class Machine:
         duration: float = 0.0,
         lease: int = 0,
         retry_after: float | None = None,
+        reason: str | None = None,
+        error_code: str | None = None,
+        pid: int = 0,
     ) -> RecordResult:
-        """Apply the outcome of a call admitted under ``generation``."""
+        """Apply the outcome of a call admitted under ``generation``.
+
+        ``reason`` is a rate limit's class (``rate_limited``, ``quota``,
+        ``auth``), ``error_code`` the provider's code, ``pid`` the reporter.
+        """
+        if not pid:
+            return self._record(
+                generation, outcome, now, duration, lease, retry_after, reason, error_code
+            )
+        self._pid = pid
+        try:
+            return self._record(
+                generation, outcome, now, duration, lease, retry_after, reason, error_code
+            )
+        finally:
+            self._pid = 0
+
+    def _record(
+        self,
+        generation: int,
+        outcome: Outcome,
+        now: float,
+        duration: float,
+        lease: int,
+        retry_after: float | None,
+        reason: str | None,
+        error_code: str | None,
+    ) -> RecordResult:
         if generation != self.generation:
             if generation < self.generation:
                 self._count_stale(outcome, lease)
+                if outcome is Outcome.RATE_LIMITED and self.state is OPEN:
+                    # Calls admitted before the opening answer late: their
+                    # deadlines merge with max(), never shortening the open.
+                    return RecordResult(False, self._extend(now, reason, retry_after, error_code))
             return RecordResult(False)
         state = self.state
         if state is HALF_OPEN:
-            return self._record_trial(lease, outcome, duration, retry_after, now)
+            return self._record_trial(
+                lease, outcome, duration, retry_after, now, reason, error_code
+            )
         if state is not CLOSED:
             # disabled records nothing; open/forced_open admitted nobody under
             # this generation, so there is nothing legitimate to count.
@@ -525,7 +603,7 @@ class Machine:
                 self._count_total(outcome)
                 return RecordResult(True)
             return RecordResult(False)
-        settled = self._settle_neutral(outcome, retry_after, now)
+        settled = self._settle_neutral(outcome, retry_after, now, reason, error_code)
         if settled is not None:
             return settled
         failed = outcome is Outcome.FAILURE
@@ -594,7 +672,12 @@ class Machine:
             self._count_total(outcome)
 
     def _settle_neutral(
-        self, outcome: Outcome, retry_after: float | None, now: float
+        self,
+        outcome: Outcome,
+        retry_after: float | None,
+        now: float,
+        reason: str | None = None,
+        error_code: str | None = None,
     ) -> RecordResult | None:
         """Outcomes that a closed window and a trial take alike; None for success and failure.
 
@@ -607,7 +690,8 @@ class Machine:
         if outcome is Outcome.IGNORED:
             return RecordResult(True)
         if outcome is Outcome.RATE_LIMITED:
-            return RecordResult(True, (self._open(now, "rate_limited", retry_after),))
+            opened = self._open(now, reason or "rate_limited", retry_after, error_code=error_code)
+            return RecordResult(True, (opened,))
         return None
 
     def _count_total(self, outcome: Outcome) -> None:
@@ -643,6 +727,8 @@ class Machine:
         duration: float,
         retry_after: float | None,
         now: float,
+        reason: str | None = None,
+        error_code: str | None = None,
     ) -> RecordResult:
         expired = self.expire(now)
         if expired:
@@ -651,7 +737,7 @@ class Machine:
         if self._leases.pop(lease, None) is None:
             # Unknown or already expired lease: its verdict was given already.
             return RecordResult(False)
-        settled = self._settle_neutral(outcome, retry_after, now)
+        settled = self._settle_neutral(outcome, retry_after, now, reason, error_code)
         if settled is not None:
             return settled
         slow_limit = self.config.slow_call_duration
@@ -748,6 +834,8 @@ class Machine:
         new.successes, new.failures = self.successes, self.failures
         new.ignored, new.rejections = self.ignored, self.rejections
         new._open_streak = self._open_streak
+        new.open_reason, new.error_code = self.open_reason, self.error_code
+        new.opened_by_pid = self.opened_by_pid
         state = self.state
         if state is OPEN or state is HALF_OPEN:
             open_until = self.open_until if state is OPEN else None
@@ -769,19 +857,9 @@ class Machine:
         *,
         failure_rate: float | None = None,
         slow_call_rate: float | None = None,
+        error_code: str | None = None,
     ) -> Transition:
-        if retry_after is not None and math.isfinite(retry_after) and retry_after >= 0:
-            # A server's word is capped like our own backoff: one bad header
-            # must not lock a breaker for a day.
-            cap = self.config.max_timeout
-            duration = retry_after if cap is None else min(retry_after, cap)
-        else:
-            config = self.config
-            duration = _backoff_duration(
-                config.timeout, config.backoff, self._open_streak, config.max_timeout
-            )
-            if config.jitter:
-                duration *= 1.0 + config.jitter * (2.0 * self._random() - 1.0)
+        duration = self._open_duration(reason, retry_after)
         self._open_streak += 1
         return self._move(
             OPEN,
@@ -790,7 +868,49 @@ class Machine:
             open_until=now + duration,
             failure_rate=failure_rate,
             slow_call_rate=slow_call_rate,
+            error_code=error_code,
         )
+
+    def _open_duration(self, reason: str, retry_after: float | None) -> float:
+        config = self.config
+        usable = retry_after is not None and math.isfinite(retry_after) and retry_after >= 0
+        if reason in KEY_WIDE_REASONS:
+            # Waiting will not fix a quota or a key: the long timeout is both
+            # the default and the cap (max_timeout is for transient faults).
+            cap = config.quota_timeout
+            return min(retry_after, cap) if usable and retry_after is not None else cap
+        if usable and retry_after is not None:
+            # A server's word is capped like our own backoff: one bad header
+            # must not lock a breaker for a day.
+            cap_ = config.max_timeout
+            return retry_after if cap_ is None else min(retry_after, cap_)
+        duration = _backoff_duration(
+            config.timeout, config.backoff, self._open_streak, config.max_timeout
+        )
+        if config.jitter:
+            duration *= 1.0 + config.jitter * (2.0 * self._random() - 1.0)
+        return duration
+
+    def _extend(
+        self,
+        now: float,
+        reason: str | None,
+        retry_after: float | None,
+        error_code: str | None,
+    ) -> tuple[Transition, ...]:
+        """Open-until only grows: move the deadline of an open breaker later, never earlier."""
+        assert self.open_until is not None
+        reason = reason or "rate_limited"
+        if reason not in KEY_WIDE_REASONS and (
+            retry_after is None or not math.isfinite(retry_after) or retry_after < 0
+        ):
+            # No deadline from the server: the opening already decided how long.
+            return _NO_TRANSITIONS
+        # The streak is not advanced (no new opening), so no backoff compounds.
+        deadline = now + self._open_duration(reason, retry_after)
+        if not deadline > self.open_until:
+            return _NO_TRANSITIONS
+        return (self._move(OPEN, reason, now, open_until=deadline, error_code=error_code),)
 
     def _move(
         self,
@@ -802,6 +922,7 @@ class Machine:
         failure_rate: float | None = None,
         slow_call_rate: float | None = None,
         admin: bool = False,
+        error_code: str | None = None,
     ) -> Transition:
         source = self.state
         if not (admin and target in _ADMIN_TARGETS) and (source, target) not in _AUTOMATIC:
@@ -815,6 +936,15 @@ class Machine:
         self.state = target
         self.generation += 1
         self.open_until = open_until if target is OPEN else None
+        pid = 0 if admin else self._pid
+        if target is CLOSED:
+            self.open_reason = self.error_code = None
+            self.opened_by_pid = 0
+        elif target is not HALF_OPEN:
+            # Half-open keeps the reason of the opening it is trying to end.
+            self.open_reason = _SNAPSHOT_REASONS.get(reason, reason)
+            self.error_code = error_code
+            self.opened_by_pid = pid
         if self._leases:
             orphans = self._orphans
             orphans.update(dict.fromkeys(self._leases))
@@ -834,6 +964,8 @@ class Machine:
             failure_rate=failure_rate,
             slow_call_rate=slow_call_rate,
             open_until=self.open_until,
+            error_code=error_code,
+            pid=pid,
         )
 
     def _new_window(self) -> _CountWindow | _TimeWindow:
@@ -867,6 +999,8 @@ class Machine:
             "open_streak": self._open_streak,
             "next_lease": self._next_lease,
             "trials": [self._trial_successes, self._trial_failures, self._trial_slow],
+            # Why it is not closed (optional: files from before it lack it).
+            "why": [self.open_reason, self.error_code, self.opened_by_pid],
             "window": window_data,
             "totals": {
                 "successes": self.successes,
@@ -915,6 +1049,16 @@ class Machine:
             machine.ignored = _count(totals["ignored"])
             machine.rejections = _count(totals["rejections"])
             machine._restore_window(data["window"])
+            why = data.get("why")
+            if why is not None and state is not CLOSED:
+                reason, error_code, pid = why
+                if not (
+                    (reason is None or isinstance(reason, str))
+                    and (error_code is None or isinstance(error_code, str))
+                ):
+                    raise ValueError(f"why must be [reason, error_code, pid], got {why!r}")
+                machine.open_reason, machine.error_code = reason, error_code
+                machine.opened_by_pid = _count(pid)
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed breaker record: {exc!r}") from None
         return machine

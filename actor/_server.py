@@ -739,6 +739,7 @@ class _Peer(asyncio.BufferedProtocol):
         # command, so its comings and goings are logged at debug, not info.
         self.admin = False
         self.inflight = 0
+        self.peer_pid = 0
         self.names: set[str] = set()
         # (breaker name, lease) -> generation: trial permits this peer holds.
         self.leases: dict[tuple[str, int], int] = {}
@@ -768,6 +769,8 @@ class _Peer(asyncio.BufferedProtocol):
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
         )
         self.log = self.log.bind(peer_pid=pid, peer_uid=uid)
+        # The kernel's word on who reports: it names the process that opened a breaker.
+        self.peer_pid = pid
         if not daemon.peer_allowed(uid, gid):
             self._refuse("uid not allowed", peer_gid=gid)
             return
@@ -1107,6 +1110,8 @@ class _Peer(asyncio.BufferedProtocol):
 
     def _ask_actor(self, msgid: int, message: Any) -> None:
         actor = self.daemon.actor(message.name)
+        if type(message) is Report and message.pid != self.peer_pid:
+            message = dataclasses.replace(message, pid=self.peer_pid)
         if (
             type(message) is Report
             and message.lease
@@ -1227,7 +1232,7 @@ class _Peer(asyncio.BufferedProtocol):
             ):
                 # The batched tuple form has no room for retry_after; a full
                 # inbox still takes it, and this peer is paused below.
-                actor.ask(report, None, force=True)
+                actor.ask(dataclasses.replace(report, pid=self.peer_pid), None, force=True)
             if actor.backlog > actor.max_inbox // 2:
                 busy = actor
         for name, generation, count in message.successes:

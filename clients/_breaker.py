@@ -26,6 +26,7 @@ import anyio.to_thread
 
 from breakerd.actor import (
     DEFAULT_MAX_TIMEOUT,
+    DEFAULT_QUOTA_TIMEOUT,
     ActorSystem,
     BreakerActor,
     BreakerConfig,
@@ -50,6 +51,15 @@ from breakerd.protocol import (
 
 from ._classify import Classifier, ClassifyFunc, RateLimited, Verdict
 from ._remote import ON_UNAVAILABLE, OnUnavailable, RemoteBreaker, check_socket_path
+from ._scopes import (
+    DEFAULT_MAX_SCOPES,
+    DEFAULT_SCOPE_TTL,
+    KeyWideOnly,
+    ScopeFunc,
+    ScopeOnly,
+    Scopes,
+    model_scope,
+)
 
 #: See ``CircuitBreaker``'s ``daemon_timeout``.
 DEFAULT_DAEMON_TIMEOUT: Final = 0.25
@@ -123,6 +133,26 @@ class CircuitBreaker:
             for the daemon's answer (up to 5 s).
         window_size, window_seconds, slow_call_duration, slow_call_threshold,
         backoff, jitter, half_open_max_wait: see ``BreakerConfig``.
+        quota_timeout: Seconds a key-wide error keeps the breaker open: a
+            quota error (429 ``insufficient_quota``, 402) and, with
+            ``auth_opens``, a 401/403. Default 900 s; it is also their cap
+            (``max_timeout`` does not apply to them). Then one trial.
+        auth_opens: Open the breaker for ``quota_timeout`` on a 401/403 from
+            the openai SDK (default False: they are logged at error and
+            ignored, as a caller's bad request would be).
+        scope: ``None`` (default): one breaker. ``"model"``: a call's
+            ``model=`` keyword selects a child breaker ``NAME/MODEL``,
+            created on first use with these settings; a callable
+            ``scope(*args, **kwargs) -> str | None`` selects any other key
+            (None: the parent alone). A call runs only if the parent and its
+            scope both admit it; failures, slow calls and rate limits count
+            in the scope, key-wide classes (quota, 402, 401/403 with
+            ``auth_opens``) open the parent and so reject every scope. The
+            fallback answers for either. ``scoped(key)`` gives a scope.
+        scope_ttl: Seconds after which a closed scope nobody used is
+            forgotten (default 3600).
+        max_scopes: Live scopes at most (default 256); a new key past it is
+            governed by the parent alone, with a warning logged once.
         record: Exception types that count as failures (default: all).
         ignore: Exception types that count as neither success nor failure.
         classify: ``classify(exc)`` returning an ``Outcome``, ``RateLimited`` or
@@ -153,6 +183,11 @@ class CircuitBreaker:
         max_timeout: float | None = DEFAULT_MAX_TIMEOUT,
         jitter: float = 0.0,
         half_open_max_wait: float = 60.0,
+        quota_timeout: float = DEFAULT_QUOTA_TIMEOUT,
+        auth_opens: bool = False,
+        scope: str | ScopeFunc | None = None,
+        scope_ttl: float = DEFAULT_SCOPE_TTL,
+        max_scopes: int = DEFAULT_MAX_SCOPES,
         record: tuple[type[BaseException], ...] = (Exception,),
         ignore: tuple[type[BaseException], ...] = (),
         classify: ClassifyFunc | None = None,
@@ -181,12 +216,17 @@ class CircuitBreaker:
             max_timeout=max_timeout,
             jitter=jitter,
             half_open_max_wait=half_open_max_wait,
+            quota_timeout=quota_timeout,
         )
         self.name = name
+        #: This breaker's key under its parent when it is a scope, else None.
+        self._scope_key: str | None = None
+        # (snapshot, its open deadline on the wall clock) for rejections.
+        self._wall_deadline: tuple[Snapshot | None, float] = (None, 0.0)
         self.fallback = fallback
         self.strict = strict
-        self._classifier = Classifier(
-            record=record, ignore=ignore, classify=classify, openai=openai
+        self._classifier: Callable[[BaseException], Verdict] = Classifier(
+            record=record, ignore=ignore, classify=classify, openai=openai, auth_opens=auth_opens
         )
         self._explicit_system = system
         #: The daemon's socket in daemon mode, else None.
@@ -201,6 +241,129 @@ class CircuitBreaker:
         else:
             self._bind_daemon(daemon_path)
         _live_breakers.add(self)
+        self._scopes: Scopes | None = None
+        if scope is not None:
+            settings = {
+                "failure_threshold": failure_threshold,
+                "timeout": timeout,
+                "min_calls": min_calls,
+                "half_open_calls": half_open_calls,
+                "daemon": daemon,
+                "window_size": window_size,
+                "window_seconds": window_seconds,
+                "slow_call_duration": slow_call_duration,
+                "slow_call_threshold": slow_call_threshold,
+                "backoff": backoff,
+                "max_timeout": max_timeout,
+                "jitter": jitter,
+                "half_open_max_wait": half_open_max_wait,
+                "quota_timeout": quota_timeout,
+                "auth_opens": auth_opens,
+                "record": record,
+                "ignore": ignore,
+                "classify": classify,
+                "openai": openai,
+                "strict": strict,
+                "system": system,
+                "on_unavailable": on_unavailable,
+                "daemon_timeout": daemon_timeout,
+            }
+            self._init_scopes(scope, scope_ttl, max_scopes, settings)
+
+    def _init_scopes(
+        self, scope: object, ttl: float, max_scopes: int, settings: dict[str, Any]
+    ) -> None:
+        if scope == "model":
+            scope_func: ScopeFunc = model_scope
+        elif callable(scope):
+            scope_func = scope
+        else:
+            raise TypeError(f"scope must be None, 'model' or a callable, got {scope!r}")
+        if "/" in self.name:
+            raise ValueError(
+                f"a breaker with scopes cannot have '/' in its name ({self.name!r}): "
+                "its scopes are named NAME/KEY"
+            )
+        if not (isinstance(ttl, (int, float)) and ttl > 0):
+            raise ValueError(f"scope_ttl must be a number of seconds > 0, got {ttl!r}")
+        if not isinstance(max_scopes, int) or isinstance(max_scopes, bool) or max_scopes < 0:
+            raise ValueError(f"max_scopes must be an integer >= 0, got {max_scopes!r}")
+        # The parent as a scoped call sees it: the same breaker (same name),
+        # counting only the key-wide classes; the scope counts the rest.
+        guard = CircuitBreaker(self.name, **settings)
+        guard._classifier = KeyWideOnly(self._classifier)
+        self._key_guard = guard
+        self._scope_func = scope_func
+
+        def make(key: str) -> CircuitBreaker:
+            child = CircuitBreaker(f"{self.name}/{key}", **settings)
+            child._classifier = ScopeOnly(child._classifier)
+            child._scope_key = key
+            return child
+
+        def forget(child: CircuitBreaker) -> None:
+            _live_breakers.discard(child)
+            system = child._system
+            if child.daemon_path is None and system is not None:
+                system.remove(child.name)  # an expired scope's actor stops
+
+        self._scopes = Scopes(
+            self.name, make, self._clock, ttl=ttl, max_scopes=max_scopes, forget=forget
+        )
+        # Instance attributes: a breaker without scopes keeps its call path untouched.
+        self.call = self._call_scoped  # type: ignore[method-assign]
+        self.call_sync = self._call_sync_scoped  # type: ignore[method-assign]
+
+    def scoped(self, key: str) -> CircuitBreaker:
+        """The scope ``key`` (``NAME/KEY``), created if need be: its ``state``, ``status()``...
+
+        Past ``max_scopes`` a new key has no scope of its own and this returns
+        the parent, which governs it.
+        """
+        scopes = self._scopes
+        if scopes is None:
+            raise ValueError(f"breaker {self.name!r} has no scopes (pass scope=)")
+        child = scopes.get(key)
+        return self if child is None else cast(CircuitBreaker, child)
+
+    @property
+    def has_scopes(self) -> bool:
+        """Whether this breaker was made with ``scope=``."""
+        return self._scopes is not None
+
+    @property
+    def scope_count(self) -> int:
+        """Live scopes under this breaker (0 without ``scope``)."""
+        return 0 if self._scopes is None else len(self._scopes)
+
+    def _scope_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CircuitBreaker | None:
+        key = self._scope_func(*args, **kwargs)
+        if not isinstance(key, str) or not key:
+            return None
+        assert self._scopes is not None
+        return cast("CircuitBreaker | None", self._scopes.get(key))
+
+    async def _call_scoped(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        child = self._scope_for(args, kwargs)
+        if child is None:
+            return await CircuitBreaker.call(self, func, *args, **kwargs)
+        try:
+            return await self._key_guard.call(child.call, func, *args, **kwargs)
+        except CircuitBreakerOpenError as exc:
+            if self.fallback is None or exc.name not in (self.name, child.name):
+                raise
+            return cast(T, await self._reject_async(exc, args, kwargs))
+
+    def _call_sync_scoped(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        child = self._scope_for(args, kwargs)
+        if child is None:
+            return CircuitBreaker.call_sync(self, func, *args, **kwargs)
+        try:
+            return self._key_guard.call_sync(child.call_sync, func, *args, **kwargs)
+        except CircuitBreakerOpenError as exc:
+            if self.fallback is None or exc.name not in (self.name, child.name):
+                raise
+            return cast(T, self._reject_sync(exc, args, kwargs))
 
     def _bind(self, system: ActorSystem) -> None:
         self._system: ActorSystem | None = system
@@ -546,16 +709,45 @@ class CircuitBreaker:
         state = snapshot.state
         if state is _FORCED_OPEN:
             self._actor.post_rejection()
-            return CircuitBreakerOpenError(self.name, None, _STATE_NAMES[state])
+            return CircuitBreakerOpenError(
+                self.name, None, "forced_open", None, self._scope_key, "forced_open"
+            )
         if state is _OPEN and snapshot.open_until is not None:
             remaining = snapshot.open_until - self._clock()
             if remaining > 0:
                 self._actor.post_rejection()
-                return CircuitBreakerOpenError(self.name, remaining, _STATE_NAMES[state])
+                # The hot path of an open breaker: the wall-clock deadline is
+                # read once per published snapshot, not once per rejection.
+                wall = self._wall_deadline
+                if wall[0] is not snapshot:
+                    wall = self._wall_deadline = (snapshot, time.time() + remaining)
+                return CircuitBreakerOpenError(
+                    self.name,
+                    remaining,
+                    "open",
+                    None,
+                    self._scope_key,
+                    snapshot.reason,
+                    snapshot.error_code,
+                    wall[1],
+                    snapshot.opened_by_pid or None,
+                )
         return None
 
     def _rejection(self, snapshot: Snapshot, retry_after: float | None) -> CircuitBreakerOpenError:
-        return CircuitBreakerOpenError(self.name, retry_after, _STATE_NAMES[snapshot.state])
+        # The deadline leaves the monotonic clock only here, at the edge: the
+        # wall clock is what a person (or another host) can read.
+        return CircuitBreakerOpenError(
+            self.name,
+            retry_after,
+            _STATE_NAMES[snapshot.state],
+            None,
+            self._scope_key,
+            snapshot.reason,
+            snapshot.error_code,
+            None if retry_after is None else time.time() + retry_after,
+            snapshot.opened_by_pid or None,
+        )
 
     async def _reject_async(
         self, error: CircuitBreakerOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -588,8 +780,16 @@ class CircuitBreaker:
         self, verdict: Verdict, generation: int, lease: int, duration: float
     ) -> Report | None:
         if isinstance(verdict, RateLimited):
+            reason = verdict.reason
             return Report(
-                self.name, generation, Outcome.RATE_LIMITED, duration, lease, verdict.retry_after
+                self.name,
+                generation,
+                Outcome.RATE_LIMITED,
+                duration,
+                lease,
+                verdict.retry_after,
+                None if reason == "rate_limited" else reason,
+                verdict.error_code,
             )
         if verdict is Outcome.CANCELLED and not lease:
             return None  # a closed-state permit holds nothing to release

@@ -8,9 +8,14 @@ from typing import TypeAlias
 
 from breakerd.protocol import Outcome
 
-from ._openai import classify_openai
+from ._openai import openai_error_class
 
 __all__ = ["Classifier", "ClassifyFunc", "RateLimited", "Verdict"]
+
+
+#: Error classes that concern the whole API key, not one model: with scopes
+#: they open the parent breaker (and so every scope under it).
+KEY_WIDE: frozenset[str] = frozenset({"quota", "auth"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,9 +23,19 @@ class RateLimited:
     """The service asked us to back off: open the breaker for ``retry_after`` seconds.
 
     ``retry_after=None`` opens it for the breaker's normal open duration.
+    ``reason`` is the error class: ``"rate_limited"`` (the default), or a
+    key-wide ``"quota"`` or ``"auth"``, which open for ``quota_timeout``
+    (capped by it, not by ``max_timeout``). ``error_code`` is the provider's
+    code, shown to the callers the breaker then rejects.
     """
 
     retry_after: float | None = None
+    reason: str = "rate_limited"
+    error_code: str | None = None
+
+    @property
+    def key_wide(self) -> bool:
+        return self.reason in KEY_WIDE
 
 
 #: What a classifier decides: an ``Outcome`` or ``RateLimited(...)``.
@@ -36,13 +51,14 @@ class Classifier:
        ``SystemExit``) releases the permit and is never a failure.
     2. ``classify(exc)``, if given and it returns a verdict.
     3. ``ignore`` types: ignored.
-    4. The OpenAI rules (``classify_openai``) when ``openai=True`` and the
-       exception comes from the openai SDK.
+    4. The OpenAI rules (``openai_error_class``) when ``openai=True`` and
+       the exception comes from the openai SDK; a 401/403 opens the breaker
+       (class ``auth``, for ``quota_timeout``) only with ``auth_opens=True``.
     5. ``record`` types (default: every ``Exception``): failure.
     6. Anything else: ignored.
     """
 
-    __slots__ = ("_classify", "_ignore", "_openai", "_record")
+    __slots__ = ("_auth_opens", "_classify", "_ignore", "_logged", "_openai", "_record")
 
     def __init__(
         self,
@@ -51,6 +67,7 @@ class Classifier:
         ignore: tuple[type[BaseException], ...] = (),
         classify: ClassifyFunc | None = None,
         openai: bool = True,
+        auth_opens: bool = False,
     ) -> None:
         for label, types in (("record", record), ("ignore", ignore)):
             if not isinstance(types, tuple) or not all(
@@ -63,6 +80,9 @@ class Classifier:
         self._ignore = ignore
         self._classify = classify
         self._openai = openai
+        self._auth_opens = auth_opens
+        # Quota and auth errors this breaker has logged: each is said once.
+        self._logged: set[tuple[str, object]] = set()
 
     def __call__(self, exc: BaseException) -> Verdict:
         if not isinstance(exc, Exception):
@@ -78,10 +98,14 @@ class Classifier:
         if self._ignore and isinstance(exc, self._ignore):
             return Outcome.IGNORED
         if self._openai:
-            openai_verdict = classify_openai(exc)
-            if openai_verdict is not None:
-                outcome, retry_after = openai_verdict
-                return RateLimited(retry_after) if outcome is Outcome.RATE_LIMITED else outcome
+            found = openai_error_class(exc, self._logged)
+            if found is not None:
+                outcome, retry_after, reason, error_code = found
+                if outcome is Outcome.RATE_LIMITED:
+                    return RateLimited(retry_after, reason or "rate_limited", error_code)
+                if reason == "auth" and self._auth_opens:
+                    return RateLimited(None, "auth", error_code)
+                return outcome
         if isinstance(exc, self._record):
             return Outcome.FAILURE
         return Outcome.IGNORED

@@ -111,14 +111,28 @@ def add_status(subparsers: Any) -> None:
     parser.set_defaults(handler=_run_status)
 
 
-def status_record(status: BreakerStatus, now: float) -> dict[str, Any]:
+def status_record(
+    status: BreakerStatus, now: float, wall_now: float | None = None
+) -> dict[str, Any]:
+    """One breaker's ``status --json`` entry; ``now`` is monotonic, ``wall_now`` epoch seconds."""
     snapshot = status.snapshot
-    open_for = None
+    open_for = open_until = None
     if snapshot.open_until is not None:
         open_for = round(max(0.0, snapshot.open_until - now), 3)
+        # Converted here, at the edge: the daemon only knows the monotonic clock.
+        open_until = round((time.time() if wall_now is None else wall_now) + open_for, 3)
+    # A scope is the breaker PARENT/KEY (parent names hold no "/").
+    parent, slash, scope = snapshot.name.partition("/")
     return {
         "name": snapshot.name,
+        "parent": parent if slash else None,
+        "scope": scope if slash else None,
         "state": snapshot.state.value,
+        "reason": snapshot.reason,
+        "error_code": snapshot.error_code,
+        "retry_after": open_for,
+        "open_until": open_until,
+        "opened_by_pid": snapshot.opened_by_pid or None,
         "failure_rate": snapshot.failure_rate,
         "slow_call_rate": snapshot.slow_call_rate,
         "calls": snapshot.calls,

@@ -30,7 +30,7 @@ import structlog
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from breakerd.actor import ActorSystem, Transition
-from breakerd.protocol import CircuitState
+from breakerd.protocol import CircuitBreakerOpenError, CircuitState
 
 from ._breaker import CircuitBreaker
 
@@ -96,6 +96,11 @@ class StandInServer:
     script: Sequence[Action]
     stall: float
     port: int = 0
+    #: Scripted errors per model, answered before the script:
+    #: ``{model: [(status, headers, error_code), ...]}``, first one first.
+    errors: dict[str, list[tuple[int, dict[str, str], str | None]]] = field(default_factory=dict)
+    #: Chat completion requests per model.
+    by_model: dict[str, int] = field(default_factory=dict)
     #: Every request the server has read in full, chat completions or not.
     requests: int = 0
     #: ``(method, path, action)`` per request, in arrival order.
@@ -149,6 +154,16 @@ class StandInServer:
             self.log.append((method, path, "not_found"))
             await _send(stream, 404, _error_body(f"no route for {method} {path}"), keep_alive)
             return keep_alive
+        model = _model_of(body)
+        if model is not None:
+            self.by_model[model] = self.by_model.get(model, 0) + 1
+            pending = self.errors.get(model)
+            if pending:
+                status, headers, code = pending.pop(0)
+                self.log.append((method, path, f"error_{status}"))
+                payload = {"error": {"message": f"scripted {status}", "type": "x", "code": code}}
+                await _send(stream, status, payload, keep_alive, headers)
+                return keep_alive
         action = self.script[self._completions] if self._completions < len(self.script) else None
         self._completions += 1
         self.log.append((method, path, action or "answer"))
@@ -166,6 +181,14 @@ class StandInServer:
         completion = _completion(self.requests, model, f"stand-in answer to {prompt!r}")
         await _send(stream, 200, completion, keep_alive)
         return keep_alive
+
+
+def _model_of(body: bytes) -> str | None:
+    try:
+        model = json.loads(body).get("model")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return model if isinstance(model, str) else None
 
 
 def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
@@ -211,14 +234,20 @@ def _error_body(message: str) -> dict[str, Any]:
 
 
 async def _send(
-    stream: anyio.abc.SocketStream, status: int, payload: Mapping[str, Any], keep_alive: bool
+    stream: anyio.abc.SocketStream,
+    status: int,
+    payload: Mapping[str, Any],
+    keep_alive: bool,
+    headers: Mapping[str, str] | None = None,
 ) -> None:
     body = json.dumps(payload).encode()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     head = (
         f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
         "content-type: application/json\r\n"
         f"content-length: {len(body)}\r\n"
         f"connection: {'keep-alive' if keep_alive else 'close'}\r\n"
+        f"{extra}"
         "\r\n"
     )
     await stream.send(head.encode("latin-1") + body)
@@ -350,7 +379,9 @@ async def run_demo(
                 http_client=openai.DefaultAsyncHttpxClient(trust_env=False),
             )
             async with client:
-                return await _play(say, server, client, system, open_timeout, client_timeout)
+                result = await _play(say, server, client, system, open_timeout, client_timeout)
+                await _play_scopes(say, server, client, system)
+                return result
     finally:
         await anyio.to_thread.run_sync(system.stop)
         say(f"finished in {clock() - started:.1f}s")
@@ -448,6 +479,59 @@ async def _play(
         final_state=breaker.state,
         elapsed=clock() - started,
     )
+
+
+#: The scopes scene's breaker, and the 429 its first model gets.
+SCOPED_NAME: Final = "LLM-scoped"
+SCOPED_RETRY_AFTER: Final = 30
+
+
+async def _play_scopes(
+    say: Callable[[str], None], server: StandInServer, client: AsyncOpenAI, system: ActorSystem
+) -> dict[str, str]:
+    """Per-model scopes: one model's 429 opens that model's breaker, not the others'.
+
+    Returns how each call ended, ``{"gpt-4o#1": "rate_limited", ...}``.
+    """
+    import openai
+
+    server.errors["gpt-4o"] = [
+        (429, {"retry-after": str(SCOPED_RETRY_AFTER)}, "rate_limit_exceeded")
+    ]
+    breaker = CircuitBreaker(SCOPED_NAME, scope="model", system=system)
+    say(
+        f"scopes: breaker {SCOPED_NAME!r} with scope='model' keeps one child breaker per "
+        f"model ({SCOPED_NAME}/MODEL)"
+    )
+
+    async def create(**kwargs: Any) -> Any:
+        return await client.chat.completions.create(**kwargs)
+
+    ended: dict[str, str] = {}
+    for number, model in enumerate(("gpt-4o", "gpt-4o", "gpt-4o-mini"), start=1):
+        key = f"{model}#{number}"
+        try:
+            await breaker.call(create, model=model, messages=[{"role": "user", "content": "hello"}])
+        except openai.RateLimitError:
+            ended[key] = "rate_limited"
+            say(
+                f"  {model}: 429 with retry-after {SCOPED_RETRY_AFTER}s: only "
+                f"{SCOPED_NAME}/{model} opens"
+            )
+        except CircuitBreakerOpenError as exc:
+            ended[key] = "rejected"
+            say(f"  {model}: rejected locally: {exc}")
+        else:
+            ended[key] = "answered"
+            say(f"  {model}: answered by the server: another model's 429 did not stop it")
+    say(
+        f"  states: {SCOPED_NAME} {breaker.state.value}, "
+        + ", ".join(
+            f"{SCOPED_NAME}/{model} {breaker.scoped(model).state.value}"
+            for model in ("gpt-4o", "gpt-4o-mini")
+        )
+    )
+    return ended
 
 
 async def _wait_out_open(

@@ -198,6 +198,9 @@ _READ_SIZE: Final = 65536
 _SOCKET_POLL: Final = 0.05
 #: The first reconnect delay after the socket file changed (then doubling as usual).
 _SOCKET_RETRY: Final = 0.01
+#: How long a closing client (at exit) waits for the daemon to read its last
+#: reports and close its side: a healthy daemon takes well under a millisecond.
+_CLOSE_GRACE: Final = 0.25
 #: Descriptors accepted with a welcome (the daemon sends one; more are closed).
 _MAX_WELCOME_FDS: Final = 4
 #: Callers read their own replies where the IO thread can be kept off the socket (epoll).
@@ -896,6 +899,7 @@ class DaemonClient:
         wake_r = self._wake_r
         me = threading.get_ident()
         flush_at: float | None = None
+        close_by: float | None = None
         while True:
             now = time.monotonic()
             # Callers do not wake this thread when they send a request (that
@@ -911,6 +915,8 @@ class DaemonClient:
                     deadline = pending
                 if flush_at is not None and flush_at < deadline:
                     deadline = flush_at
+                if close_by is not None and close_by < deadline:
+                    deadline = close_by
             # else: dropping the connection, waiting only for a reader to let go.
             socket_ready = False
             for ready in poller.wait(max(0, int((deadline - now) * 1000) + 1)):
@@ -952,9 +958,22 @@ class DaemonClient:
                     self._log.warning("daemon_request_timeout", timeout=self.request_timeout)
                     with self._lock:
                         self._break_locked(f"no reply within {self.request_timeout:g}s")
-            if self._closing:
-                with self._lock:
-                    self._break_locked("the client was closed")
+            if self._closing and self._break_reason is None:
+                # A graceful close: our last reports, then end of file; the
+                # daemon reads both and closes its side, which ends this
+                # loop. Closing at once could lose them: a daemon that writes
+                # to a closed peer (a push) drops the connection, and with it
+                # whatever it had not read yet.
+                if close_by is None:
+                    close_by = time.monotonic() + _CLOSE_GRACE
+                    with self._lock:
+                        try:
+                            sock.shutdown(socket.SHUT_WR)
+                        except OSError:
+                            close_by = 0.0  # already broken: nothing to wait for
+                if time.monotonic() >= close_by:
+                    with self._lock:
+                        self._break_locked("the client was closed")
             if self._break_reason is not None:
                 with self._lock:
                     free = self._reader_ident is None

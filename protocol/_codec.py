@@ -289,6 +289,13 @@ def _snapshot_map(s: Snapshot) -> _Map:
     }
     if not s.successes_safe:
         d["successes_safe"] = False  # the usual True stays off the wire
+    # Why it is open: optional keys, off the wire while closed (and for old peers).
+    if s.reason is not None:
+        d["reason"] = s.reason
+    if s.error_code is not None:
+        d["error_code"] = s.error_code
+    if s.opened_by_pid:
+        d["opened_by_pid"] = s.opened_by_pid
     return d
 
 
@@ -307,6 +314,9 @@ def _snapshot(d: _Map, where: str) -> Snapshot:
     trials_in_flight = get("trials_in_flight", 0)
     slow_call_duration = get("slow_call_duration")
     successes_safe = get("successes_safe", True)
+    reason = get("reason")
+    error_code = get("error_code")
+    opened_by_pid = get("opened_by_pid", 0)
     if (
         type(name) is str
         and type(state) is str
@@ -318,6 +328,9 @@ def _snapshot(d: _Map, where: str) -> Snapshot:
         and (slow_call_rate is None or type(slow_call_rate) is float)
         and (slow_call_duration is None or type(slow_call_duration) is float)
         and type(successes_safe) is bool
+        and (reason is None or type(reason) is str)
+        and (error_code is None or type(error_code) is str)
+        and type(opened_by_pid) is int
     ):
         member = _STATES.get(state)
         if member is not None:
@@ -332,6 +345,9 @@ def _snapshot(d: _Map, where: str) -> Snapshot:
                 trials_in_flight,
                 slow_call_duration,
                 successes_safe,
+                reason,
+                error_code,
+                opened_by_pid,
             )
     return _snapshot_fields(d, where)
 
@@ -348,6 +364,9 @@ def _snapshot_fields(d: _Map, where: str) -> Snapshot:
         trials_in_flight=_int(d, "trials_in_flight", where, 0),
         slow_call_duration=_opt_float(d, "slow_call_duration", where),
         successes_safe=_bool(d, "successes_safe", where, True),
+        reason=_opt_str(d, "reason", where),
+        error_code=_opt_str(d, "error_code", where),
+        opened_by_pid=_int(d, "opened_by_pid", where, 0),
     )
 
 
@@ -519,7 +538,7 @@ def _admission_fields(d: _Map) -> Admission:
 
 
 def _report_map(m: Report) -> _Map:
-    return {
+    d: _Map = {
         "name": m.name,
         "generation": m.generation,
         "outcome": m.outcome,
@@ -527,6 +546,14 @@ def _report_map(m: Report) -> _Map:
         "lease": m.lease,
         "retry_after": m.retry_after,
     }
+    # Optional keys: a plain report stays the size it was.
+    if m.reason is not None:
+        d["reason"] = m.reason
+    if m.error_code is not None:
+        d["error_code"] = m.error_code
+    if m.pid:
+        d["pid"] = m.pid
+    return d
 
 
 def _report(d: _Map) -> Report:
@@ -538,6 +565,9 @@ def _report(d: _Map) -> Report:
         duration=_float(d, "duration", w, 0.0),
         lease=_int(d, "lease", w, 0),
         retry_after=_opt_float(d, "retry_after", w),
+        reason=_opt_str(d, "reason", w),
+        error_code=_opt_str(d, "error_code", w),
+        pid=_int(d, "pid", w, 0),
     )
 
 

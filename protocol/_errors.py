@@ -7,6 +7,7 @@ client maps the code back onto the same class (``error_from_code``).
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 
@@ -20,14 +21,48 @@ class BreakerError(Exception):
         return {}
 
 
+# What to do about each reason a breaker opens: the end of the error's sentence.
+_HINTS: dict[str, str] = {
+    "rate_limited": "the provider asked us to back off; retry after that, or use another model",
+    "quota": "the API key's quota or billing is exhausted and waiting will not fix it; "
+    "add credit or raise the quota, then run `breakerd reset {name}` or wait for the trial",
+    "auth": "the provider refused the API key; fix the key or its permissions, "
+    "then run `breakerd reset {name}` or wait for the trial",
+    "failure_rate": "too many calls failed; one trial call goes through when the time is up",
+    "slow_call_rate": "too many calls were slow; one trial call goes through when the time is up",
+    "trial_failed": "the trial call failed; the next trial goes through when the time is up",
+    "trial_slow": "the trial call was slow; the next trial goes through when the time is up",
+    "forced_open": "an administrator opened it; `breakerd reset {name}` closes it",
+}
+
+
 class CircuitBreakerOpenError(BreakerError):
     """A call was rejected because its breaker does not admit calls now.
 
     Raised for every rejection without a fallback, whatever the state
     (``open``, ``half_open`` with every trial permit taken, ``forced_open``).
+
+    Attributes:
+        name: The breaker that rejected (a scope's is ``PARENT/KEY``).
+        state: Its state (``open``, ``half_open``, ``forced_open``).
+        scope: The scope key (a model, say) when a scope rejected, else None.
+        reason: Why it is open: ``failure_rate``, ``slow_call_rate``,
+            ``rate_limited``, ``quota``, ``auth``, ``trial_failed``,
+            ``trial_slow``, ``forced_open``; None when not known.
+        error_code: The provider's code behind it (``insufficient_quota``), or None.
+        retry_after: Seconds until the breaker lets a trial through, or None.
+        open_until: That instant on the wall clock (seconds since the
+            epoch), or None.
+        opened_by_pid: The process whose outcome opened it, or None.
     """
 
     code = "open"
+    # Class-level defaults: a rejection stores only what it knows.
+    scope: str | None = None
+    reason: str | None = None
+    error_code: str | None = None
+    open_until: float | None = None
+    opened_by_pid: int | None = None
 
     def __init__(
         self,
@@ -35,6 +70,12 @@ class CircuitBreakerOpenError(BreakerError):
         retry_after: float | None = None,
         state: str = "open",
         message: str | None = None,
+        # Not keyword-only: a rejection builds one per call, positionally.
+        scope: str | None = None,
+        reason: str | None = None,
+        error_code: str | None = None,
+        open_until: float | None = None,
+        opened_by_pid: int | None = None,
     ) -> None:
         # Rejections are the hot path of an open breaker: the message is built
         # only if someone looks at it (BaseException.__new__ keeps the args).
@@ -42,21 +83,80 @@ class CircuitBreakerOpenError(BreakerError):
         self.retry_after = retry_after
         self.state = state
         self._message = message
+        if scope is not None:
+            self.scope = scope
+        if reason is not None:
+            self.reason = reason
+        if error_code is not None:
+            self.error_code = error_code
+        if open_until is not None:
+            self.open_until = open_until
+        if opened_by_pid is not None:
+            self.opened_by_pid = opened_by_pid
 
     def __str__(self) -> str:
         message = self._message
         if message is None:
-            message = f"circuit breaker {self.name!r} is {self.state}"
-            if self.retry_after is not None:
-                message += f"; retry after {self.retry_after:.3f}s"
+            message = self._sentence()
             self._message = message
         return message
 
+    def _sentence(self) -> str:
+        message = f"circuit breaker {self.name!r} is {self.state}"
+        reason = self.reason
+        if reason is None and self.scope is None:
+            # Nothing more is known (an older daemon): the plain form.
+            if self.retry_after is not None:
+                message += f"; retry after {self.retry_after:.3f}s"
+            return message
+        if self.scope is not None:
+            parent = self.name.rsplit("/" + self.scope, 1)[0]
+            message = (
+                f"circuit breaker {self.name!r} (scope {self.scope!r} of {parent!r}) "
+                f"is {self.state}"
+            )
+        cause = [reason] if reason else []
+        if self.error_code:
+            cause.append(self.error_code)
+        if self.opened_by_pid:
+            cause.append(f"opened by pid {self.opened_by_pid}")
+        if cause:
+            message += f" ({', '.join(cause)})"
+        if self.retry_after is not None:
+            message += f"; retry after {self.retry_after:.3f}s"
+            if self.open_until is not None:
+                when = datetime.fromtimestamp(self.open_until, UTC).strftime("%H:%M:%S UTC")
+                message += f" (at {when})"
+        if self.state == "half_open":
+            hint = "every trial permit is taken; retry in a moment"
+        else:
+            hint = _HINTS.get(reason or "", "").format(name=self.name)
+        return f"{message}: {hint}" if hint else message
+
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.name, self.retry_after, self.state, str(self)))
+        return (
+            _rebuild_open_error,
+            (self.name, self.retry_after, self.state, str(self), self.details()),
+        )
 
     def details(self) -> dict[str, Any]:
-        return {"name": self.name, "retry_after": self.retry_after, "state": self.state}
+        details: dict[str, Any] = {
+            "name": self.name,
+            "retry_after": self.retry_after,
+            "state": self.state,
+        }
+        # Optional keys: an older peer reads the three it knows.
+        for key in ("scope", "reason", "error_code", "open_until", "opened_by_pid"):
+            value = getattr(self, key)
+            if value is not None:
+                details[key] = value
+        return details
+
+
+def _rebuild_open_error(
+    name: str, retry_after: float | None, state: str, message: str, details: dict[str, Any]
+) -> CircuitBreakerOpenError:
+    return _open_error_from_details(details, message)
 
 
 class ActorStoppedError(BreakerError):
@@ -153,12 +253,30 @@ def error_from_code(code: str, message: str, details: dict[str, Any] | None = No
     """Rebuild the exception a remote peer answered with."""
     cls = _BY_CODE.get(code, BreakerError)
     if cls is CircuitBreakerOpenError:
-        d = details or {}
-        retry_after = d.get("retry_after")
-        return CircuitBreakerOpenError(
-            str(d.get("name", "")),
-            float(retry_after) if isinstance(retry_after, (int, float)) else None,
-            str(d.get("state", "open")),
-            message,
-        )
+        return _open_error_from_details(details or {}, message)
     return cls(message)
+
+
+def _open_error_from_details(d: dict[str, Any], message: str) -> CircuitBreakerOpenError:
+    def number(key: str) -> float | None:
+        value = d.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        return None
+
+    def text(key: str) -> str | None:
+        value = d.get(key)
+        return value if isinstance(value, str) else None
+
+    pid = d.get("opened_by_pid")
+    return CircuitBreakerOpenError(
+        str(d.get("name", "")),
+        number("retry_after"),
+        str(d.get("state", "open")),
+        message,
+        scope=text("scope"),
+        reason=text("reason"),
+        error_code=text("error_code"),
+        open_until=number("open_until"),
+        opened_by_pid=pid if type(pid) is int else None,
+    )

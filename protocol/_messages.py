@@ -68,6 +68,14 @@ class Snapshot:
     #: still trip on a success (below ``min_calls``, or a time window whose
     #: successes may age out first), so each one is acknowledged.
     successes_safe: bool = True
+    #: Why the breaker is not closed (``failure_rate``, ``slow_call_rate``,
+    #: ``rate_limited``, ``quota``, ``auth``, ``trial_failed``, ``trial_slow``,
+    #: ``lease_expired``, ``forced_open``, ``disabled``); None while closed.
+    reason: str | None = None
+    #: The provider's error code behind the opening (``insufficient_quota``), or None.
+    error_code: str | None = None
+    #: The process whose outcome opened the breaker (0: unknown or an administrator).
+    opened_by_pid: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +154,13 @@ class Report:
     duration: float = 0.0
     lease: int = 0
     retry_after: float | None = None
+    #: The error class of a rate-limited outcome (``rate_limited``, ``quota``,
+    #: ``auth``): it picks the open duration and its cap. None: ``rate_limited``.
+    reason: str | None = None
+    #: The provider's error code, shown to the callers it rejects.
+    error_code: str | None = None
+    #: The reporting process (the daemon puts its peer's pid here itself).
+    pid: int = 0
 
 
 @dataclass(frozen=True, slots=True)

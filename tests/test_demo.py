@@ -193,3 +193,39 @@ async def test_stand_in_answers_bad_requests_with_4xx() -> None:
     assert garbage.startswith(b"HTTP/1.1 400 ")
     assert bad_json.startswith(b"HTTP/1.1 400 ")
     assert [entry[2] for entry in server.log] == ["not_found", "answer"]
+
+
+@pytest.mark.anyio
+async def test_the_scopes_scene_keeps_one_models_429_to_that_model() -> None:
+    import openai
+
+    from breakerd.actor import ActorSystem
+
+    lines: list[str] = []
+    system = await anyio.to_thread.run_sync(ActorSystem().start)
+    try:
+        async with stand_in_server(()) as server:
+            client = openai.AsyncOpenAI(
+                api_key="sk-test",
+                base_url=server.base_url,
+                max_retries=0,
+                timeout=5.0,
+                http_client=openai.DefaultAsyncHttpxClient(trust_env=False),
+            )
+            async with client:
+                ended = await demo._play_scopes(lines.append, server, client, system)
+    finally:
+        await anyio.to_thread.run_sync(system.stop)
+    assert ended == {
+        "gpt-4o#1": "rate_limited",
+        "gpt-4o#2": "rejected",
+        "gpt-4o-mini#3": "answered",
+    }
+    assert server.by_model == {"gpt-4o": 1, "gpt-4o-mini": 1}
+    assert (
+        lines[-1]
+        == "  states: LLM-scoped closed, LLM-scoped/gpt-4o open, LLM-scoped/gpt-4o-mini closed"
+    )
+    rejected = next(line for line in lines if "rejected locally" in line)
+    assert "scope 'gpt-4o' of 'LLM-scoped'" in rejected
+    assert "rate_limit_exceeded" in rejected

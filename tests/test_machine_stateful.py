@@ -158,6 +158,8 @@ class Model:
                     self.orphans.discard(lease)  # the first report settles it
                 if outcome is not Outcome.CANCELLED:
                     self.count(outcome)
+                if outcome is Outcome.RATE_LIMITED and self.state is OPEN:
+                    self.extend(now, retry_after)
             return False
         if self.state is DISABLED:
             if outcome is Outcome.CANCELLED:
@@ -247,6 +249,17 @@ class Model:
         self.opens_since_close += 1
         self.move(OPEN)
         self.open_until = now + duration
+
+    def extend(self, now: float, retry_after: float | None) -> None:
+        """Open-until only grows: a later server deadline moves it, nothing else does."""
+        assert self.open_until is not None
+        if retry_after is None or not math.isfinite(retry_after) or retry_after < 0:
+            return
+        if self.config.max_timeout is not None:
+            retry_after = min(retry_after, self.config.max_timeout)
+        if now + retry_after > self.open_until:
+            self.move(OPEN)
+            self.open_until = now + retry_after
 
     def admin(self, target: CircuitState) -> None:
         if self.state is not target:
@@ -473,6 +486,7 @@ class MachineVersusModel(RuleBasedStateMachine):
             permit = Permit(current + offset, lease)
         assert permit.generation != current
         before = self.observable()
+        moves = self.begin()
         result = self.machine.record(
             permit.generation,
             outcome,
@@ -482,11 +496,17 @@ class MachineVersusModel(RuleBasedStateMachine):
             retry_after=retry_after,
         )
         assert not result.counted
+        # The books still count it (the totals invariant checks the model's rule).
+        self.model.record(permit.generation, outcome, self.now, duration, permit.lease, retry_after)
+        if self.model.moves:
+            # Only a late rate limit with a later deadline moves an open breaker.
+            assert outcome is Outcome.RATE_LIMITED
+            assert permit.generation < current
+            self.check_transitions(moves, result.transitions)
+            return
         assert result.transitions == ()
         snapshot = before[0]  # type: ignore[index]
         assert self.machine.snapshot() == snapshot, "a stale report changed the machine"
-        # The books still count it (the totals invariant checks the model's rule).
-        self.model.record(permit.generation, outcome, self.now, duration, permit.lease, retry_after)
 
     @rule(count=st.sampled_from([1, 2, 3, 5, 9]), stale=st.booleans())
     def successes_in_bulk(self, count: int, stale: bool) -> None:

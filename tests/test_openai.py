@@ -408,18 +408,19 @@ async def test_429_open_duration_follows_the_headers(
     assert guard.snapshot.open_until == pytest.approx(clock.now + seconds)
 
 
-async def test_insufficient_quota_opens_for_the_timeout_and_logs_an_error(
+async def test_insufficient_quota_opens_for_the_quota_timeout_and_logs_an_error(
     system: ActorSystem, clock: FakeClock, upstreams: Callable[..., Upstream]
 ) -> None:
     upstream = upstreams(status(429, {"retry-after": "7"}, error_code="insufficient_quota"))
-    guard = breaker(system, min_calls=5)
+    guard = breaker(system, min_calls=5, quota_timeout=900.0)
 
     with structlog.testing.capture_logs() as logs, pytest.raises(openai.RateLimitError):
         await guard.call(upstream.ask, "hi")
 
-    # Waiting 7 s will not refill a quota: the normal open timeout applies.
+    # Waiting 7 s will not refill a quota: the long quota_timeout applies.
     assert state(guard) is CircuitState.OPEN
-    assert guard.snapshot.open_until == pytest.approx(clock.now + TIMEOUT)
+    assert guard.snapshot.open_until == pytest.approx(clock.now + 900.0)
+    assert (guard.snapshot.reason, guard.snapshot.error_code) == ("quota", "insufficient_quota")
     quota = [entry for entry in logs if entry["event"] == "openai_insufficient_quota"]
     assert len(quota) == 1
     assert quota[0]["log_level"] == "error"

@@ -225,6 +225,9 @@ snapshots = st.builds(
     trials_in_flight=counts,
     slow_call_duration=opt_floats,
     successes_safe=st.booleans(),
+    reason=st.none() | names,
+    error_code=st.none() | names,
+    opened_by_pid=ints,
 )
 reports = st.builds(
     Report,
@@ -234,6 +237,20 @@ reports = st.builds(
     duration=floats,
     lease=ints,
     retry_after=opt_floats,
+)
+# The request form also carries why (its class), the provider's code and the pid;
+# the batched form never does (those reports are acknowledged requests).
+report_requests = st.builds(
+    Report,
+    name=names,
+    generation=ints,
+    outcome=st.sampled_from(Outcome),
+    duration=floats,
+    lease=ints,
+    retry_after=opt_floats,
+    reason=st.none() | names,
+    error_code=st.none() | names,
+    pid=ints,
 )
 # Config values come back as msgpack gives them: lists, not tuples; no NaN.
 config_values = st.recursive(
@@ -249,7 +266,7 @@ requests: st.SearchStrategy[RequestMessage] = st.one_of(
         successes=st.integers(0, MAX_COUNT),
         successes_generation=st.integers(0, 2**63),
     ),
-    reports,
+    report_requests,
     st.builds(Admin, name=names, op=st.sampled_from(sorted(ADMIN_OPS))),
     st.builds(StatusRequest, name=st.none() | names),
     st.builds(Subscribe, names=st.lists(names, max_size=4).map(tuple)),
