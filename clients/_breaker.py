@@ -47,6 +47,7 @@ from breakerd.protocol import (
     Snapshot,
     StatusRequest,
     default_socket_path,
+    new_open_error,
 )
 
 from ._classify import Classifier, ClassifyFunc, RateLimited, Verdict
@@ -709,7 +710,7 @@ class CircuitBreaker:
         state = snapshot.state
         if state is _FORCED_OPEN:
             self._actor.post_rejection()
-            return CircuitBreakerOpenError(
+            return new_open_error(
                 self.name, None, "forced_open", None, self._scope_key, "forced_open"
             )
         if state is _OPEN and snapshot.open_until is not None:
@@ -721,7 +722,7 @@ class CircuitBreaker:
                 wall = self._wall_deadline
                 if wall[0] is not snapshot:
                     wall = self._wall_deadline = (snapshot, time.time() + remaining)
-                return CircuitBreakerOpenError(
+                return new_open_error(
                     self.name,
                     remaining,
                     "open",
@@ -737,7 +738,7 @@ class CircuitBreaker:
     def _rejection(self, snapshot: Snapshot, retry_after: float | None) -> CircuitBreakerOpenError:
         # The deadline leaves the monotonic clock only here, at the edge: the
         # wall clock is what a person (or another host) can read.
-        return CircuitBreakerOpenError(
+        return new_open_error(
             self.name,
             retry_after,
             _STATE_NAMES[snapshot.state],

@@ -52,6 +52,7 @@ from ._errors import (
     UnknownBreakerError,
     VersionMismatchError,
     error_from_code,
+    new_open_error,
 )
 from ._messages import (
     ADMIN_OPS,
@@ -145,5 +146,6 @@ __all__ = [
     "frame_notification",
     "method_of",
     "negotiate_version",
+    "new_open_error",
     "state_table",
 ]
