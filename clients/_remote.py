@@ -268,6 +268,47 @@ class DaemonClient:
             as anyone else is treated as unavailable.
     """
 
+    # Slots, as for RemoteBreaker: every daemon-mode call reads _flush_armed.
+    __slots__ = (
+        "__weakref__",
+        "_awaiting_welcome",
+        "_break_reason",
+        "_closing",
+        "_first_attempt",
+        "_flush_armed",
+        "_had_welcome",
+        "_io_ident",
+        "_links",
+        "_lock",
+        "_log",
+        "_poller",
+        "_read_poll",
+        "_reader_ident",
+        "_sock",
+        "_socket_seen",
+        "_start_lock",
+        "_started",
+        "_table_fd",
+        "_thread",
+        "_wake_r",
+        "_wake_w",
+        "attempts",
+        "backoff_max",
+        "backoff_min",
+        "connect_timeout",
+        "core",
+        "epoch",
+        "flush_delay",
+        "outage",
+        "path",
+        "pid",
+        "request_timeout",
+        "stalled",
+        "state_table",
+        "trusted_uids",
+        "welcome",
+    )
+
     def __init__(
         self,
         path: str | Path,
@@ -1320,6 +1361,44 @@ class RemoteBreaker:
     client then sends every link's requests to its policy until the daemon
     is heard from again (``DaemonClient.note_stalled``).
     """
+
+    # Slots: every call reads a few of these, and an instance dict with this
+    # many keys stops sharing them, which makes each read a dict lookup
+    # instead of a fixed offset (measured: about 40 ns more per daemon-mode
+    # call once a thirtieth attribute was added).
+    __slots__ = (
+        "__weakref__",
+        "_allow_snapshot",
+        "_announce_lock",
+        "_announced",
+        "_deny_snapshot",
+        "_live_words",
+        "_local",
+        "_local_lock",
+        "_local_system",
+        "_local_view",
+        "_log",
+        "_queue_limit",
+        "_refused",
+        "_register_error",
+        "_rejected",
+        "_remote",
+        "_remote_snapshot",
+        "_settled",
+        "_slot_seq",
+        "_slot_words",
+        "_suspended",
+        "_system",
+        "_tally",
+        "_unstarted",
+        "client",
+        "config",
+        "conflicts",
+        "daemon_timeout",
+        "listeners",
+        "name",
+        "on_unavailable",
+    )
 
     def __init__(
         self,
