@@ -1014,7 +1014,10 @@ def test_a_refused_registration_raises(daemon: FakeDaemon, sock_path: str) -> No
 def test_pending_requests_fail_at_once_when_the_daemon_drops(
     daemon: FakeDaemon, sock_path: str
 ) -> None:
-    breaker = CircuitBreaker("svc", daemon=sock_path, strict=True, on_unavailable="deny")
+    # daemon_timeout far off: only the dropped connection may end the wait.
+    breaker = CircuitBreaker(
+        "svc", daemon=sock_path, strict=True, on_unavailable="deny", daemon_timeout=60
+    )
     daemon.hold.add(Acquire)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         call = pool.submit(breaker.call_sync, ok_sync)
@@ -1786,7 +1789,11 @@ def test_against_the_real_daemon_killed_and_restarted(sock_path: str, system: Ac
 def test_a_reader_fails_at_once_when_the_real_daemon_is_killed(sock_path: str) -> None:
     daemon = _start_real_daemon(sock_path)
     try:
-        breaker = CircuitBreaker("svc", daemon=sock_path, strict=True, on_unavailable="deny")
+        # daemon_timeout far off: this is about the reader's baton and the
+        # EOF, and a caller that gave up at 0.25 s would have let go already.
+        breaker = CircuitBreaker(
+            "svc", daemon=sock_path, strict=True, on_unavailable="deny", daemon_timeout=60
+        )
         assert breaker.call_sync(ok_sync, 1) == 1
         client = get_client(sock_path)
         baton_free(client)
