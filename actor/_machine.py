@@ -584,8 +584,7 @@ class Machine:
         error_code: str | None,
     ) -> RecordResult:
         if generation != self.generation:
-            if generation < self.generation:
-                self._count_stale(outcome, lease)
+            if generation < self.generation and self._count_stale(outcome, lease):
                 if outcome is Outcome.RATE_LIMITED and self.state is OPEN:
                     # Calls admitted before the opening answer late: their
                     # deadlines merge with max(), never shortening the open.
@@ -658,18 +657,21 @@ class Machine:
         """Add plain successes of an older generation to the totals (books only)."""
         self.successes += count
 
-    def _count_stale(self, outcome: Outcome, lease: int) -> None:
+    def _count_stale(self, outcome: Outcome, lease: int) -> bool:
         """Count an outcome of another generation in the totals, never twice.
 
         A plain outcome counts. A trial's counts only if a transition cut its
         lease short; an expired lease was counted as a failure when it expired.
+        False for a report that is a repeat (a lease settled already): it
+        counts for nothing, not even a late rate limit's deadline.
         """
         if lease:
             if lease not in self._orphans:
-                return
+                return False
             del self._orphans[lease]  # its first report settles it, whatever it says
         if outcome is not Outcome.CANCELLED:
             self._count_total(outcome)
+        return True
 
     def _settle_neutral(
         self,

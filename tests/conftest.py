@@ -1,4 +1,5 @@
-"""Fixtures of the tests that run a real daemon process (modules may override ``daemon``)."""
+"""Shared fixtures: a fake clock and an actor system on it, and real daemon processes
+(modules may override any of them)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,28 @@ from pathlib import Path
 
 import pytest
 from daemon_helpers import DaemonProcess, short_tmpdir, wait_for
+
+from breakerd.actor import ActorSystem
+from breakerd.actor.testing import FakeClock
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """anyio's pytest plugin runs the ``anyio``-marked async tests on asyncio."""
+    return "asyncio"
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A monotonic clock that moves only when a test says so."""
+    return FakeClock()
+
+
+@pytest.fixture
+def system(clock: FakeClock) -> Iterator[ActorSystem]:
+    """An actor system on the fake clock, its loop in a thread of its own."""
+    with ActorSystem(clock=clock).running_in_thread() as running:
+        yield running
 
 
 @pytest.fixture

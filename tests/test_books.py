@@ -27,22 +27,6 @@ pytestmark = pytest.mark.anyio
 TRIPS_ON_A_SUCCESS = {"failure_threshold": 0.5, "min_calls": 5, "window_size": 5}
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def system(clock: FakeClock) -> Iterator[ActorSystem]:
-    with ActorSystem(clock=clock).running_in_thread() as running:
-        yield running
-
-
 class Boom(Exception):
     pass
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,17 +118,6 @@ def test_zero_timeout_with_backoff_stays_zero() -> None:
 
 
 # -- supervision keeps the state of a breaker whose machine raised ---------------------
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def system(clock: FakeClock) -> Iterator[ActorSystem]:
-    with ActorSystem(clock=clock).running_in_thread() as running:
-        yield running
 
 
 def ask(actor: BreakerActor, message: object) -> Any:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import anyio.lowlevel
@@ -38,22 +37,6 @@ from breakerd.protocol import (
 )
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def system(clock: FakeClock) -> Iterator[ActorSystem]:
-    with ActorSystem(clock=clock).running_in_thread() as running:
-        yield running
 
 
 class Boom(Exception):

@@ -21,12 +21,6 @@ from breakerd.clients import _demo as demo
 from breakerd.clients._cli import main
 from breakerd.clients._demo import run_demo, stand_in_server
 
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 OPEN_TIMEOUT = 0.5
 #: Above the demo's 0.3 s so that a loaded machine does not time out a good answer.
 CLIENT_TIMEOUT = 0.5

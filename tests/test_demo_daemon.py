@@ -24,12 +24,6 @@ from breakerd.clients._cli import main
 from breakerd.clients._demo_daemon import PLAN, run_daemon_demo
 from breakerd.protocol import Status, StatusRequest
 
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 OPEN_TIMEOUT = 0.5
 #: Above the demo's 0.3 s so that a loaded machine does not time out a good answer.
 CLIENT_TIMEOUT = 0.5

@@ -54,17 +54,6 @@ def _close_clients() -> Iterator[None]:
     close_all_clients()
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def system(clock: FakeClock) -> Iterator[ActorSystem]:
-    with ActorSystem(clock=clock).running_in_thread() as running:
-        yield running
-
-
 def scrape_registry(
     registry: CollectorRegistry,
 ) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -164,11 +153,6 @@ async def test_a_scrape_inside_an_event_loop_reads_without_blocking_it(
 
 async def _fail() -> int:
     raise TimeoutError("upstream")
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 # -- the daemon's endpoint ------------------------------------------------------------

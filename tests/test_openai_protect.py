@@ -25,11 +25,6 @@ QUICK_RETRY = {"retry-after-ms": "1"}
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class FakeClock:
     def __init__(self, now: float = 1000.0) -> None:
         self.now = now

@@ -83,11 +83,6 @@ T = TypeVar("T")
 WAIT = 10.0  # generous bound on a socket event; tests finish far sooner
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def ok_sync(value: int = 1) -> int:
     return value
 

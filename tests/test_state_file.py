@@ -389,11 +389,6 @@ def test_reload_judges_a_half_open_breaker_that_has_all_its_trials() -> None:
 # -- the watchdog ----------------------------------------------------------------
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.mark.anyio
 async def test_the_watchdog_is_fed_only_once_every_actor_has_drained() -> None:
     clock = FakeClock(NOW)
