@@ -584,11 +584,11 @@ class Machine:
         error_code: str | None,
     ) -> RecordResult:
         if generation != self.generation:
-            if generation < self.generation and self._count_stale(outcome, lease):
-                if outcome is Outcome.RATE_LIMITED and self.state is OPEN:
-                    # Calls admitted before the opening answer late: their
-                    # deadlines merge with max(), never shortening the open.
-                    return RecordResult(False, self._extend(now, reason, retry_after, error_code))
+            counted = generation < self.generation and self._count_stale(outcome, lease)
+            if counted and outcome is Outcome.RATE_LIMITED and self.state is OPEN:
+                # Calls admitted before the opening answer late: their
+                # deadlines merge with max(), never shortening the open.
+                return RecordResult(False, self._extend(now, reason, retry_after, error_code))
             return RecordResult(False)
         state = self.state
         if state is HALF_OPEN:
