@@ -21,7 +21,7 @@ from breakerd.protocol import (
 
 from ._peer import trusted_uids, untrusted_peer
 
-__all__ = ["ask_daemon", "connect_to_daemon"]
+__all__ = ["ask_daemon", "connect_to_daemon", "next_daemon_event"]
 
 
 def connect_to_daemon(socket_path: Path, timeout: float | None = None) -> socket.socket:
@@ -55,6 +55,28 @@ def connect_to_daemon(socket_path: Path, timeout: float | None = None) -> socket
     return sock
 
 
+def next_daemon_event(
+    sock: socket.socket, conn: Connection, socket_path: Path, closed: str
+) -> object:
+    """The connection's next event, reading the socket as it needs.
+
+    Raises ``DaemonUnavailableError`` when the read fails, with ``closed``
+    as its message when the daemon closed the connection, and
+    ``ProtocolError`` for bytes that break the protocol.
+    """
+    while True:
+        event = conn.next_event()
+        if event is not NEED_DATA:
+            return event
+        try:
+            chunk = sock.recv(65536)
+        except OSError as exc:
+            raise DaemonUnavailableError(f"lost the daemon at {socket_path}: {exc}") from exc
+        if not chunk:
+            raise DaemonUnavailableError(closed)
+        conn.receive_data(chunk)
+
+
 def ask_daemon(socket_path: Path, *messages: RequestMessage, timeout: float = 10.0) -> list[Any]:
     """Send ``messages`` after a hello and return their results in order.
 
@@ -71,20 +93,9 @@ def ask_daemon(socket_path: Path, *messages: RequestMessage, timeout: float = 10
         sock.sendall(data)
         results: dict[int, Any] = {}
         while len(results) < len(messages) + 1:
-            event = conn.next_event()
-            if event is NEED_DATA:
-                try:
-                    chunk = sock.recv(65536)
-                except OSError as exc:
-                    raise DaemonUnavailableError(
-                        f"lost the daemon at {socket_path}: {exc}"
-                    ) from exc
-                if not chunk:
-                    raise DaemonUnavailableError(
-                        f"the daemon at {socket_path} closed the connection"
-                    )
-                conn.receive_data(chunk)
-                continue
+            event = next_daemon_event(
+                sock, conn, socket_path, f"the daemon at {socket_path} closed the connection"
+            )
             if isinstance(event, ResponseReceived):
                 if event.error is not None:
                     raise event.error

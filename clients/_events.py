@@ -17,7 +17,6 @@ from typing import Any, TextIO
 
 from breakerd.protocol import (
     MIN_PROTOCOL_VERSION,
-    NEED_DATA,
     PROTOCOL_VERSION,
     Connection,
     DaemonUnavailableError,
@@ -29,7 +28,7 @@ from breakerd.protocol import (
     TransitionEvent,
 )
 
-from ._admin import connect_to_daemon
+from ._admin import connect_to_daemon, next_daemon_event
 
 __all__ = ["event_line", "event_record", "follow_transitions", "follow_until_interrupted"]
 
@@ -58,23 +57,13 @@ def follow_transitions(
         sock.sendall(conn.send_request(0, hello) + conn.send_request(1, Subscribe(tuple(names))))
         subscribed = False
         while True:
-            event = conn.next_event()
-            if event is NEED_DATA:
-                try:
-                    chunk = sock.recv(65536)
-                except OSError as exc:
-                    raise DaemonUnavailableError(
-                        f"lost the daemon at {socket_path}: {exc}"
-                    ) from exc
-                if not chunk:
-                    if not subscribed:
-                        raise DaemonUnavailableError(
-                            f"the daemon at {socket_path} closed the connection before "
-                            "confirming the subscription (a daemon without events is too old)"
-                        )
-                    raise DaemonUnavailableError(f"the daemon at {socket_path} went away")
-                conn.receive_data(chunk)
-                continue
+            closed = (
+                f"the daemon at {socket_path} went away"
+                if subscribed
+                else f"the daemon at {socket_path} closed the connection before "
+                "confirming the subscription (a daemon without events is too old)"
+            )
+            event = next_daemon_event(sock, conn, socket_path, closed)
             if isinstance(event, ResponseReceived):
                 if event.error is not None:
                     raise event.error
