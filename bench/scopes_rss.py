@@ -85,6 +85,7 @@ def main() -> None:
     config.write_text(
         "[daemon]\n"
         f"max_connections = {args.clients + 64}\n"
+        f"max_connections_per_pid = {args.clients + 64}\n"
         f"max_breakers = {total + 1000}\n"
         f"max_breakers_per_client = {max(1000, args.per_client)}\n"
         f"state_table_slots = {total + 1001}\n"
