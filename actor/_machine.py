@@ -40,13 +40,14 @@ from __future__ import annotations
 
 import math
 import random
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from itertools import repeat
 from typing import Any, Final
 
 from breakerd.protocol import CircuitState, Outcome, Snapshot
+
+from ._windows import CountWindow, TimeWindow, Window
+from ._windows import stored_count as _count
 
 __all__ = [
     "DEFAULT_MAX_TIMEOUT",
@@ -265,131 +266,6 @@ class RecordResult:
 _NO_TRANSITIONS: Final[tuple[Transition, ...]] = ()
 
 
-class _CountWindow:
-    """The last ``size`` outcomes, with running totals."""
-
-    __slots__ = ("_items", "failures", "size", "slow", "total")
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        # Each item packs (failed, slow) into 0..3 so the ring holds small ints.
-        self._items: deque[int] = deque()
-        self.total = 0
-        self.failures = 0
-        self.slow = 0
-
-    def add(self, failed: bool, slow: bool, now: float) -> None:
-        items = self._items
-        if len(items) == self.size:
-            old = items.popleft()
-            self.total -= 1
-            self.failures -= old & 1
-            self.slow -= old >> 1
-        items.append(int(failed) | (int(slow) << 1))
-        self.total += 1
-        self.failures += failed
-        self.slow += slow
-
-    def add_successes(self, count: int) -> None:
-        """``count`` plain successes at once (the batched fast path)."""
-        items = self._items
-        overflow = len(items) + count - self.size
-        if overflow >= len(items):
-            items.clear()
-            self.total = self.failures = self.slow = 0
-            count = min(count, self.size)
-        elif overflow > 0:
-            for _ in range(overflow):
-                old = items.popleft()
-                self.failures -= old & 1
-                self.slow -= old >> 1
-            self.total -= overflow
-        items.extend(repeat(0, count))
-        self.total += count
-
-    def expire(self, now: float) -> None:
-        """Count windows do not age."""
-
-    def successes_safe(self, trips: Callable[[int, int, int], bool]) -> bool:
-        """True when no run of plain successes can make the window trip.
-
-        Successes only lower both rates once the window is judged; below
-        ``min_calls`` the first judged success sees the worst rate.
-        """
-        if not (self.failures or self.slow):
-            return True
-        # A full window stays full: a success pushes out an outcome as it lands.
-        total = self.total if self.total == self.size else self.total + 1
-        return not trips(self.failures, self.slow, total)
-
-
-class _TimeWindow:
-    """Outcomes of the last ``seconds`` seconds, one bucket per whole second."""
-
-    __slots__ = ("_buckets", "failures", "seconds", "slow", "total")
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        # [second, total, failures, slow]
-        self._buckets: deque[list[int]] = deque()
-        self.total = 0
-        self.failures = 0
-        self.slow = 0
-
-    def expire(self, now: float) -> None:
-        # A bucket for second s covers [s, s+1); it leaves the window once all
-        # of it is older than ``seconds``.
-        oldest_kept = math.floor(now - self.seconds)
-        buckets = self._buckets
-        while buckets and buckets[0][0] < oldest_kept:
-            _, total, failures, slow = buckets.popleft()
-            self.total -= total
-            self.failures -= failures
-            self.slow -= slow
-
-    def add_successes(self, count: int, now: float) -> None:
-        """``count`` plain successes at ``now`` at once (one bucket, O(1))."""
-        self._bucket(now)[1] += count
-        self.total += count
-
-    def _bucket(self, now: float) -> list[int]:
-        self.expire(now)
-        second = math.floor(now)
-        buckets = self._buckets
-        if buckets and buckets[-1][0] >= second:
-            # A clock never goes back; if a caller's instant does, it joins the
-            # newest bucket rather than reordering history.
-            return buckets[-1]
-        bucket = [second, 0, 0, 0]
-        buckets.append(bucket)
-        return bucket
-
-    def successes_safe(self, trips: Callable[[int, int, int], bool]) -> bool:
-        """True when no run of plain successes can make the window trip.
-
-        Any of the oldest buckets may age out before the next success lands,
-        so every run of newest buckets is a window that success may join;
-        the first success judged in it sees that window's worst rate.
-        """
-        total = failures = slow = 0
-        for _, bucket_total, bucket_failures, bucket_slow in reversed(self._buckets):
-            total += bucket_total
-            failures += bucket_failures
-            slow += bucket_slow
-            if (failures or slow) and trips(failures, slow, total + 1):
-                return False
-        return True
-
-    def add(self, failed: bool, slow: bool, now: float) -> None:
-        bucket = self._bucket(now)
-        bucket[1] += 1
-        bucket[2] += failed
-        bucket[3] += slow
-        self.total += 1
-        self.failures += failed
-        self.slow += slow
-
-
 class Machine:
     """One breaker's state. Not thread-safe by design: one actor owns it."""
 
@@ -414,7 +290,7 @@ class Machine:
         self.opened_by_pid = 0
         # The pid of the report being applied, for the transition it may cause.
         self._pid = 0
-        self._window: _CountWindow | _TimeWindow = self._new_window()
+        self._window: Window = self._new_window()
         # Consecutive openings without a close in between, for backoff.
         self._open_streak = 0
         # Half-open bookkeeping. Lease ids are unique for the machine's life.
@@ -633,25 +509,15 @@ class Machine:
         window.expire(now)
         first_judged = max(1, self.config.min_calls - window.total)
         if first_judged > count:
-            self._add_successes(window, count, now)
+            window.add_successes(count, now)
             return _NO_TRANSITIONS
-        self._add_successes(window, first_judged, now)
+        window.add_successes(first_judged, now)
         transitions = self._judge_window(now)
-        if not transitions:
+        if not transitions and count > first_judged:
             # Every later success is judged at a lower rate: none can trip.
-            self._add_successes(window, count - first_judged, now)
+            window.add_successes(count - first_judged, now)
         # After a trip the rest are stale: counted above, out of the window.
         return transitions
-
-    @staticmethod
-    def _add_successes(window: _CountWindow | _TimeWindow, count: int, now: float) -> None:
-        if count <= 0:
-            return
-        if type(window) is _CountWindow:
-            window.add_successes(count)
-        else:
-            assert isinstance(window, _TimeWindow)
-            window.add_successes(count, now)
 
     def count_stale_successes(self, count: int) -> None:
         """Add plain successes of an older generation to the totals (books only)."""
@@ -708,7 +574,7 @@ class Machine:
 
     def _judge_window(self, now: float) -> tuple[Transition, ...]:
         window = self._window
-        if isinstance(window, _TimeWindow):
+        if isinstance(window, TimeWindow):
             window.expire(now)
         config = self.config
         total = window.total
@@ -970,10 +836,10 @@ class Machine:
             pid=pid,
         )
 
-    def _new_window(self) -> _CountWindow | _TimeWindow:
+    def _new_window(self) -> Window:
         if self.config.window_seconds is not None:
-            return _TimeWindow(self.config.window_seconds)
-        return _CountWindow(self.config.window_size)
+            return TimeWindow(self.config.window_seconds)
+        return CountWindow(self.config.window_size)
 
     # -- persistence and reload (the daemon's state file, SIGHUP) --------------
 
@@ -986,12 +852,6 @@ class Machine:
         """
         window = self._window
         window.expire(now)
-        window_data: dict[str, Any]
-        if isinstance(window, _TimeWindow):
-            window_data = {"buckets": [list(bucket) for bucket in window._buckets]}
-        else:
-            # One digit per outcome (failed | slow << 1): compact, and exact.
-            window_data = {"items": "".join(map(str, window._items))}
         return {
             "name": self.name,
             "config": self.config.as_dict(),
@@ -1003,7 +863,7 @@ class Machine:
             "trials": [self._trial_successes, self._trial_failures, self._trial_slow],
             # Why it is not closed (optional: files from before it lack it).
             "why": [self.open_reason, self.error_code, self.opened_by_pid],
-            "window": window_data,
+            "window": window.export(),
             "totals": {
                 "successes": self.successes,
                 "failures": self.failures,
@@ -1050,7 +910,7 @@ class Machine:
             machine.failures = _count(totals["failures"])
             machine.ignored = _count(totals["ignored"])
             machine.rejections = _count(totals["rejections"])
-            machine._restore_window(data["window"])
+            machine._window.restore(data["window"])
             why = data.get("why")
             if why is not None and state is not CLOSED:
                 reason, error_code, pid = why
@@ -1064,28 +924,6 @@ class Machine:
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed breaker record: {exc!r}") from None
         return machine
-
-    def _restore_window(self, data: dict[str, Any]) -> None:
-        window = self._window
-        if isinstance(window, _TimeWindow):
-            previous = -math.inf
-            for second, total, failures, slow in data["buckets"]:
-                counts = (_count(total), _count(failures), _count(slow))
-                if not isinstance(second, int) or second <= previous:
-                    raise ValueError("time window buckets must have increasing whole seconds")
-                if counts[1] > counts[0] or counts[2] > counts[0]:
-                    raise ValueError("a time window bucket holds more failures than outcomes")
-                previous = second
-                window._buckets.append([second, *counts])
-                window.total += counts[0]
-                window.failures += counts[1]
-                window.slow += counts[2]
-            return
-        items = data["items"]
-        if not isinstance(items, str) or len(items) > window.size or items.strip("0123"):
-            raise ValueError("a count window must be at most window_size digits 0-3")
-        for item in map(int, items):
-            window.add(bool(item & 1), bool(item >> 1), 0.0)
 
     def change_mark(self) -> tuple[object, ...]:
         """Equal between two instants unless ``export_state`` may differ (time aside).
@@ -1154,13 +992,6 @@ class Machine:
         if self.state is HALF_OPEN:
             transitions.append(self._move(CLOSED, "fleet_closed", now))
         return tuple(transitions)
-
-
-def _count(value: object) -> int:
-    """A stored count: a non-negative int, or ``ValueError``."""
-    if type(value) is not int or value < 0:
-        raise ValueError(f"expected a count (an integer >= 0), got {value!r}")
-    return value
 
 
 def _backoff_duration(timeout: float, backoff: float, streak: int, cap: float | None) -> float:
