@@ -15,8 +15,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable
-from itertools import repeat
-from typing import Any, TypeAlias
+from typing import Any, Final, TypeAlias
 
 __all__ = ["CountWindow", "TimeWindow", "Window", "stored_count"]
 
@@ -29,46 +28,92 @@ def stored_count(value: object) -> int:
 
 
 class CountWindow:
-    """The last ``size`` outcomes, with running totals."""
+    """The last ``size`` outcomes, with running totals.
 
-    __slots__ = ("_items", "failures", "size", "slow", "total")
+    A ring of bytes, one per outcome (``failed | slow << 1``), made on the
+    first outcome and grown to ``size``: a breaker that has seen no call holds
+    no buffer, and a full window of 100 outcomes takes about 160 bytes (a
+    deque of ints took 760 bytes empty).
+    """
+
+    __slots__ = ("_head", "_items", "failures", "size", "slow", "total")
 
     def __init__(self, size: int) -> None:
         self.size = size
-        # Each item packs (failed, slow) into 0..3 so the ring holds small ints.
-        self._items: deque[int] = deque()
+        # Oldest first while filling; once full, the oldest is at _head.
+        self._items: bytearray | None = None
+        self._head = 0
         self.total = 0
         self.failures = 0
         self.slow = 0
 
     def add(self, failed: bool, slow: bool, now: float) -> None:
         items = self._items
-        if len(items) == self.size:
-            old = items.popleft()
-            self.total -= 1
+        if items is None:
+            items = self._items = bytearray()
+        item = int(failed) | (int(slow) << 1)
+        if len(items) < self.size:
+            items.append(item)
+            self.total += 1
+        else:
+            head = self._head
+            old = items[head]
+            items[head] = item
+            self._head = head + 1 if head + 1 < self.size else 0
             self.failures -= old & 1
             self.slow -= old >> 1
-        items.append(int(failed) | (int(slow) << 1))
-        self.total += 1
         self.failures += failed
         self.slow += slow
 
     def add_successes(self, count: int, now: float) -> None:
         """``count`` plain successes at once (the batched fast path)."""
+        size = self.size
         items = self._items
-        overflow = len(items) + count - self.size
-        if overflow >= len(items):
-            items.clear()
-            self.total = self.failures = self.slow = 0
-            count = min(count, self.size)
-        elif overflow > 0:
-            for _ in range(overflow):
-                old = items.popleft()
-                self.failures -= old & 1
-                self.slow -= old >> 1
-            self.total -= overflow
-        items.extend(repeat(0, count))
-        self.total += count
+        if count >= size or items is None:
+            if count >= size:
+                # Every outcome in the window is one of these successes.
+                self._items = bytearray(size)
+                self._head = 0
+                self.total, self.failures, self.slow = size, 0, 0
+                return
+            items = self._items = bytearray()
+        room = size - len(items)
+        if count <= room:
+            items.extend(bytes(count))
+            self.total += count
+            return
+        if room:
+            items.extend(bytes(room))
+            self.total = size
+        # Full: the oldest ``count - room`` outcomes give way, from _head on.
+        self._overwrite(items, count - room)
+
+    def _overwrite(self, items: bytearray, count: int) -> None:
+        head, size = self._head, self.size
+        end = head + count
+        if end <= size:
+            self._forget(items, head, end)
+        else:
+            self._forget(items, head, size)
+            end -= size
+            self._forget(items, 0, end)
+        self._head = end if end < size else 0
+
+    def _forget(self, items: bytearray, start: int, end: int) -> None:
+        if self.failures or self.slow:
+            old = items[start:end]
+            both = old.count(3)
+            self.failures -= old.count(1) + both
+            self.slow -= old.count(2) + both
+        items[start:end] = bytes(end - start)
+
+    def outcomes(self) -> bytes:
+        """Every outcome in the window, oldest first (``failed | slow << 1`` each)."""
+        items = self._items
+        if items is None:
+            return b""
+        head = self._head
+        return bytes(items[head:] + items[:head])
 
     def expire(self, now: float) -> None:
         """Count windows do not age."""
@@ -87,7 +132,7 @@ class CountWindow:
 
     def export(self) -> dict[str, Any]:
         # One digit per outcome (failed | slow << 1): compact, and exact.
-        return {"items": "".join(map(str, self._items))}
+        return {"items": "".join(map(str, self.outcomes()))}
 
     def restore(self, data: dict[str, Any]) -> None:
         """Refill an empty window from ``export()``'s data; ``ValueError`` if malformed."""
@@ -98,6 +143,11 @@ class CountWindow:
             self.add(bool(item & 1), bool(item >> 1), 0.0)
 
 
+#: A time window's buckets before its first outcome: shared, never appended to
+#: (an empty deque costs 760 bytes, and most breakers' windows stay empty).
+_NO_BUCKETS: Final[deque[list[int]]] = deque(maxlen=0)
+
+
 class TimeWindow:
     """Outcomes of the last ``seconds`` seconds, one bucket per whole second."""
 
@@ -105,8 +155,8 @@ class TimeWindow:
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
-        # [second, total, failures, slow]
-        self._buckets: deque[list[int]] = deque()
+        # [second, total, failures, slow], oldest first; made on the first outcome.
+        self._buckets: deque[list[int]] = _NO_BUCKETS
         self.total = 0
         self.failures = 0
         self.slow = 0
@@ -136,6 +186,8 @@ class TimeWindow:
             # newest bucket rather than reordering history.
             return buckets[-1]
         bucket = [second, 0, 0, 0]
+        if buckets is _NO_BUCKETS:
+            buckets = self._buckets = deque()
         buckets.append(bucket)
         return bucket
 
@@ -177,6 +229,8 @@ class TimeWindow:
             if counts[1] > counts[0] or counts[2] > counts[0]:
                 raise ValueError("a time window bucket holds more failures than outcomes")
             previous = second
+            if self._buckets is _NO_BUCKETS:
+                self._buckets = deque()
             self._buckets.append([second, *counts])
             self.total += counts[0]
             self.failures += counts[1]
