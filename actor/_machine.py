@@ -264,10 +264,43 @@ class RecordResult:
 
 
 _NO_TRANSITIONS: Final[tuple[Transition, ...]] = ()
+# A machine's leases and orphans until it has any: shared and never written to
+# (they are replaced by a dict of their own first), since most breakers never
+# go half-open and an empty dict costs 64 bytes.
+_NO_LEASES: Final[dict[int, float]] = {}
+_NO_ORPHANS: Final[dict[int, None]] = {}
 
 
 class Machine:
     """One breaker's state. Not thread-safe by design: one actor owns it."""
+
+    # Slots: a daemon holds 100,000 machines. ``__dict__`` stays, empty unless
+    # used, so that a test can replace one machine's method to play a bug.
+    __slots__ = (
+        "__dict__",
+        "_leases",
+        "_next_lease",
+        "_open_streak",
+        "_orphans",
+        "_pid",
+        "_random",
+        "_trial_failures",
+        "_trial_slow",
+        "_trial_successes",
+        "_window",
+        "config",
+        "error_code",
+        "failures",
+        "generation",
+        "ignored",
+        "name",
+        "open_reason",
+        "open_until",
+        "opened_by_pid",
+        "rejections",
+        "state",
+        "successes",
+    )
 
     def __init__(
         self,
@@ -295,9 +328,9 @@ class Machine:
         self._open_streak = 0
         # Half-open bookkeeping. Lease ids are unique for the machine's life.
         self._next_lease = first_lease
-        self._leases: dict[int, float] = {}
+        self._leases: dict[int, float] = _NO_LEASES
         # Leases a transition cut short: their report still counts in the totals, once.
-        self._orphans: dict[int, None] = {}
+        self._orphans: dict[int, None] = _NO_ORPHANS
         self._trial_successes = 0
         self._trial_failures = 0
         self._trial_slow = 0
@@ -411,7 +444,10 @@ class Machine:
             return Decision(False, self.generation, transitions=transitions)
         lease = self._next_lease
         self._next_lease += 1
-        self._leases[lease] = now + self.config.half_open_max_wait
+        leases = self._leases
+        if leases is _NO_LEASES:
+            leases = self._leases = {}
+        leases[lease] = now + self.config.half_open_max_wait
         return Decision(True, self.generation, lease=lease, transitions=transitions)
 
     def count_rejections(self, count: int) -> None:
@@ -815,10 +851,12 @@ class Machine:
             self.opened_by_pid = pid
         if self._leases:
             orphans = self._orphans
+            if orphans is _NO_ORPHANS:
+                orphans = self._orphans = {}
             orphans.update(dict.fromkeys(self._leases))
             while len(orphans) > _MAX_ORPHAN_LEASES:
                 del orphans[next(iter(orphans))]
-            self._leases.clear()
+            self._leases = _NO_LEASES
         self._trial_successes = self._trial_failures = self._trial_slow = 0
         if target is CLOSED:
             # A fresh window: failures from before the trip never count again.
