@@ -90,6 +90,18 @@ _ASK_FOR_SUCCESSES: Final = -(1 << 62)
 _RETIRED_TALLIES: Final = 4
 
 _logger = library_logger()
+# This process's pid, for reports made in it: one int for every actor (a
+# pid above 256 is a new 32-byte object per os.getpid() call), renewed in a
+# forked child.
+_pid = os.getpid()
+
+
+def _renew_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_renew_pid)
 #: Guards the first use of the lazily made containers that other threads
 #: append to (two threads making one each would lose one's items). Taken once
 #: per container in a breaker's life, never on the call path after that.
@@ -172,7 +184,6 @@ class BreakerActor:
         "_clock",
         "_flush_scheduled",
         "_inbox",
-        "_own_pid",
         "_rejections",
         "_retired",
         "_stale_successes",
@@ -208,7 +219,6 @@ class BreakerActor:
         self.name = name
         self.config = config
         self.machine = Machine(name, config, generation=generation, first_lease=first_lease)
-        self._own_pid = os.getpid()
         self.snapshot: Snapshot = self.machine.snapshot()
         self.max_inbox = max_inbox
         self.listeners: list[TransitionListener] = []
@@ -556,7 +566,7 @@ class BreakerActor:
                 reason=message.reason,
                 error_code=message.error_code,
                 # The daemon names its peer; in-process, the reporter is us.
-                pid=message.pid or self._own_pid,
+                pid=message.pid or _pid,
             )
             self._apply(record.transitions)
             if not record.transitions and (
