@@ -216,7 +216,7 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 class ManagedDaemon:
-    """``python -m breakerd.actor`` on a short socket path, with a config file."""
+    """``python -m breakerd.actor.daemon`` on a short socket path, with a config file."""
 
     def __init__(
         self, directory: Path, tag: str, *, max_connections: int = 1024, settings: str = ""

@@ -17,9 +17,9 @@ import pytest
 import structlog
 
 from breakerd.clients import CircuitState
-from breakerd.clients import _demo as demo
-from breakerd.clients._cli import main
-from breakerd.clients._demo import run_demo, stand_in_server
+from breakerd.clients.cli import _demo as demo
+from breakerd.clients.cli._demo import run_demo, stand_in_server
+from breakerd.clients.cli._main import main
 
 OPEN_TIMEOUT = 0.5
 #: Above the demo's 0.3 s so that a loaded machine does not time out a good answer.

@@ -32,7 +32,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from breakerd.actor import ActorSystem, Transition
 from breakerd.protocol import CircuitBreakerOpenError, CircuitState
 
-from ._breaker import CircuitBreaker
+from .._breaker import CircuitBreaker
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI

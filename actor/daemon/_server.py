@@ -98,15 +98,15 @@ from breakerd.protocol import (
 )
 
 from . import _systemd as systemd
-from ._actor import BreakerActor
-from ._daemon_config import DaemonSettings, MetricsUnavailableError
+from .._actor import BreakerActor
+from .._machine import BreakerConfig, Transition
+from .._system import ActorSystem
+from ._config import DaemonSettings, MetricsUnavailableError
 from ._fairness import LOG_SUMMARY_INTERVAL, ReadScheduler, RepeatedEvents
-from ._machine import BreakerConfig, Transition
 from ._reclaim import IdleBreakers, sweep_period
 from ._reload import reload_config
 from ._state_file import StateFile
 from ._state_table import SharedStateTable, StateTableUnavailableError
-from ._system import ActorSystem
 
 if TYPE_CHECKING:
     from ._fleet import FleetLink

@@ -17,7 +17,7 @@ OpenAI server of ``_demo`` (no network, no API key):
 The coordinator (this process) starts a private daemon (or reuses the one at
 ``--socket``), the stand-in server and the workers, and tells the workers
 which call to make when, so the output is the same on every run. Workers are
-``python -m breakerd.clients._demo_daemon PLAN_JSON`` processes that read one
+``python -m breakerd.clients.cli._demo_daemon PLAN_JSON`` processes that read one
 command per line on stdin and answer with JSON lines on stdout; the state
 changes their breaker sees arrive on the same stdout as they happen.
 """
@@ -392,7 +392,7 @@ def _open_daemon(path: Path, scratch: Path, verbose: bool) -> _Daemon:
         return _Daemon(path)
     log = None if verbose else open(scratch / "daemon.log", "wb")  # noqa: SIM115
     process = subprocess.Popen(
-        [sys.executable, "-m", "breakerd.actor", "--socket", str(path)],
+        [sys.executable, "-m", "breakerd.actor.daemon", "--socket", str(path)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=log,
@@ -668,7 +668,7 @@ async def _worker(plan: Mapping[str, Any]) -> None:
     # Imported here: importing breakerd must not pay for the openai SDK.
     import openai
 
-    from ._breaker import CircuitBreaker
+    from .._breaker import CircuitBreaker
 
     lock = threading.Lock()
 
