@@ -1,6 +1,6 @@
 """Daemon mode: breakerd shared through ``breakerd serve`` against local peers and raw sockets.
 
-Scenarios (see bench/README.md; the letters follow issue 4, ``a`` is
+Scenarios (see bench/README.md; the letters are stable names, ``a`` is
 ``bench_embedded.py``):
 
   b. daemon-backed ``call_sync`` and ``call`` (closed, success path) against
@@ -1513,7 +1513,7 @@ def print_g(rows: Sequence[RejectRow]) -> list[Goal]:
 
 def print_goals(goals: Sequence[Goal]) -> None:
     print()
-    print("== goals (issue 4) ==")
+    print("== goals ==")
     for g in goals:
         print(f"   {g.verdict():<8} {g.text}: {g.figure}  [goal {g.target}]")
 

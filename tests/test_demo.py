@@ -1,4 +1,4 @@
-"""``breakerd demo`` and its CLI: the seed's run, end to end.
+"""``breakerd demo`` and its CLI: the original script's run, end to end.
 
 Integration tests: the real openai SDK talks to the demo's stand-in server
 over a real socket, and the breaker really waits out its (short) open
@@ -27,7 +27,7 @@ CLIENT_TIMEOUT = 0.5
 
 
 @pytest.mark.anyio
-async def test_demo_replays_the_seed_run() -> None:
+async def test_demo_replays_the_original_run() -> None:
     out = io.StringIO()
 
     result = await run_demo(out, open_timeout=OPEN_TIMEOUT, client_timeout=CLIENT_TIMEOUT)

@@ -1,4 +1,4 @@
-"""``breakerd demo --daemon``: the seed's run through a real daemon and real worker processes.
+"""``breakerd demo --daemon``: the original run through a real daemon and real worker processes.
 
 Integration tests: each run starts a daemon process (or uses one started
 here), three worker processes with the real openai SDK and the stand-in

@@ -97,10 +97,10 @@ from breakerd.protocol import (
     negotiate_version,
 )
 
-from . import _systemd as systemd
 from .._actor import BreakerActor
 from .._machine import BreakerConfig, Transition
 from .._system import ActorSystem
+from . import _systemd as systemd
 from ._config import DaemonSettings, MetricsUnavailableError
 from ._fairness import LOG_SUMMARY_INTERVAL, ReadScheduler, RepeatedEvents
 from ._reclaim import IdleBreakers, sweep_period

@@ -1,11 +1,11 @@
 """``breakerd demo``: the original breaker example, replayed end to end.
 
-The seed wrapped ``chat.completions.create`` in a breaker and printed ten
+The original script wrapped ``chat.completions.create`` in a breaker and printed ten
 requests: two answers, three timeouts, the breaker opening at a 60% failure
 rate, two fallbacks, a half-open trial and recovery. Here the same ten
 requests go through the real openai SDK to a scripted stand-in server on
 127.0.0.1, so the run needs no network and no API key, and takes seconds
-instead of the seed's thirty-second open timeout.
+instead of the original script's thirty-second open timeout.
 
 The stand-in is a deliberately small HTTP/1.1 server (Content-Length bodies,
 keep-alive) written on anyio streams: enough for the SDK, and it counts every
@@ -55,7 +55,7 @@ SCRIPT: Final[tuple[Action, ...]] = ("answer", "answer", "stall", "stall", "stal
 
 Kind = Literal["success", "failure", "fallback"]
 
-#: The seed's ten calls as it printed them; the open timeout is waited out
+#: The original script's ten calls as it printed them; the open timeout is waited out
 #: before the trial call.
 EXPECTED: Final[tuple[Kind, ...]] = (
     *("success", "success"),
@@ -308,7 +308,7 @@ class DemoResult:
         return [request.kind for request in self.requests]
 
     def problems(self) -> list[str]:
-        """Where the run strayed from the seed's script (empty when it did not)."""
+        """Where the run strayed from the original script's script (empty when it did not)."""
         found: list[str] = []
         expected = list(EXPECTED)
         if self.kinds() != expected:
@@ -355,7 +355,7 @@ async def run_demo(
     open_timeout: float = 1.0,
     client_timeout: float = 0.3,
 ) -> DemoResult:
-    """Replay the seed's ten calls; print the story to ``out`` and return what happened.
+    """Replay the original script's ten calls; print the story to ``out`` and return what happened.
 
     Runs on its own ``ActorSystem``, started here and stopped before returning,
     so it shares no breaker with the host application.
@@ -441,7 +441,7 @@ async def _play(
             error: str | None = None
             try:
                 # The prompt goes through call() so the fallback gets it too:
-                # the seed's fallback wanted it, but its call() passed nothing.
+                # the original script's fallback wanted it, but its call() passed nothing.
                 text = await breaker.call(call_llm, prompt)
             except Exception as exc:
                 kind: Kind = "failure"

@@ -1,6 +1,6 @@
-"""``breakerd demo --daemon``: the seed's scenario through a daemon, across processes.
+"""``breakerd demo --daemon``: the original script's scenario through a daemon, across processes.
 
-The embedded demo (``_demo``) replays the seed's calls in one process. Here
+The embedded demo (``_demo``) replays the original script's calls in one process. Here
 the same story runs through a ``breakerd`` daemon with the calls spread over
 several worker *processes*, each with its own ``CircuitBreaker("LLM", ...,
 daemon=socket)`` and its own openai SDK client, all talking to the stand-in
