@@ -273,9 +273,9 @@ async def stand_in_server(
 # -- the scenario -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class RequestResult:
-    """What became of one of the demo's calls."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallResult:
+    """What became of one call, as the demo prints it (embedded or through a daemon)."""
 
     index: int
     prompt: str
@@ -292,6 +292,12 @@ class RequestResult:
     state: CircuitState
     #: For a fallback: seconds the breaker still had to stay open.
     retry_after: float | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestResult(CallResult):
+    """What became of one of the embedded demo's calls."""
+
     #: State changes this call caused, in order.
     transitions: tuple[Transition, ...]
 
@@ -598,19 +604,7 @@ def main_demo(
     # callers (tests, an embedding app) keep their own configuration.
     was_configured = structlog.is_configured()
     previous = structlog.get_config()
-    if verbose:
-        structlog.configure(
-            processors=[
-                structlog.processors.add_log_level,
-                structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False),
-                structlog.dev.ConsoleRenderer(colors=False),
-            ],
-            logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-            cache_logger_on_first_use=False,
-        )
-    else:
-        # The demo prints every transition itself; the log would say it twice.
-        structlog.configure(processors=[drop_event], cache_logger_on_first_use=False)
+    configure_demo_logging(verbose)
     try:
         result = anyio.run(
             lambda: run_demo(out, open_timeout=open_timeout, client_timeout=client_timeout)
@@ -628,3 +622,20 @@ def main_demo(
 
 def drop_event(logger: object, method: str, event: Mapping[str, Any]) -> Any:
     raise structlog.DropEvent
+
+
+def configure_demo_logging(verbose: bool) -> None:
+    """breakerd's own events on stderr with ``-v``; otherwise none."""
+    if verbose:
+        structlog.configure(
+            processors=[
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False),
+                structlog.dev.ConsoleRenderer(colors=False),
+            ],
+            logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+            cache_logger_on_first_use=False,
+        )
+    else:
+        # The demo prints every transition itself; the log would say it twice.
+        structlog.configure(processors=[drop_event], cache_logger_on_first_use=False)

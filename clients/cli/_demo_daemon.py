@@ -60,6 +60,7 @@ from ._demo import (
     FAILURE_THRESHOLD,
     MIN_CALLS,
     SCRIPT,
+    CallResult,
     Kind,
     Printer,
     StandInServer,
@@ -110,27 +111,12 @@ _MAX_LINE: Final = 1 << 20
 # -- results ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class WorkerRequest:
-    """What became of one call, and where it was made."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerRequest(CallResult):
+    """What became of one call, and which worker process made it."""
 
-    index: int
     worker: int
     pid: int
-    prompt: str
-    kind: Kind
-    #: The answer or the fallback's text; for a failure, the exception's message.
-    text: str
-    #: The exception's type name for a failure, else None.
-    error: str | None
-    #: Whether the stand-in server saw a request during this call.
-    reached_server: bool
-    #: Requests the server had seen once this call returned.
-    server_requests: int
-    #: The worker's breaker state once the call returned.
-    state: CircuitState
-    #: For a fallback: seconds the breaker still had to stay open.
-    retry_after: float | None
 
 
 @dataclass(frozen=True, slots=True)

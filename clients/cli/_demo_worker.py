@@ -19,30 +19,19 @@ from typing import Any
 import anyio
 import anyio.abc
 import anyio.to_thread
-import structlog
 
 from ._demo import (
     FAILURE_THRESHOLD,
     MIN_CALLS,
     MODEL,
     Kind,
-    drop_event,
+    configure_demo_logging,
 )
 
 
 def _worker_main(plan: Mapping[str, Any]) -> int:
     """A worker: one daemon-backed breaker and one openai client; commands on stdin."""
-    if plan.get("verbose"):
-        structlog.configure(
-            processors=[
-                structlog.processors.add_log_level,
-                structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False),
-                structlog.dev.ConsoleRenderer(colors=False),
-            ],
-            logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        )
-    else:
-        structlog.configure(processors=[drop_event])
+    configure_demo_logging(bool(plan.get("verbose")))
     anyio.run(_worker, plan)
     return 0
 
