@@ -45,7 +45,8 @@ from breakerd.clients import (
     RemoteBreaker,
 )
 from breakerd.clients._core import ClientCore, Completion, NotConnectedError, SnapshotChanged
-from breakerd.clients._remote import LOCAL_GENERATION_OFFSET, close_all_clients, get_client
+from breakerd.clients._fallback import LOCAL_GENERATION_OFFSET
+from breakerd.clients._registry import close_all_clients, get_client
 from breakerd.protocol import (
     MAX_FRAME_SIZE,
     MAX_MSGID,
@@ -1675,8 +1676,8 @@ def test_a_forked_child_opens_its_own_connection(daemon: FakeDaemon, sock_path: 
 
 def test_reports_are_flushed_at_exit(daemon: FakeDaemon, sock_path: str) -> None:
     script = (
-        "import breakerd.clients._remote as remote\n"
-        "remote.FLUSH_DELAY = 3600.0  # only the exit hook can send it now\n"
+        "import breakerd.clients._daemon_client as daemon_client\n"
+        "daemon_client.FLUSH_DELAY = 3600.0  # only the exit hook can send it now\n"
         "from breakerd.clients import CircuitBreaker\n"
         f"breaker = CircuitBreaker('exiting', daemon={sock_path!r})\n"
         "breaker._actor.ensure_started()\n"
