@@ -222,10 +222,12 @@ class BreakerActor:
         self.snapshot: Snapshot = self.machine.snapshot()
         self.max_inbox = max_inbox
         self.listeners: list[TransitionListener] = []
-        #: Called with every snapshot the actor publishes, before listeners
-        #: hear of a transition (the daemon's state table: the cheapest way
-        #: to tell every client goes first).
-        self.on_publish: Callable[[Snapshot], None] | None = None
+        #: Called with every snapshot the actor publishes and the one it
+        #: replaces, before listeners hear of a transition (the daemon's state
+        #: table: the cheapest way to tell every client goes first). Shared
+        #: by every breaker of a daemon, so it names the breaker by the
+        #: snapshot alone.
+        self.on_publish: Callable[[Snapshot, Snapshot | None], None] | None = None
         #: The fleet's say on a trial (the daemon's fleet link): asked with the
         #: breaker's name when an open breaker's time is up; False keeps it
         #: open and rejects the call, as another host holds the trial lease.
@@ -674,10 +676,10 @@ class BreakerActor:
             tally = []
             self._tally_generation = generation
         self._tally = (generation if snapshot.successes_safe else _ASK_FOR_SUCCESSES, tally)
-        self.snapshot = snapshot
+        previous, self.snapshot = self.snapshot, snapshot
         on_publish = self.on_publish
         if on_publish is not None:
-            on_publish(snapshot)
+            on_publish(snapshot, previous)
 
     def _log_transition(self, transition: Transition) -> None:
         key: tuple[CircuitState, CircuitState] | CircuitState = (
