@@ -52,7 +52,7 @@ from ._config import backoff_duration as _backoff_duration
 from ._machine_state import NO_LEASES as _NO_LEASES
 from ._machine_state import NO_ORPHANS as _NO_ORPHANS
 from ._machine_state import MachineState
-from ._windows import TimeWindow
+from ._windows import TimeWindow, new_window
 
 __all__ = [
     "DEFAULT_MAX_TIMEOUT",
@@ -336,6 +336,16 @@ class Machine(MachineState):
             return RecordResult(True, (opened,))
         return None
 
+    def _count_total(self, outcome: Outcome) -> None:
+        if outcome is Outcome.SUCCESS:
+            self.successes += 1
+        elif outcome is Outcome.FAILURE:
+            self.failures += 1
+        elif outcome is Outcome.IGNORED:
+            self.ignored += 1
+        elif outcome is Outcome.RATE_LIMITED:
+            self.failures += 1
+
     def _judge_window(self, now: float) -> tuple[Transition, ...]:
         window = self._window
         if isinstance(window, TimeWindow):
@@ -437,7 +447,7 @@ class Machine(MachineState):
     def reset(self, now: float) -> Transition | None:
         """Back to ``closed`` with an empty window, whatever the state."""
         if self.state is CLOSED:
-            self._window = self._new_window()
+            self._window = new_window(self.config.window_seconds, self.config.window_size)
             self._open_streak = 0
             return None
         return self._move(CLOSED, "admin_reset", now, admin=True)
@@ -483,7 +493,7 @@ class Machine(MachineState):
             config.timeout, config.backoff, self._open_streak, config.max_timeout
         )
         if config.jitter:
-            duration *= 1.0 + config.jitter * (2.0 * self._random() - 1.0)
+            duration *= 1.0 + config.jitter * (2.0 * self.rng() - 1.0)
         return duration
 
     def _extend(
@@ -551,7 +561,7 @@ class Machine(MachineState):
         self._trial_successes = self._trial_failures = self._trial_slow = 0
         if target is CLOSED:
             # A fresh window: failures from before the trip never count again.
-            self._window = self._new_window()
+            self._window = new_window(self.config.window_seconds, self.config.window_size)
             self._open_streak = 0
         return Transition(
             source,
@@ -583,7 +593,7 @@ class Machine(MachineState):
             config.window_seconds,
             config.window_size if config.window_seconds is None else None,
         ):
-            self._window = self._new_window()
+            self._window = new_window(self.config.window_seconds, self.config.window_size)
         if self.state is HALF_OPEN and not self._leases:
             return self._judge_trials(now)
         return _NO_TRANSITIONS

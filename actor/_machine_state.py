@@ -14,10 +14,10 @@ import random
 from collections.abc import Callable
 from typing import Any, Final, Self
 
-from breakerd.protocol import CircuitState, Outcome, Snapshot
+from breakerd.protocol import CircuitState, Snapshot
 
 from ._config import BreakerConfig
-from ._windows import CountWindow, TimeWindow, Window
+from ._windows import Window, new_window
 from ._windows import stored_count as _count
 
 __all__ = ["NO_LEASES", "NO_ORPHANS", "MachineState"]
@@ -49,7 +49,6 @@ class MachineState:
         "_open_streak",
         "_orphans",
         "_pid",
-        "_random",
         "_trial_failures",
         "_trial_slow",
         "_trial_successes",
@@ -64,6 +63,7 @@ class MachineState:
         "open_until",
         "opened_by_pid",
         "rejections",
+        "rng",
         "state",
         "successes",
     )
@@ -79,7 +79,8 @@ class MachineState:
     ) -> None:
         self.name = name
         self.config = config if config is not None else BreakerConfig()
-        self._random = rng if rng is not None else random.random
+        #: Where jitter draws from (``random.random`` unless a test injects one).
+        self.rng = rng if rng is not None else random.random
         self.state: CircuitState = CLOSED
         self.generation = generation
         self.open_until: float | None = None
@@ -89,7 +90,7 @@ class MachineState:
         self.opened_by_pid = 0
         # The pid of the report being applied, for the transition it may cause.
         self._pid = 0
-        self._window: Window = self._new_window()
+        self._window: Window = new_window(self.config.window_seconds, self.config.window_size)
         # Consecutive openings without a close in between, for backoff.
         self._open_streak = 0
         # Half-open bookkeeping. Lease ids are unique for the machine's life.
@@ -184,21 +185,6 @@ class MachineState:
         """Add plain successes of an older generation to the totals (books only)."""
         self.successes += count
 
-    def _count_total(self, outcome: Outcome) -> None:
-        if outcome is Outcome.SUCCESS:
-            self.successes += 1
-        elif outcome is Outcome.FAILURE:
-            self.failures += 1
-        elif outcome is Outcome.IGNORED:
-            self.ignored += 1
-        elif outcome is Outcome.RATE_LIMITED:
-            self.failures += 1
-
-    def _new_window(self) -> Window:
-        if self.config.window_seconds is not None:
-            return TimeWindow(self.config.window_seconds)
-        return CountWindow(self.config.window_size)
-
     # -- supervision -----------------------------------------------------------------
 
     def successor(self, now: float) -> Self:
@@ -217,7 +203,7 @@ class MachineState:
             self.name,
             self.config,
             generation=self.generation + 1,
-            rng=self._random,
+            rng=self.rng,
             first_lease=self._next_lease,
         )
         new.successes, new.failures = self.successes, self.failures

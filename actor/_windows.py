@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Final, TypeAlias
 
-__all__ = ["CountWindow", "TimeWindow", "Window", "stored_count"]
+__all__ = ["CountWindow", "TimeWindow", "Window", "new_window", "stored_count"]
 
 
 def stored_count(value: object) -> int:
@@ -239,3 +239,10 @@ class TimeWindow:
 
 #: Either kind: the machine holds one and calls the methods both have.
 Window: TypeAlias = CountWindow | TimeWindow
+
+
+def new_window(window_seconds: float | None, window_size: int) -> Window:
+    """An empty window of the kind a breaker's settings ask for."""
+    if window_seconds is not None:
+        return TimeWindow(window_seconds)
+    return CountWindow(window_size)
