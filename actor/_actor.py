@@ -27,11 +27,9 @@ Fire-and-forget reports do not wake a sleeping actor at once: the first one
 schedules a drain ``REPORT_FLUSH_DELAY`` seconds later, so a busy caller pays
 for one wake-up per batch rather than one per call. Requests wake it at once.
 
-An actor is no task of its own: the system's dispatcher (``_dispatcher.py``)
-gives it a *turn* whenever it has work, and it is *asleep* between turns.
-A breaker that is only registered costs its machine, its snapshot and this
-object: the inbox, the counts' lists, the call times and the logger binding
-are made on first use (a daemon holds 100,000 breakers, most of them quiet).
+An actor is no task: the system's dispatcher (``_dispatcher.py``) gives it a
+*turn* when it has work; between turns it is *asleep*. Its inbox, lists and
+call times are made on first use: a daemon holds 100,000 mostly quiet ones.
 """
 
 from __future__ import annotations
@@ -60,6 +58,10 @@ from breakerd.protocol import (
 )
 
 from ._dispatcher import REPORT_FLUSH_DELAY
+from ._envelope import NO_CALL_TIMES as _NO_CALL_TIMES
+from ._envelope import NO_TRANSITIONS_YET as _NO_TRANSITIONS_YET
+from ._envelope import TRANSITION_EVENTS as _EVENTS
+from ._envelope import CallTimes, Envelope, InboxItem, Reply, ReportItem
 from ._logging import LibraryLogger, library_logger
 from ._machine import BreakerConfig, Machine, Transition
 
@@ -75,13 +77,8 @@ __all__ = [
     "TransitionListener",
 ]
 
-#: Answers a request: ``reply(result, None)`` or ``reply(None, error)``.
-Reply: TypeAlias = Callable[[Any, BaseException | None], None]
 #: Called in the actor's thread after every transition.
 TransitionListener: TypeAlias = Callable[[Transition, Snapshot], None]
-
-ReportItem: TypeAlias = tuple[int, Outcome, float]
-
 
 #: The tally's key while a success may change the state: no permit has it.
 _ASK_FOR_SUCCESSES: Final = -(1 << 62)
@@ -90,83 +87,10 @@ _ASK_FOR_SUCCESSES: Final = -(1 << 62)
 _RETIRED_TALLIES: Final = 4
 
 _logger = library_logger()
-# This process's pid, for reports made in it: one int for every actor (a
-# pid above 256 is a new 32-byte object per os.getpid() call), renewed in a
-# forked child.
-_pid = os.getpid()
-
-
-def _renew_pid() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=_renew_pid)
 #: Guards the first use of the lazily made containers that other threads
 #: append to (two threads making one each would lose one's items). Taken once
 #: per container in a breaker's life, never on the call path after that.
 _MAKE_LOCK = threading.Lock()
-#: Transitions before the first: shared, as ``transition_counts`` is replaced
-#: at every transition and never mutated.
-_NO_TRANSITIONS_YET: Final[dict[tuple[str, str], int]] = {}
-
-_EVENTS: Final[dict[tuple[CircuitState, CircuitState] | CircuitState, tuple[str, str]]] = {
-    (CircuitState.CLOSED, CircuitState.OPEN): ("breaker_opened", "error"),
-    (CircuitState.HALF_OPEN, CircuitState.OPEN): ("breaker_reopened", "warning"),
-    (CircuitState.OPEN, CircuitState.HALF_OPEN): ("breaker_half_open", "info"),
-    (CircuitState.HALF_OPEN, CircuitState.CLOSED): ("breaker_closed", "info"),
-    (CircuitState.OPEN, CircuitState.OPEN): ("breaker_open_extended", "warning"),
-    CircuitState.FORCED_OPEN: ("breaker_forced_open", "warning"),
-    CircuitState.DISABLED: ("breaker_disabled", "warning"),
-    CircuitState.CLOSED: ("breaker_reset", "info"),
-}
-
-
-class CallTimes:
-    """Seconds and slow calls of the outcomes reported one by one, for metrics.
-
-    Batched plain successes carry no duration and never reach this. The
-    actor's thread writes it; another thread may read any one field (a
-    float or int attribute read is atomic under the GIL).
-    """
-
-    __slots__ = ("failed", "ignored", "slow_failed", "slow_successful", "successful")
-
-    def __init__(self) -> None:
-        self.successful = 0.0
-        self.failed = 0.0
-        self.ignored = 0.0
-        self.slow_successful = 0
-        self.slow_failed = 0
-
-    def add(self, outcome: Outcome, duration: float, slow_call_duration: float | None) -> None:
-        if outcome is Outcome.SUCCESS:
-            self.successful += duration
-            if slow_call_duration is not None and duration > slow_call_duration:
-                self.slow_successful += 1
-        elif outcome is Outcome.FAILURE or outcome is Outcome.RATE_LIMITED:
-            self.failed += duration
-            if slow_call_duration is not None and duration > slow_call_duration:
-                self.slow_failed += 1
-        elif outcome is Outcome.IGNORED:
-            self.ignored += duration
-
-
-#: What a breaker that was never reported a duration shows (never mutated).
-_NO_CALL_TIMES: Final = CallTimes()
-
-
-class Envelope:
-    """A request and its reply channel, travelling together (as in pykka)."""
-
-    __slots__ = ("message", "reply")
-
-    def __init__(self, message: object, reply: Reply | None) -> None:
-        self.message = message
-        self.reply = reply
-
-
-InboxItem: TypeAlias = ReportItem | Envelope
 
 
 class BreakerActor:
@@ -178,33 +102,14 @@ class BreakerActor:
     """
 
     # Slots: 100,000 breakers in one daemon; a dict each would cost ~1 KiB more.
+    # fmt: off
     __slots__ = (
-        "_asleep",
-        "_call_times",
-        "_clock",
-        "_flush_scheduled",
-        "_inbox",
-        "_rejections",
-        "_retired",
-        "_stale_successes",
-        "_stopped",
-        "_tally",
-        "_tally_generation",
-        "config",
-        "dispatcher",
-        "listeners",
-        "loop_thread",
-        "machine",
-        "max_inbox",
-        "name",
-        "on_publish",
-        "queued",
-        "restarts",
-        "snapshot",
-        "timer",
-        "transition_counts",
-        "trial_gate",
+        "_asleep", "_call_times", "_clock", "_flush_scheduled", "_inbox", "_rejections",
+        "_retired", "_stale_successes", "_stopped", "_tally", "_tally_generation", "config",
+        "dispatcher", "listeners", "loop_thread", "machine", "max_inbox", "name", "on_publish",
+        "queued", "restarts", "snapshot", "timer", "transition_counts", "trial_gate",
     )
+    # fmt: on
 
     def __init__(
         self,
@@ -224,9 +129,7 @@ class BreakerActor:
         self.listeners: list[TransitionListener] = []
         #: Called with every snapshot the actor publishes and the one it
         #: replaces, before listeners hear of a transition (the daemon's state
-        #: table: the cheapest way to tell every client goes first). Shared
-        #: by every breaker of a daemon, so it names the breaker by the
-        #: snapshot alone.
+        #: table: the cheapest way to tell every client goes first).
         self.on_publish: Callable[[Snapshot, Snapshot | None], None] | None = None
         #: The fleet's say on a trial (the daemon's fleet link): asked with the
         #: breaker's name when an open breaker's time is up; False keeps it
@@ -270,9 +173,7 @@ class BreakerActor:
         return _NO_CALL_TIMES if times is None else times
 
     def _add_call_time(self, outcome: Outcome, duration: float) -> None:
-        times = self._call_times
-        if times is None:
-            times = self._call_times = CallTimes()
+        times = self._call_times or self._make("_call_times", CallTimes)
         times.add(outcome, duration, self.config.slow_call_duration)
 
     @property
@@ -281,22 +182,12 @@ class BreakerActor:
         # would cost three objects for every quiet breaker.
         return _logger.bind(breaker=self.name)
 
-    def _make_inbox(self) -> deque[InboxItem]:
+    def _make(self, slot: str, factory: Callable[[], Any]) -> Any:
         with _MAKE_LOCK:
-            inbox = self._inbox
-            if inbox is None:
-                inbox = self._inbox = deque()
-            return inbox
-
-    def _make_list(self, stale: bool) -> list[int]:
-        with _MAKE_LOCK:
-            made = self._stale_successes if stale else self._rejections
+            made = getattr(self, slot)
             if made is None:
-                made = []
-                if stale:
-                    self._stale_successes = made
-                else:
-                    self._rejections = made
+                made = factory()
+                setattr(self, slot, made)
             return made
 
     # -- any thread ------------------------------------------------------------
@@ -330,7 +221,7 @@ class BreakerActor:
         tally_generation, tally = self._tally_generation, self._tally[1]
         if tally_generation != generation:
             stale = self._stale_successes
-            tally = self._make_list(True) if stale is None else stale  # the books only
+            tally = self._make("_stale_successes", list) if stale is None else stale  # books only
         tally.append(count)
         if flush and self._asleep and not self._flush_scheduled:
             self._schedule_flush()
@@ -355,7 +246,7 @@ class BreakerActor:
             return False
         inbox = self._inbox
         if inbox is None:
-            inbox = self._make_inbox()
+            inbox = self._make("_inbox", deque)
         if len(inbox) >= self.max_inbox or self._stopped:
             return False
         inbox.append(item)
@@ -366,7 +257,7 @@ class BreakerActor:
     def post_rejection(self, count: int = 1) -> None:
         rejections = self._rejections
         if rejections is None:
-            rejections = self._make_list(False)
+            rejections = self._make("_rejections", list)
         rejections.append(count)
 
     @property
@@ -396,7 +287,7 @@ class BreakerActor:
             raise ActorStoppedError(f"breaker {self.name!r}: the actor system is stopped")
         inbox = self._inbox
         if inbox is None:
-            inbox = self._make_inbox()
+            inbox = self._make("_inbox", deque)
         if not force and len(inbox) >= self.max_inbox:
             raise InboxFullError(
                 f"breaker {self.name!r}: inbox full ({self.max_inbox} pending messages)"
@@ -429,27 +320,14 @@ class BreakerActor:
         """A turn soon (whatever the flags say: the caller knows there is work)."""
         self._asleep = False
         dispatcher = self.dispatcher
-        if dispatcher is None:
-            return  # not attached yet: its first turn drains whatever is queued
-        if threading.get_ident() == self.loop_thread:
-            # The daemon's connections live on the actor's own loop: no need
-            # for the self-pipe round trip that call_soon_threadsafe costs.
-            dispatcher.schedule(self)
-        else:
-            dispatcher.schedule_threadsafe(self)
+        if dispatcher is not None:  # else its first turn drains whatever is queued
+            dispatcher.wake(self)
 
     def _schedule_flush(self) -> None:
         self._flush_scheduled = True
         dispatcher = self.dispatcher
-        if dispatcher is None:
-            return
-        if threading.get_ident() == self.loop_thread:
-            # The daemon's connections post from the actor's own loop: join
-            # the timer directly, not through the self-pipe (a send, a wake-up
-            # and a recv for a timer this thread could set itself).
+        if dispatcher is not None:
             dispatcher.flush_later(self)
-        else:
-            dispatcher.flush_later_threadsafe(self)
 
     # -- the dispatcher's turns (its thread only) --------------------------------
 
@@ -481,14 +359,9 @@ class BreakerActor:
 
     def _arm_timer(self) -> None:
         """A turn at the machine's next deadline (a trial lease running out)."""
-        timer = self.timer
-        if timer is not None:
-            timer.cancel()
-            self.timer = None
-        deadline = self.machine.next_deadline()
         dispatcher = self.dispatcher
-        if deadline is not None and dispatcher is not None and not self._stopped:
-            self.timer = dispatcher.arm(self, deadline, self._clock())
+        if dispatcher is not None and not self._stopped:
+            dispatcher.arm(self, self.machine.next_deadline(), self._clock())
 
     def _take_tallies(self) -> None:
         tally = self._tally[1]
@@ -513,7 +386,7 @@ class BreakerActor:
                     count = sum(old[:taken])
                     del old[:taken]
                     stale = self._stale_successes
-                    (self._make_list(True) if stale is None else stale).append(count)
+                    (self._make("_stale_successes", list) if stale is None else stale).append(count)
         stale = self._stale_successes
         if stale:
             taken = len(stale)
@@ -568,7 +441,7 @@ class BreakerActor:
                 reason=message.reason,
                 error_code=message.error_code,
                 # The daemon names its peer; in-process, the reporter is us.
-                pid=message.pid or _pid,
+                pid=message.pid or os.getpid(),
             )
             self._apply(record.transitions)
             if not record.transitions and (
@@ -815,6 +688,6 @@ class BreakerActor:
             return
         inbox = self._inbox
         if inbox is None:
-            inbox = self._make_inbox()
+            inbox = self._make("_inbox", deque)
         inbox.append(Envelope(StatusRequest(self.name), reply))
         self._wake()

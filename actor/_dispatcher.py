@@ -84,8 +84,13 @@ class Dispatcher:
             self._armed = True
             self.loop.call_soon(self._run)
 
-    def schedule_threadsafe(self, actor: BreakerActor) -> None:
+    def wake(self, actor: BreakerActor) -> None:
         """``schedule`` from any thread."""
+        if threading.get_ident() == self.thread_id:
+            # The daemon's connections live on the loop's own thread: no need
+            # for the self-pipe round trip that call_soon_threadsafe costs.
+            self.schedule(actor)
+            return
         try:
             self.loop.call_soon_threadsafe(self._schedule_and_run, actor)
         except RuntimeError:
@@ -98,18 +103,20 @@ class Dispatcher:
         self._run()
 
     def flush_later(self, actor: BreakerActor) -> None:
-        """A turn for ``actor`` once the shared flush timer fires."""
+        """A turn for ``actor`` once the shared flush timer fires (from any thread)."""
+        if threading.get_ident() != self.thread_id:
+            try:
+                self.loop.call_soon_threadsafe(self.flush_later, actor)
+            except RuntimeError:
+                pass
+            return
+        # The daemon's connections post from the loop's own thread: they join
+        # the timer directly, not through the self-pipe (a send, a wake-up and
+        # a recv for a timer this thread could set itself).
         self._later.append(actor)
         if not self._later_armed:
             self._later_armed = True
             self.loop.call_later(REPORT_FLUSH_DELAY, self._flush)
-
-    def flush_later_threadsafe(self, actor: BreakerActor) -> None:
-        """``flush_later`` from any thread."""
-        try:
-            self.loop.call_soon_threadsafe(self.flush_later, actor)
-        except RuntimeError:
-            pass
 
     def _flush(self) -> None:
         self._later_armed = False
@@ -117,12 +124,18 @@ class Dispatcher:
         for actor in later:
             self.schedule(actor)
 
-    def arm(self, actor: BreakerActor, deadline: float, now: float) -> asyncio.TimerHandle:
-        """A timer that gives ``actor`` a turn at ``deadline`` (its clock's ``now`` given)."""
-        delay = deadline - now
-        if not math.isfinite(delay):
-            delay = _LONGEST_WAIT
-        return self.loop.call_later(max(0.0, delay), self._due, actor)
+    def arm(self, actor: BreakerActor, deadline: float | None, now: float) -> None:
+        """Give ``actor`` a turn at ``deadline`` (its clock's, read as ``now``), the
+        timer it had cancelled; None: no turn at any time."""
+        timer = actor.timer
+        if timer is not None:
+            timer.cancel()
+            actor.timer = None
+        if deadline is not None:
+            delay = deadline - now
+            if not math.isfinite(delay):
+                delay = _LONGEST_WAIT
+            actor.timer = self.loop.call_later(max(0.0, delay), self._due, actor)
 
     def _due(self, actor: BreakerActor) -> None:
         actor.timer = None
