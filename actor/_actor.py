@@ -57,7 +57,7 @@ from breakerd.protocol import (
 )
 
 from ._logging import library_logger
-from ._machine import BreakerConfig, Machine, Transition
+from ._machine import BreakerConfig, IllegalTransitionError, Machine, Transition
 
 __all__ = ["BreakerActor", "CallTimes", "Envelope", "Reply", "TransitionListener"]
 
@@ -575,8 +575,9 @@ class BreakerActor:
     def _crash(self, item: object, exc: Exception) -> None:
         """Supervision: log, answer the request, restart from the machine's successor."""
         if isinstance(item, Envelope):
-            if isinstance(exc, BreakerError):
-                # The request was bad, not the actor: answer and carry on.
+            if isinstance(exc, BreakerError) and not isinstance(exc, IllegalTransitionError):
+                # The request was bad, not the actor: answer and carry on
+                # (an illegal transition is a bug in the machine: restart it).
                 if item.reply is not None:
                     item.reply(None, exc)
                 return

@@ -46,7 +46,7 @@ from dataclasses import dataclass, fields
 from itertools import repeat
 from typing import Any, Final
 
-from breakerd.protocol import CircuitState, Outcome, Snapshot
+from breakerd.protocol import BreakerError, CircuitState, Outcome, Snapshot
 
 __all__ = [
     "DEFAULT_MAX_TIMEOUT",
@@ -109,7 +109,7 @@ _SNAPSHOT_REASONS: Final = {
 }
 
 
-class IllegalTransitionError(RuntimeError):
+class IllegalTransitionError(BreakerError, RuntimeError):
     """The machine tried a transition outside its whitelist: a bug in breakerd."""
 
 

@@ -36,7 +36,6 @@ from breakerd.protocol import (
     LocalProtocolError,
     NotificationReceived,
     Outcome,
-    PermissionDeniedError,
     ProtocolError,
     Register,
     Registered,
@@ -120,7 +119,6 @@ ERRORS: list[BreakerError] = [
     InvalidRequestError("timeout must be positive"),
     UnknownBreakerError("no breaker 'x'"),
     VersionMismatchError("no common version"),
-    PermissionDeniedError("uid 1000 may not reset"),
     DaemonUnavailableError("no daemon"),
     ProtocolError("bad frame"),
 ]

@@ -149,11 +149,11 @@ async def _serve_unix(
     return cast(asyncio.Server, server)
 
 
-class DaemonAlreadyRunningError(RuntimeError):
+class DaemonAlreadyRunningError(BreakerError, RuntimeError):
     """Another daemon holds the lock for this socket."""
 
 
-class UnsafeSocketPathError(RuntimeError):
+class UnsafeSocketPathError(BreakerError, RuntimeError):
     """The socket's directory or lock file could be another process's: not used."""
 
 
