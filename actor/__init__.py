@@ -16,6 +16,7 @@ from ._machine import (
     RecordResult,
     Transition,
 )
+from ._reasons import TransitionReason
 from ._system import ActorSystem, default_system
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "Reply",
     "Transition",
     "TransitionListener",
+    "TransitionReason",
     "default_system",
     "library_logger",
 ]

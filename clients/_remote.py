@@ -136,6 +136,7 @@ from breakerd.actor import (
     BreakerActor,
     BreakerConfig,
     Transition,
+    TransitionReason,
     default_system,
     library_logger,
 )
@@ -2047,7 +2048,7 @@ class RemoteBreaker:
             previous,
             snapshot.state,
             snapshot.generation,
-            reason,
+            TransitionReason(reason),
             snapshot.failure_rate,
             snapshot.slow_call_rate,
             snapshot.open_until,
