@@ -158,7 +158,7 @@ class CircuitBreaker:
         ignore: Exception types that count as neither success nor failure.
         classify: ``classify(exc)`` returning an ``Outcome``, ``RateLimited`` or
             None (fall through to the other rules). Runs first.
-        openai: Apply the openai SDK rules (see ``breakerd.clients.classify_openai``).
+        openai: Apply the openai SDK rules (see ``breakerd.clients.openai.classify_openai``).
         strict: Send every acquire to the actor instead of admitting from the
             snapshot (slower; exact admission under heavy concurrency).
         system: The actor system to use (default: the process-wide one). In

@@ -29,11 +29,9 @@ from breakerd.protocol import (
     Connection,
     ConnectionClosed,
     DaemonUnavailableError,
-    Event,
     Hello,
     InboxFullError,
     InvalidRequestError,
-    LocalProtocolError,
     NotificationReceived,
     Outcome,
     ProtocolError,
@@ -45,7 +43,6 @@ from breakerd.protocol import (
     RequestMessage,
     RequestReceived,
     ResponseReceived,
-    ResultMessage,
     Snapshot,
     StatePush,
     Status,
@@ -53,11 +50,11 @@ from breakerd.protocol import (
     UnknownBreakerError,
     VersionMismatchError,
     Welcome,
-    error_from_wire,
-    error_to_wire,
     frame_notification,
     negotiate_version,
 )
+from breakerd.protocol._codec import Event, ResultMessage, error_from_wire, error_to_wire
+from breakerd.protocol._errors import LocalProtocolError
 
 HELLO = Hello(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, "breakerd-test", 4242)
 WELCOME = Welcome(PROTOCOL_VERSION, "breakerd-daemon", 1, state_table=65_536)

@@ -40,12 +40,16 @@ from breakerd.clients import (
     CircuitBreaker,
     CircuitBreakerOpenError,
     CircuitState,
-    DaemonClient,
     DaemonUnavailableError,
-    RemoteBreaker,
 )
 from breakerd.clients._core import ClientCore, Completion, NotConnectedError, SnapshotChanged
-from breakerd.clients._remote import LOCAL_GENERATION_OFFSET, close_all_clients, get_client
+from breakerd.clients._remote import (
+    LOCAL_GENERATION_OFFSET,
+    DaemonClient,
+    RemoteBreaker,
+    close_all_clients,
+    get_client,
+)
 from breakerd.protocol import (
     MAX_FRAME_SIZE,
     MAX_MSGID,
@@ -67,7 +71,6 @@ from breakerd.protocol import (
     ReportBatch,
     RequestMessage,
     RequestReceived,
-    ResultMessage,
     Snapshot,
     StatePush,
     Status,
@@ -76,6 +79,7 @@ from breakerd.protocol import (
     Welcome,
     negotiate_version,
 )
+from breakerd.protocol._codec import ResultMessage
 
 pytestmark = pytest.mark.anyio
 
