@@ -6,10 +6,11 @@ serve``) lives in :mod:`breakerd.actor.daemon`; embedded use never imports it.
 """
 
 from ._actor import BreakerActor
+from ._globals import default_system
 from ._logging import library_logger
 from ._machine import DEFAULT_MAX_TIMEOUT, DEFAULT_QUOTA_TIMEOUT, BreakerConfig, Transition
 from ._reasons import TransitionReason
-from ._system import ActorSystem, default_system
+from ._system import ActorSystem
 
 __all__ = [
     "DEFAULT_MAX_TIMEOUT",

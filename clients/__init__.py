@@ -39,8 +39,8 @@ if TYPE_CHECKING:
 
     from ._breaker import CircuitBreaker
     from ._classify import ClassifyFunc, RateLimited, Verdict
+    from ._globals import flush_all_clients as flush
     from ._remote import OnUnavailable
-    from ._remote import flush_all_clients as flush
 
 # name -> the module that defines it (relative names are this package's).
 _LAZY: dict[str, str] = {
@@ -54,7 +54,7 @@ _LAZY: dict[str, str] = {
     "TransitionReason": "breakerd.actor",
     "OnUnavailable": "._remote",
     "ActorSystem": "breakerd.actor",
-    "flush": "._remote",
+    "flush": "._globals",
     # Classifiers: what ``classify=`` takes and returns.
     "Outcome": "breakerd.protocol",
     "RateLimited": "._classify",

@@ -17,7 +17,6 @@ import inspect
 import os
 import threading
 import time
-import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final, ParamSpec, TypeVar, cast, overload
@@ -51,6 +50,7 @@ from breakerd.protocol import (
 )
 
 from ._classify import Classifier, ClassifyFunc, RateLimited, Verdict
+from ._globals import live_breakers
 from ._remote import ON_UNAVAILABLE, OnUnavailable, RemoteBreaker, check_socket_path
 from ._scopes import (
     DEFAULT_MAX_SCOPES,
@@ -241,7 +241,7 @@ class CircuitBreaker:
             self._bind(system or default_system())
         else:
             self._bind_daemon(daemon_path)
-        _live_breakers.add(self)
+        live_breakers.add(self)
         self._scopes: Scopes | None = None
         if scope is not None:
             settings = {
@@ -303,7 +303,7 @@ class CircuitBreaker:
             return child
 
         def forget(child: CircuitBreaker) -> None:
-            _live_breakers.discard(child)
+            live_breakers.discard(child)
             system = child._system
             if child.daemon_path is None and system is not None:
                 system.remove(child.name)  # an expired scope's actor stops
@@ -418,8 +418,9 @@ class CircuitBreaker:
         system = self._system
         return system is not None and threading.get_ident() == system.loop_thread_id
 
-    def _forked(self) -> None:
-        # Runs in the child right after fork(): no thread may be started here,
+    def after_fork_in_child(self) -> None:
+        """Internal: breakerd's at-fork hook runs this in a forked child."""
+        # Right after fork(): no thread may be started here,
         # so point the hot path at a placeholder whose state sends every call
         # down the slow path, which rebinds first.
         self._actor = cast(BreakerActor, _ForkedPlaceholder(self.name))
@@ -862,17 +863,6 @@ class _ForkedPlaceholder:
 
     def post_rejection(self, count: int = 1) -> None:
         pass
-
-
-_live_breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for breaker in list(_live_breakers):
-        breaker._forked()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _daemon_path(
