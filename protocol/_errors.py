@@ -28,7 +28,7 @@ goes out as ``[code, message, details]`` and comes back as the same class
   | ConfigError (_config.py, ValueError), MetricsUnavailableError (_config.py),
   | StateFileError (_state_file.py, ValueError), StateTableUnavailableError
   | (_state_table.py, OSError), DaemonAlreadyRunningError and
-  | UnsafeSocketPathError (_server.py), ActivationError (_systemd.py)
+  | UnsafeSocketPathError (_socket_file.py), ActivationError (_systemd.py)
   + UsageError                  clients/cli/_main.py: bad command-line arguments
 
 The classes outside this module keep their standard base too (in brackets),
