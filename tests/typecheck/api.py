@@ -163,6 +163,13 @@ def errors(breaker: CircuitBreaker) -> None:
         pass
 
 
+def internal_names_are_not_public() -> None:
+    import breakerd.clients
+
+    _ = breakerd.clients.DaemonClient  # type: ignore[attr-defined]
+    _ = breakerd.clients.RemoteBreaker  # type: ignore[attr-defined]
+
+
 def testing_clock() -> None:
     clock = FakeClock()
     assert_type(clock(), float)
