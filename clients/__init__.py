@@ -39,8 +39,8 @@ if TYPE_CHECKING:
 
     from ._breaker import CircuitBreaker
     from ._classify import ClassifyFunc, RateLimited, Verdict
+    from ._fallback import OnUnavailable
     from ._globals import flush_all_clients as flush
-    from ._remote import OnUnavailable
 
 # name -> the module that defines it (relative names are this package's).
 _LAZY: dict[str, str] = {
@@ -52,7 +52,7 @@ _LAZY: dict[str, str] = {
     "BreakerConfig": "breakerd.actor",
     "Transition": "breakerd.actor",
     "TransitionReason": "breakerd.actor",
-    "OnUnavailable": "._remote",
+    "OnUnavailable": "._fallback",
     "ActorSystem": "breakerd.actor",
     "flush": "._globals",
     # Classifiers: what ``classify=`` takes and returns.

@@ -40,14 +40,14 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ._daemon_client import DaemonClient, check_socket_path
+
 if TYPE_CHECKING:
     from ._breaker import CircuitBreaker
-    from ._remote import DaemonClient
 
 __all__ = [
     "close_all_clients",
     "flush_all_clients",
-    "forget_client",
     "get_client",
     "live_breakers",
 ]
@@ -66,14 +66,12 @@ def get_client(path: str | Path, *, start: bool = True) -> DaemonClient:
     without, a new client is only made: ``DaemonClient.start`` opens its
     connection when something first needs it.
     """
-    # Here, not at the top: _remote imports this module.
-    from ._remote import DaemonClient, check_socket_path
-
     key = check_socket_path(path)
     with _daemon_clients_lock:
         client = _daemon_clients.get(key)
         if client is None or client.pid != os.getpid() or client.closed:
             client = DaemonClient(key)
+            client.on_close = _forget
             _daemon_clients[key] = client
             _flush_at_exit()
     if start:
@@ -81,8 +79,7 @@ def get_client(path: str | Path, *, start: bool = True) -> DaemonClient:
     return client
 
 
-def forget_client(client: DaemonClient) -> None:
-    """Drop a closed client from the registry (the next ``get_client`` makes a new one)."""
+def _forget(client: DaemonClient) -> None:
     with _daemon_clients_lock:
         if _daemon_clients.get(client.path) is client:
             del _daemon_clients[client.path]
@@ -131,7 +128,7 @@ def _after_fork_in_child() -> None:
     clients = list(_daemon_clients.values())
     _daemon_clients.clear()
     for client in clients:
-        client.after_fork_in_child()
+        client.abandon_in_child()
     for breaker in list(live_breakers):
         breaker.after_fork_in_child()
 

@@ -16,7 +16,7 @@ import pytest
 from daemon_helpers import DaemonProcess, RawClient, wait_for
 
 from breakerd.clients import CircuitBreaker
-from breakerd.clients._remote import RemoteBreaker
+from breakerd.clients._link import RemoteBreaker
 from breakerd.protocol import (
     Admission,
     CircuitState,

@@ -1,9 +1,9 @@
 """Process-wide state lives in one labelled module per layer, hooks included.
 
 What the hooks do is tested where it matters: a forked child gets its own
-actor (test_breaker.py) and its own daemon connection (test_remote.py), and
-every outcome is flushed at exit (test_remote.py), multiprocessing children
-included (test_client_lifecycle.py).
+actor (test_breaker.py) and its own daemon connection, every outcome is
+flushed at exit (test_daemon_client.py), multiprocessing children included
+(test_client_lifecycle.py).
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ from hypothesis import strategies as st
 from breakerd.actor import BreakerConfig
 from breakerd.actor.daemon._config import ConfigError, load_config
 from breakerd.clients import DaemonUnavailableError
-from breakerd.clients._remote import DaemonClient, RemoteBreaker
+from breakerd.clients._daemon_client import DaemonClient
+from breakerd.clients._link import RemoteBreaker
 from breakerd.clients.cli._admin import ask_daemon
 from breakerd.clients.cli._daemon_commands import printable
 from breakerd.protocol import (
