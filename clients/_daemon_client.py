@@ -6,8 +6,7 @@ decision. Each breaker's link (``_link.RemoteBreaker``) attaches to it; the
 client calls back on its links only through the small surface
 ``LinkEvents`` names (registered, a snapshot, lost, stalled, answering again).
 The per-process registry of clients (``get_client``, exit and fork hooks)
-is in ``_globals``, with the rest of the process-wide state; the IO
-thread's wait set is ``_io_poller``.
+is in ``_globals`` (process-wide state); the IO thread's wait set is ``_io_poller``.
 
 Threads and locks
 -----------------
