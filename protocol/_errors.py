@@ -3,7 +3,7 @@
 ``except BreakerError`` catches anything breakerd raises on purpose. The
 classes a user of the library can meet are importable from
 ``breakerd.clients`` (marked *public*); the others belong to the daemon, the
-wire or the command line and never reach a protected call. Each says where
+wire or the command line and do not reach a protected call. Each says where
 it lives. An error that travels on the wire has a stable string ``code``: it
 goes out as ``[code, message, details]`` and comes back as the same class
 (``error_from_code``); a new class never reuses a code.
@@ -20,19 +20,20 @@ goes out as ``[code, message, details]`` and comes back as the same class
   | + LocalProtocolError        this side's fault (travels as ProtocolError)
   | + RemoteProtocolError       the peer's fault (travels as ProtocolError)
   + VersionMismatchError        ``version_mismatch``: no common protocol version
-  + StateTableError             protocol/_state_table.py: not a state table we read
-  + IllegalTransitionError      actor/_machine.py: a transition outside the
-  |                             whitelist, a bug; the actor restarts (RuntimeError)
-  + NotConnectedError           clients/_core.py: a request with no connection
-  + daemon (actor/daemon/), raised while ``breakerd serve`` starts:
-  | ConfigError (_config.py, ValueError), MetricsUnavailableError (_config.py),
-  | StateFileError (_state_file.py, ValueError), StateTableUnavailableError
-  | (_state_table.py, OSError), DaemonAlreadyRunningError and
-  | UnsafeSocketPathError (_socket_file.py), ActivationError (_systemd.py)
+  + StateTableError [ValueError]        protocol/_state_table.py: not a table we read
+  + IllegalTransitionError [RuntimeError]  actor/_machine.py: a transition outside
+  |                             the whitelist, a bug; the actor restarts
+  + NotConnectedError [RuntimeError]    clients/_core.py: a request, no connection
+  + the daemon's (actor/daemon/), raised while ``breakerd serve`` starts or reloads:
+  | ConfigError [ValueError] and MetricsUnavailableError [RuntimeError] (_config.py),
+  | StateFileError [ValueError] (_state_file.py), StateTableUnavailableError
+  | [OSError] (_state_table.py), DaemonAlreadyRunningError [RuntimeError] and
+  | UnsafeSocketPathError [RuntimeError] (_socket_file.py), ActivationError
+  | [RuntimeError] (_systemd.py)
   + UsageError                  clients/cli/_main.py: bad command-line arguments
 
-The classes outside this module keep their standard base too (in brackets),
-so code that caught ``ValueError`` from a config loader still does.
+The classes in brackets keep that standard base too, so code that caught
+``ValueError`` from the config loader (say) still does.
 """
 
 from __future__ import annotations
