@@ -38,6 +38,7 @@ from breakerd.actor import (
     BreakerActor,
     BreakerConfig,
     Transition,
+    TransitionReason,
     library_logger,
 )
 from breakerd.protocol import (
@@ -70,7 +71,7 @@ from ._fallback import (
     OnUnavailable,
     make_fallback,
 )
-from ._registry import get_client
+from ._globals import get_client
 from ._replies import Bounded, SyncReply, answer, ignore_reply
 
 __all__ = ["ActorSurface", "RemoteBreaker"]
@@ -678,7 +679,7 @@ class RemoteBreaker:
             previous,
             snapshot.state,
             snapshot.generation,
-            reason,
+            TransitionReason(reason),
             snapshot.failure_rate,
             snapshot.slow_call_rate,
             snapshot.open_until,
