@@ -19,6 +19,11 @@ the state table, a push or a reply) the link's tally key matches no
 generation, and the facade sends the success as a request and waits for its
 answer.
 
+This one thread-based transport serves sync and async callers alike: async
+callers wait on an asyncio future that the reply callback settles with
+``loop.call_soon_threadsafe`` (the facade's ``_request_async``), so there is
+no separate anyio shell.
+
 With the daemon's state table (``_table_reader``), ``snapshot`` compares one
 word of shared memory (its slot's ``seq``) with the last one it read, on
 every call, and rebuilds its snapshot from the slot when it moved.

@@ -19,7 +19,8 @@ import os
 import threading
 from pathlib import Path
 
-from ._daemon_client import DaemonClient, check_socket_path
+from ._daemon_client import DaemonClient
+from ._daemon_socket import check_socket_path
 
 __all__ = ["close_all_clients", "flush_all_clients", "get_client"]
 
