@@ -2,19 +2,16 @@
 
 ``RemoteBreaker`` offers the duck-typed surface of ``BreakerActor``
 (``snapshot``, ``listeners``, ``post_success``, ``post_report``,
-``post_rejection``, ``ask``; ``ActorSurface`` below), so the facade runs
+``post_rejection``, ``ask``; ``_surface.ActorSurface``), so the facade runs
 unchanged on top of it. It talks to its ``DaemonClient`` (``_daemon_client``)
 through the client's public methods, and the client calls it back through
 ``LinkEvents``. While the daemon is out of reach, its ``on_unavailable``
 policy (``_fallback``) serves in its place.
 
-The hot path (a success while ``closed``, when the snapshot says no success
-can change the state) takes no lock: it appends to its breaker's success
-tally in the client's core and, only when no flush is armed yet, calls
-``DaemonClient.arm_flush``. While a success may change the state
-(``Snapshot.successes_safe`` is false: the daemon says so through the state
-table, a push or a reply) the link's tally key matches no generation, and
-the facade sends the success as a request and waits for its answer.
+The hot path (a success while ``closed``) takes no lock: a tally append in
+the client's core, and ``DaemonClient.arm_flush`` when no flush is armed.
+While a success may change the state (``Snapshot.successes_safe`` is false)
+the link's tally key matches no generation: the facade asks and waits.
 
 A request that goes to the daemon carries one reply wrapper, ``_Answer``,
 around the caller's own reply: a sync caller's ``SyncReply``, or an async
@@ -32,7 +29,7 @@ import asyncio
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+from typing import Any, Final, cast
 
 from breakerd.actor import (
     ActorSystem,
@@ -74,7 +71,7 @@ from ._registry import get_client
 from ._replies import SyncReply, answer, ignore_reply
 from ._table_reader import read_snapshot
 
-__all__ = ["ActorSurface", "RemoteBreaker"]
+__all__ = ["RemoteBreaker"]
 
 #: A link's tally key while successes must be sent as requests: no permit has it.
 _ASK_FOR_SUCCESSES: Final = -(1 << 62)
@@ -89,35 +86,13 @@ _PENDING, _ANSWERED, _EXPIRED, _LATE = range(4)
 _logger = library_logger()
 
 
-class ActorSurface(Protocol):
-    """What ``CircuitBreaker`` uses of its breaker: ``BreakerActor`` and ``RemoteBreaker``."""
-
-    @property
-    def snapshot(self) -> Snapshot: ...
-
-    @property
-    def listeners(self) -> list[Any]: ...
-
-    def post_success(self, generation: int) -> bool: ...
-
-    def post_report(self, item: tuple[int, Outcome, float]) -> bool: ...
-
-    def post_rejection(self, count: int = 1) -> None: ...
-
-    def ask(self, message: object, reply: Reply | None, *, force: bool = False) -> None: ...
-
-
 class RemoteBreaker:
     """One breaker as seen through a ``DaemonClient``: the facade's actor in daemon mode.
 
     While registered on the live connection it shows the daemon's snapshot and
-    sends outcomes there; otherwise it follows ``on_unavailable``:
-
-    * ``"local"``: an in-process breaker with the same settings, from
-      ``system`` (or the process-wide default system);
-    * ``"allow"``: fail open, a ``closed`` snapshot and nothing recorded;
-    * ``"deny"``: fail closed, every acquire answered with
-      ``DaemonUnavailableError``.
+    sends outcomes there; otherwise its ``on_unavailable`` policy serves
+    (``fallback``: ``"local"``, an in-process breaker from ``system`` or the
+    default system; ``"allow"``, fail open; ``"deny"``, fail closed).
 
     ``daemon_timeout`` (None: no bound but the client's ``request_timeout``)
     is how long a caller waits for the daemon's answer to an acquire or an
@@ -467,14 +442,6 @@ class RemoteBreaker:
             return None
         return self.daemon_timeout
 
-    def _give_back(self, result: Any) -> None:
-        # The daemon answered a caller that had given up on it: a trial lease
-        # it granted would be held by nobody until its deadline (and then
-        # count as a failure). Give it back.
-        if isinstance(result, Admission) and result.admitted and result.lease:
-            release = Report(self.name, result.generation, Outcome.CANCELLED, lease=result.lease)
-            self.client.request(release, ignore_reply)
-
     def _ask(
         self,
         message: object,
@@ -680,7 +647,7 @@ class _Answer:
                     self._state = _LATE
             if state != _PENDING:
                 if state == _EXPIRED:
-                    self._link._give_back(result)
+                    self._give_back(result)
                 return
         link, reply = self._link, self._reply
         if error is not None:
@@ -702,6 +669,15 @@ class _Answer:
             result = mine[0]
         answer(reply, result, None)
 
+    def _give_back(self, result: Any) -> None:
+        # The daemon answered a caller that had given up on it: a trial lease
+        # it granted would be held by nobody until its deadline (and then
+        # count as a failure). Give it back.
+        if isinstance(result, Admission) and result.admitted and result.lease:
+            link = self._link
+            release = Report(link.name, result.generation, Outcome.CANCELLED, lease=result.lease)
+            link.client.request(release, ignore_reply)
+
     def expire(self, waited: float) -> None:
         """The caller waited ``waited`` seconds in vain: the policy answers it, unless answered."""
         lock = self._lock
@@ -713,9 +689,3 @@ class _Answer:
         link = self._link
         link.client.note_stalled(waited)
         link._ask_unavailable(self._message, self._reply, self._force)
-
-
-if TYPE_CHECKING:
-    # Both implement the surface the facade relies on.
-    _actor_conforms: ActorSurface = BreakerActor("x", BreakerConfig(), clock=time.monotonic)
-    _link_conforms: ActorSurface = RemoteBreaker(DaemonClient("x"), "x", BreakerConfig())
