@@ -17,7 +17,6 @@ import inspect
 import os
 import threading
 import time
-import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final, ParamSpec, TypeVar, cast, overload
@@ -53,6 +52,7 @@ from breakerd.protocol import (
 from ._classify import Classifier, ClassifyFunc, RateLimited, Verdict
 from ._daemon_socket import check_socket_path
 from ._fallback import ON_UNAVAILABLE, OnUnavailable
+from ._globals import live_breakers
 from ._link import RemoteBreaker
 from ._scopes import (
     DEFAULT_MAX_SCOPES,
@@ -160,7 +160,7 @@ class CircuitBreaker:
         ignore: Exception types that count as neither success nor failure.
         classify: ``classify(exc)`` returning an ``Outcome``, ``RateLimited`` or
             None (fall through to the other rules). Runs first.
-        openai: Apply the openai SDK rules (see ``breakerd.clients.classify_openai``).
+        openai: Apply the openai SDK rules (see ``breakerd.clients.openai.classify_openai``).
         strict: Send every acquire to the actor instead of admitting from the
             snapshot (slower; exact admission under heavy concurrency).
         system: The actor system to use (default: the process-wide one). In
@@ -243,7 +243,7 @@ class CircuitBreaker:
             self._bind(system or default_system())
         else:
             self._bind_daemon(daemon_path)
-        _live_breakers.add(self)
+        live_breakers.add(self)
         self._scopes: Scopes | None = None
         if scope is not None:
             settings = {
@@ -305,7 +305,7 @@ class CircuitBreaker:
             return child
 
         def forget(child: CircuitBreaker) -> None:
-            _live_breakers.discard(child)
+            live_breakers.discard(child)
             system = child._system
             if child.daemon_path is None and system is not None:
                 system.remove(child.name)  # an expired scope's actor stops
@@ -420,8 +420,9 @@ class CircuitBreaker:
         system = self._system
         return system is not None and threading.get_ident() == system.loop_thread_id
 
-    def _forked(self) -> None:
-        # Runs in the child right after fork(): no thread may be started here,
+    def after_fork_in_child(self) -> None:
+        """Internal: breakerd's at-fork hook runs this in a forked child."""
+        # Right after fork(): no thread may be started here,
         # so point the hot path at a placeholder whose state sends every call
         # down the slow path, which rebinds first.
         self._actor = cast(BreakerActor, _ForkedPlaceholder(self.name))
@@ -864,17 +865,6 @@ class _ForkedPlaceholder:
 
     def post_rejection(self, count: int = 1) -> None:
         pass
-
-
-_live_breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for breaker in list(_live_breakers):
-        breaker._forked()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _daemon_path(

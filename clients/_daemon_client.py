@@ -7,8 +7,8 @@ client calls back on its links only through the small surface
 ``_links.LinkEvents`` names (registered, a snapshot, lost, stalled, answering
 again). One connection's socket is a ``_daemon_socket.DaemonSocket``.
 The per-process registry of clients (``get_client``, exit and fork hooks)
-is ``_registry``; the IO thread's schedule (connecting, waiting, flushing,
-timing out, reconnecting) is ``_io_thread``.
+is in ``_globals`` (process-wide state); the IO thread's schedule (connecting,
+waiting, flushing, timing out, reconnecting) is ``_io_thread``.
 
 Threads and locks
 -----------------
@@ -73,7 +73,7 @@ Disconnects and reconnects
   its ``Registered`` arrives.
 * A client connects when something first needs it (``start_nowait``): the
   facade's links are lazy (``RemoteBreaker.open(lazy=True)``). Forks and
-  exit are the registry's (``_registry``).
+  exit are the registry's (``_globals``).
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ from breakerd.actor import (
     BreakerActor,
     BreakerConfig,
     Transition,
+    TransitionReason,
     library_logger,
 )
 from breakerd.protocol import (
@@ -67,7 +68,7 @@ from ._fallback import (
     OnUnavailable,
     make_fallback,
 )
-from ._registry import get_client
+from ._globals import get_client
 from ._replies import SyncReply, answer, ignore_reply
 from ._table_reader import read_snapshot
 
@@ -592,7 +593,7 @@ class RemoteBreaker:
             previous,
             snapshot.state,
             snapshot.generation,
-            reason,
+            TransitionReason(reason),
             snapshot.failure_rate,
             snapshot.slow_call_rate,
             snapshot.open_until,

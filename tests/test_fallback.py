@@ -40,12 +40,12 @@ from breakerd.clients import (
     CircuitBreaker,
     CircuitBreakerOpenError,
     CircuitState,
-    DaemonClient,
     DaemonUnavailableError,
-    RemoteBreaker,
 )
+from breakerd.clients._daemon_client import DaemonClient
 from breakerd.clients._fallback import LOCAL_GENERATION_OFFSET
-from breakerd.clients._registry import get_client
+from breakerd.clients._globals import get_client
+from breakerd.clients._link import RemoteBreaker
 from breakerd.protocol import (
     Acquire,
     BreakerStatus,
