@@ -307,11 +307,8 @@ class HeaderBudget:
         count = requests.limit if requests.limit is not None else max(self._low(), 1.0)
         return requests.window / count
 
-    def reserve(self, now: float, max_wait: float = 0.0, tokens: float = 0.0) -> float | None:
-        """The instant the call may leave (``tokens`` debited), or None past ``max_wait``.
-
-        Nothing is reserved for a refused call.
-        """
+    def _plan(self, now: float, tokens: float) -> tuple[float, float]:
+        # (when the call may leave, the spacing to the next one while pacing)
         leave = now
         requests = self._requests
         spacing = 0.0
@@ -329,12 +326,26 @@ class HeaderBudget:
         token_limit = self._tokens
         if tokens > 0 and token_limit.known(now) and token_limit.remaining < tokens:
             leave = max(leave, token_limit.reset_at)
+        return leave, spacing
+
+    def next_free(self, now: float, tokens: float = 0.0) -> float:
+        """The instant a call asking now would leave (nothing reserved)."""
+        return self._plan(now, tokens)[0]
+
+    def reserve(self, now: float, max_wait: float = 0.0, tokens: float = 0.0) -> float | None:
+        """The instant the call may leave (``tokens`` debited), or None past ``max_wait``.
+
+        Nothing is reserved for a refused call.
+        """
+        leave, spacing = self._plan(now, tokens)
         if leave - now > max_wait:
             return None
+        requests = self._requests
         if requests.known(now):
             requests.remaining -= 1
         if spacing > 0:
             self._next = leave + spacing
+        token_limit = self._tokens
         if tokens > 0 and token_limit.known(now):
             token_limit.remaining -= tokens
         self._in_flight += 1

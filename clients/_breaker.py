@@ -18,7 +18,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Final, ParamSpec, TypeVar, cast, overload
 
@@ -50,7 +50,9 @@ from breakerd.protocol import (
     new_open_error,
 )
 
+from ._budgets import BudgetedCalls, attempt_only, current_ticket, estimate_cost, shared_budgets
 from ._classify import Classifier, ClassifyFunc, RateLimited, Verdict
+from ._openai import parse_rate_limits
 from ._remote import ON_UNAVAILABLE, OnUnavailable, RemoteBreaker, check_socket_path
 from ._scopes import (
     DEFAULT_MAX_SCOPES,
@@ -154,6 +156,19 @@ class CircuitBreaker:
             forgotten (default 3600).
         max_scopes: Live scopes at most (default 256); a new key past it is
             governed by the parent alone, with a warning logged once.
+        max_rate: A request budget such as ``"500/min"`` or ``"20/s"``: calls
+            are paced at 95 % of it (see ``breakerd.actor._budget``); a call
+            past it waits its turn (up to ``wait``) or raises
+            ``BudgetExceededError`` (reason ``rate_budget``). Default None.
+        burst: Calls that may leave at once after an idle spell, within
+            ``max_rate`` (default 1: strictly paced).
+        max_concurrent: Calls in flight at most (a bulkhead); past it a call
+            waits (up to ``wait``) or raises ``BudgetExceededError`` (reason
+            ``concurrency``). Default None.
+        wait: Seconds a call may wait to be admitted, by the budgets or by an
+            open breaker's recovery, before it is rejected (default 0: as
+            before). Calls that waited through an outage leave in a doubling
+            ramp once the breaker closes (``ramp_offset``).
         record: Exception types that count as failures (default: all).
         ignore: Exception types that count as neither success nor failure.
         classify: ``classify(exc)`` returning an ``Outcome``, ``RateLimited`` or
@@ -197,6 +212,10 @@ class CircuitBreaker:
         system: ActorSystem | None = None,
         on_unavailable: OnUnavailable = "local",
         daemon_timeout: float = DEFAULT_DAEMON_TIMEOUT,
+        max_rate: str | None = None,
+        burst: int | None = None,
+        max_concurrent: int | None = None,
+        wait: float = 0.0,
     ) -> None:
         if fallback is not None and not callable(fallback):
             raise TypeError(f"fallback must be callable, got {fallback!r}")
@@ -270,6 +289,99 @@ class CircuitBreaker:
                 "daemon_timeout": daemon_timeout,
             }
             self._init_scopes(scope, scope_ttl, max_scopes, settings)
+        self._budgeted: BudgetedCalls | None = None
+        if max_rate is not None or max_concurrent is not None or burst is not None or wait:
+            self._install_budgets(max_rate, burst, max_concurrent, wait)
+
+    # -- budgets -------------------------------------------------------------------
+
+    def _install_budgets(
+        self, max_rate: str | None, burst: int | None, max_concurrent: int | None, wait: float
+    ) -> BudgetedCalls:
+        budgets = shared_budgets(
+            self.name,
+            max_rate=max_rate,
+            burst=burst,
+            max_concurrent=max_concurrent,
+            wait=wait,
+            clock=self._clock,
+        )
+        budgeted = BudgetedCalls(budgets, float(wait), lambda: self._actor.snapshot, self._clock)
+        self._budgeted = budgeted
+        # Instance attributes, as for scopes: a breaker without budgets keeps
+        # its call path untouched. The budgets wrap whatever call path it has.
+        inner_async, inner_sync = self.call, self.call_sync
+
+        async def call(func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+            cost = estimate_cost(kwargs)
+            return cast(
+                T,
+                await budgeted.call_async(
+                    inner_async, self._reject_async, func, args, kwargs, cost
+                ),
+            )
+
+        def call_sync(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+            cost = estimate_cost(kwargs)
+            return cast(
+                T, budgeted.call_sync(inner_sync, self._reject_sync, func, args, kwargs, cost)
+            )
+
+        self.call = call  # type: ignore[method-assign]
+        self.call_sync = call_sync  # type: ignore[method-assign]
+        return budgeted
+
+    def observe_limits(
+        self,
+        headers: Mapping[str, str] | None = None,
+        *,
+        remaining_requests: float | None = None,
+        reset_requests: float | None = None,
+        remaining_tokens: float | None = None,
+        reset_tokens: float | None = None,
+        limit_requests: float | None = None,
+        limit_tokens: float | None = None,
+        used_tokens: float | None = None,
+    ) -> None:
+        """Tell the breaker what the API said is left, so its calls stay under the limit.
+
+        ``headers``: a response's headers, read as OpenAI sends them
+        (``x-ratelimit-remaining-requests``/``-tokens``,
+        ``x-ratelimit-reset-requests``/``-tokens`` such as ``"1s"`` or
+        ``"6m0s"``, ``x-ratelimit-limit-*``). Or the numbers themselves, for
+        other APIs (reset times in seconds from now). ``used_tokens``: what
+        the call just made really used (its ``usage``), correcting the
+        estimate it was admitted with. The OpenAI client wrapper
+        (``breakerd.clients.openai.protect``) feeds every response it sees.
+
+        Once fed, calls are admitted against it: while plenty is left they
+        go at once; when the requests left run low, they are spread over the
+        time to the reset; with none left a call waits for the reset (up to
+        ``wait``) or raises ``BudgetExceededError`` (``rate_budget``).
+        """
+        limits: dict[str, float] = {} if headers is None else parse_rate_limits(headers)
+        for key, value in (
+            ("remaining_requests", remaining_requests),
+            ("reset_requests", reset_requests),
+            ("remaining_tokens", remaining_tokens),
+            ("reset_tokens", reset_tokens),
+            ("limit_requests", limit_requests),
+            ("limit_tokens", limit_tokens),
+        ):
+            if value is not None:
+                limits[key] = value
+        budgeted = self._budgeted or self._install_budgets(None, None, None, 0.0)
+        if used_tokens is not None:
+            ticket = current_ticket.get()
+            if ticket is not None and ticket.belongs_to(budgeted.budgets):
+                ticket.used_tokens = used_tokens
+        if limits:
+            budgeted.budgets.observe(**limits)
+
+    @property
+    def in_flight(self) -> int:
+        """Calls holding a ``max_concurrent`` lease now (0 without one)."""
+        return 0 if self._budgeted is None else self._budgeted.budgets.in_flight
 
     def _init_scopes(
         self, scope: object, ttl: float, max_scopes: int, settings: dict[str, Any]
@@ -754,7 +866,7 @@ class CircuitBreaker:
         self, error: CircuitBreakerOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         fallback = self.fallback
-        if fallback is None:
+        if fallback is None or attempt_only.get():
             raise error
         result = fallback(*args, **kwargs)
         if inspect.isawaitable(result):
@@ -765,7 +877,7 @@ class CircuitBreaker:
         self, error: CircuitBreakerOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         fallback = self.fallback
-        if fallback is None:
+        if fallback is None or attempt_only.get():
             raise error
         result = fallback(*args, **kwargs)
         if inspect.isawaitable(result):
