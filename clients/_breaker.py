@@ -370,11 +370,17 @@ class CircuitBreaker:
         ):
             if value is not None:
                 limits[key] = value
-        budgeted = self._budgeted or self._install_budgets(None, None, None, 0.0)
-        if used_tokens is not None:
-            ticket = current_ticket.get()
-            if ticket is not None and ticket.belongs_to(budgeted.budgets):
+        budgeted = self._budgeted
+        if budgeted is None:
+            with _install_lock:  # two first responses at once install one path
+                budgeted = self._budgeted or self._install_budgets(None, None, None, 0.0)
+        ticket = current_ticket.get()
+        if ticket is not None and ticket.belongs_to(budgeted.budgets):
+            if used_tokens is not None:
                 ticket.used_tokens = used_tokens
+            if "remaining_tokens" in limits:
+                # The call's own response counted it: nothing left to correct.
+                ticket.cost = 0.0
         if limits:
             budgeted.budgets.observe(**limits)
 
@@ -977,6 +983,8 @@ class _ForkedPlaceholder:
 
 
 _live_breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
+# Budgets installed by a first ``observe_limits`` on a running breaker.
+_install_lock = threading.Lock()
 
 
 def _after_fork_in_child() -> None:

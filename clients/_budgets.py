@@ -49,7 +49,16 @@ from breakerd.protocol import (
     Snapshot,
 )
 
-__all__ = ["BudgetedCalls", "Budgets", "Ticket", "estimate_cost", "shared_budgets"]
+__all__ = [
+    "BudgetedCalls",
+    "Budgets",
+    "Ticket",
+    "attempt_only",
+    "call_cost",
+    "current_ticket",
+    "estimate_cost",
+    "shared_budgets",
+]
 
 #: Seconds a waiting call sleeps at most before it looks again at what it waits
 #: for (a breaker's state, a lease on a fake clock): short enough that a
@@ -59,8 +68,16 @@ RECHECK: Final = 0.02
 Clock = Callable[[], float]
 
 
+#: A call's token estimate when its caller said (the openai wrapper's ``cost=``).
+call_cost: ContextVar[float | None] = ContextVar("breakerd_call_cost", default=None)
+
+
 def estimate_cost(kwargs: Mapping[str, Any]) -> float:
-    """Tokens a call will spend at most, from its ``max_tokens``/``max_output_tokens``."""
+    """Tokens a call will spend at most: its ``cost=`` (``call_cost``), else its
+    ``max_tokens``/``max_output_tokens``/``max_completion_tokens``, else 0."""
+    given = call_cost.get()
+    if given is not None:
+        return float(given)
     for key in ("max_tokens", "max_output_tokens", "max_completion_tokens"):
         value = kwargs.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
@@ -314,8 +331,9 @@ class Budgets:
         if ticket.lease:
             self._release_lease(ticket.lease)
         if ticket.header:
+            used = ticket.used_tokens if ticket.cost else None
             with self._lock:
-                self._headers.done(self._clock(), ticket.cost, ticket.used_tokens)
+                self._headers.done(self._clock(), ticket.cost, used)
 
     # -- waiting --------------------------------------------------------------------------
 

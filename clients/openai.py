@@ -30,6 +30,14 @@ it is opened (its HTTP status); errors later in a sync stream are not seen.
 
 ``with_raw_response`` and ``with_streaming_response`` views are passed
 through unprotected.
+
+Budgets from the API's own headers, on by default: every HTTP response the
+wrapped client receives (retries and 429s included) feeds its
+``x-ratelimit-*`` headers to ``breaker.observe_limits``, so the breaker
+spreads its calls over the time to the reset when little is left. Each call
+debits its token estimate (its ``max_tokens``/``max_output_tokens``, or a
+``cost=`` keyword, which the wrapper takes off before the SDK sees it) and
+its response's ``usage.total_tokens`` corrects it.
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from breakerd.protocol import CircuitState
+
+from ._budgets import call_cost
 
 if TYPE_CHECKING:
     from ._breaker import CircuitBreaker
@@ -70,6 +80,7 @@ def protect(client: C, breaker: CircuitBreaker) -> C:
         raise TypeError(f"protect() takes an openai.OpenAI or AsyncOpenAI, got {client!r}")
     copy = client.with_options()
     _stop_retries_at_open_breakers(copy)
+    _feed_limits(copy, breaker)
     return _Protected(copy, breaker, is_async=isinstance(client, openai.AsyncOpenAI))  # type: ignore[return-value]
 
 
@@ -98,6 +109,43 @@ def _stop_retries_at_open_breakers(client: Any) -> None:
             original(*args, **kwargs)
 
         client._sleep_for_retry = sleep_sync
+
+
+def _feed_limits(client: Any, breaker: CircuitBreaker) -> None:
+    # ``_send_request`` is the SDK's one place that sends an HTTP attempt:
+    # every response passes here, a retried 429's included.
+    original = client._send_request
+
+    def observe(response: Any) -> None:
+        headers = getattr(response, "headers", None)
+        if headers is not None and (
+            "x-ratelimit-remaining-requests" in headers or "x-ratelimit-remaining-tokens" in headers
+        ):
+            breaker.observe_limits(headers)
+
+    if inspect.iscoroutinefunction(original):
+
+        async def send_async(*args: Any, **kwargs: Any) -> Any:
+            response = await original(*args, **kwargs)
+            observe(response)
+            return response
+
+        client._send_request = send_async
+    else:
+
+        def send_sync(*args: Any, **kwargs: Any) -> Any:
+            response = original(*args, **kwargs)
+            observe(response)
+            return response
+
+        client._send_request = send_sync
+
+
+def _observe_usage(breaker: CircuitBreaker, result: Any) -> None:
+    usage = getattr(result, "usage", None)
+    total = getattr(usage, "total_tokens", None)
+    if isinstance(total, (int, float)) and not isinstance(total, bool):
+        breaker.observe_limits(used_tokens=total)
 
 
 def _stopping_at() -> Any:
@@ -159,15 +207,23 @@ class _Protected:
 
             @functools.wraps(method)
             async def call_async(*args: Any, **kwargs: Any) -> Any:
-                if kwargs.get("stream"):
-                    return await _open_stream(breaker, method, args, kwargs)
-                return await breaker.call(_guarded_async(breaker, method), *args, **kwargs)
+                token = call_cost.set(kwargs.pop("cost", None))
+                try:
+                    if kwargs.get("stream"):
+                        return await _open_stream(breaker, method, args, kwargs)
+                    return await breaker.call(_guarded_async(breaker, method), *args, **kwargs)
+                finally:
+                    call_cost.reset(token)
 
             return call_async
 
         @functools.wraps(method)
         def call_sync(*args: Any, **kwargs: Any) -> Any:
-            return breaker.call_sync(_guarded_sync(breaker, method), *args, **kwargs)
+            token = call_cost.set(kwargs.pop("cost", None))
+            try:
+                return breaker.call_sync(_guarded_sync(breaker, method), *args, **kwargs)
+            finally:
+                call_cost.reset(token)
 
         return call_sync
 
@@ -183,9 +239,11 @@ def _guarded_async(breaker: CircuitBreaker, method: Callable[..., Any]) -> Calla
     async def run(*args: Any, **kwargs: Any) -> Any:
         token = _guards.set(_guards_for(breaker, kwargs))
         try:
-            return await method(*args, **kwargs)
+            result = await method(*args, **kwargs)
         finally:
             _guards.reset(token)
+        _observe_usage(breaker, result)
+        return result
 
     return run
 
@@ -194,9 +252,11 @@ def _guarded_sync(breaker: CircuitBreaker, method: Callable[..., Any]) -> Callab
     def run(*args: Any, **kwargs: Any) -> Any:
         token = _guards.set(_guards_for(breaker, kwargs))
         try:
-            return method(*args, **kwargs)
+            result = method(*args, **kwargs)
         finally:
             _guards.reset(token)
+        _observe_usage(breaker, result)
+        return result
 
     return run
 
