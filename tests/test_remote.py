@@ -34,7 +34,7 @@ import structlog.testing
 from daemon_helpers import poll_until
 
 from breakerd.actor import ActorSystem, BreakerConfig, Transition
-from breakerd.actor._state_table import SharedStateTable
+from breakerd.actor.daemon._state_table import SharedStateTable
 from breakerd.actor.testing import FakeClock
 from breakerd.clients import (
     CircuitBreaker,
@@ -1735,7 +1735,7 @@ def _answers(path: str) -> bool:
 
 def _start_real_daemon(path: str) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "breakerd.actor", "--socket", path],
+        [sys.executable, "-m", "breakerd.actor.daemon", "--socket", path],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
