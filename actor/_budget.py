@@ -40,9 +40,14 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Final
 
+from breakerd.protocol import BudgetGrant, BudgetRequest
+
 __all__ = [
+    "ACTIVE_WINDOW",
     "RAMP_STEP",
     "SAFETY_MARGIN",
+    "SHARE_HORIZON",
+    "BudgetTable",
     "ConcurrencyBudget",
     "HeaderBudget",
     "RateBudget",
@@ -194,6 +199,10 @@ class ConcurrencyBudget:
         """Give a lease back; False if it was not held (released twice, or its holder left)."""
         return self._held.pop(lease, self) is not self
 
+    def owner(self, lease: int) -> Hashable:
+        """The holder of ``lease`` (None if it is not held)."""
+        return self._held.get(lease)
+
     def release_holder(self, holder: Hashable) -> int:
         """Release every lease of ``holder`` (it went away); how many there were."""
         mine = [lease for lease, owner in self._held.items() if owner == holder]
@@ -227,7 +236,15 @@ class HeaderBudget:
             it without a known limit).
     """
 
-    __slots__ = ("_in_flight", "_next", "_requests", "_tokens", "low_water", "min_low_water")
+    __slots__ = (
+        "_in_flight",
+        "_next",
+        "_paced",
+        "_requests",
+        "_tokens",
+        "low_water",
+        "min_low_water",
+    )
 
     def __init__(self, low_water: float = 0.2, min_low_water: int = 2) -> None:
         if not 0 <= low_water < 1:
@@ -242,6 +259,8 @@ class HeaderBudget:
         self._in_flight = 0
         # The instant the next call may leave while pacing (-inf: not pacing).
         self._next = -math.inf
+        # The instant the next call may leave at the limit's own pace.
+        self._paced = -math.inf
 
     @property
     def in_flight(self) -> int:
@@ -285,7 +304,9 @@ class HeaderBudget:
             seconds = 1.0 if reset is None or not math.isfinite(reset) else max(reset, 0.0)
             limit.remaining = max(float(remaining) - unseen, 0.0)
             limit.reset_at = now + seconds
-            limit.window = max(seconds, 1e-3)
+            # The longest reset seen: the window's length (a sliding window's
+            # reset is shorter by the age of its newest call).
+            limit.window = max(limit.window, seconds, 1e-3)
         requests = self._requests
         if requests.known(now):
             left = requests.remaining
@@ -303,9 +324,11 @@ class HeaderBudget:
     def _spacing_after_reset(self) -> float:
         # Calls that waited for a reset leave spread over a window's length,
         # not as one stampede at the reset.
+        # At the safety margin, as a max_rate is paced: calls released at
+        # exactly the limit bunch in transit and earn the odd 429.
         requests = self._requests
         count = requests.limit if requests.limit is not None else max(self._low(), 1.0)
-        return requests.window / count
+        return requests.window / (count * SAFETY_MARGIN)
 
     def _plan(self, now: float, tokens: float) -> tuple[float, float]:
         # (when the call may leave, the spacing to the next one while pacing)
@@ -323,6 +346,8 @@ class HeaderBudget:
         elif self._next > now:
             leave = self._next  # still leaving one by one after a reset
             spacing = self._spacing_after_reset()
+        if requests.limit is not None:
+            leave = max(leave, self._paced)
         token_limit = self._tokens
         if tokens > 0 and token_limit.known(now) and token_limit.remaining < tokens:
             leave = max(leave, token_limit.reset_at)
@@ -345,6 +370,11 @@ class HeaderBudget:
             requests.remaining -= 1
         if spacing > 0:
             self._next = leave + spacing
+        if requests.limit is not None:
+            # Never faster than the limit itself allows over its window (at
+            # the safety margin): a burst spent because much was left at one
+            # instant would still fill a sliding window for a whole window.
+            self._paced = leave + requests.window / (requests.limit * SAFETY_MARGIN)
         token_limit = self._tokens
         if tokens > 0 and token_limit.known(now):
             token_limit.remaining -= tokens
@@ -359,6 +389,24 @@ class HeaderBudget:
         if used_tokens is not None and self._tokens.known(now):
             self._tokens.remaining += estimated_tokens - used_tokens
 
+    def started(self, calls: int) -> None:
+        """``calls`` left without being admitted here (before any budget was known)."""
+        self._in_flight += calls
+
+    def moved(self, planned: float, leave: float) -> None:
+        """The call admitted for ``planned`` leaves at ``leave`` instead (a rate's slot):
+        the pacing counts from when it really leaves."""
+        if leave > planned:
+            if self._paced > -math.inf:
+                self._paced += leave - planned
+            if self._next > -math.inf:
+                self._next += leave - planned
+
+    def credit(self, now: float, tokens: float) -> None:
+        """Tokens estimated for calls that turned out to use fewer (their ``usage``)."""
+        if self._tokens.known(now):
+            self._tokens.remaining += tokens
+
     def give_back(self, now: float, tokens: float = 0.0) -> None:
         """A call admitted here never left (its waiter gave up): undo its debit."""
         self._in_flight = max(self._in_flight - 1, 0)
@@ -366,3 +414,130 @@ class HeaderBudget:
             self._requests.remaining += 1
         if tokens > 0 and self._tokens.known(now):
             self._tokens.remaining += tokens
+
+
+#: Seconds of a rate's schedule one process may hold at once when several
+#: want slots: its share is ``rate * SHARE_HORIZON / processes asking``
+#: slots (at least one). Small, so a newcomer waits at most this long for
+#: its first slot; large enough that a busy process asks the daemon about
+#: once per few calls, not once per call.
+SHARE_HORIZON: Final = 0.25
+#: Seconds a process counts as asking after its last request for slots.
+ACTIVE_WINDOW: Final = 1.0
+
+
+class _Entry:
+    """One breaker's host-wide budgets in the daemon."""
+
+    __slots__ = ("asking", "concurrency", "headers", "rate")
+
+    def __init__(self, request: BudgetRequest) -> None:
+        self.rate = RateBudget(request.rate, request.burst) if request.rate > 0 else None
+        self.concurrency = (
+            ConcurrencyBudget(request.max_concurrent) if request.max_concurrent > 0 else None
+        )
+        self.headers = HeaderBudget()
+        # holder -> the instant it last asked for slots.
+        self.asking: dict[Hashable, float] = {}
+
+
+class BudgetTable:
+    """The daemon's budgets, by breaker name: the answer to every ``BudgetRequest``.
+
+    Slots come from one schedule per breaker (so calls from every process
+    are paced together, not each process on its own) and are handed out in
+    order of asking, at most a share per request: every process that asks
+    gets slots in turn, none starves. Leases are held by a holder (a
+    connection) and all released when it goes (``forget``).
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, _Entry] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def handle(self, holder: Hashable, request: BudgetRequest, now: float) -> BudgetGrant:
+        entry = self._entries.get(request.name)
+        if entry is None:
+            # The first to ask fixes the settings, as for a breaker's config.
+            entry = self._entries[request.name] = _Entry(request)
+        concurrency = entry.concurrency
+        if concurrency is not None:
+            for lease in request.release:
+                if concurrency.owner(lease) == holder:
+                    concurrency.release(lease)
+        headers = entry.headers
+        headers.started(request.started)
+        # What a response said, before the calls that ended with it are done:
+        # the calls still in flight are subtracted from it.
+        if request.limits:
+            headers.observe(now, **dict(request.limits))
+        for _ in range(min(request.done, headers.in_flight)):
+            headers.done(now)
+        if request.tokens_back:
+            headers.credit(now, request.tokens_back)
+        lease = 0
+        if request.lease and concurrency is not None:
+            lease = concurrency.acquire(holder) or 0
+            if not lease:
+                return BudgetGrant((), 0, "concurrency", None)
+        slots: list[float] = []
+        reason: str | None = None
+        retry: float | None = None
+        if request.want:
+            entry.asking[holder] = now
+            for other, last in list(entry.asking.items()):
+                if now - last > ACTIVE_WINDOW:
+                    del entry.asking[other]
+            rate = entry.rate
+            share = request.want
+            if rate is not None:
+                per_process = rate.rate * SHARE_HORIZON / len(entry.asking)
+                share = min(request.want, max(1, math.ceil(per_process)))
+            for _ in range(share):
+                leave = self._reserve(entry, now, request.wait, request.tokens)
+                if leave is None:
+                    break
+                slots.append(leave)
+            if not slots:
+                reason = "rate_budget"
+                retry = self._next_free(entry, now, request.tokens) - now
+        return BudgetGrant(tuple(slots), lease, reason, retry)
+
+    def _reserve(self, entry: _Entry, now: float, wait: float, tokens: float) -> float | None:
+        # As a process's own budgets do it: the headers first, then the
+        # rate's slot at the instant the call really leaves.
+        headers = entry.headers
+        leave = headers.reserve(now, wait, tokens)
+        if leave is None:
+            return None
+        rate = entry.rate
+        if rate is not None:
+            slot = rate.reserve(leave, now + wait - leave)
+            if slot is None:
+                headers.give_back(now, tokens)
+                return None
+            headers.moved(leave, slot)
+            leave = slot
+        return leave
+
+    def _next_free(self, entry: _Entry, now: float, tokens: float) -> float:
+        leave = entry.headers.next_free(now, tokens)
+        if entry.rate is not None:
+            leave = entry.rate.next_free(leave)
+        return leave
+
+    def forget(self, holder: Hashable) -> int:
+        """``holder`` went away (its connection closed): its leases back; how many."""
+        released = 0
+        for entry in self._entries.values():
+            if entry.concurrency is not None:
+                released += entry.concurrency.release_holder(holder)
+            entry.asking.pop(holder, None)
+        return released
+
+    def in_use(self, name: str) -> int:
+        """Leases of ``name`` held now."""
+        entry = self._entries.get(name)
+        return 0 if entry is None or entry.concurrency is None else entry.concurrency.in_use

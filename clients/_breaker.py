@@ -298,6 +298,9 @@ class CircuitBreaker:
     def _install_budgets(
         self, max_rate: str | None, burst: int | None, max_concurrent: int | None, wait: float
     ) -> BudgetedCalls:
+        daemon = None
+        if self.daemon_path is not None:
+            daemon = (self.daemon_path, self._daemon_client, self.daemon_timeout)
         budgets = shared_budgets(
             self.name,
             max_rate=max_rate,
@@ -305,6 +308,7 @@ class CircuitBreaker:
             max_concurrent=max_concurrent,
             wait=wait,
             clock=self._clock,
+            daemon=daemon,
         )
         budgeted = BudgetedCalls(budgets, float(wait), lambda: self._actor.snapshot, self._clock)
         self._budgeted = budgeted
@@ -330,6 +334,18 @@ class CircuitBreaker:
         self.call = call  # type: ignore[method-assign]
         self.call_sync = call_sync  # type: ignore[method-assign]
         return budgeted
+
+    def _daemon_client(self) -> Any:
+        # The process's daemon client while the daemon's breaker is in use,
+        # else None (the budgets of this process stand in).
+        if self._needs_rebind:
+            self._rebind_after_fork()
+        link = cast(RemoteBreaker, self._actor)
+        try:
+            link.ensure_started()
+        except BreakerError:
+            return None
+        return link.client if link.remote else None
 
     def observe_limits(
         self,
@@ -372,6 +388,8 @@ class CircuitBreaker:
                 limits[key] = value
         budgeted = self._budgeted
         if budgeted is None:
+            if not limits:
+                return  # a usage alone corrects nothing without budgets
             with _install_lock:  # two first responses at once install one path
                 budgeted = self._budgeted or self._install_budgets(None, None, None, 0.0)
         ticket = current_ticket.get()

@@ -88,13 +88,17 @@ def estimate_cost(kwargs: Mapping[str, Any]) -> float:
 class Ticket:
     """An admitted call: give it back with ``done()`` when the call ends (exactly once)."""
 
-    __slots__ = ("_budgets", "_done", "cost", "header", "lease", "used_tokens")
+    __slots__ = ("_budgets", "_done", "cost", "header", "lease", "remote", "used_tokens")
 
-    def __init__(self, budgets: Budgets, lease: int, header: bool, cost: float) -> None:
+    def __init__(
+        self, budgets: Budgets, lease: int, header: bool, cost: float, *, remote: bool = False
+    ) -> None:
         self._budgets = budgets
         self.lease = lease
         self.header = header
         self.cost = cost
+        #: Admitted by the daemon (host-wide), not by this process's budgets.
+        self.remote = remote
         #: The tokens the call really used (from its response's ``usage``), once known.
         self.used_tokens: float | None = None
         self._done = False
@@ -232,6 +236,8 @@ class Budgets:
                 if header:
                     self._headers.give_back(now, cost)
                 raise self._refusal("rate_budget", rate.next_free(leave) - now)
+            if header:
+                self._headers.moved(leave, slot)
             leave = slot
         return leave, header
 
@@ -360,7 +366,7 @@ class Budgets:
 
 # (clock's id, breaker name) -> its budgets: every CircuitBreaker of one
 # name in a process shares them, as it shares the actor.
-_shared: weakref.WeakValueDictionary[tuple[int, str], Budgets] = weakref.WeakValueDictionary()
+_shared: weakref.WeakValueDictionary[tuple[object, str], Budgets] = weakref.WeakValueDictionary()
 _shared_lock = threading.Lock()
 
 
@@ -372,17 +378,39 @@ def shared_budgets(
     max_concurrent: int | None,
     wait: float,
     clock: Clock,
+    daemon: tuple[str, Callable[[], Any], float] | None = None,
 ) -> Budgets:
-    """The budgets of breaker ``name`` on ``clock`` in this process; the first settings win."""
-    budgets = Budgets(
-        name,
-        max_rate=max_rate,
-        burst=burst,
-        max_concurrent=max_concurrent,
-        wait=wait,
-        clock=clock,
-    )  # built first: bad settings raise even when the name is taken
-    key = (id(clock), name)
+    """The budgets of breaker ``name`` on ``clock`` in this process; the first settings win.
+
+    ``daemon``: ``(socket path, client getter, daemon_timeout)`` in daemon
+    mode, where the daemon's budgets are the host's (see ``_budget_link``).
+    """
+    budgets: Budgets
+    if daemon is None:
+        budgets = Budgets(
+            name,
+            max_rate=max_rate,
+            burst=burst,
+            max_concurrent=max_concurrent,
+            wait=wait,
+            clock=clock,
+        )  # built first: bad settings raise even when the name is taken
+        key: tuple[object, str] = (id(clock), name)
+    else:
+        from ._budget_link import DaemonBudgets
+
+        path, client, daemon_timeout = daemon
+        budgets = DaemonBudgets(
+            name,
+            max_rate=max_rate,
+            burst=burst,
+            max_concurrent=max_concurrent,
+            wait=wait,
+            clock=clock,
+            client=client,
+            daemon_timeout=daemon_timeout,
+        )
+        key = (path, name)
     with _shared_lock:
         existing = _shared.get(key)
         if existing is not None:

@@ -68,11 +68,13 @@ _guards: contextvars.ContextVar[tuple[CircuitBreaker, ...]] = contextvars.Contex
 )
 
 
-def protect(client: C, breaker: CircuitBreaker) -> C:
+def protect(client: C, breaker: CircuitBreaker, *, limits: bool = True) -> C:
     """A view of ``client`` (``OpenAI`` or ``AsyncOpenAI``) running every request under ``breaker``.
 
     The client itself is left as it was; the view uses a copy of it
-    (``with_options()``) whose retries stop at an open breaker.
+    (``with_options()``) whose retries stop at an open breaker. With
+    ``limits`` (the default) every response's ``x-ratelimit-*`` headers and
+    ``usage`` feed the breaker's budgets (``observe_limits``).
     """
     import openai
 
@@ -80,7 +82,8 @@ def protect(client: C, breaker: CircuitBreaker) -> C:
         raise TypeError(f"protect() takes an openai.OpenAI or AsyncOpenAI, got {client!r}")
     copy = client.with_options()
     _stop_retries_at_open_breakers(copy)
-    _feed_limits(copy, breaker)
+    if limits:
+        _feed_limits(copy, breaker)
     return _Protected(copy, breaker, is_async=isinstance(client, openai.AsyncOpenAI))  # type: ignore[return-value]
 
 

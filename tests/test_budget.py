@@ -12,12 +12,21 @@ from hypothesis import strategies as st
 from breakerd.actor._budget import (
     RAMP_STEP,
     SAFETY_MARGIN,
+    BudgetTable,
     ConcurrencyBudget,
     HeaderBudget,
     RateBudget,
     parse_rate,
     ramp_offset,
 )
+from breakerd.protocol import (
+    BudgetGrant,
+    BudgetRequest,
+    RemoteProtocolError,
+    RequestReceived,
+    ResponseReceived,
+)
+from breakerd.protocol._codec import decode_message, encode_request, encode_response
 
 
 @pytest.mark.parametrize(
@@ -149,9 +158,19 @@ def test_concurrency_refuses_a_bad_limit() -> None:
 
 def test_headers_with_plenty_left_admit_at_once() -> None:
     budget = HeaderBudget()
-    budget.observe(0.0, remaining_requests=100, reset_requests=60.0, limit_requests=100)
+    budget.observe(0.0, remaining_requests=100, reset_requests=60.0)
     assert [budget.reserve(0.0) for _ in range(10)] == [0.0] * 10
     assert budget.remaining_requests(0.0) == 90
+
+
+def test_a_known_limit_is_never_outpaced() -> None:
+    # 20 a second: even with all of it left, calls leave at the limit's own
+    # pace (at the margin), not in one burst that would fill the window.
+    budget = HeaderBudget()
+    budget.observe(0.0, remaining_requests=20, reset_requests=1.0, limit_requests=20)
+    leaves = [budget.reserve(0.0, max_wait=5.0) for _ in range(5)]
+    gap = 1.0 / (20 * SAFETY_MARGIN)
+    assert leaves == pytest.approx([i * gap for i in range(5)])
 
 
 def test_headers_running_low_spread_the_rest_over_the_reset() -> None:
@@ -234,3 +253,66 @@ def test_the_ramp_doubles_every_step() -> None:
     assert ramp_offset(999) == pytest.approx(9 * RAMP_STEP)  # 1,000 waiters out in under 1 s
     with pytest.raises(ValueError, match="index must be >= 0"):
         ramp_offset(-1)
+
+
+def test_budget_messages_round_trip_and_bad_ones_are_refused() -> None:
+    request = BudgetRequest(
+        "LLM",
+        20.0,
+        2,
+        3,
+        want=4,
+        wait=1.5,
+        tokens=100.0,
+        lease=True,
+        release=(7, 9),
+        done=2,
+        started=1,
+        tokens_back=50.0,
+        limits=(("remaining_requests", 3.0), ("reset_requests", 0.5)),
+    )
+    decoded = decode_message(encode_request(5, request))
+    assert isinstance(decoded, RequestReceived)
+    assert decoded.message == request
+    grant = BudgetGrant((1.0, 1.05), 4, "rate_budget", 0.2)
+    answer = decode_message(encode_response(5, grant))
+    assert isinstance(answer, ResponseReceived)
+    assert answer.result == grant
+    for bad in (
+        {"name": "x", "release": [0]},
+        {"name": "x", "limits": {"remaining_bananas": 1}},
+        {"name": "x", "want": -1},
+        {"name": "x", "rate": float("nan")},
+        {"name": 3},
+    ):
+        with pytest.raises(RemoteProtocolError):
+            decode_message([0, 1, "budget", bad])
+
+
+def test_the_daemons_table_shares_slots_in_turn_and_frees_a_leavers_leases() -> None:
+    table = BudgetTable()
+    ask = BudgetRequest("LLM", 20.0, 1, 2, want=10, wait=5.0)
+    first = table.handle("a", ask, 0.0)
+    second = table.handle("b", ask, 0.0)
+    # Alone, a process gets 20/s * 0.25 s; with two asking, half that each,
+    # and the second's slots come after the first's (in turn).
+    assert len(first.slots) == 5
+    assert len(second.slots) == 3
+    assert min(second.slots) > max(first.slots)
+    lease_a = table.handle("a", BudgetRequest("LLM", lease=True), 0.0).lease
+    lease_b = table.handle("b", BudgetRequest("LLM", lease=True), 0.0).lease
+    assert lease_a
+    assert lease_b
+    refused = table.handle("c", BudgetRequest("LLM", lease=True), 0.0)
+    assert (refused.lease, refused.reason) == (0, "concurrency")
+    # Another's lease cannot be released by a stranger; a leaver's are freed.
+    table.handle("c", BudgetRequest("LLM", release=(lease_a,)), 0.0)
+    assert table.in_use("LLM") == 2
+    assert table.forget("a") == 1
+    assert table.handle("c", BudgetRequest("LLM", lease=True), 0.0).lease
+    # Past the wait: refused with when to ask again.
+    late = table.handle("d", BudgetRequest("LLM", want=1, wait=0.0), 0.0)
+    assert late.slots == ()
+    assert late.reason == "rate_budget"
+    assert late.retry_after is not None
+    assert late.retry_after > 0
