@@ -317,8 +317,8 @@ class DaemonBudgets(Budgets):
             grant = self._ask_sync(client, message)
             if grant is None:
                 return None
-            if grant.lease:
-                return grant.lease
+            if grant.lease or grant.reason is None:
+                return grant.lease  # 0: the host's budgets have no max_concurrent
             left = deadline - self._clock()
             if left <= 0:
                 raise self._refusal("concurrency", None)
@@ -392,7 +392,7 @@ class DaemonBudgets(Budgets):
             grant = await self._ask_async(client, message)
             if grant is None:
                 return None
-            if grant.lease:
+            if grant.lease or grant.reason is None:
                 return grant.lease
             left = deadline - self._clock()
             if left <= 0:

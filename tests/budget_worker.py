@@ -2,10 +2,12 @@
 
 ``python tests/budget_worker.py JSON`` with keys ``socket`` (the daemon's, or
 null for an embedded breaker), ``base_url``, ``seconds``, ``threads`` and
-``breaker`` (keyword arguments of ``CircuitBreaker``). The breaker protects
+``breaker`` (keyword arguments of ``CircuitBreaker``; its name is
+``name``, "API" by default). The breaker protects
 an ``openai.OpenAI`` client (``protect``: the API's headers feed it; with
 ``"protect": false`` the bare client, with ``"limits": false`` no header
-feed) with the SDK's own retries off.
+feed) with the SDK's own retries off; with ``"until_ok": true`` each thread
+stops after its first success.
 Prints ``ready`` once connected, reads the instant to start at (the host's
 monotonic clock, so every worker starts together) from stdin, then prints
 one JSON object: how the calls ended, and the requests its budgets sent the
@@ -32,7 +34,7 @@ def main() -> None:
     kwargs: dict[str, Any] = dict(spec.get("breaker", {}))
     if spec.get("socket"):
         kwargs["daemon"] = spec["socket"]
-    breaker = CircuitBreaker("API", **kwargs)
+    breaker = CircuitBreaker(spec.get("name", "API"), **kwargs)
     sdk = openai.OpenAI(
         api_key=spec.get("api_key", "sk-shared"),
         base_url=spec["base_url"],
@@ -61,6 +63,8 @@ def main() -> None:
                     model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
                 )
                 note("ok")
+                if spec.get("until_ok"):
+                    return  # one success a thread: the outage test counts waiters
             except BudgetExceededError as exc:
                 note(f"budget:{exc.reason}")
                 time.sleep(min(exc.retry_after or 0.01, 0.05))

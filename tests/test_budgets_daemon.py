@@ -11,6 +11,8 @@ These are short versions (3 s) of the 10 s figures in
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import os
 import signal
@@ -25,7 +27,8 @@ from daemon_helpers import HERE, DaemonProcess, RawClient, poll_until
 from limited_server import LimitedServer
 
 from breakerd.actor._budget import RAMP_STEP
-from breakerd.protocol import BudgetGrant, BudgetRequest, Register
+from breakerd.clients import CircuitBreaker
+from breakerd.protocol import BudgetExceededError, BudgetGrant, BudgetRequest, Register
 
 SECONDS = 3.0
 WARM_UP = 0.5
@@ -199,22 +202,65 @@ def test_a_dead_holders_lease_is_released_by_the_daemon(budget_daemon: DaemonPro
 
 
 def test_wait_rides_out_an_outage_and_recovery_ramps(budget_daemon: DaemonProcess) -> None:
+    # Every thread calls until its first success: the server is down from
+    # the start, the breaker opens on the first failures, and the threads
+    # wait (wait=5) through the outage; what the server sees once it is
+    # back is the waiting calls being released.
     breaker = {"wait": 5.0, "min_calls": 4, "timeout": 0.5, "failure_threshold": 0.5}
     with LimitedServer(1000, latency=0.02) as server:
+        server.outage(60.0)
         start, procs = start_workers(
-            server, budget_daemon.socket_path, breaker, seconds=2.5, limits=False
+            server, budget_daemon.socket_path, breaker, seconds=8.0, limits=False, until_ok=True
         )
-        assert poll_until(lambda: time.monotonic() > start + 0.3, 5)
-        server.outage(0.8)
+        assert poll_until(lambda: time.monotonic() > start + 1.0, 5)
+        server.outage(0.0)
         found = results(procs)
         arrivals = sorted(server.arrivals)
     rejected = {key: n for r in found for key, n in r["counts"].items() if "rejected" in key}
     assert not rejected, rejected  # no call is rejected: they waited for the recovery
-    # The recovered server sees the ramp: after the first success following
-    # the outage, not every waiting call at once.
+    # The recovered server sees the ramp (one call per process at once, the
+    # rest 100 ms, 200 ms... later), not every waiting call at once.
+    assert total(found, "ok") == 4 * 4
     failures = [at for at, status in arrivals if status == 503]
     assert failures
-    recovered = next(at for at, status in arrivals if status == 200 and at > failures[-1])
-    first_step = [at for at, _ in arrivals if recovered < at < recovered + RAMP_STEP / 2]
-    waiting = 4 * 4
-    assert len(first_step) < waiting, (len(first_step), waiting)
+    after = [at for at, status in arrivals if status == 200 and at > failures[-1]]
+    recovered = after[0]
+    first_step = [at for at in after if at < recovered + 0.9 * RAMP_STEP]
+    offsets = [round(at - recovered, 3) for at in after]
+    assert len(first_step) <= 1 + 4, offsets  # the trial, and one per process
+    assert after[-1] - recovered >= 2 * RAMP_STEP, offsets
+
+
+@pytest.mark.anyio
+async def test_async_callers_take_host_wide_slots_and_leases(
+    budget_daemon: DaemonProcess,
+) -> None:
+    socket_path = str(budget_daemon.socket_path)
+    paced = CircuitBreaker("async-paced", daemon=socket_path, max_rate="50/s", wait=5.0)
+    _ = paced.config_conflicts  # connected and registered
+
+    async def when() -> float:
+        return time.monotonic()
+
+    leaves = [await paced.call(when) for _ in range(8)]
+    gaps = [b - a for a, b in itertools.pairwise(leaves)]
+    spacing = 1 / (50 * 0.95)
+    assert min(gaps) > spacing * 0.5, gaps  # paced by the daemon's schedule
+    assert sum(gaps) >= spacing * 6, gaps
+    bulkhead = CircuitBreaker("async-bulkhead", daemon=socket_path, max_concurrent=1)
+    _ = bulkhead.config_conflicts
+    entered = asyncio.Event()
+    leave = asyncio.Event()
+
+    async def held() -> None:
+        entered.set()
+        await leave.wait()
+
+    task = asyncio.ensure_future(bulkhead.call(held))
+    await entered.wait()
+    with pytest.raises(BudgetExceededError) as caught:
+        await bulkhead.call(when)
+    assert caught.value.reason == "concurrency"
+    leave.set()
+    await task
+    assert await bulkhead.call(when) > 0  # its lease went back to the daemon
