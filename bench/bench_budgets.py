@@ -19,9 +19,9 @@ daemon-mode breaker:
      SIGKILL while its call is at the server: the most calls in flight at
      the server (goal: <= 3), and whether three were in flight again after
      the kill (its lease came back);
-  5. ``wait=5`` through a 1 s outage (503s): rejections (goal: 0) and the
-     recovered server's arrivals per 100 ms after the first success (the
-     ramp);
+  5. ``wait=5`` through a 1 s outage (503s), each thread calling until its
+     first success: rejections (goal: 0) and the recovered server's
+     arrivals per 100 ms after the first success (the ramp);
   6. the success path of an embedded breaker without budgets against one
      with budgets that never bind and the bare call, interleaved in one
      process (same-run ratios).
@@ -176,34 +176,43 @@ def concurrency_figure(socket_path: Path, seconds: float) -> dict[str, Any]:
     return figure
 
 
-def outage_figure(socket_path: Path, seconds: float) -> dict[str, Any]:
+def outage_figure(socket_path: Path) -> dict[str, Any]:
+    # Every thread calls until its first success; the server is down for the
+    # first second, so the breaker opens and the threads wait (wait=5).
     breaker = {"wait": 5.0, "min_calls": 4, "timeout": 0.5, "failure_threshold": 0.5}
     with LimitedServer(1000, latency=0.02) as server:
+        server.outage(60.0)
 
-        def outage(start: float) -> None:
-            poll_until(lambda: time.monotonic() > start + 0.5, 10)
-            server.outage(1.0)
+        def recover(start: float) -> None:
+            poll_until(lambda: time.monotonic() > start + 1.0, 10)
+            server.outage(0.0)
 
         _, found, _ = run_workers(
-            server, socket_path, breaker, seconds, limits=False, during=outage, name="API-outage"
+            server,
+            socket_path,
+            breaker,
+            8.0,
+            limits=False,
+            until_ok=True,
+            during=recover,
+            name="API-outage",
         )
         arrivals = sorted(server.arrivals)
     counts = summed(found)
     failures = [at for at, status in arrivals if status == 503]
-    recovered = next(
-        (at for at, status in arrivals if status == 200 and failures and at > failures[-1]),
-        None,
-    )
+    after = [at for at, status in arrivals if status == 200 and failures and at > failures[-1]]
     ramp: list[int] = []
-    if recovered is not None:
+    if after:
         for step in range(6):
-            lo, hi = recovered + step * 0.1, recovered + (step + 1) * 0.1
-            ramp.append(sum(1 for at, _ in arrivals if lo <= at < hi))
+            lo, hi = after[0] + step * 0.1, after[0] + (step + 1) * 0.1
+            ramp.append(sum(1 for at in after if lo <= at < hi))
     figure = {
-        "scenario": "wait=5 through a 1 s outage, 4 processes x 4 threads",
+        "scenario": "wait=5 through a 1 s outage, 4 processes x 4 threads, one call each",
         "rejected": {k: n for k, n in counts.items() if "rejected" in k or "budget" in k},
         "server_503": len(failures),
+        "successes_after_recovery": len(after),
         "arrivals_per_100ms_after_recovery": ramp,
+        "offsets_ms": [round((at - after[0]) * 1000) for at in after],
         "worker_counts": counts,
     }
     print(json.dumps(figure), flush=True)
@@ -287,7 +296,7 @@ def main() -> None:
                 load_figure(socket_path, "bare SDK, no breaker", {}, seconds, protect=False)
             )
             figures.append(concurrency_figure(socket_path, min(seconds, 4.0)))
-            figures.append(outage_figure(socket_path, min(seconds, 4.0)))
+            figures.append(outage_figure(socket_path))
         finally:
             daemon.kill()
         figures.append(success_path_figure())
