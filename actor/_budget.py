@@ -28,6 +28,10 @@ waiting. Three kinds, combined by the caller:
   subtracted from them (the estimate errs low, never high). Tokens: each
   call debits its estimated cost; a response's ``usage`` corrects it.
 
+``BudgetTable`` is the daemon's side: the budgets of every breaker by name,
+answering each process's ``BudgetRequest`` (slots from one schedule shared
+in turn, leases owned by the asking connection).
+
 ``parse_rate`` reads ``"500/min"``-style rates with errors that say what is
 accepted.
 """

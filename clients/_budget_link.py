@@ -161,20 +161,35 @@ class DaemonBudgets(Budgets):
             for key, value in message.limits:
                 self._limits.setdefault(key, value)
 
+    def _late(self, result: Any) -> None:
+        # The daemon answered a caller that had given up on it: a lease it
+        # granted would be held by nobody until the connection closes.
+        if isinstance(result, BudgetGrant) and result.lease:
+            self._send_nowait(release=(result.lease,))
+
     def _ask_sync(self, client: Any, message: BudgetRequest) -> BudgetGrant | None:
         event = threading.Event()
         answer: list[Any] = []
+        lock = threading.Lock()
+        gave_up = False
 
         def reply(result: Any, error: BaseException | None) -> None:
-            answer.append(result if error is None else None)
-            event.set()
+            with lock:
+                late = gave_up
+                answer.append(result if error is None else None)
+                event.set()
+            if late:
+                self._late(result)
 
         self.requests_sent += 1
         if not client.request(message, reply, read=True, read_timeout=self._daemon_timeout):
             self._restore(message)
             return None
         if not event.wait(self._daemon_timeout):
-            return None  # a hung daemon: the local budgets answer this call
+            with lock:
+                gave_up = not answer
+            if gave_up:
+                return None  # a hung daemon: the local budgets answer this call
         grant = answer[0]
         return grant if isinstance(grant, BudgetGrant) else None
 
@@ -183,7 +198,9 @@ class DaemonBudgets(Budgets):
         future: asyncio.Future[Any] = loop.create_future()
 
         def settle(result: Any) -> None:
-            if not future.done():
+            if future.done():
+                self._late(result)  # the caller gave up on it
+            else:
                 future.set_result(result)
 
         def reply(result: Any, error: BaseException | None) -> None:

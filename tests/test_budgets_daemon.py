@@ -105,9 +105,10 @@ def budget_daemon(tmp_short: Path) -> Any:
 
 
 def test_max_rate_keeps_four_processes_under_the_limit(budget_daemon: DaemonProcess) -> None:
+    # max_rate alone (no header feed): the header-fed budget has its own test.
     with LimitedServer(LIMIT) as server:
         start, procs = start_workers(
-            server, budget_daemon.socket_path, {"max_rate": "20/s", "wait": 5.0}
+            server, budget_daemon.socket_path, {"max_rate": "20/s", "wait": 5.0}, limits=False
         )
         found = results(procs)
         seen = server.statuses(start, start + SECONDS)
