@@ -228,7 +228,9 @@ def test_wait_rides_out_an_outage_and_recovery_ramps(budget_daemon: DaemonProces
     recovered = after[0]
     first_step = [at for at in after if at < recovered + 0.9 * RAMP_STEP]
     offsets = [round(at - recovered, 3) for at in after]
-    assert len(first_step) <= 1 + 4, offsets  # the trial, and one per process
+    # The trial and each process's first waiter go at once (give or take the
+    # moment each process learns the breaker closed); the others follow.
+    assert len(first_step) <= 16 // 2, offsets
     assert after[-1] - recovered >= 2 * RAMP_STEP, offsets
 
 
