@@ -17,8 +17,7 @@ import inspect
 import os
 import threading
 import time
-import weakref
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final, ParamSpec, TypeVar, cast, overload
 
@@ -50,10 +49,12 @@ from breakerd.protocol import (
     new_open_error,
 )
 
-from ._budgets import BudgetedCalls, attempt_only, current_ticket, estimate_cost, shared_budgets
+from ._budgeted import BreakerBudgets, attempt_only
 from ._classify import Classifier, ClassifyFunc, RateLimited, Verdict
-from ._openai import parse_rate_limits
-from ._remote import ON_UNAVAILABLE, OnUnavailable, RemoteBreaker, check_socket_path
+from ._daemon_client import check_socket_path
+from ._fallback import ON_UNAVAILABLE, OnUnavailable
+from ._globals import live_breakers
+from ._link import RemoteBreaker
 from ._scopes import (
     DEFAULT_MAX_SCOPES,
     DEFAULT_SCOPE_TTL,
@@ -82,7 +83,7 @@ _SUCCESS: Final = Outcome.SUCCESS
 _STATE_NAMES: Final[dict[CircuitState, str]] = {state: state.value for state in CircuitState}
 
 
-class CircuitBreaker:
+class CircuitBreaker(BreakerBudgets):
     """A circuit breaker around calls to one service.
 
     Every ``CircuitBreaker`` with the same name in a process shares one breaker
@@ -156,24 +157,15 @@ class CircuitBreaker:
             forgotten (default 3600).
         max_scopes: Live scopes at most (default 256); a new key past it is
             governed by the parent alone, with a warning logged once.
-        max_rate: A request budget such as ``"500/min"`` or ``"20/s"``: calls
-            are paced at 95 % of it (see ``breakerd.actor._budget``); a call
-            past it waits its turn (up to ``wait``) or raises
-            ``BudgetExceededError`` (reason ``rate_budget``). Default None.
-        burst: Calls that may leave at once after an idle spell, within
-            ``max_rate`` (default 1: strictly paced).
-        max_concurrent: Calls in flight at most (a bulkhead); past it a call
-            waits (up to ``wait``) or raises ``BudgetExceededError`` (reason
-            ``concurrency``). Default None.
-        wait: Seconds a call may wait to be admitted, by the budgets or by an
-            open breaker's recovery, before it is rejected (default 0: as
-            before). Calls that waited through an outage leave in a doubling
-            ramp once the breaker closes (``ramp_offset``).
+        max_rate, burst, max_concurrent, wait: Budgets, none by default: a
+            paced request rate (``"500/min"``), calls at once after idling
+            (1), calls in flight at most, and seconds a call may wait to be
+            admitted (0); see ``BreakerBudgets``.
         record: Exception types that count as failures (default: all).
         ignore: Exception types that count as neither success nor failure.
         classify: ``classify(exc)`` returning an ``Outcome``, ``RateLimited`` or
             None (fall through to the other rules). Runs first.
-        openai: Apply the openai SDK rules (see ``breakerd.clients.classify_openai``).
+        openai: Apply the openai SDK rules (see ``breakerd.clients.openai.classify_openai``).
         strict: Send every acquire to the actor instead of admitting from the
             snapshot (slower; exact admission under heavy concurrency).
         system: The actor system to use (default: the process-wide one). In
@@ -260,7 +252,7 @@ class CircuitBreaker:
             self._bind(system or default_system())
         else:
             self._bind_daemon(daemon_path)
-        _live_breakers.add(self)
+        live_breakers.add(self)
         self._scopes: Scopes | None = None
         if scope is not None:
             settings = {
@@ -289,123 +281,7 @@ class CircuitBreaker:
                 "daemon_timeout": daemon_timeout,
             }
             self._init_scopes(scope, scope_ttl, max_scopes, settings)
-        self._budgeted: BudgetedCalls | None = None
-        if max_rate is not None or max_concurrent is not None or burst is not None or wait:
-            self._install_budgets(max_rate, burst, max_concurrent, wait)
-
-    # -- budgets -------------------------------------------------------------------
-
-    def _install_budgets(
-        self, max_rate: str | None, burst: int | None, max_concurrent: int | None, wait: float
-    ) -> BudgetedCalls:
-        daemon = None
-        if self.daemon_path is not None:
-            daemon = (self.daemon_path, self._daemon_client, self.daemon_timeout)
-        budgets = shared_budgets(
-            self.name,
-            max_rate=max_rate,
-            burst=burst,
-            max_concurrent=max_concurrent,
-            wait=wait,
-            clock=self._clock,
-            daemon=daemon,
-        )
-        budgeted = BudgetedCalls(budgets, float(wait), lambda: self._actor.snapshot, self._clock)
-        self._budgeted = budgeted
-        # Instance attributes, as for scopes: a breaker without budgets keeps
-        # its call path untouched. The budgets wrap whatever call path it has.
-        inner_async, inner_sync = self.call, self.call_sync
-
-        async def call(func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
-            cost = estimate_cost(kwargs)
-            return cast(
-                T,
-                await budgeted.call_async(
-                    inner_async, self._reject_async, func, args, kwargs, cost
-                ),
-            )
-
-        def call_sync(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-            cost = estimate_cost(kwargs)
-            return cast(
-                T, budgeted.call_sync(inner_sync, self._reject_sync, func, args, kwargs, cost)
-            )
-
-        self.call = call  # type: ignore[method-assign]
-        self.call_sync = call_sync  # type: ignore[method-assign]
-        return budgeted
-
-    def _daemon_client(self) -> Any:
-        # The process's daemon client while the daemon's breaker is in use,
-        # else None (the budgets of this process stand in).
-        if self._needs_rebind:
-            self._rebind_after_fork()
-        link = cast(RemoteBreaker, self._actor)
-        try:
-            link.ensure_started()
-        except BreakerError:
-            return None
-        return link.client if link.remote else None
-
-    def observe_limits(
-        self,
-        headers: Mapping[str, str] | None = None,
-        *,
-        remaining_requests: float | None = None,
-        reset_requests: float | None = None,
-        remaining_tokens: float | None = None,
-        reset_tokens: float | None = None,
-        limit_requests: float | None = None,
-        limit_tokens: float | None = None,
-        used_tokens: float | None = None,
-    ) -> None:
-        """Tell the breaker what the API said is left, so its calls stay under the limit.
-
-        ``headers``: a response's headers, read as OpenAI sends them
-        (``x-ratelimit-remaining-requests``/``-tokens``,
-        ``x-ratelimit-reset-requests``/``-tokens`` such as ``"1s"`` or
-        ``"6m0s"``, ``x-ratelimit-limit-*``). Or the numbers themselves, for
-        other APIs (reset times in seconds from now). ``used_tokens``: what
-        the call just made really used (its ``usage``), correcting the
-        estimate it was admitted with. The OpenAI client wrapper
-        (``breakerd.clients.openai.protect``) feeds every response it sees.
-
-        Once fed, calls are admitted against it: while plenty is left they
-        go at once; when the requests left run low, they are spread over the
-        time to the reset; with none left a call waits for the reset (up to
-        ``wait``) or raises ``BudgetExceededError`` (``rate_budget``).
-        """
-        limits: dict[str, float] = {} if headers is None else parse_rate_limits(headers)
-        for key, value in (
-            ("remaining_requests", remaining_requests),
-            ("reset_requests", reset_requests),
-            ("remaining_tokens", remaining_tokens),
-            ("reset_tokens", reset_tokens),
-            ("limit_requests", limit_requests),
-            ("limit_tokens", limit_tokens),
-        ):
-            if value is not None:
-                limits[key] = value
-        budgeted = self._budgeted
-        if budgeted is None:
-            if not limits:
-                return  # a usage alone corrects nothing without budgets
-            with _install_lock:  # two first responses at once install one path
-                budgeted = self._budgeted or self._install_budgets(None, None, None, 0.0)
-        ticket = current_ticket.get()
-        if ticket is not None and ticket.belongs_to(budgeted.budgets):
-            if used_tokens is not None:
-                ticket.used_tokens = used_tokens
-            if "remaining_tokens" in limits:
-                # The call's own response counted it: nothing left to correct.
-                ticket.cost = 0.0
-        if limits:
-            budgeted.budgets.observe(**limits)
-
-    @property
-    def in_flight(self) -> int:
-        """Calls holding a ``max_concurrent`` lease now (0 without one)."""
-        return 0 if self._budgeted is None else self._budgeted.budgets.in_flight
+        BreakerBudgets.__init__(self, max_rate, burst, max_concurrent, wait)
 
     def _init_scopes(
         self, scope: object, ttl: float, max_scopes: int, settings: dict[str, Any]
@@ -439,7 +315,7 @@ class CircuitBreaker:
             return child
 
         def forget(child: CircuitBreaker) -> None:
-            _live_breakers.discard(child)
+            live_breakers.discard(child)
             system = child._system
             if child.daemon_path is None and system is not None:
                 system.remove(child.name)  # an expired scope's actor stops
@@ -554,8 +430,9 @@ class CircuitBreaker:
         system = self._system
         return system is not None and threading.get_ident() == system.loop_thread_id
 
-    def _forked(self) -> None:
-        # Runs in the child right after fork(): no thread may be started here,
+    def after_fork_in_child(self) -> None:
+        """Internal: breakerd's at-fork hook runs this in a forked child."""
+        # Right after fork(): no thread may be started here,
         # so point the hot path at a placeholder whose state sends every call
         # down the slow path, which rebinds first.
         self._actor = cast(BreakerActor, _ForkedPlaceholder(self.name))
@@ -998,19 +875,6 @@ class _ForkedPlaceholder:
 
     def post_rejection(self, count: int = 1) -> None:
         pass
-
-
-_live_breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
-# Budgets installed by a first ``observe_limits`` on a running breaker.
-_install_lock = threading.Lock()
-
-
-def _after_fork_in_child() -> None:
-    for breaker in list(_live_breakers):
-        breaker._forked()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _daemon_path(

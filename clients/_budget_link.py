@@ -24,9 +24,7 @@ the breaker itself.
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
-import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
@@ -92,9 +90,10 @@ class DaemonBudgets(Budgets):
         )
         self._stock: deque[float] = deque()
         # Guards the stock (the budgets' lock): a grant wakes the calls waiting.
-        self._slot_ready = threading.Condition(self._lock)
+        self._slot_ready = threading.Condition(self.lock)
         self._asking = False
-        self._grace = GRACE if self._rate is None else min(GRACE, self._rate.interval / 2)
+        interval = self.rate_interval
+        self._grace = GRACE if interval is None else min(GRACE, interval / 2)
         #: Slots dropped unused (for the benchmark).
         self.slots_dropped = 0
         self._slot_waiters = 0
@@ -106,12 +105,11 @@ class DaemonBudgets(Budgets):
         self._limits: dict[str, float] = {}
         #: Requests sent to the daemon (for the benchmark's round-trip count).
         self.requests_sent = 0
-        _live.add(self)
 
-    def forked(self) -> None:
+    def after_fork_in_child(self) -> None:
         """In a forked child: the parent's slots and leases are the parent's."""
-        self._lock = threading.Lock()
-        self._slot_ready = threading.Condition(self._lock)
+        super().after_fork_in_child()
+        self._slot_ready = threading.Condition(self.lock)
         self._asking = False
         self._slot_waiters = 0
         self._stock.clear()
@@ -121,13 +119,13 @@ class DaemonBudgets(Budgets):
         self._limits = {}
 
     def _needs_slots(self) -> bool:
-        return self._rate is not None or self._headers_seen
+        return self.rate_interval is not None or self.headers_seen
 
     # -- what the API said ----------------------------------------------------------------
 
     def observe(self, **limits: float) -> None:
         super().observe(**limits)  # the stand-in, should the daemon go away
-        with self._lock:
+        with self.lock:
             self._limits.update(limits)
 
     # -- talking to the daemon ------------------------------------------------------------------
@@ -154,7 +152,7 @@ class DaemonBudgets(Budgets):
 
     def _restore(self, message: BudgetRequest) -> None:
         # Not sent: what it carried waits for the next one.
-        with self._lock:
+        with self.lock:
             self._done += message.done
             self._started += message.started
             self._tokens_back += message.tokens_back
@@ -220,7 +218,7 @@ class DaemonBudgets(Budgets):
         client = self._client()
         if client is None:
             return
-        with self._lock:
+        with self.lock:
             message = self._message(**fields)
         if not client.request(message, _ignore):
             self._restore(message)
@@ -239,7 +237,7 @@ class DaemonBudgets(Budgets):
         if stock and stock[0] <= now:
             return stock.popleft()
         if stock and stock[0] > deadline:
-            raise self._refusal("rate_budget", stock[0] - now)
+            raise self.refusal("rate_budget", stock[0] - now)
         return None
 
     def _ask_now(self, deadline: float, cost: float, now: float) -> BudgetRequest | None:
@@ -261,14 +259,14 @@ class DaemonBudgets(Budgets):
             self._slot_ready.notify_all()
 
     def _refusal_of(self, grant: BudgetGrant, now: float) -> BudgetExceededError:
-        return self._refusal(grant.reason or "rate_budget", grant.retry_after)
+        return self.refusal(grant.reason or "rate_budget", grant.retry_after)
 
     def admit_sync(self, deadline: float, cost: float = 0.0) -> Ticket:
         client = self._client()
         if client is None:
             return super().admit_sync(deadline, cost)
         lease = 0
-        if self._concurrency is not None:
+        if self.max_concurrent is not None:
             got = self._lease_remote_sync(client, deadline)
             if got is None:
                 return super().admit_sync(deadline, cost)
@@ -280,9 +278,9 @@ class DaemonBudgets(Budgets):
                     if lease:
                         self._send_nowait(release=(lease,))
                     return super().admit_sync(deadline, cost)
-                now = self._clock()
+                now = self.clock()
                 if leave > now:
-                    self._sleep(leave - now)
+                    self.sleep(leave - now)
                 return Ticket(self, lease, True, cost, remote=True)
         except BaseException:
             if lease:
@@ -293,7 +291,7 @@ class DaemonBudgets(Budgets):
     def _unslotted(self, lease: int, cost: float) -> Ticket:
         # A call let go without a slot: the daemon hears of it, so that what
         # the API says is left can be read with it in flight.
-        with self._lock:
+        with self.lock:
             self._started += 1
         return Ticket(self, lease, True, cost, remote=True)
 
@@ -303,12 +301,12 @@ class DaemonBudgets(Budgets):
         try:
             while True:
                 with self._slot_ready:
-                    now = self._clock()
+                    now = self.clock()
                     slot = self._due_slot(now, deadline)
                     if slot is not None:
                         return slot
                     if now >= deadline:
-                        raise self._refusal("rate_budget", None)
+                        raise self.refusal("rate_budget", None)
                     message = self._ask_now(deadline, cost, now)
                     if message is None:
                         until = self._stock[0] if self._stock else now + RECHECK
@@ -329,26 +327,26 @@ class DaemonBudgets(Budgets):
 
     def _lease_remote_sync(self, client: Any, deadline: float) -> int | None:
         while True:
-            with self._lock:
+            with self.lock:
                 message = self._message(lease=True)
             grant = self._ask_sync(client, message)
             if grant is None:
                 return None
             if grant.lease or grant.reason is None:
                 return grant.lease  # 0: the host's budgets have no max_concurrent
-            left = deadline - self._clock()
+            left = deadline - self.clock()
             if left <= 0:
-                raise self._refusal("concurrency", None)
+                raise self.refusal("concurrency", None)
             # Held elsewhere on the host: no release reaches this process,
             # so it looks again soon (one small request per RECHECK).
-            self._sleep(min(left, RECHECK))
+            self.sleep(min(left, RECHECK))
 
     async def admit_async(self, deadline: float, cost: float = 0.0) -> Ticket:
         client = self._client()
         if client is None:
             return await super().admit_async(deadline, cost)
         lease = 0
-        if self._concurrency is not None:
+        if self.max_concurrent is not None:
             got = await self._lease_remote_async(client, deadline)
             if got is None:
                 return await super().admit_async(deadline, cost)
@@ -360,9 +358,9 @@ class DaemonBudgets(Budgets):
                     if lease:
                         self._send_nowait(release=(lease,))
                     return await super().admit_async(deadline, cost)
-                now = self._clock()
+                now = self.clock()
                 if leave > now:
-                    await self._asleep(leave - now)
+                    await self.asleep(leave - now)
                 return Ticket(self, lease, True, cost, remote=True)
         except BaseException:
             if lease:
@@ -376,18 +374,18 @@ class DaemonBudgets(Budgets):
         try:
             while True:
                 with self._slot_ready:
-                    now = self._clock()
+                    now = self.clock()
                     slot = self._due_slot(now, deadline)
                     if slot is not None:
                         return slot
                     if now >= deadline:
-                        raise self._refusal("rate_budget", None)
+                        raise self.refusal("rate_budget", None)
                     message = self._ask_now(deadline, cost, now)
                     until = self._stock[0] if self._stock else now + RECHECK
                 if message is None:
                     # A loop cannot wait on a thread's condition: it sleeps
                     # until the next slot is due (or a moment) and looks again.
-                    await self._asleep(max(min(until, deadline) - now, 0.0))
+                    await self.asleep(max(min(until, deadline) - now, 0.0))
                     continue
                 grant = None
                 try:
@@ -404,24 +402,24 @@ class DaemonBudgets(Budgets):
 
     async def _lease_remote_async(self, client: Any, deadline: float) -> int | None:
         while True:
-            with self._lock:
+            with self.lock:
                 message = self._message(lease=True)
             grant = await self._ask_async(client, message)
             if grant is None:
                 return None
             if grant.lease or grant.reason is None:
                 return grant.lease
-            left = deadline - self._clock()
+            left = deadline - self.clock()
             if left <= 0:
-                raise self._refusal("concurrency", None)
-            await self._asleep(min(left, RECHECK))
+                raise self.refusal("concurrency", None)
+            await self.asleep(min(left, RECHECK))
 
     def finish(self, ticket: Ticket) -> None:
         if not ticket.remote:
             super().finish(ticket)
             return
         release: tuple[int, ...] = ()
-        with self._lock:
+        with self.lock:
             if ticket.header:
                 self._done += 1
                 if ticket.cost and ticket.used_tokens is not None:
@@ -433,14 +431,3 @@ class DaemonBudgets(Budgets):
             # A lease another process may be waiting for, or news of the
             # API's limits: now, without waiting for an answer.
             self._send_nowait(release=release)
-
-
-_live: weakref.WeakSet[DaemonBudgets] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for budgets in list(_live):
-        budgets.forked()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -26,9 +26,8 @@ from __future__ import annotations
 import math
 import threading
 import time
-import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from typing import Any, Final
 
@@ -42,20 +41,15 @@ from breakerd.actor._budget import (
     parse_rate,
     ramp_offset,
 )
-from breakerd.protocol import (
-    BudgetExceededError,
-    CircuitBreakerOpenError,
-    CircuitState,
-    Snapshot,
-)
+from breakerd.protocol import BudgetExceededError
+
+from ._globals import shared_budget
 
 __all__ = [
-    "BudgetedCalls",
+    "RECHECK",
     "Budgets",
     "Ticket",
-    "attempt_only",
     "call_cost",
-    "current_ticket",
     "estimate_cost",
     "shared_budgets",
 ]
@@ -147,14 +141,26 @@ class Budgets:
         self._headers = HeaderBudget()
         # False until a response's headers were seen: until then the header
         # budget is skipped (one attribute read on the path of every call).
-        self._headers_seen = False
-        self._clock = clock
+        self.headers_seen = False
+        #: The breaker's monotonic clock.
+        self.clock = clock
         self._fake_sleep: Callable[[float], None] | None = getattr(clock, "sleep", None)
-        self._lock = threading.Lock()
+        #: Guards the budgets' state (a subclass's too).
+        self.lock = threading.Lock()
         # Lease waiters in arrival order: each a wake-up callable.
         self._lease_waiters: deque[Callable[[], None]] = deque()
         # The recovery ramp: (generation it is for, when it began, next index).
         self._ramp: tuple[int, float, int] = (-1, 0.0, 0)
+
+    @property
+    def rate_interval(self) -> float | None:
+        """Seconds between two calls of the paced ``max_rate`` (None without one)."""
+        return None if self._rate is None else self._rate.interval
+
+    def after_fork_in_child(self) -> None:
+        """In a forked child: a parent thread may have held the lock, or waited."""
+        self.lock = threading.Lock()
+        self._lease_waiters.clear()
 
     @property
     def max_concurrent(self) -> int | None:
@@ -169,9 +175,9 @@ class Budgets:
 
     def observe(self, **limits: float) -> None:
         """Feed the API's counts (see ``CircuitBreaker.observe_limits``)."""
-        with self._lock:
-            self._headers.observe(self._clock(), **limits)
-            self._headers_seen = True
+        with self.lock:
+            self._headers.observe(self.clock(), **limits)
+            self.headers_seen = True
 
     def ramp_slot(self, generation: int, now: float) -> float:
         """When the next call that waited through an outage may leave (see ``ramp_offset``).
@@ -179,7 +185,7 @@ class Budgets:
         The ramp begins when the first waiter sees the breaker closed again
         at ``generation``.
         """
-        with self._lock:
+        with self.lock:
             ramp_generation, began, index = self._ramp
             if ramp_generation != generation:
                 ramp_generation, began, index = generation, now, 0
@@ -192,8 +198,8 @@ class Budgets:
         """Wait (up to the monotonic instant ``deadline``) for admission; raise if refused."""
         lease = self._lease_sync(deadline) if self._concurrency is not None else 0
         try:
-            with self._lock:
-                now = self._clock()
+            with self.lock:
+                now = self.clock()
                 leave, header = self._reserve(now, deadline, cost)
             if leave > now:
                 self._sleep(leave - now)
@@ -207,8 +213,8 @@ class Budgets:
         """``admit_sync`` for async callers: the waits do not block the loop."""
         lease = await self._lease_async(deadline) if self._concurrency is not None else 0
         try:
-            with self._lock:
-                now = self._clock()
+            with self.lock:
+                now = self.clock()
                 leave, header = self._reserve(now, deadline, cost)
             if leave > now:
                 await self._asleep(leave - now)
@@ -223,11 +229,11 @@ class Budgets:
         # the instant the call really leaves.
         leave = now
         header = False
-        if self._headers_seen:
+        if self.headers_seen:
             planned = self._headers.reserve(now, deadline - now, cost)
             if planned is None:
                 retry = self._headers.next_free(now, cost) - now
-                raise self._refusal("rate_budget", retry)
+                raise self.refusal("rate_budget", retry)
             leave, header = planned, True
         rate = self._rate
         if rate is not None:
@@ -235,13 +241,13 @@ class Budgets:
             if slot is None:
                 if header:
                     self._headers.give_back(now, cost)
-                raise self._refusal("rate_budget", rate.next_free(leave) - now)
+                raise self.refusal("rate_budget", rate.next_free(leave) - now)
             if header:
                 self._headers.moved(leave, slot)
             leave = slot
         return leave, header
 
-    def _refusal(self, reason: str, retry_after: float | None) -> BudgetExceededError:
+    def refusal(self, reason: str, retry_after: float | None) -> BudgetExceededError:
         return BudgetExceededError(self.name, retry_after, "closed", None, None, reason)
 
     # -- leases ---------------------------------------------------------------------------
@@ -249,7 +255,7 @@ class Budgets:
     def _try_lease(self) -> int:
         concurrency = self._concurrency
         assert concurrency is not None
-        with self._lock:
+        with self.lock:
             # First come, first served: a newcomer does not jump the queue.
             if self._lease_waiters:
                 return 0
@@ -261,11 +267,11 @@ class Budgets:
             return lease
         event = threading.Event()
         wake = event.set  # one bound method: the queue compares by identity
-        with self._lock:
+        with self.lock:
             self._lease_waiters.append(wake)
         try:
             while True:
-                with self._lock:
+                with self.lock:
                     if self._lease_waiters and self._lease_waiters[0] is wake:
                         assert self._concurrency is not None
                         lease = self._concurrency.acquire(threading.get_ident()) or 0
@@ -273,9 +279,9 @@ class Budgets:
                             self._lease_waiters.popleft()
                             self._wake_next()
                             return lease
-                left = deadline - self._clock()
+                left = deadline - self.clock()
                 if left <= 0:
-                    raise self._refusal("concurrency", None)
+                    raise self.refusal("concurrency", None)
                 if self._fake_sleep is not None:
                     self._fake_sleep(min(left, RECHECK))
                 else:
@@ -290,11 +296,11 @@ class Budgets:
             return lease
         event = threading.Event()
         wake = event.set  # one bound method: the queue compares by identity
-        with self._lock:
+        with self.lock:
             self._lease_waiters.append(wake)
         try:
             while True:
-                with self._lock:
+                with self.lock:
                     if self._lease_waiters and self._lease_waiters[0] is wake:
                         assert self._concurrency is not None
                         lease = self._concurrency.acquire(threading.get_ident()) or 0
@@ -302,9 +308,9 @@ class Budgets:
                             self._lease_waiters.popleft()
                             self._wake_next()
                             return lease
-                left = deadline - self._clock()
+                left = deadline - self.clock()
                 if left <= 0:
-                    raise self._refusal("concurrency", None)
+                    raise self.refusal("concurrency", None)
                 # A release wakes sync waiters at once; async ones look again
                 # every RECHECK: a lease held by a thread cannot wake a loop
                 # it does not know, and a poll costs nothing measurable.
@@ -314,7 +320,7 @@ class Budgets:
             self._leave_queue(wake)
 
     def _leave_queue(self, wake: Callable[[], None]) -> None:
-        with self._lock:
+        with self.lock:
             try:
                 self._lease_waiters.remove(wake)
             except ValueError:
@@ -328,7 +334,7 @@ class Budgets:
     def _release_lease(self, lease: int) -> None:
         concurrency = self._concurrency
         assert concurrency is not None
-        with self._lock:
+        with self.lock:
             concurrency.release(lease)
             self._wake_next()
 
@@ -338,8 +344,8 @@ class Budgets:
             self._release_lease(ticket.lease)
         if ticket.header:
             used = ticket.used_tokens if ticket.cost else None
-            with self._lock:
-                self._headers.done(self._clock(), ticket.cost, used)
+            with self.lock:
+                self._headers.done(self.clock(), ticket.cost, used)
 
     # -- waiting --------------------------------------------------------------------------
 
@@ -362,12 +368,6 @@ class Budgets:
 
     async def asleep(self, seconds: float) -> None:
         await self._asleep(seconds)
-
-
-# (clock's id, breaker name) -> its budgets: every CircuitBreaker of one
-# name in a process shares them, as it shares the actor.
-_shared: weakref.WeakValueDictionary[tuple[object, str], Budgets] = weakref.WeakValueDictionary()
-_shared_lock = threading.Lock()
 
 
 def shared_budgets(
@@ -411,172 +411,4 @@ def shared_budgets(
             daemon_timeout=daemon_timeout,
         )
         key = (path, name)
-    with _shared_lock:
-        existing = _shared.get(key)
-        if existing is not None:
-            return existing
-        _shared[key] = budgets
-    return budgets
-
-
-#: Set while a budgeted call tries the breaker: a rejection then raises
-#: instead of answering with the fallback, so the call can wait and try again.
-attempt_only: ContextVar[bool] = ContextVar("breakerd_budget_attempt", default=False)
-#: The ticket of the budgeted call running in this context (for its usage).
-current_ticket: ContextVar[Ticket | None] = ContextVar("breakerd_budget_ticket", default=None)
-
-Reject = Callable[[CircuitBreakerOpenError, tuple[Any, ...], dict[str, Any]], Any]
-
-
-class BudgetedCalls:
-    """The call path of a breaker with budgets or ``wait``: admission, then the breaker's own.
-
-    Args:
-        budgets: The breaker's (shared) budgets.
-        wait: Seconds a call may wait to be admitted.
-        snapshot: Returns the breaker's current snapshot.
-        clock: The breaker's monotonic clock.
-    """
-
-    def __init__(
-        self,
-        budgets: Budgets,
-        wait: float,
-        snapshot: Callable[[], Snapshot],
-        clock: Clock,
-    ) -> None:
-        self.budgets = budgets
-        self.wait = wait
-        self._snapshot = snapshot
-        self._clock = clock
-
-    def _recovery_wait(self, deadline: float) -> tuple[float, bool]:
-        # (seconds to wait before trying the breaker, whether it is waiting
-        # out an outage). Zero: try now, and a call that cannot wait long
-        # enough is rejected by the breaker itself.
-        snapshot = self._snapshot()
-        state = snapshot.state
-        if state is CircuitState.CLOSED or state is CircuitState.DISABLED:
-            return 0.0, False
-        now = self._clock()
-        if state is CircuitState.OPEN and snapshot.open_until is not None:
-            until = snapshot.open_until
-        elif state is CircuitState.HALF_OPEN:
-            until = now + RECHECK  # the trial decides: look again soon
-        else:
-            return 0.0, False  # forced open: no end to wait for
-        if until > deadline:
-            return -1.0, True  # it will not recover in time: refused now
-        if until <= now:
-            return 0.0, True
-        return min(until - now, RECHECK), True
-
-    def call_sync(
-        self,
-        inner: Callable[..., Any],
-        reject: Reject,
-        func: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        cost: float,
-    ) -> Any:
-        clock = self._clock
-        budgets = self.budgets
-        deadline = clock() + self.wait
-        outage = False
-        ran = False
-        ticket: Ticket | None = None
-
-        def run(*call_args: Any, **call_kwargs: Any) -> Any:
-            nonlocal ran
-            ran = True
-            attempt_only.set(False)  # calls made inside it are not ours
-            current_ticket.set(ticket)
-            return func(*call_args, **call_kwargs)
-
-        while True:
-            pause, waiting = self._recovery_wait(deadline)
-            outage = outage or waiting
-            if pause > 0:
-                budgets.sleep(pause)
-                continue
-            if pause < 0:
-                deadline = clock()
-            snapshot = self._snapshot()
-            if outage and snapshot.state is CircuitState.CLOSED:
-                leave = min(budgets.ramp_slot(snapshot.generation, clock()), deadline)
-                if leave > clock():
-                    budgets.sleep(leave - clock())
-                outage = False
-            try:
-                ticket = budgets.admit_sync(deadline, cost)
-            except BudgetExceededError as exc:
-                return reject(exc, args, kwargs)
-            token = attempt_only.set(clock() < deadline)
-            try:
-                return inner(run, *args, **kwargs)
-            except CircuitBreakerOpenError as exc:
-                if ran:
-                    raise
-                if clock() >= deadline:
-                    return reject(exc, args, kwargs)
-                outage = True  # rejected before it ran: wait for the breaker
-                budgets.sleep(min(RECHECK, deadline - clock()))
-            finally:
-                attempt_only.reset(token)
-                ticket.done()
-
-    async def call_async(
-        self,
-        inner: Callable[..., Awaitable[Any]],
-        reject: Callable[..., Awaitable[Any]],
-        func: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        cost: float,
-    ) -> Any:
-        clock = self._clock
-        budgets = self.budgets
-        deadline = clock() + self.wait
-        outage = False
-        ran = False
-        ticket: Ticket | None = None
-
-        async def run(*call_args: Any, **call_kwargs: Any) -> Any:
-            nonlocal ran
-            ran = True
-            attempt_only.set(False)
-            current_ticket.set(ticket)
-            return await func(*call_args, **call_kwargs)
-
-        while True:
-            pause, waiting = self._recovery_wait(deadline)
-            outage = outage or waiting
-            if pause > 0:
-                await budgets.asleep(pause)
-                continue
-            if pause < 0:
-                deadline = clock()
-            snapshot = self._snapshot()
-            if outage and snapshot.state is CircuitState.CLOSED:
-                leave = min(budgets.ramp_slot(snapshot.generation, clock()), deadline)
-                if leave > clock():
-                    await budgets.asleep(leave - clock())
-                outage = False
-            try:
-                ticket = await budgets.admit_async(deadline, cost)
-            except BudgetExceededError as exc:
-                return await reject(exc, args, kwargs)
-            token = attempt_only.set(clock() < deadline)
-            try:
-                return await inner(run, *args, **kwargs)
-            except CircuitBreakerOpenError as exc:
-                if ran:
-                    raise
-                if clock() >= deadline:
-                    return await reject(exc, args, kwargs)
-                outage = True
-                await budgets.asleep(min(RECHECK, deadline - clock()))
-            finally:
-                attempt_only.reset(token)
-                ticket.done()
+    return shared_budget(key, budgets)

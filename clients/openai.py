@@ -38,6 +38,10 @@ spreads its calls over the time to the reset when little is left. Each call
 debits its token estimate (its ``max_tokens``/``max_output_tokens``, or a
 ``cost=`` keyword, which the wrapper takes off before the SDK sees it) and
 its response's ``usage.total_tokens`` corrects it.
+
+The OpenAI rules themselves, for a ``classify=`` of your own:
+``classify_openai(exc)`` (the outcome and ``retry_after`` for an openai SDK
+exception, or None) and ``parse_retry_after(headers)``.
 """
 
 from __future__ import annotations
@@ -53,11 +57,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from breakerd.protocol import CircuitState
 
 from ._budgets import call_cost
+from ._openai import classify_openai, parse_retry_after
 
 if TYPE_CHECKING:
     from ._breaker import CircuitBreaker
 
-__all__ = ["protect"]
+__all__ = ["classify_openai", "parse_retry_after", "protect"]
 
 C = TypeVar("C")
 

@@ -56,6 +56,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias, TypeVar, cast
 
+from ._budget_wire import budget_grant, budget_grant_map, budget_request, budget_request_map
 from ._errors import BreakerError, RemoteProtocolError, error_from_code
 from ._messages import (
     ADMIN_OPS,
@@ -851,97 +852,6 @@ def _transition(d: _Map) -> TransitionEvent:
     )
 
 
-# Budgets: one request and its answer (``BudgetRequest`` / ``BudgetGrant``).
-
-_LIMIT_KEYS: Final = frozenset(
-    {
-        "remaining_requests",
-        "reset_requests",
-        "remaining_tokens",
-        "reset_tokens",
-        "limit_requests",
-        "limit_tokens",
-    }
-)
-
-
-def _budget_request_map(m: BudgetRequest) -> _Map:
-    return {
-        "name": m.name,
-        "rate": m.rate,
-        "burst": m.burst,
-        "max_concurrent": m.max_concurrent,
-        "want": m.want,
-        "wait": m.wait,
-        "tokens": m.tokens,
-        "lease": m.lease,
-        "release": list(m.release),
-        "done": m.done,
-        "started": m.started,
-        "tokens_back": m.tokens_back,
-        "limits": dict(m.limits),
-    }
-
-
-def _budget_request(d: _Map) -> BudgetRequest:
-    w = "budget"
-    release = _array(d, "release", w) if "release" in d else []
-    if len(release) > MAX_COUNT or any(type(x) is not int or x <= 0 for x in release):
-        raise RemoteProtocolError(f"{w}: field 'release' must be an array of lease ids")
-    raw_limits = _map(d, "limits", w) if "limits" in d else {}
-    limits = []
-    for key, value in raw_limits.items():
-        if key not in _LIMIT_KEYS or type(value) not in (int, float) or not value >= 0:
-            raise RemoteProtocolError(f"{w}: limits[{key!r}] is not a known count >= 0")
-        limits.append((key, float(value)))
-    numbers = {key: _float(d, key, w, 0.0) for key in ("rate", "wait", "tokens", "tokens_back")}
-    if not all(v >= 0 and v == v and v != float("inf") for v in numbers.values()):
-        raise RemoteProtocolError(f"{w}: rate, wait and tokens must be finite numbers >= 0")
-    counts = {
-        key: _int(d, key, w, 0) for key in ("burst", "max_concurrent", "want", "done", "started")
-    }
-    if not all(0 <= v <= MAX_COUNT for v in counts.values()):
-        raise RemoteProtocolError(f"{w}: counts must be integers from 0 to {MAX_COUNT}")
-    return BudgetRequest(
-        _str(d, "name", w),
-        numbers["rate"],
-        max(counts["burst"], 1),
-        counts["max_concurrent"],
-        counts["want"],
-        numbers["wait"],
-        numbers["tokens"],
-        _bool(d, "lease", w, False),
-        tuple(release),
-        counts["done"],
-        counts["started"],
-        numbers["tokens_back"],
-        tuple(limits),
-    )
-
-
-def _budget_grant_map(m: BudgetGrant) -> _Map:
-    return {
-        "type": "budget_grant",
-        "slots": list(m.slots),
-        "lease": m.lease,
-        "reason": m.reason,
-        "retry_after": m.retry_after,
-    }
-
-
-def _budget_grant(d: _Map) -> BudgetGrant:
-    w = "budget_grant"
-    slots = _array(d, "slots", w)
-    if any(type(x) not in (int, float) for x in slots):
-        raise RemoteProtocolError(f"{w}: field 'slots' must be an array of numbers")
-    return BudgetGrant(
-        tuple(float(x) for x in slots),
-        _int(d, "lease", w, 0),
-        _opt_str(d, "reason", w),
-        _opt_float(d, "retry_after", w),
-    )
-
-
 # --- dispatch tables --------------------------------------------------------------
 
 _REQUEST_ENCODERS: Final[dict[type, tuple[str, Callable[[Any], _Map]]]] = {
@@ -952,7 +862,7 @@ _REQUEST_ENCODERS: Final[dict[type, tuple[str, Callable[[Any], _Map]]]] = {
     Admin: ("admin", _admin_map),
     StatusRequest: ("status", _status_request_map),
     Subscribe: ("subscribe", _subscribe_map),
-    BudgetRequest: ("budget", _budget_request_map),
+    BudgetRequest: ("budget", budget_request_map),
 }
 _REQUEST_DECODERS: Final[dict[str, Callable[[_Map], RequestMessage]]] = {
     "hello": _hello,
@@ -962,7 +872,7 @@ _REQUEST_DECODERS: Final[dict[str, Callable[[_Map], RequestMessage]]] = {
     "admin": _admin,
     "status": _status_request,
     "subscribe": _subscribe,
-    "budget": _budget_request,
+    "budget": budget_request,
 }
 _RESULT_ENCODERS: Final[dict[type, Callable[[Any], _Map]]] = {
     Welcome: _welcome_map,
@@ -971,7 +881,7 @@ _RESULT_ENCODERS: Final[dict[type, Callable[[Any], _Map]]] = {
     Snapshot: _snapshot_result_map,
     Status: _status_map,
     Subscribed: _subscribed_map,
-    BudgetGrant: _budget_grant_map,
+    BudgetGrant: budget_grant_map,
 }
 _RESULT_DECODERS: Final[dict[str, Callable[[_Map], ResultMessage]]] = {
     "welcome": _welcome,
@@ -980,7 +890,7 @@ _RESULT_DECODERS: Final[dict[str, Callable[[_Map], ResultMessage]]] = {
     "snapshot": _snapshot_result,
     "status": _status,
     "subscribed": _subscribed,
-    "budget_grant": _budget_grant,
+    "budget_grant": budget_grant,
 }
 _NOTIFICATION_ENCODERS: Final[dict[type, tuple[str, Callable[[Any], _Map]]]] = {
     ReportBatch: ("reports", _reports_map),

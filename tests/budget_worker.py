@@ -79,7 +79,7 @@ def main() -> None:
         thread.start()
     for thread in threads:
         thread.join()
-    budgets = breaker._budgeted.budgets if breaker._budgeted is not None else None
+    budgets = breaker.budgets
     result = {
         "counts": counts,
         "daemon_requests": getattr(budgets, "requests_sent", 0),

@@ -290,7 +290,7 @@ def test_waiters_after_an_outage_leave_in_a_doubling_ramp(
     system: ActorSystem, clock: FakeClock
 ) -> None:
     breaker = CircuitBreaker("ramp", wait=5.0, system=system)
-    budgets = breaker._budgeted.budgets if breaker._budgeted else None
+    budgets = breaker.budgets
     assert budgets is not None
     now = clock()
     slots = [budgets.ramp_slot(7, now + i * 0.001) - now for i in range(7)]
