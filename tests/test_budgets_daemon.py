@@ -229,8 +229,10 @@ def test_wait_rides_out_an_outage_and_recovery_ramps(budget_daemon: DaemonProces
     first_step = [at for at in after if at < recovered + 0.9 * RAMP_STEP]
     offsets = [round(at - recovered, 3) for at in after]
     # The trial and each process's first waiter go at once (give or take the
-    # moment each process learns the breaker closed); the others follow.
-    assert len(first_step) <= 16 // 2, offsets
+    # moment each process learns the breaker closed), and a call that was
+    # failing when the breaker closed did not wait; the others follow.
+    # Without the ramp all 16 arrive within the first step.
+    assert len(first_step) <= 10, offsets
     assert after[-1] - recovered >= 2 * RAMP_STEP, offsets
 
 
