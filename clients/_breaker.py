@@ -51,7 +51,7 @@ from breakerd.protocol import (
 
 from ._budgeted import BreakerBudgets, attempt_only
 from ._classify import Classifier, ClassifyFunc, RateLimited, Verdict
-from ._daemon_client import check_socket_path
+from ._daemon_socket import check_socket_path
 from ._fallback import ON_UNAVAILABLE, OnUnavailable
 from ._globals import live_breakers
 from ._link import RemoteBreaker
