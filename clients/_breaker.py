@@ -49,6 +49,7 @@ from breakerd.protocol import (
     new_open_error,
 )
 
+from ._budgeted import BreakerBudgets, attempt_only
 from ._classify import Classifier, ClassifyFunc, RateLimited, Verdict
 from ._daemon_socket import check_socket_path
 from ._fallback import ON_UNAVAILABLE, OnUnavailable
@@ -82,7 +83,7 @@ _SUCCESS: Final = Outcome.SUCCESS
 _STATE_NAMES: Final[dict[CircuitState, str]] = {state: state.value for state in CircuitState}
 
 
-class CircuitBreaker:
+class CircuitBreaker(BreakerBudgets):
     """A circuit breaker around calls to one service.
 
     Every ``CircuitBreaker`` with the same name in a process shares one breaker
@@ -156,6 +157,10 @@ class CircuitBreaker:
             forgotten (default 3600).
         max_scopes: Live scopes at most (default 256); a new key past it is
             governed by the parent alone, with a warning logged once.
+        max_rate, burst, max_concurrent, wait: Budgets, none by default: a
+            paced request rate (``"500/min"``), calls at once after idling
+            (1), calls in flight at most, and seconds a call may wait to be
+            admitted (0); see ``BreakerBudgets``.
         record: Exception types that count as failures (default: all).
         ignore: Exception types that count as neither success nor failure.
         classify: ``classify(exc)`` returning an ``Outcome``, ``RateLimited`` or
@@ -199,6 +204,10 @@ class CircuitBreaker:
         system: ActorSystem | None = None,
         on_unavailable: OnUnavailable = "local",
         daemon_timeout: float = DEFAULT_DAEMON_TIMEOUT,
+        max_rate: str | None = None,
+        burst: int | None = None,
+        max_concurrent: int | None = None,
+        wait: float = 0.0,
     ) -> None:
         if fallback is not None and not callable(fallback):
             raise TypeError(f"fallback must be callable, got {fallback!r}")
@@ -272,6 +281,7 @@ class CircuitBreaker:
                 "daemon_timeout": daemon_timeout,
             }
             self._init_scopes(scope, scope_ttl, max_scopes, settings)
+        BreakerBudgets.__init__(self, max_rate, burst, max_concurrent, wait)
 
     def _init_scopes(
         self, scope: object, ttl: float, max_scopes: int, settings: dict[str, Any]
@@ -757,7 +767,7 @@ class CircuitBreaker:
         self, error: CircuitBreakerOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         fallback = self.fallback
-        if fallback is None:
+        if fallback is None or attempt_only.get():
             raise error
         result = fallback(*args, **kwargs)
         if inspect.isawaitable(result):
@@ -768,7 +778,7 @@ class CircuitBreaker:
         self, error: CircuitBreakerOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         fallback = self.fallback
-        if fallback is None:
+        if fallback is None or attempt_only.get():
             raise error
         result = fallback(*args, **kwargs)
         if inspect.isawaitable(result):
