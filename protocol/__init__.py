@@ -23,6 +23,7 @@ from ._connection import (
     Connection,
     frame_notification,
     negotiate_version,
+    new_packer,
 )
 from ._errors import (
     ActorStoppedError,
@@ -118,5 +119,6 @@ __all__ = [
     "frame_notification",
     "negotiate_version",
     "new_open_error",
+    "new_packer",
     "state_table",
 ]

@@ -154,6 +154,11 @@ def _describe(obj: list[Any]) -> str:
     return f"{obj[1]!r} notification"
 
 
+def new_packer() -> msgpack.Packer:
+    """The encoder a ``Connection`` uses (see its ``packer`` argument)."""
+    return msgpack.Packer(use_bin_type=True, datetime=False)
+
+
 def _new_unpacker(max_frame_size: int) -> msgpack.Unpacker:
     """A streaming decoder for one run of received bytes, bounded by ``max_frame_size``."""
     return msgpack.Unpacker(
@@ -195,7 +200,16 @@ class Connection:
         "version",
     )
 
-    def __init__(self, role: Role, max_frame_size: int = MAX_FRAME_SIZE) -> None:
+    def __init__(
+        self,
+        role: Role,
+        max_frame_size: int = MAX_FRAME_SIZE,
+        *,
+        packer: msgpack.Packer | None = None,
+    ) -> None:
+        """``packer``: one from ``new_packer()`` to share between connections
+        used from one thread only (a server's loop); a Packer keeps nothing
+        between messages, and each one costs ~4 KiB of memory."""
         if role != "client" and role != "server":
             raise ValueError(f"role must be 'client' or 'server', not {role!r}")
         if not 1 <= max_frame_size <= _MAX_FRAME_LIMIT:
@@ -208,7 +222,7 @@ class Connection:
         #: The negotiated protocol version, once the Welcome is sent or received.
         self.version: int | None = None
         self._server = role == "server"
-        self._packer = msgpack.Packer(use_bin_type=True, datetime=False)
+        self._packer = packer or new_packer()
         # Made when bytes arrive and dropped once every byte is consumed: an
         # Unpacker costs ~44 KiB (its decoding stack is inside it), and a
         # daemon with 1,000 mostly idle connections would hold 44 MiB of them.

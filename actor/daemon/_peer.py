@@ -75,7 +75,7 @@ class Peer(asyncio.BufferedProtocol):
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
-        self.conn = Connection("server", max_frame_size=1 << 20)
+        self.conn = Connection("server", max_frame_size=1 << 20, packer=daemon.packer)
         self.transport: asyncio.Transport | None = None
         self.id = next(_connection_ids)
         self.log = daemon.log.bind(conn=self.id)

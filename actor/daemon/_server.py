@@ -65,6 +65,7 @@ from breakerd.protocol import (
     TransitionEvent,
     UnknownBreakerError,
     frame_notification,
+    new_packer,
 )
 
 from .._actor import BreakerActor
@@ -145,6 +146,8 @@ class Daemon:
         # which glibc maps, shrinks and unmaps: three system calls and a page
         # fault per request.
         self.read_buffer = bytearray(_READ_SIZE)
+        #: Every connection's encoder: they are all served from the loop thread.
+        self.packer = new_packer()
         #: The shared state table, once run() has made it (None: not offered).
         self.state_table: SharedStateTable | None = None
         #: A socket systemd passed us (socket activation): served, never bound or unlinked.
