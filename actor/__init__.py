@@ -1,7 +1,10 @@
-"""Breaker actors: the pure state machine, the actor, the actor system, the daemon."""
+"""Breaker actors: the pure state machine, the actor and the actor system.
+
+The daemon (`breakerd serve`) lives in :mod:`breakerd.actor.daemon`; embedded
+use never imports it.
+"""
 
 from ._actor import BreakerActor, Envelope, Reply, TransitionListener
-from ._daemon_config import ConfigError, DaemonSettings, load_config
 from ._logging import LibraryLogger, library_logger
 from ._machine import (
     DEFAULT_MAX_TIMEOUT,
@@ -13,20 +16,14 @@ from ._machine import (
     RecordResult,
     Transition,
 )
-from ._server import SERVER_NAME, Daemon, DaemonAlreadyRunningError
 from ._system import ActorSystem, default_system
 
 __all__ = [
     "DEFAULT_MAX_TIMEOUT",
     "DEFAULT_QUOTA_TIMEOUT",
-    "SERVER_NAME",
     "ActorSystem",
     "BreakerActor",
     "BreakerConfig",
-    "ConfigError",
-    "Daemon",
-    "DaemonAlreadyRunningError",
-    "DaemonSettings",
     "Decision",
     "Envelope",
     "IllegalTransitionError",
@@ -38,5 +35,4 @@ __all__ = [
     "TransitionListener",
     "default_system",
     "library_logger",
-    "load_config",
 ]

@@ -1,6 +1,6 @@
 """Daemon mode: breakerd shared through ``breakerd serve`` against local peers and raw sockets.
 
-Scenarios (see bench/README.md; the letters follow issue 4, ``a`` is
+Scenarios (see bench/README.md; the letters are stable names, ``a`` is
 ``bench_embedded.py``):
 
   b. daemon-backed ``call_sync`` and ``call`` (closed, success path) against
@@ -216,7 +216,7 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 class ManagedDaemon:
-    """``python -m breakerd.actor`` on a short socket path, with a config file."""
+    """``python -m breakerd.actor.daemon`` on a short socket path, with a config file."""
 
     def __init__(
         self, directory: Path, tag: str, *, max_connections: int = 1024, settings: str = ""
@@ -244,7 +244,7 @@ class ManagedDaemon:
             [
                 sys.executable,
                 "-m",
-                "breakerd.actor",
+                "breakerd.actor.daemon",
                 "--socket",
                 self.socket,
                 "--config",
@@ -1513,7 +1513,7 @@ def print_g(rows: Sequence[RejectRow]) -> list[Goal]:
 
 def print_goals(goals: Sequence[Goal]) -> None:
     print()
-    print("== goals (issue 4) ==")
+    print("== goals ==")
     for g in goals:
         print(f"   {g.verdict():<8} {g.text}: {g.figure}  [goal {g.target}]")
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from breakerd.actor._actor import BreakerActor
 from breakerd.actor._machine import BreakerConfig
-from breakerd.actor._state_file import StateFile
+from breakerd.actor.daemon._state_file import StateFile
 from breakerd.protocol import Outcome
 
 

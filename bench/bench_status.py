@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from breakerd.clients._admin import ask_daemon
+from breakerd.clients.cli._admin import ask_daemon
 from breakerd.protocol import Register
 
 GOAL_MS = 100.0
@@ -42,10 +42,10 @@ def command() -> list[str]:
 
 @contextmanager
 def running_daemon(socket_path: Path) -> Iterator[None]:
-    """``python -m breakerd.actor`` on ``socket_path``, stopped with SIGTERM after."""
+    """``python -m breakerd.actor.daemon`` on ``socket_path``, stopped with SIGTERM after."""
     log = open(socket_path.with_suffix(".log"), "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [sys.executable, "-m", "breakerd.actor", "--socket", str(socket_path)],
+        [sys.executable, "-m", "breakerd.actor.daemon", "--socket", str(socket_path)],
         stdout=subprocess.DEVNULL,
         stderr=log,
     )

@@ -115,7 +115,7 @@ def main() -> None:
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bdrss", dir="/tmp"))
     path = tmp / "s.sock"
-    command = [sys.executable, "-m", "breakerd.actor", "--socket", str(path)]
+    command = [sys.executable, "-m", "breakerd.actor.daemon", "--socket", str(path)]
     if args.idle is not None:
         (tmp / "d.toml").write_text(f"[daemon]\nbreaker_idle_timeout = {args.idle}\n")
         command += ["--config", str(tmp / "d.toml")]

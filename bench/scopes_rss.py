@@ -90,7 +90,15 @@ def main() -> None:
         f"state_table_slots = {total + 1001}\n"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "breakerd.actor", "--socket", str(path), "--config", str(config)],
+        [
+            sys.executable,
+            "-m",
+            "breakerd.actor.daemon",
+            "--socket",
+            str(path),
+            "--config",
+            str(config),
+        ],
         stderr=subprocess.DEVNULL,
     )
     peers: list[socket.socket] = []

@@ -51,7 +51,9 @@ from breakerd.protocol import (
 )
 
 from ._classify import Classifier, ClassifyFunc, RateLimited, Verdict
-from ._remote import ON_UNAVAILABLE, OnUnavailable, RemoteBreaker, check_socket_path
+from ._daemon_client import check_socket_path
+from ._fallback import ON_UNAVAILABLE, OnUnavailable
+from ._link import RemoteBreaker
 from ._scopes import (
     DEFAULT_MAX_SCOPES,
     DEFAULT_SCOPE_TTL,

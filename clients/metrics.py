@@ -24,7 +24,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from prometheus_client.core import Metric
 
 from breakerd.actor import ActorSystem, default_system
-from breakerd.actor._metrics import SCRAPE_TIMEOUT, breaker_metrics, read_actors
+from breakerd.actor.daemon._metrics import SCRAPE_TIMEOUT, breaker_metrics, read_actors
 
 __all__ = ["BreakerCollector"]
 

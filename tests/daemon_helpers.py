@@ -85,7 +85,7 @@ class DaemonProcess:
     ) -> None:
         self.socket_path = socket_path
         self.loop = loop
-        args = [sys.executable, "-m", "breakerd.actor", "--socket", str(socket_path)]
+        args = [sys.executable, "-m", "breakerd.actor.daemon", "--socket", str(socket_path)]
         args += ["--loop", loop, *extra_args]
         if config is not None:
             args += ["--config", str(config)]

@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 from daemon_helpers import poll_until
 
-from breakerd.actor import ActorSystem, BreakerActor, BreakerConfig, Daemon, DaemonSettings
-from breakerd.actor._daemon_config import ConfigError, load_config
+from breakerd.actor import ActorSystem, BreakerActor, BreakerConfig
 from breakerd.actor._machine import Machine
-from breakerd.actor._reclaim import IdleBreakers, sweep_period
-from breakerd.actor._state_table import SharedStateTable
+from breakerd.actor.daemon import Daemon, DaemonSettings
+from breakerd.actor.daemon._config import ConfigError, load_config
+from breakerd.actor.daemon._reclaim import IdleBreakers, sweep_period
+from breakerd.actor.daemon._state_table import SharedStateTable
 from breakerd.actor.testing import FakeClock
 from breakerd.clients import CircuitBreaker
 from breakerd.protocol import (

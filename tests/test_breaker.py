@@ -72,7 +72,7 @@ async def outcomes(breaker: CircuitBreaker, funcs: list[Any]) -> list[str]:
     return seen
 
 
-async def test_seed_scenario_trips_falls_back_and_recovers(
+async def test_original_scenario_trips_falls_back_and_recovers(
     system: ActorSystem, clock: FakeClock
 ) -> None:
     calls_reaching_service = 0

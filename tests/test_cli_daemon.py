@@ -164,7 +164,7 @@ def test_the_command_line_imports_no_runtime_it_does_not_use() -> None:
     # `breakerd status` must answer fast: importing the actor runtime, asyncio
     # and anyio costs more than the status round trip itself.
     code = (
-        "import sys, breakerd.clients._cli\n"
+        "import sys, breakerd.clients.cli._main\n"
         "heavy = {'breakerd.actor', 'asyncio', 'anyio', 'structlog', 'openai'}\n"
         "print(sorted(heavy & set(sys.modules)))\n"
     )

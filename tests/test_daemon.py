@@ -63,7 +63,7 @@ def test_sigterm_exits_zero_and_removes_the_socket(daemon: DaemonProcess) -> Non
 
 def test_a_second_daemon_is_refused_and_the_first_untouched(daemon: DaemonProcess) -> None:
     second = subprocess.run(
-        [sys.executable, "-m", "breakerd.actor", "--socket", str(daemon.socket_path)],
+        [sys.executable, "-m", "breakerd.actor.daemon", "--socket", str(daemon.socket_path)],
         capture_output=True,
         text=True,
         timeout=30,

@@ -228,7 +228,7 @@ def test_socket_activation_serves_the_inherited_socket_and_never_unlinks_it(
     log_path = tmp_short / "d.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [socket_activate(), "-l", str(path), sys.executable, "-m", "breakerd.actor"],
+            [socket_activate(), "-l", str(path), sys.executable, "-m", "breakerd.actor.daemon"],
             stderr=log,
             stdout=subprocess.DEVNULL,
         )
@@ -248,7 +248,7 @@ def test_socket_activation_serves_the_inherited_socket_and_never_unlinks_it(
         # It holds the lock: a daemon started by hand on that path is refused
         # rather than taking systemd's socket away.
         second = subprocess.run(
-            [sys.executable, "-m", "breakerd.actor", "--socket", str(path)],
+            [sys.executable, "-m", "breakerd.actor.daemon", "--socket", str(path)],
             capture_output=True,
             text=True,
             timeout=60,

@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import pytest
 
-from breakerd.actor import Daemon, DaemonSettings
+from breakerd.actor.daemon import Daemon, DaemonSettings
 
 
 def test_the_socket_file_appears_only_once_it_listens(

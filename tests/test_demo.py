@@ -1,4 +1,4 @@
-"""``breakerd demo`` and its CLI: the seed's run, end to end.
+"""``breakerd demo`` and its CLI: the original script's run, end to end.
 
 Integration tests: the real openai SDK talks to the demo's stand-in server
 over a real socket, and the breaker really waits out its (short) open
@@ -17,9 +17,9 @@ import pytest
 import structlog
 
 from breakerd.clients import CircuitState
-from breakerd.clients import _demo as demo
-from breakerd.clients._cli import main
-from breakerd.clients._demo import run_demo, stand_in_server
+from breakerd.clients.cli import _demo as demo
+from breakerd.clients.cli._demo import run_demo, stand_in_server
+from breakerd.clients.cli._main import main
 
 OPEN_TIMEOUT = 0.5
 #: Above the demo's 0.3 s so that a loaded machine does not time out a good answer.
@@ -27,7 +27,7 @@ CLIENT_TIMEOUT = 0.5
 
 
 @pytest.mark.anyio
-async def test_demo_replays_the_seed_run() -> None:
+async def test_demo_replays_the_original_run() -> None:
     out = io.StringIO()
 
     result = await run_demo(out, open_timeout=OPEN_TIMEOUT, client_timeout=CLIENT_TIMEOUT)

@@ -1,4 +1,4 @@
-"""``breakerd demo --daemon``: the seed's run through a real daemon and real worker processes.
+"""``breakerd demo --daemon``: the original run through a real daemon and real worker processes.
 
 Integration tests: each run starts a daemon process (or uses one started
 here), three worker processes with the real openai SDK and the stand-in
@@ -19,9 +19,9 @@ import structlog
 from daemon_helpers import DaemonProcess, short_tmpdir
 
 from breakerd.clients import CircuitState
-from breakerd.clients._admin import ask_daemon
-from breakerd.clients._cli import main
-from breakerd.clients._demo_daemon import PLAN, run_daemon_demo
+from breakerd.clients.cli._admin import ask_daemon
+from breakerd.clients.cli._demo_daemon import PLAN, run_daemon_demo
+from breakerd.clients.cli._main import main
 from breakerd.protocol import Status, StatusRequest
 
 OPEN_TIMEOUT = 0.5

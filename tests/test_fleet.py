@@ -133,7 +133,7 @@ def test_share_off_keeps_a_breaker_to_itself(fleet: Fleet) -> None:
 
 
 def test_opens_only_grow_in_redis(redis_server: RedisServer) -> None:
-    from breakerd.actor._fleet import OPEN_LUA
+    from breakerd.actor.daemon._fleet import OPEN_LUA
 
     r = redis.Redis(unix_socket_path=str(redis_server.socket_path))
     script = r.register_script(OPEN_LUA)
@@ -463,7 +463,7 @@ def test_the_fleet_without_redis_py_is_refused_clearly(tmp_short: Path) -> None:
     # redis-py hidden from the daemon, as on a host without the extra.
     code = (
         "import sys; sys.modules['redis'] = None; "
-        "from breakerd.actor.__main__ import main; raise SystemExit(main(sys.argv[1:]))"
+        "from breakerd.actor.daemon.__main__ import main; raise SystemExit(main(sys.argv[1:]))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code, "--socket", str(tmp_short / "s.sock"), "--config", config],
@@ -516,7 +516,7 @@ def test_an_open_restored_from_the_state_file_is_published(
 
 def test_the_library_on_a_host_without_the_lease_rejects_without_calling(fleet: Fleet) -> None:
     from breakerd.clients import CircuitBreaker, CircuitBreakerOpenError
-    from breakerd.clients._remote import close_all_clients
+    from breakerd.clients._registry import close_all_clients
 
     config = {**TRIPPY, "timeout": 0.3, "half_open_max_wait": 30.0}
     fleet.start("a")

@@ -10,15 +10,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from breakerd.actor._daemon_config import ConfigError, load_config
-from breakerd.actor._fleet_logic import (
+from breakerd.actor._machine import BreakerConfig, Machine
+from breakerd.actor.daemon._config import ConfigError, load_config
+from breakerd.actor.daemon._fleet_logic import (
     Share,
     bound_remaining,
     fleet_deadline,
     parse_message,
     parse_share,
 )
-from breakerd.actor._machine import BreakerConfig, Machine
 from breakerd.protocol import CircuitState, Outcome
 
 

@@ -16,7 +16,7 @@ import anyio.from_thread
 import pytest
 from daemon_helpers import DaemonProcess, RawClient, short_tmpdir
 
-from breakerd.clients._demo import StandInServer, stand_in_server
+from breakerd.clients.cli._demo import StandInServer, stand_in_server
 from breakerd.protocol import Outcome, Report, Snapshot
 
 HERE = Path(__file__).parent

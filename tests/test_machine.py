@@ -101,7 +101,7 @@ def totals(m: Machine) -> tuple[int, int, int, int]:
     return (m.successes, m.failures, m.ignored, m.rejections)
 
 
-# -- the seed scenario and the failure-rate rule -----------------------------------
+# -- the original scenario and the failure-rate rule -----------------------------------
 
 
 def test_defaults_match_the_documented_api() -> None:
@@ -122,7 +122,7 @@ def test_defaults_match_the_documented_api() -> None:
     assert m.window_calls == 0
 
 
-def test_seed_scenario_two_successes_then_three_failures_opens_at_0_6() -> None:
+def test_original_scenario_two_successes_then_three_failures_opens_at_0_6() -> None:
     m = make()  # failure_threshold=0.5, min_calls=5, timeout=30
     for now, outcome in [(0.0, S), (0.5, S), (1.0, F), (1.5, F)]:
         assert call(m, outcome, now) == RecordResult(True)
@@ -138,7 +138,7 @@ def test_seed_scenario_two_successes_then_three_failures_opens_at_0_6() -> None:
     assert m.state is OPEN
     assert m.failure_rate() == pytest.approx(0.6)
     assert (m.successes, m.failures) == (2, 3)
-    # Requests 5 and 6 of the seed are rejected, with the time left.
+    # Requests 5 and 6 of the original script are rejected, with the time left.
     rejected = m.acquire(2.5)
     assert not rejected.admitted
     assert rejected.retry_after == pytest.approx(29.5)

@@ -21,11 +21,12 @@ from daemon_helpers import DaemonProcess, poll_until, wait_for
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from breakerd.actor import ActorSystem, ConfigError, load_config
-from breakerd.actor._daemon_config import parse_metrics_address
+from breakerd.actor import ActorSystem
+from breakerd.actor.daemon import ConfigError, load_config
+from breakerd.actor.daemon._config import parse_metrics_address
 from breakerd.actor.testing import FakeClock
 from breakerd.clients import CircuitBreaker, CircuitBreakerOpenError, CircuitState
-from breakerd.clients._remote import close_all_clients
+from breakerd.clients._registry import close_all_clients
 from breakerd.clients.metrics import BreakerCollector
 
 P = "breakerd_circuitbreaker_"
@@ -268,7 +269,7 @@ def test_metrics_without_the_extra_is_a_clear_error(tmp_short: Path) -> None:
     code = (
         "import sys\n"
         "sys.modules['prometheus_client'] = None\n"  # as if not installed
-        "from breakerd.clients._cli import main\n"
+        "from breakerd.clients.cli._main import main\n"
         f"sys.exit(main(['serve', '--socket', {str(tmp_short / 's.sock')!r}, "
         "'--metrics', '127.0.0.1:9']))\n"
     )

@@ -28,10 +28,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from breakerd.actor import BreakerConfig
-from breakerd.actor._daemon_config import ConfigError, load_config
+from breakerd.actor.daemon._config import ConfigError, load_config
 from breakerd.clients import DaemonClient, DaemonUnavailableError, RemoteBreaker
-from breakerd.clients._admin import ask_daemon
-from breakerd.clients._cli_daemon import printable
+from breakerd.clients.cli._admin import ask_daemon
+from breakerd.clients.cli._daemon_commands import printable
 from breakerd.protocol import (
     NEED_DATA,
     Acquire,
@@ -71,7 +71,7 @@ def breakerd(*args: str) -> subprocess.CompletedProcess[str]:
 
 def start_daemon(socket_path: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "breakerd.actor", "--socket", str(socket_path)],
+        [sys.executable, "-m", "breakerd.actor.daemon", "--socket", str(socket_path)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

@@ -22,17 +22,17 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from breakerd.actor._actor import BreakerActor
-from breakerd.actor._daemon_config import ConfigError, load_config, with_state_file
 from breakerd.actor._machine import BreakerConfig, Machine
-from breakerd.actor._reload import reload_config
-from breakerd.actor._server import Daemon
-from breakerd.actor._state_file import (
+from breakerd.actor.daemon._config import ConfigError, load_config, with_state_file
+from breakerd.actor.daemon._reload import reload_config
+from breakerd.actor.daemon._server import Daemon
+from breakerd.actor.daemon._state_file import (
     StateFile,
     StateFileError,
     decode_state,
     encode_state,
 )
-from breakerd.actor._systemd import watchdog
+from breakerd.actor.daemon._systemd import watchdog
 from breakerd.actor.testing import FakeClock
 from breakerd.protocol import CircuitState, Outcome
 

@@ -15,9 +15,9 @@ from daemon_helpers import DaemonProcess, RawClient
 from hypothesis import given
 from hypothesis import strategies as st
 
-from breakerd.actor._daemon_config import ConfigError, load_config
-from breakerd.actor._serve_main import resolve_loop
-from breakerd.actor._state_table import SharedStateTable
+from breakerd.actor.daemon._config import ConfigError, load_config
+from breakerd.actor.daemon._serve import resolve_loop
+from breakerd.actor.daemon._state_table import SharedStateTable
 from breakerd.clients import CircuitBreaker, CircuitState, RemoteBreaker
 from breakerd.protocol import (
     NEED_DATA,

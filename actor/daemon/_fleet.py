@@ -35,6 +35,7 @@ import structlog
 
 from breakerd.protocol import Admin, AdminOp, BreakerError, CircuitState
 
+from .._machine import Transition
 from ._fleet_logic import (
     MAX_RECONNECT_DELAY,
     FleetSettings,
@@ -44,12 +45,11 @@ from ._fleet_logic import (
     parse_message,
     parse_opens,
 )
-from ._machine import Transition
 
 if TYPE_CHECKING:
     from breakerd.protocol import Snapshot
 
-    from ._actor import BreakerActor
+    from .._actor import BreakerActor
 
 __all__ = ["ADMIN_LUA", "CLOSE_LUA", "OPEN_LUA", "READ_LUA", "TRIAL_LUA", "FleetLink"]
 

@@ -19,7 +19,7 @@ from breakerd.protocol import (
     ResponseReceived,
 )
 
-from ._peer import trusted_uids, untrusted_peer
+from .._peer import trusted_uids, untrusted_peer
 
 __all__ = ["ask_daemon", "connect_to_daemon", "next_daemon_event"]
 

@@ -1,11 +1,11 @@
 """``breakerd demo``: the original breaker example, replayed end to end.
 
-The seed wrapped ``chat.completions.create`` in a breaker and printed ten
+The original script wrapped ``chat.completions.create`` in a breaker and printed ten
 requests: two answers, three timeouts, the breaker opening at a 60% failure
 rate, two fallbacks, a half-open trial and recovery. Here the same ten
 requests go through the real openai SDK to a scripted stand-in server on
 127.0.0.1, so the run needs no network and no API key, and takes seconds
-instead of the seed's thirty-second open timeout.
+instead of the original script's thirty-second open timeout.
 
 The stand-in is a deliberately small HTTP/1.1 server (Content-Length bodies,
 keep-alive) written on anyio streams: enough for the SDK, and it counts every
@@ -32,7 +32,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from breakerd.actor import ActorSystem, Transition
 from breakerd.protocol import CircuitBreakerOpenError, CircuitState
 
-from ._breaker import CircuitBreaker
+from .._breaker import CircuitBreaker
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
@@ -55,7 +55,7 @@ SCRIPT: Final[tuple[Action, ...]] = ("answer", "answer", "stall", "stall", "stal
 
 Kind = Literal["success", "failure", "fallback"]
 
-#: The seed's ten calls as it printed them; the open timeout is waited out
+#: The original script's ten calls as it printed them; the open timeout is waited out
 #: before the trial call.
 EXPECTED: Final[tuple[Kind, ...]] = (
     *("success", "success"),
@@ -70,7 +70,7 @@ MODEL: Final = "gpt-4"
 FAILURE_THRESHOLD: Final = 0.5
 MIN_CALLS: Final = 5
 #: Slack after the open deadline, so the trial is not refused by a hair.
-_DEADLINE_MARGIN: Final = 0.05
+DEADLINE_MARGIN: Final = 0.05
 
 _MAX_HEAD: Final = 64 * 1024
 _MAX_BODY: Final = 1024 * 1024
@@ -273,9 +273,9 @@ async def stand_in_server(
 # -- the scenario -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class RequestResult:
-    """What became of one of the demo's calls."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallResult:
+    """What became of one call, as the demo prints it (embedded or through a daemon)."""
 
     index: int
     prompt: str
@@ -292,6 +292,12 @@ class RequestResult:
     state: CircuitState
     #: For a fallback: seconds the breaker still had to stay open.
     retry_after: float | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestResult(CallResult):
+    """What became of one of the embedded demo's calls."""
+
     #: State changes this call caused, in order.
     transitions: tuple[Transition, ...]
 
@@ -308,7 +314,7 @@ class DemoResult:
         return [request.kind for request in self.requests]
 
     def problems(self) -> list[str]:
-        """Where the run strayed from the seed's script (empty when it did not)."""
+        """Where the run strayed from the original script's script (empty when it did not)."""
         found: list[str] = []
         expected = list(EXPECTED)
         if self.kinds() != expected:
@@ -340,7 +346,7 @@ class DemoResult:
         return found
 
 
-class _Printer:
+class Printer:
     def __init__(self, out: TextIO | None) -> None:
         self._out = out
 
@@ -355,7 +361,7 @@ async def run_demo(
     open_timeout: float = 1.0,
     client_timeout: float = 0.3,
 ) -> DemoResult:
-    """Replay the seed's ten calls; print the story to ``out`` and return what happened.
+    """Replay the original script's ten calls; print the story to ``out`` and return what happened.
 
     Runs on its own ``ActorSystem``, started here and stopped before returning,
     so it shares no breaker with the host application.
@@ -363,7 +369,7 @@ async def run_demo(
     # Imported here: importing breakerd must not pay for the openai SDK.
     import openai
 
-    say = _Printer(out)
+    say = Printer(out)
     clock = time.monotonic
     started = clock()
     system = await anyio.to_thread.run_sync(ActorSystem(clock=clock).start)
@@ -441,7 +447,7 @@ async def _play(
             error: str | None = None
             try:
                 # The prompt goes through call() so the fallback gets it too:
-                # the seed's fallback wanted it, but its call() passed nothing.
+                # the original script's fallback wanted it, but its call() passed nothing.
                 text = await breaker.call(call_llm, prompt)
             except Exception as exc:
                 kind: Kind = "failure"
@@ -540,7 +546,7 @@ async def _wait_out_open(
     open_until = breaker.snapshot.open_until
     if breaker.state is not CircuitState.OPEN or open_until is None:
         return
-    delay = max(0.0, open_until - clock()) + _DEADLINE_MARGIN
+    delay = max(0.0, open_until - clock()) + DEADLINE_MARGIN
     say(f"waiting {delay:.1f}s for the open timeout to pass...")
     await anyio.sleep(delay)
 
@@ -598,19 +604,7 @@ def main_demo(
     # callers (tests, an embedding app) keep their own configuration.
     was_configured = structlog.is_configured()
     previous = structlog.get_config()
-    if verbose:
-        structlog.configure(
-            processors=[
-                structlog.processors.add_log_level,
-                structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False),
-                structlog.dev.ConsoleRenderer(colors=False),
-            ],
-            logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-            cache_logger_on_first_use=False,
-        )
-    else:
-        # The demo prints every transition itself; the log would say it twice.
-        structlog.configure(processors=[_drop_event], cache_logger_on_first_use=False)
+    configure_demo_logging(verbose)
     try:
         result = anyio.run(
             lambda: run_demo(out, open_timeout=open_timeout, client_timeout=client_timeout)
@@ -626,5 +620,22 @@ def main_demo(
     return 0
 
 
-def _drop_event(logger: object, method: str, event: Mapping[str, Any]) -> Any:
+def drop_event(logger: object, method: str, event: Mapping[str, Any]) -> Any:
     raise structlog.DropEvent
+
+
+def configure_demo_logging(verbose: bool) -> None:
+    """breakerd's own events on stderr with ``-v``; otherwise none."""
+    if verbose:
+        structlog.configure(
+            processors=[
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False),
+                structlog.dev.ConsoleRenderer(colors=False),
+            ],
+            logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+            cache_logger_on_first_use=False,
+        )
+    else:
+        # The demo prints every transition itself; the log would say it twice.
+        structlog.configure(processors=[drop_event], cache_logger_on_first_use=False)

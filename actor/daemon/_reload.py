@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Final
 from breakerd.protocol import StatePush, frame_notification
 
 from . import _systemd as systemd
-from ._daemon_config import ConfigError, DaemonSettings, load_config
+from ._config import ConfigError, DaemonSettings, load_config
 
 if TYPE_CHECKING:
     from ._server import Daemon

@@ -15,7 +15,7 @@ import structlog
 from breakerd.protocol import MAX_SOCKET_PATH, default_socket_path
 
 from . import _systemd as systemd
-from ._daemon_config import (
+from ._config import (
     ConfigError,
     MetricsUnavailableError,
     load_config,

@@ -29,7 +29,7 @@ from typing import Any, Final
 import anyio
 import structlog
 
-from ._actor import BreakerActor
+from .._actor import BreakerActor
 
 __all__ = [
     "SD_LISTEN_FDS_START",

@@ -19,7 +19,7 @@ from typing import NoReturn, TextIO
 
 from breakerd.protocol import BreakerError
 
-from ._cli_daemon import add_admin_commands, add_events, add_serve, add_status
+from ._daemon_commands import add_admin_commands, add_events, add_serve, add_status
 
 __all__ = ["main"]
 

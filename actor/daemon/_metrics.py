@@ -44,7 +44,7 @@ from prometheus_client.registry import Collector
 
 from breakerd.protocol import BreakerError, BreakerStatus, CircuitState, StatusRequest
 
-from ._actor import BreakerActor
+from .._actor import BreakerActor
 
 __all__ = ["BreakerCollector", "BreakerReading", "MetricsServer"]
 

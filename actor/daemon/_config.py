@@ -45,8 +45,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
+from .._machine import BreakerConfig
 from ._fleet_logic import FleetSettings, Share, parse_share
-from ._machine import BreakerConfig
 from ._state_table import DEFAULT_STATE_TABLE_SLOTS
 
 __all__ = [

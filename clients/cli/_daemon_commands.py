@@ -86,7 +86,7 @@ def add_serve(subparsers: Any) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from breakerd.actor._serve_main import serve_main
+    from breakerd.actor.daemon._serve import serve_main
 
     return serve_main(
         _socket(args),

@@ -38,8 +38,8 @@ from typing import Any, Final
 import anyio
 import structlog
 
-from ._actor import BreakerActor
-from ._machine import Machine, Transition
+from .._actor import BreakerActor
+from .._machine import Machine, Transition
 
 __all__ = [
     "SNAPSHOT_INTERVAL",

@@ -1,15 +1,15 @@
-"""``python -m breakerd.actor --socket PATH [--config FILE]``: run the daemon."""
+"""``python -m breakerd.actor.daemon --socket PATH [--config FILE]``: run the daemon."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from ._serve_main import LOOPS, serve_main
+from ._serve import LOOPS, serve_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m breakerd.actor", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m breakerd.actor.daemon", description=__doc__)
     parser.add_argument("--socket", type=Path, default=None, help="Unix socket path")
     parser.add_argument("--config", type=Path, default=None, help="TOML config file")
     parser.add_argument(
