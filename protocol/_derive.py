@@ -94,6 +94,8 @@ class MapCodec(Generic[_M]):
     cls: type[_M]
     encode: Callable[[_M], WireMap]
     decode: Callable[[WireMap, str], _M]
+    #: The encoder's generated source, for a reader ("" when written by hand).
+    source: str = ""
 
 
 class _NoShortcut:
@@ -263,7 +265,7 @@ def _nested(codec: MapCodec[Any]) -> _Type:
 
 
 def _as_arrays(cls: type[Any], n: int, nested: Mapping[type, MapCodec[Any]]) -> _Type:
-    """A message as the array of its first ``n`` fields, all required."""
+    """An array of messages, each as the array of its first ``n`` fields, all required."""
     fields = dataclasses.fields(cls)[:n]
     hints = typing.get_type_hints(cls, include_extras=True)
     keys = tuple(f.name for f in fields)
@@ -277,7 +279,9 @@ def _as_arrays(cls: type[Any], n: int, nested: Mapping[type, MapCodec[Any]]) -> 
         at = f"{where}.{key}"
         return cls(*[c(x, at, k) for c, x, k in zip(checks, v, keys, strict=False)])
 
-    return _Type(check_item, lambda m: list(getter(m)), expected)
+    array = _array(_Type(check_item, None, expected))
+    # Tuples pack as arrays: one C-level pass, no list per item.
+    return _Type(array.check, lambda v: list(map(getter, v)), "an array")
 
 
 def _type_of(
@@ -344,6 +348,7 @@ def derive(
     ``nested``: the codecs to use for messages inside this one (a hand-tuned
     one, say); others are derived as they come.
     """
+    message: type[_M] = cls  # as given: is_dataclass() below narrows `cls`
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls.__name__} is not a dataclass")
     nested = nested or {}
@@ -363,7 +368,7 @@ def derive(
         group = tuple(groups[rules.group]) if rules.group is not None else ()
         if rules.arrays is not None:
             item = typing.get_args(hints[f.name])[0]
-            t = _array(_as_arrays(item, rules.arrays, nested))
+            t = _as_arrays(item, rules.arrays, nested)
         else:
             t = _type_of(cls, f.name, hints[f.name], nested, " and ".join(group) or None)
         factory = None if f.default_factory is dataclasses.MISSING else f.default_factory
@@ -393,95 +398,85 @@ def derive(
                 t.exact,
             )
         )
-    return MapCodec(cls, _encoder(cls, tuple(specs), tag), _decoder(cls, tuple(specs)))
+    encode, source = _encoder(message, tuple(specs), tag)
+    return MapCodec(message, encode, _decoder(message, tuple(specs)), source)
 
 
-_Step: TypeAlias = Callable[[Any, WireMap], None]
+def _encoder(
+    cls: type[_M], specs: tuple[_Field, ...], tag: str | None
+) -> tuple[Callable[[_M], WireMap], str]:
+    source, namespace = _encoder_source(cls, specs, tag)
+    # Generated source, as dataclasses generates __init__: a map built by a
+    # dict display costs what a hand-written encoder costs, where a loop over
+    # the fields costs 3-6 times as much (bench/bench_codec.py).
+    # Safe to exec: the names in it are the dataclass's fields, checked identifiers.
+    exec(source, namespace)
+    encode: Callable[[_M], WireMap] = namespace["encode"]
+    return encode, source
 
 
-def _encoder(cls: type[_M], specs: tuple[_Field, ...], tag: str | None) -> Callable[[_M], WireMap]:
-    # One step per run of fields sent always (msgpack keeps a map's order, so
-    # the steps follow the fields), per group, and per conditional field.
-    steps: list[_Step] = []
+def _differs(i: int, default: object, namespace: dict[str, Any]) -> str:
+    """The test that ``v`` is not ``default``: identity and truth where they say it."""
+    if default is None:
+        return "v is not None"
+    if default is True:
+        return "v is not True"
+    if type(default) in (int, float, bool, str, tuple) and not default:
+        return "v"  # 0, 0.0, False, "", (): what the hand-written encoders tested
+    namespace[f"default_{i}"] = default
+    return f"v != default_{i}"
+
+
+def _encoder_source(
+    cls: type[Any], specs: tuple[_Field, ...], tag: str | None
+) -> tuple[str, dict[str, Any]]:
+    """The source of ``cls``'s encoder and the names it uses."""
+    namespace: dict[str, Any] = {}
+
+    def value(i: int, s: _Field, v: str) -> str:
+        if s.encode is None:
+            return v
+        namespace[f"encode_{i}"] = s.encode
+        return f"encode_{i}({v})"
+
+    head = [] if tag is None else [f"{'type'!r}: {tag!r}"]
+    body: list[str] = []
     i = 0
     while i < len(specs):
         s = specs[i]
-        if s.send == _ALWAYS:
-            j = next((k for k in range(i, len(specs)) if specs[k].send != _ALWAYS), len(specs))
-            steps.append(_put_all(specs[i:j]))
+        if not s.key.isidentifier():
+            raise TypeError(f"{cls.__name__}: {s.key!r} is no identifier")
+        if s.send == _ALWAYS and not body:
+            # Sent always, before anything conditional: in the display.
+            head.append(f"{s.key!r}: {value(i, s, 'm.' + s.key)}")
+        elif s.send == _ALWAYS:
+            body.append(f"d[{s.key!r}] = {value(i, s, 'm.' + s.key)}")
         elif s.send == _WITH_GROUP:
-            j = i + len(s.group)
-            if tuple(f.key for f in specs[i:j]) != s.group:
+            # A group is sent whole, its fields in order: they must be adjacent.
+            n = len(s.group)
+            if tuple(f.key for f in specs[i : i + n]) != s.group:
                 raise TypeError(f"{cls.__name__}.{s.key}: the fields of a group must be adjacent")
-            steps.append(_put_group(specs[i:j]))
+            namespace[f"defaults_{i}"] = tuple(f.default for f in specs[i : i + n])
+            body.append(f"g = ({', '.join('m.' + k for k in s.group)},)")
+            body.append(f"if g != defaults_{i}:")
+            body += [
+                f"    d[{f.key!r}] = {value(i + j, f, f'g[{j}]')}"
+                for j, f in enumerate(specs[i : i + n])
+            ]
+            i += n
+            continue
+        elif s.send == _WITH_FIELD:
+            body.append(f"if {s.leader!r} in d:")
+            body.append(f"    d[{s.key!r}] = {value(i, s, 'm.' + s.key)}")
         else:
-            j = i + 1
-            steps.append(_put_one(s))
-        i = j
-    first = {} if tag is None else {"type": tag}
-    run = tuple(steps)
-
-    def encode(m: _M) -> WireMap:
-        d = first.copy()
-        for step in run:
-            step(m, d)
-        return d
-
-    return encode
-
-
-def _put_all(specs: tuple[_Field, ...]) -> _Step:
-    encoders = tuple((s.key, enc) for s in specs if (enc := s.encode) is not None)
-    if len(specs) == 1 and not encoders:
-        key = specs[0].key
-
-        def put_one(m: Any, d: WireMap) -> None:
-            d[key] = getattr(m, key)
-
-        return put_one
-    keys = tuple(s.key for s in specs)
-    getter = operator.attrgetter(*keys)
-    if len(keys) == 1:
-        ((key, enc),) = encoders
-
-        def put_encoded(m: Any, d: WireMap) -> None:
-            d[key] = enc(getattr(m, key))
-
-        return put_encoded
-
-    def put_all(m: Any, d: WireMap) -> None:
-        d.update(zip(keys, getter(m), strict=True))
-        for key, enc in encoders:
-            d[key] = enc(d[key])
-
-    return put_all
-
-
-def _put_group(specs: tuple[_Field, ...]) -> _Step:
-    keys = tuple(s.key for s in specs)
-    encoders = tuple(s.encode for s in specs)
-    getter = operator.attrgetter(*keys)
-    defaults = tuple(s.default for s in specs)
-
-    def put_group(m: Any, d: WireMap) -> None:
-        values = getter(m)
-        if values != defaults:
-            for key, enc, v in zip(keys, encoders, values, strict=True):
-                d[key] = v if enc is None else enc(v)
-
-    return put_group
-
-
-def _put_one(s: _Field) -> _Step:
-    key, enc, default, leader = s.key, s.encode, s.default, s.leader
-    with_leader = s.send == _WITH_FIELD
-
-    def put_one(m: Any, d: WireMap) -> None:
-        v = getattr(m, key)
-        if (leader in d) if with_leader else (v != default):
-            d[key] = v if enc is None else enc(v)
-
-    return put_one
+            body.append(f"v = m.{s.key}")
+            body.append(f"if {_differs(i, s.default, namespace)}:")
+            body.append(f"    d[{s.key!r}] = {value(i, s, 'v')}")
+        i += 1
+    lines = ["def encode(m):", f"    d = {{{', '.join(head)}}}"]
+    lines += [f"    {line}" for line in body]
+    lines.append("    return d")
+    return "\n".join(lines) + "\n", namespace
 
 
 def _decoder(cls: type[_M], specs: tuple[_Field, ...]) -> Callable[[WireMap, str], _M]:

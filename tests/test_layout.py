@@ -101,7 +101,6 @@ BEING_SPLIT = {
     "actor/_machine.py": 1181,
     "clients/_breaker.py": 929,
     "clients/_daemon_client.py": 1067,
-    "protocol/_codec.py": 1058,
 }
 
 
