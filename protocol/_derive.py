@@ -2,8 +2,11 @@
 
 ``derive(cls)`` reads a message's fields (their types, defaults and ``_wire``
 metadata) and builds two functions: an encoder, message to map, and a
-checker, map to message. Nothing is generated as source: each field gets a
-small closure picked by its type, and a message's codec walks its fields.
+checker, map to message. The checker walks the fields, each with a small
+closure picked by its type. The encoder is generated source (as dataclasses
+generates ``__init__``; ``MapCodec.source`` shows it): one dict display and
+an ``if`` per optional field, what a hand-written encoder would be, where a
+loop over the fields cost 3 to 6 times as much.
 
 Types a field may have, and what the checker accepts for them:
 
@@ -406,10 +409,8 @@ def _encoder(
     cls: type[_M], specs: tuple[_Field, ...], tag: str | None
 ) -> tuple[Callable[[_M], WireMap], str]:
     source, namespace = _encoder_source(cls, specs, tag)
-    # Generated source, as dataclasses generates __init__: a map built by a
-    # dict display costs what a hand-written encoder costs, where a loop over
-    # the fields costs 3-6 times as much (bench/bench_codec.py).
-    # Safe to exec: the names in it are the dataclass's fields, checked identifiers.
+    # Safe to exec: the only names in it are the dataclass's fields (checked
+    # identifiers) and the namespace's own.
     exec(source, namespace)
     encode: Callable[[_M], WireMap] = namespace["encode"]
     return encode, source
