@@ -229,10 +229,15 @@ def _array(item: _Type) -> _Type:
     encode = item.encode
     expected = "an array"
 
+    exact = item.exact
+
     def check_array(v: object, where: str, key: str) -> object:
         if type(v) is not list:
             raise bad(where, key, expected, v)
-        return tuple([check(x, where, f"{key}[{i}]") for i, x in enumerate(v)])
+        for x in v:
+            if type(x) is not exact:
+                return tuple([check(x, where, f"{key}[{i}]") for i, x in enumerate(v)])
+        return tuple(v)  # every entry as it is: no label to build
 
     if encode is None:
         return _Type(check_array, None, expected)
@@ -483,24 +488,56 @@ def _encoder_source(
 
 
 def _decoder(cls: type[_M], specs: tuple[_Field, ...]) -> Callable[[WireMap, str], _M]:
-    plan = tuple(
-        (s.key, s.exact, s.check, s.required, s.default, s.factory, s.group) for s in specs
-    )
-    make: Callable[..., _M] = cls
-
-    def decode(d: WireMap, where: str) -> _M:
-        args = []
-        for key, exact, check, required, default, factory, group in plan:
-            v = d.get(key, MISSING)
-            if type(v) is exact:
-                # The usual case of a plain field, without calling its checker.
-                args.append(v)
-            elif v is not MISSING:
-                args.append(check(v, where, key))
-            elif required or (group and not d.keys().isdisjoint(group)):
-                raise bad(where, key, "", v)
-            else:
-                args.append(default if factory is None else factory())
-        return make(*args)
-
+    # Generated as the encoder is, for the same reason: each field is one
+    # lookup and one type test inline, its default inline when absent;
+    # anything else (a conversion, an enum, a nested message, a fault) goes
+    # to the field's checker, and a missing required field to `field_i`.
+    namespace: dict[str, Any] = {"MISSING": MISSING, "make": cls}
+    lines = ["def decode(d, where):", "    get = d.get"]
+    for i, s in enumerate(specs):
+        namespace[f"field_{i}"] = _field_reader(s)
+        namespace[f"check_{i}"] = s.check
+        lines += [f"    v{i} = get({s.key!r}, MISSING)", f"    if v{i} is MISSING:"]
+        if s.required:
+            lines.append(f"        v{i} = field_{i}(d, v{i}, where)")  # raises
+        elif s.group:
+            namespace[f"default_{i}"] = s.default
+            absent = " and ".join(f"{k!r} not in d" for k in s.group)
+            lines.append(f"        v{i} = default_{i} if {absent} else field_{i}(d, v{i}, where)")
+        elif s.factory is not None:
+            namespace[f"factory_{i}"] = s.factory
+            lines.append(f"        v{i} = factory_{i}()")
+        else:
+            namespace[f"default_{i}"] = s.default
+            lines.append(f"        v{i} = default_{i}")
+        if s.exact is _NoShortcut:
+            lines.append("    else:")
+        else:
+            namespace[f"exact_{i}"] = s.exact
+            lines.append(f"    elif type(v{i}) is not exact_{i}:")
+        lines.append(f"        v{i} = check_{i}(v{i}, where, {s.key!r})")
+    lines.append(f"    return make({', '.join(f'v{i}' for i in range(len(specs)))})")
+    exec("\n".join(lines) + "\n", namespace)
+    decode: Callable[[WireMap, str], _M] = namespace["decode"]
     return decode
+
+
+def _field_reader(s: _Field) -> Callable[[WireMap, object, str], object]:
+    """Field ``s`` from its value ``v`` in map ``d`` (``MISSING`` when absent)."""
+    key, check, required, default, factory, group = (
+        s.key,
+        s.check,
+        s.required,
+        s.default,
+        s.factory,
+        s.group,
+    )
+
+    def read(d: WireMap, v: object, where: str) -> object:
+        if v is not MISSING:
+            return check(v, where, key)
+        if required or (group and not d.keys().isdisjoint(group)):
+            raise bad(where, key, "", v)
+        return default if factory is None else factory()
+
+    return read
