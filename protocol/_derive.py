@@ -50,7 +50,7 @@ __all__ = ["MISSING", "Check", "MapCodec", "WireMap", "bad", "derive", "wire_typ
 _M = TypeVar("_M")
 
 #: One msgpack map as msgpack gives it or takes it.
-WireMap: TypeAlias = dict[str, Any]
+WireMap: TypeAlias = dict[str, object]
 #: Check one wire value: ``(value, where, key) -> value``, raising
 #: ``RemoteProtocolError`` that names ``where`` and ``key``.
 Check: TypeAlias = Callable[[object, str, str], object]
