@@ -178,7 +178,7 @@ _NOTIFICATIONS: Final[dict[str, type[NotificationMessage]]] = {
 # Every encoder and checker is derived, as fast as a hand-written one would
 # be for most messages. Three decoders stay hand-tuned, where
 # bench/bench_codec.py --fast-paths shows the derived checker costing more on
-# the hot path (1.25x for a snapshot, 1.2x for an admission, 2x for 100
+# the hot path (1.2-1.3x for a snapshot or an admission, 2.1x for 100
 # report items): a snapshot comes with nearly every reply and push, an
 # admission answers every strict acquire, a report item stands for one call.
 # Each checks the usual shape in one expression and hands anything else (ints
