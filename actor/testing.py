@@ -1,4 +1,4 @@
-"""Helpers for testing code that uses breakerd (shipped, like structlog.testing)."""
+"""The runtime's fake clock; users import it as ``breakerd.clients.testing.FakeClock``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,10 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self._now
+
+    def sleep(self, seconds: float) -> None:
+        """What a waiting call does on this clock: time passes at once (never back)."""
+        self.advance(max(seconds, 0.0))
 
     def advance(self, seconds: float) -> float:
         """Move time forward (never back) and return the new instant."""

@@ -39,6 +39,8 @@ from breakerd.protocol import (
     Status,
     TransitionEvent,
     Welcome,
+)
+from breakerd.protocol._codec import (
     decode_message,
     encode_notification,
     encode_request,

@@ -17,7 +17,6 @@ import inspect
 import os
 import threading
 import time
-import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final, ParamSpec, TypeVar, cast, overload
@@ -50,9 +49,11 @@ from breakerd.protocol import (
     new_open_error,
 )
 
+from ._budgeted import BreakerBudgets, attempt_only
 from ._classify import Classifier, ClassifyFunc, RateLimited, Verdict
-from ._daemon_client import check_socket_path
+from ._daemon_socket import check_socket_path
 from ._fallback import ON_UNAVAILABLE, OnUnavailable
+from ._globals import live_breakers
 from ._link import RemoteBreaker
 from ._scopes import (
     DEFAULT_MAX_SCOPES,
@@ -82,7 +83,7 @@ _SUCCESS: Final = Outcome.SUCCESS
 _STATE_NAMES: Final[dict[CircuitState, str]] = {state: state.value for state in CircuitState}
 
 
-class CircuitBreaker:
+class CircuitBreaker(BreakerBudgets):
     """A circuit breaker around calls to one service.
 
     Every ``CircuitBreaker`` with the same name in a process shares one breaker
@@ -156,11 +157,15 @@ class CircuitBreaker:
             forgotten (default 3600).
         max_scopes: Live scopes at most (default 256); a new key past it is
             governed by the parent alone, with a warning logged once.
+        max_rate, burst, max_concurrent, wait: Budgets, none by default: a
+            paced request rate (``"500/min"``), calls at once after idling
+            (1), calls in flight at most, and seconds a call may wait to be
+            admitted (0); see ``BreakerBudgets``.
         record: Exception types that count as failures (default: all).
         ignore: Exception types that count as neither success nor failure.
         classify: ``classify(exc)`` returning an ``Outcome``, ``RateLimited`` or
             None (fall through to the other rules). Runs first.
-        openai: Apply the openai SDK rules (see ``breakerd.clients.classify_openai``).
+        openai: Apply the openai SDK rules (see ``breakerd.clients.openai.classify_openai``).
         strict: Send every acquire to the actor instead of admitting from the
             snapshot (slower; exact admission under heavy concurrency).
         system: The actor system to use (default: the process-wide one). In
@@ -199,6 +204,10 @@ class CircuitBreaker:
         system: ActorSystem | None = None,
         on_unavailable: OnUnavailable = "local",
         daemon_timeout: float = DEFAULT_DAEMON_TIMEOUT,
+        max_rate: str | None = None,
+        burst: int | None = None,
+        max_concurrent: int | None = None,
+        wait: float = 0.0,
     ) -> None:
         if fallback is not None and not callable(fallback):
             raise TypeError(f"fallback must be callable, got {fallback!r}")
@@ -243,7 +252,7 @@ class CircuitBreaker:
             self._bind(system or default_system())
         else:
             self._bind_daemon(daemon_path)
-        _live_breakers.add(self)
+        live_breakers.add(self)
         self._scopes: Scopes | None = None
         if scope is not None:
             settings = {
@@ -272,6 +281,7 @@ class CircuitBreaker:
                 "daemon_timeout": daemon_timeout,
             }
             self._init_scopes(scope, scope_ttl, max_scopes, settings)
+        BreakerBudgets.__init__(self, max_rate, burst, max_concurrent, wait)
 
     def _init_scopes(
         self, scope: object, ttl: float, max_scopes: int, settings: dict[str, Any]
@@ -305,7 +315,7 @@ class CircuitBreaker:
             return child
 
         def forget(child: CircuitBreaker) -> None:
-            _live_breakers.discard(child)
+            live_breakers.discard(child)
             system = child._system
             if child.daemon_path is None and system is not None:
                 system.remove(child.name)  # an expired scope's actor stops
@@ -420,8 +430,9 @@ class CircuitBreaker:
         system = self._system
         return system is not None and threading.get_ident() == system.loop_thread_id
 
-    def _forked(self) -> None:
-        # Runs in the child right after fork(): no thread may be started here,
+    def after_fork_in_child(self) -> None:
+        """Internal: breakerd's at-fork hook runs this in a forked child."""
+        # Right after fork(): no thread may be started here,
         # so point the hot path at a placeholder whose state sends every call
         # down the slow path, which rebinds first.
         self._actor = cast(BreakerActor, _ForkedPlaceholder(self.name))
@@ -756,7 +767,7 @@ class CircuitBreaker:
         self, error: CircuitBreakerOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         fallback = self.fallback
-        if fallback is None:
+        if fallback is None or attempt_only.get():
             raise error
         result = fallback(*args, **kwargs)
         if inspect.isawaitable(result):
@@ -767,7 +778,7 @@ class CircuitBreaker:
         self, error: CircuitBreakerOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         fallback = self.fallback
-        if fallback is None:
+        if fallback is None or attempt_only.get():
             raise error
         result = fallback(*args, **kwargs)
         if inspect.isawaitable(result):
@@ -864,17 +875,6 @@ class _ForkedPlaceholder:
 
     def post_rejection(self, count: int = 1) -> None:
         pass
-
-
-_live_breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for breaker in list(_live_breakers):
-        breaker._forked()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _daemon_path(

@@ -61,12 +61,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias, TypeVar
 
+from ._budget_wire import budget_grant, budget_grant_map, budget_request, budget_request_map
 from ._derive import MISSING, MapCodec, bad, derive, wire_type
 from ._errors import BreakerError, RemoteProtocolError, error_from_code
 from ._messages import (
     Acquire,
     Admin,
     Admission,
+    BudgetGrant,
+    BudgetRequest,
     CircuitState,
     Hello,
     Outcome,
@@ -102,8 +105,12 @@ REQUEST: Final = 0
 RESPONSE: Final = 1
 NOTIFICATION: Final = 2
 
-RequestMessage: TypeAlias = Hello | Register | Acquire | Report | Admin | StatusRequest | Subscribe
-ResultMessage: TypeAlias = Welcome | Registered | Admission | Snapshot | Status | Subscribed
+RequestMessage: TypeAlias = (
+    Hello | Register | Acquire | Report | Admin | StatusRequest | Subscribe | BudgetRequest
+)
+ResultMessage: TypeAlias = (
+    Welcome | Registered | Admission | Snapshot | Status | Subscribed | BudgetGrant
+)
 NotificationMessage: TypeAlias = StatePush | ReportBatch | TransitionEvent
 
 _Map: TypeAlias = dict[str, Any]
@@ -157,6 +164,7 @@ _REQUESTS: Final[dict[str, type[RequestMessage]]] = {
     "admin": Admin,
     "status": StatusRequest,
     "subscribe": Subscribe,
+    "budget": BudgetRequest,
 }
 _RESULTS: Final[dict[str, type[ResultMessage]]] = {
     "welcome": Welcome,
@@ -165,6 +173,7 @@ _RESULTS: Final[dict[str, type[ResultMessage]]] = {
     "snapshot": Snapshot,
     "status": Status,
     "subscribed": Subscribed,
+    "budget_grant": BudgetGrant,
 }
 _NOTIFICATIONS: Final[dict[str, type[NotificationMessage]]] = {
     "reports": ReportBatch,
@@ -364,11 +373,19 @@ def _counts(raw: list[Any], width: int) -> tuple[Any, ...] | None:
 _FAST: Final[dict[type, MapCodec[Any]]] = {
     Snapshot: MapCodec(Snapshot, _DERIVED_SNAPSHOT.encode, _snapshot)
 }
-_FAST_ENCODERS: Final[dict[type, Callable[[Any], _Map]]] = {Snapshot: _snapshot_result_map}
+# The budget messages keep their own hand-written codec (``_budget_wire``:
+# finite numbers, known limit names), registered here as it is.
+_FAST_ENCODERS: Final[dict[type, Callable[[Any], _Map]]] = {
+    Snapshot: _snapshot_result_map,
+    BudgetRequest: budget_request_map,
+    BudgetGrant: budget_grant_map,
+}
 _FAST_DECODERS: Final[dict[type, Callable[[_Map, str], Any]]] = {
     Snapshot: _snapshot,
     Admission: _admission,
     ReportBatch: _reports,
+    BudgetRequest: lambda d, where: budget_request(d),
+    BudgetGrant: lambda d, where: budget_grant(d),
 }
 
 

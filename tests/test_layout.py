@@ -26,6 +26,10 @@ THIRD_PARTY_PRIVATES = {
     # The SDK's retry loop has no public hook; it is replaced on a private copy
     # of the user's client so that the SDK's own retries stop at an open breaker.
     "client._sleep_for_retry",
+    # The SDK's one place that sends an HTTP attempt (no public hook sees the
+    # response of every attempt, retries and 429s included, on a private copy
+    # of the user's client): its x-ratelimit-* headers feed the budgets.
+    "client._send_request",
 }
 
 
@@ -98,9 +102,8 @@ def test_no_module_reaches_into_another_modules_privates() -> None:
 
 #: Modules still being split, with the length they may not pass meanwhile.
 BEING_SPLIT = {
-    "actor/_machine.py": 1181,
     "clients/_breaker.py": 929,
-    "clients/_daemon_client.py": 1067,
+    "clients/_daemon_client.py": 762,
 }
 
 

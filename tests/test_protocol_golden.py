@@ -30,6 +30,8 @@ from breakerd.protocol import (
     Subscribed,
     TransitionEvent,
     Welcome,
+)
+from breakerd.protocol._codec import (
     decode_message,
     encode_notification,
     encode_request,

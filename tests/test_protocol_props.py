@@ -21,7 +21,6 @@ from hypothesis import strategies as st
 
 from breakerd.protocol import (
     ADMIN_OPS,
-    MAX_COUNT,
     MAX_MSGID,
     NEED_DATA,
     PROTOCOL_VERSION,
@@ -32,7 +31,6 @@ from breakerd.protocol import (
     CircuitState,
     Connection,
     ConnectionClosed,
-    Event,
     Hello,
     NotificationReceived,
     Outcome,
@@ -44,7 +42,6 @@ from breakerd.protocol import (
     RequestMessage,
     RequestReceived,
     ResponseReceived,
-    ResultMessage,
     Snapshot,
     StatePush,
     Status,
@@ -55,6 +52,7 @@ from breakerd.protocol import (
     Welcome,
     _codec,
 )
+from breakerd.protocol._codec import MAX_COUNT, Event, ResultMessage
 from breakerd.protocol._derive import MISSING
 
 HELLO = Hello(1, PROTOCOL_VERSION, "props", 1)
