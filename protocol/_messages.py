@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
+from ._wire import ALWAYS, Count, NonNegative, wire
+
 
 class CircuitState(StrEnum):
     """The state of one breaker.
@@ -55,14 +57,14 @@ class Snapshot:
     state: CircuitState
     generation: int
     #: Monotonic instant when an ``open`` breaker accepts its first trial.
-    open_until: float | None = None
-    failure_rate: float | None = None
-    slow_call_rate: float | None = None
+    open_until: float | None = field(default=None, metadata=ALWAYS)
+    failure_rate: float | None = field(default=None, metadata=ALWAYS)
+    slow_call_rate: float | None = field(default=None, metadata=ALWAYS)
     #: Outcomes in the current window.
-    calls: int = 0
-    trials_in_flight: int = 0
+    calls: int = field(default=0, metadata=ALWAYS)
+    trials_in_flight: int = field(default=0, metadata=ALWAYS)
     #: Slow-call detection is on: proxies must time calls and ack slow ones.
-    slow_call_duration: float | None = None
+    slow_call_duration: float | None = field(default=None, metadata=ALWAYS)
     #: No plain success can change the state while only successes arrive: a
     #: proxy may send them without waiting. False while the window could
     #: still trip on a success (below ``min_calls``, or a time window whose
@@ -103,14 +105,14 @@ class Register:
     """Create a breaker (or join an existing one) with these settings."""
 
     name: str
-    config: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict, metadata=ALWAYS)
 
 
 @dataclass(frozen=True, slots=True)
 class Registered:
     snapshot: Snapshot
     #: Settings the caller asked for that differ from the breaker's (first wins).
-    conflicts: tuple[str, ...] = ()
+    conflicts: tuple[str, ...] = field(default=(), metadata=ALWAYS)
     #: The breaker's slot in the state table (0: none).
     slot: int = 0
 
@@ -123,8 +125,8 @@ class Acquire:
     #: Plain successes of this breaker, admitted under ``successes_generation``
     #: and not reported yet, to count before the permit is decided: a strict
     #: caller's previous call rides on its next acquire, not in a frame of its own.
-    successes: int = 0
-    successes_generation: int = 0
+    successes: Count = field(default=0, metadata=wire(group="successes"))
+    successes_generation: NonNegative = field(default=0, metadata=wire(group="successes"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +138,7 @@ class Admission:
     #: Non-zero for a half-open trial lease; it must be reported or released.
     lease: int
     snapshot: Snapshot
-    retry_after: float | None = None
+    retry_after: float | None = field(default=None, metadata=ALWAYS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,9 +153,9 @@ class Report:
     name: str
     generation: int
     outcome: Outcome
-    duration: float = 0.0
-    lease: int = 0
-    retry_after: float | None = None
+    duration: float = field(default=0.0, metadata=ALWAYS)
+    lease: int = field(default=0, metadata=ALWAYS)
+    retry_after: float | None = field(default=None, metadata=ALWAYS)
     #: The error class of a rate-limited outcome (``rate_limited``, ``quota``,
     #: ``auth``): it picks the open duration and its cap. None: ``rate_limited``.
     reason: str | None = None
@@ -174,9 +176,12 @@ class ReportBatch:
     state, ``(name, count)``, for the daemon's status totals.
     """
 
-    items: tuple[Report, ...] = ()
-    successes: tuple[tuple[str, int, int], ...] = ()
-    rejections: tuple[tuple[str, int], ...] = ()
+    #: Each report as the array ``[name, generation, outcome, duration, lease, retry_after]``.
+    items: tuple[Report, ...] = field(default=(), metadata=wire(required=True, arrays=6))
+    successes: tuple[tuple[str, NonNegative, Count], ...] = field(
+        default=(), metadata=wire(nil=True)
+    )
+    rejections: tuple[tuple[str, Count], ...] = field(default=(), metadata=wire(nil=True))
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,9 +202,9 @@ class StatusRequest:
     next page starts, None after the last.
     """
 
-    name: str | None = None
-    offset: int = 0
-    limit: int = 0
+    name: str | None = field(default=None, metadata=ALWAYS)
+    offset: NonNegative = 0
+    limit: NonNegative = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,18 +214,18 @@ class BreakerStatus:
     failures: int
     rejections: int
     ignored: int
-    clients: int = 0
+    clients: int = field(default=0, metadata=ALWAYS)
     #: What the breaker shares with the fleet ("off", "open", "quorum:N");
     #: None: the daemon is in no fleet.
     share: str | None = None
     #: The fleet's hosts whose open of this breaker is current, as last heard.
-    hosts_open: tuple[str, ...] = ()
+    hosts_open: tuple[str, ...] = field(default=(), metadata=wire(sent_with="share"))
 
 
 @dataclass(frozen=True, slots=True)
 class Status:
     breakers: tuple[BreakerStatus, ...]
-    next_offset: int | None = None
+    next_offset: NonNegative | None = field(default=None, metadata=ALWAYS)
     #: The fleet link's state ("connecting", "up", "down"); None: no fleet.
     fleet: str | None = None
 
@@ -240,7 +245,7 @@ class Subscribe:
     ``Subscribed``; the events follow on the same connection until it closes.
     """
 
-    names: tuple[str, ...] = ()
+    names: tuple[str, ...] = field(default=(), metadata=ALWAYS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,10 +264,10 @@ class TransitionEvent:
     reason: str
     #: Monotonic instant of the transition.
     at: float
-    failure_rate: float | None = None
-    slow_call_rate: float | None = None
+    failure_rate: float | None = field(default=None, metadata=ALWAYS)
+    slow_call_rate: float | None = field(default=None, metadata=ALWAYS)
     #: Monotonic instant when an ``open`` breaker accepts its first trial.
-    open_until: float | None = None
+    open_until: float | None = field(default=None, metadata=ALWAYS)
 
 
 @dataclass(frozen=True, slots=True)

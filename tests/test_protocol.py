@@ -7,6 +7,7 @@ Client and server ``Connection``s are paired over a fake link: the bytes one
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -50,12 +51,21 @@ from breakerd.protocol import (
     UnknownBreakerError,
     VersionMismatchError,
     Welcome,
+    _codec,
     frame_notification,
     negotiate_version,
     new_packer,
 )
-from breakerd.protocol._codec import Event, ResultMessage, error_from_wire, error_to_wire
+from breakerd.protocol._codec import (
+    MAX_COUNT,
+    Event,
+    ResultMessage,
+    error_from_wire,
+    error_to_wire,
+)
+from breakerd.protocol._derive import derive
 from breakerd.protocol._errors import LocalProtocolError
+from breakerd.protocol._wire import Count, NonNegative
 
 HELLO = Hello(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, "breakerd-test", 4242)
 WELCOME = Welcome(PROTOCOL_VERSION, "breakerd-daemon", 1, state_table=65_536)
@@ -928,3 +938,109 @@ def test_connections_of_one_thread_can_share_one_packer() -> None:
         [event] = drain(client, data)
         assert isinstance(event, ResponseReceived)
         assert event.result == Welcome(1, f"server-{i}", 1)
+
+
+# --- codecs derived from dataclasses ------------------------------------------------
+#
+# A message's codec comes from its fields: a test-only message gets one with no
+# codec code, and a field added to it is one line.
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    name: str
+    state: CircuitState
+    count: Count = 0
+    ratio: float | None = None
+    tags: tuple[str, ...] = ()
+    snapshot: Snapshot | None = None
+    pairs: tuple[tuple[str, NonNegative], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeV2(Probe):
+    region: str | None = None
+
+
+PROBES = [
+    Probe("a", CircuitState.OPEN),
+    Probe("b", CircuitState.CLOSED, 3, 0.5, ("x", "y"), SNAP, (("p", 1),)),
+]
+
+
+def wire_trip(value: object) -> Any:
+    """What msgpack hands the peer: enums as their strings, tuples as lists."""
+    return msgpack.unpackb(msgpack.packb(value))
+
+
+@pytest.mark.parametrize("probe", PROBES)
+def test_a_test_only_message_gets_a_derived_codec(probe: Probe) -> None:
+    codec = derive(Probe)
+    assert codec.decode(wire_trip(codec.encode(probe)), "probe") == probe
+
+
+def test_fields_at_their_default_stay_off_the_wire() -> None:
+    assert derive(Probe).encode(Probe("a", CircuitState.OPEN)) == {"name": "a", "state": "open"}
+
+
+def test_a_field_added_in_one_line_costs_older_peers_nothing() -> None:
+    v1, v2 = derive(Probe), derive(ProbeV2)
+    old, new = Probe("a", CircuitState.OPEN, 2), ProbeV2("a", CircuitState.OPEN, 2)
+    # At its default the new field adds no byte; set, an older peer skips it.
+    assert msgpack.packb(v2.encode(new)) == msgpack.packb(v1.encode(old))
+    set_region = wire_trip(v2.encode(ProbeV2("a", CircuitState.OPEN, 2, region="eu")))
+    assert set_region["region"] == "eu"
+    assert v1.decode(set_region, "probe") == old
+    assert v2.decode(wire_trip(v1.encode(old)), "probe") == new
+
+
+PROBE_OK: dict[str, Any] = {"name": "a", "state": "open"}
+BAD_PROBES: dict[str, tuple[dict[str, Any], str]] = {
+    "missing": ({"state": "open"}, "^probe: missing required field 'name'$"),
+    "wrong type": (
+        PROBE_OK | {"name": 1},
+        "^probe: field 'name' must be a string, got an integer$",
+    ),
+    "unknown enum": (PROBE_OK | {"state": "ajar"}, "^probe: field 'state' is 'ajar', not one of: "),
+    "below range": (PROBE_OK | {"count": -1}, "^probe: field 'count' must be >= 0, got -1$"),
+    "past the limit": (
+        PROBE_OK | {"count": MAX_COUNT + 1},
+        f"^probe: field 'count' is {MAX_COUNT + 1}, past the limit of {MAX_COUNT}$",
+    ),
+    "float as string": (PROBE_OK | {"ratio": "1"}, "field 'ratio' must be a number or nil"),
+    "array entry": (PROBE_OK | {"tags": ["x", 2]}, "^probe: tags\\[1\\] must be a string, got an"),
+    "nested": (
+        PROBE_OK | {"snapshot": {"name": "x", "state": "open"}},
+        "^probe.snapshot: missing required field 'generation'$",
+    ),
+    "short pair": (PROBE_OK | {"pairs": [["p"]]}, "^probe: pairs\\[0\\] must be an array \\[a"),
+    "pair out of range": (PROBE_OK | {"pairs": [["p", -2]]}, "pairs\\[0\\]\\[1\\] must be >= 0"),
+}
+
+
+@pytest.mark.parametrize(("value", "match"), BAD_PROBES.values(), ids=BAD_PROBES.keys())
+def test_a_derived_checker_names_the_field_at_fault(value: dict[str, Any], match: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=match):
+        derive(Probe).decode(value, "probe")
+
+
+def test_ints_become_floats_and_unknown_keys_are_ignored() -> None:
+    decoded = derive(Probe).decode(PROBE_OK | {"ratio": 2, "from_the_future": [1]}, "probe")
+    assert decoded == Probe("a", CircuitState.OPEN, ratio=2.0)
+    assert type(decoded.ratio) is float
+
+
+def test_a_field_type_without_a_wire_form_fails_when_derived() -> None:
+    @dataclass(frozen=True)
+    class Odd:
+        when: complex
+
+    with pytest.raises(TypeError, match=r"Odd\.when: no wire codec for the type"):
+        derive(Odd)
+
+
+def test_a_fast_path_refuses_to_load_when_its_message_gains_a_field() -> None:
+    with pytest.raises(TypeError, match="ProbeV2's fields changed: update the probe codec"):
+        _codec._knows(ProbeV2, "name state count ratio tags snapshot pairs", "the probe codec")
+    _codec._knows(Probe, "name state count ratio tags snapshot pairs", "the probe codec")
+    _codec._knows(ProbeV2, "name state count", "the probe codec", leading=True)

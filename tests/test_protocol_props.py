@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -52,6 +53,7 @@ from breakerd.protocol import (
     _codec,
 )
 from breakerd.protocol._codec import MAX_COUNT, Event, ResultMessage
+from breakerd.protocol._derive import MISSING
 
 HELLO = Hello(1, PROTOCOL_VERSION, "props", 1)
 WELCOME = Welcome(PROTOCOL_VERSION, "daemon", 2)
@@ -211,8 +213,8 @@ floats = st.floats(allow_nan=False)  # NaN != NaN would fail equality, not the c
 opt_floats = st.none() | floats
 msgids = st.integers(min_value=0, max_value=MAX_MSGID)
 
-snapshots = st.builds(
-    Snapshot,
+# Every field, so that the fast paths are pinned on all of them (checked below).
+SNAPSHOT_FIELDS: dict[str, st.SearchStrategy[Any]] = dict(
     name=names,
     state=st.sampled_from(CircuitState),
     generation=ints,
@@ -227,6 +229,8 @@ snapshots = st.builds(
     error_code=st.none() | names,
     opened_by_pid=ints,
 )
+snapshots = st.builds(Snapshot, **SNAPSHOT_FIELDS)
+
 reports = st.builds(
     Report,
     name=names,
@@ -238,8 +242,7 @@ reports = st.builds(
 )
 # The request form also carries why (its class), the provider's code and the pid;
 # the batched form never does (those reports are acknowledged requests).
-report_requests = st.builds(
-    Report,
+REPORT_FIELDS: dict[str, st.SearchStrategy[Any]] = dict(
     name=names,
     generation=ints,
     outcome=st.sampled_from(Outcome),
@@ -250,6 +253,8 @@ report_requests = st.builds(
     error_code=st.none() | names,
     pid=ints,
 )
+report_requests = st.builds(Report, **REPORT_FIELDS)
+
 # Config values come back as msgpack gives them: lists, not tuples; no NaN.
 config_values = st.recursive(
     st.none() | st.booleans() | ints | floats | st.text(max_size=8) | st.binary(max_size=8),
@@ -530,3 +535,115 @@ def test_an_acquire_carrying_too_many_successes_is_a_protocol_error(count: int) 
         _codec.decode_message(
             [0, 7, "acquire", {"name": "svc", "successes": count, "successes_generation": 1}]
         )
+
+
+# -- the hand-tuned decoders are their derived twins -----------------------------------
+#
+# Snapshot, admission and report batch keep a hand-written decoder for speed
+# (bench/bench_codec.py --fast-paths); each must decode exactly as the checker
+# derived from the dataclass does: the same message, or the same error.
+
+batches = st.builds(
+    ReportBatch,
+    st.lists(report_requests, max_size=6).map(tuple),
+    st.lists(st.tuples(names, st.integers(0, 2**63), wire_counts), max_size=3).map(tuple),
+    st.lists(st.tuples(names, wire_counts), max_size=3).map(tuple),
+)
+ADMISSION_FIELDS: dict[str, st.SearchStrategy[Any]] = dict(
+    admitted=st.booleans(),
+    generation=ints,
+    lease=ints,
+    snapshot=snapshots,
+    retry_after=opt_floats,
+)
+admissions = st.builds(Admission, **ADMISSION_FIELDS)
+
+
+# Values that confuse one wire type with another.
+CONFUSIONS: list[Any] = [None, True, False, 0, -1, 2**32, 1.5, "", "success", b"x", [], {}]
+confusions: st.SearchStrategy[Any] = st.sampled_from([*CONFUSIONS, "open", ["x"]])
+
+
+def _mutate_entries(data: st.DataObject, entries: object) -> None:
+    # Change a value inside an item or a count: the fast path's inline checks.
+    if type(entries) is not list or not entries:
+        return
+    i = data.draw(st.integers(0, len(entries) - 1))
+    entry = entries[i]
+    inside, change = data.draw(st.integers(0, 4)) > 0, data.draw(st.booleans())
+    if type(entry) is list and inside:
+        if entry and change:
+            entry[data.draw(st.integers(0, len(entry) - 1))] = data.draw(confusions)
+        else:
+            entry[data.draw(st.integers(0, len(entry))) :] = []
+    else:
+        entries[i] = data.draw(confusions)
+
+
+@given(batch=batches, data=st.data())
+def test_the_report_batch_fast_path_decodes_as_the_derived_checker(
+    batch: ReportBatch, data: st.DataObject
+) -> None:
+    d: dict[str, Any] = msgpack.unpackb(msgpack.packb(_codec._DERIVED_REPORTS.encode(batch)))
+    if data.draw(st.booleans()):
+        d = _mutate(data, d, ["items", "successes", "rejections", "extra"])
+    for _ in range(data.draw(st.integers(0, 2))):
+        _mutate_entries(
+            data, d.get(data.draw(st.sampled_from(["items", "successes", "rejections"])))
+        )
+    fast = _decoded(_codec._reports, d, "w")
+    assert fast == _decoded(_codec._DERIVED_REPORTS.decode, d, "w")
+    if isinstance(fast, ReportBatch) and d == msgpack.unpackb(
+        msgpack.packb(_codec._DERIVED_REPORTS.encode(batch))
+    ):
+        # Untouched, the batch comes back, less what the batched form never carries.
+        assert fast.items == tuple(
+            dataclasses.replace(r, reason=None, error_code=None, pid=0) for r in batch.items
+        )
+
+
+GOOD_ENTRIES: dict[str, list[Any]] = {
+    "items": ["llm", 7, "failure", 0.5, 3, 2.5],
+    "successes": ["llm", 7, 500],
+    "rejections": ["llm", 2],
+}
+
+
+@pytest.mark.parametrize("key", GOOD_ENTRIES)
+def test_every_confusable_value_in_every_entry_decodes_as_the_derived_checker(key: str) -> None:
+    good = GOOD_ENTRIES[key]
+    variants = [good[:n] for n in range(len(good))] + [[*good, "later"], "llm", None]
+    for j in range(len(good)):
+        variants += [[*good[:j], value, *good[j + 1 :]] for value in CONFUSIONS]
+    for entry in variants:
+        d: dict[str, Any] = {"items": [], key: [good, entry]}
+        fast = _decoded(_codec._reports, d, "w")
+        assert fast == _decoded(_codec._DERIVED_REPORTS.decode, d, "w"), entry
+
+
+@pytest.mark.parametrize("message", ["snapshot", "admission"])
+def test_every_confusable_value_in_every_field_decodes_as_the_derived_checker(
+    message: str,
+) -> None:
+    snapshot = Snapshot("llm", CircuitState.OPEN, 3, 9.5, 0.5, None, 4, 1, 2.0, False, "x", "y", 7)
+    fast: Callable[[dict[str, Any], str], object]
+    derived: Callable[[dict[str, Any], str], object]
+    if message == "snapshot":
+        good, fast, derived = _wire_map(snapshot), _codec._snapshot, _codec._snapshot_fields
+    else:
+        good = _wire_map(Admission(False, 3, 0, snapshot, 2.5))
+        fast, derived = _codec._admission, _codec._admission_fields
+    for key in [*good, "absent"]:
+        for value in [*CONFUSIONS, "open", MISSING]:
+            d = {k: v for k, v in (good | {key: value}).items() if v is not MISSING}
+            assert _decoded(fast, d, "w") == _decoded(derived, d, "w"), (key, value)
+
+
+def test_the_pinning_strategies_set_every_field() -> None:
+    # A field the strategies never set would let a fast path ignore it unseen.
+    for cls, fields in [
+        (Snapshot, SNAPSHOT_FIELDS),
+        (Admission, ADMISSION_FIELDS),
+        (Report, REPORT_FIELDS),
+    ]:
+        assert set(fields) == {f.name for f in dataclasses.fields(cls)}, cls.__name__

@@ -1,0 +1,280 @@
+"""The exact bytes of every message on the wire, pinned.
+
+Each expected frame body was captured from the hand-written codec the derived
+one replaced; any change to them is a change of the wire format, which a
+peer of another version would see. A new field at its default adds nothing.
+"""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from breakerd.protocol import (
+    Acquire,
+    Admin,
+    Admission,
+    BreakerStatus,
+    CircuitState,
+    Hello,
+    Outcome,
+    Register,
+    Registered,
+    Report,
+    ReportBatch,
+    Snapshot,
+    StatePush,
+    Status,
+    StatusRequest,
+    Subscribe,
+    Subscribed,
+    TransitionEvent,
+    Welcome,
+)
+from breakerd.protocol._codec import (
+    decode_message,
+    encode_notification,
+    encode_request,
+    encode_response,
+)
+
+# Every optional field away from its default, so a field the codec drops shows.
+SNAP = Snapshot(
+    "llm",
+    CircuitState.HALF_OPEN,
+    7,
+    open_until=1234.5,
+    failure_rate=0.25,
+    slow_call_rate=0.125,
+    calls=40,
+    trials_in_flight=1,
+    slow_call_duration=2.5,
+    successes_safe=False,
+    reason="trial_failed",
+    error_code="insufficient_quota",
+    opened_by_pid=4242,
+)
+BARE = Snapshot("db", CircuitState.CLOSED, 0)
+
+GOLDEN: list[tuple[str, object, str]] = [
+    (
+        "request",
+        Hello(1, 1, "app", 77),
+        "940009a568656c6c6f84ab6d696e5f76657273696f6e01ab6d61785f76657273696f6e01a6636c69656e"
+        "74a3617070a37069644d",
+    ),
+    (
+        "request",
+        Register("llm", {"timeout": 30, "tags": ["a"]}),
+        "940009a8726567697374657282a46e616d65a36c6c6da6636f6e66696782a774696d656f75741ea47461"
+        "677391a161",
+    ),
+    ("request", Register("db"), "940009a8726567697374657282a46e616d65a26462a6636f6e66696780"),
+    ("request", Acquire("llm"), "940009a76163717569726581a46e616d65a36c6c6d"),
+    (
+        "request",
+        Acquire("llm", 3, 7),
+        "940009a76163717569726583a46e616d65a36c6c6da973756363657373657303b4737563636573736573"
+        "5f67656e65726174696f6e07",
+    ),
+    (
+        "request",
+        Acquire("llm", 0, 7),
+        "940009a76163717569726583a46e616d65a36c6c6da973756363657373657300b4737563636573736573"
+        "5f67656e65726174696f6e07",
+    ),
+    (
+        "request",
+        Report("llm", 7, Outcome.RATE_LIMITED, 0.5, 2, 30.0, "quota", "insufficient_quota", 99),
+        "940009a67265706f727489a46e616d65a36c6c6daa67656e65726174696f6e07a76f7574636f6d65ac72"
+        "6174655f6c696d69746564a86475726174696f6ecb3fe0000000000000a56c6561736502ab7265747279"
+        "5f6166746572cb403e000000000000a6726561736f6ea571756f7461aa6572726f725f636f6465b2696e"
+        "73756666696369656e745f71756f7461a370696463",
+    ),
+    (
+        "request",
+        Report("llm", 7, Outcome.FAILURE),
+        "940009a67265706f727486a46e616d65a36c6c6daa67656e65726174696f6e07a76f7574636f6d65a766"
+        "61696c757265a86475726174696f6ecb0000000000000000a56c6561736500ab72657472795f61667465"
+        "72c0",
+    ),
+    (
+        "request",
+        Admin("llm", "force_open", fleet=True),
+        "940009a561646d696e83a46e616d65a36c6c6da26f70aa666f7263655f6f70656ea5666c656574c3",
+    ),
+    ("request", Admin("llm", "reset"), "940009a561646d696e82a46e616d65a36c6c6da26f70a57265736574"),
+    ("request", StatusRequest(), "940009a673746174757381a46e616d65c0"),
+    (
+        "request",
+        StatusRequest("llm", 10, 5),
+        "940009a673746174757383a46e616d65a36c6c6da66f66667365740aa56c696d697405",
+    ),
+    ("request", Subscribe(("a", "b")), "940009a973756273637269626581a56e616d657392a161a162"),
+    ("request", Subscribe(), "940009a973756273637269626581a56e616d657390"),
+    (
+        "response",
+        Welcome(1, "daemon", 3, 4096),
+        "940109c085a474797065a777656c636f6d65a776657273696f6e01a6736572766572a66461656d6f6ea3"
+        "70696403ab73746174655f7461626c65cd1000",
+    ),
+    (
+        "response",
+        Welcome(1, "daemon", 3),
+        "940109c084a474797065a777656c636f6d65a776657273696f6e01a6736572766572a66461656d6f6ea3"
+        "70696403",
+    ),
+    (
+        "response",
+        Registered(SNAP, ("timeout",), 17),
+        "940109c084a474797065aa72656769737465726564a8736e617073686f748da46e616d65a36c6c6da573"
+        "74617465a968616c665f6f70656eaa67656e65726174696f6e07aa6f70656e5f756e74696ccb40934a00"
+        "00000000ac6661696c7572655f72617465cb3fd0000000000000ae736c6f775f63616c6c5f72617465cb"
+        "3fc0000000000000a563616c6c7328b0747269616c735f696e5f666c6967687401b2736c6f775f63616c"
+        "6c5f6475726174696f6ecb4004000000000000ae7375636365737365735f73616665c2a6726561736f6e"
+        "ac747269616c5f6661696c6564aa6572726f725f636f6465b2696e73756666696369656e745f71756f74"
+        "61ad6f70656e65645f62795f706964cd1092a9636f6e666c6963747391a774696d656f7574a4736c6f74"
+        "11",
+    ),
+    (
+        "response",
+        Registered(BARE),
+        "940109c083a474797065aa72656769737465726564a8736e617073686f7489a46e616d65a26462a57374"
+        "617465a6636c6f736564aa67656e65726174696f6e00aa6f70656e5f756e74696cc0ac6661696c757265"
+        "5f72617465c0ae736c6f775f63616c6c5f72617465c0a563616c6c7300b0747269616c735f696e5f666c"
+        "6967687400b2736c6f775f63616c6c5f6475726174696f6ec0a9636f6e666c6963747390",
+    ),
+    (
+        "response",
+        Admission(True, 7, 42, SNAP, 1.5),
+        "940109c086a474797065a961646d697373696f6ea861646d6974746564c3aa67656e65726174696f6e07"
+        "a56c656173652aa8736e617073686f748da46e616d65a36c6c6da57374617465a968616c665f6f70656e"
+        "aa67656e65726174696f6e07aa6f70656e5f756e74696ccb40934a0000000000ac6661696c7572655f72"
+        "617465cb3fd0000000000000ae736c6f775f63616c6c5f72617465cb3fc0000000000000a563616c6c73"
+        "28b0747269616c735f696e5f666c6967687401b2736c6f775f63616c6c5f6475726174696f6ecb400400"
+        "0000000000ae7375636365737365735f73616665c2a6726561736f6eac747269616c5f6661696c6564aa"
+        "6572726f725f636f6465b2696e73756666696369656e745f71756f7461ad6f70656e65645f62795f7069"
+        "64cd1092ab72657472795f6166746572cb3ff8000000000000",
+    ),
+    (
+        "response",
+        Admission(False, 0, 0, BARE),
+        "940109c086a474797065a961646d697373696f6ea861646d6974746564c2aa67656e65726174696f6e00"
+        "a56c6561736500a8736e617073686f7489a46e616d65a26462a57374617465a6636c6f736564aa67656e"
+        "65726174696f6e00aa6f70656e5f756e74696cc0ac6661696c7572655f72617465c0ae736c6f775f6361"
+        "6c6c5f72617465c0a563616c6c7300b0747269616c735f696e5f666c6967687400b2736c6f775f63616c"
+        "6c5f6475726174696f6ec0ab72657472795f6166746572c0",
+    ),
+    (
+        "response",
+        SNAP,
+        "940109c08ea46e616d65a36c6c6da57374617465a968616c665f6f70656eaa67656e65726174696f6e07"
+        "aa6f70656e5f756e74696ccb40934a0000000000ac6661696c7572655f72617465cb3fd0000000000000"
+        "ae736c6f775f63616c6c5f72617465cb3fc0000000000000a563616c6c7328b0747269616c735f696e5f"
+        "666c6967687401b2736c6f775f63616c6c5f6475726174696f6ecb4004000000000000ae737563636573"
+        "7365735f73616665c2a6726561736f6eac747269616c5f6661696c6564aa6572726f725f636f6465b269"
+        "6e73756666696369656e745f71756f7461ad6f70656e65645f62795f706964cd1092a474797065a8736e"
+        "617073686f74",
+    ),
+    (
+        "response",
+        BARE,
+        "940109c08aa46e616d65a26462a57374617465a6636c6f736564aa67656e65726174696f6e00aa6f7065"
+        "6e5f756e74696cc0ac6661696c7572655f72617465c0ae736c6f775f63616c6c5f72617465c0a563616c"
+        "6c7300b0747269616c735f696e5f666c6967687400b2736c6f775f63616c6c5f6475726174696f6ec0a4"
+        "74797065a8736e617073686f74",
+    ),
+    (
+        "response",
+        Status(
+            (
+                BreakerStatus(SNAP, 10, 3, 5, 2, 4, "quorum:2", ("h1", "h2")),
+                BreakerStatus(BARE, 0, 0, 0, 0, share="off"),
+                BreakerStatus(BARE, 1, 2, 3, 4),
+            ),
+            3,
+            "up",
+        ),
+        "940109c084a474797065a6737461747573a8627265616b6572739388a8736e617073686f748da46e616d"
+        "65a36c6c6da57374617465a968616c665f6f70656eaa67656e65726174696f6e07aa6f70656e5f756e74"
+        "696ccb40934a0000000000ac6661696c7572655f72617465cb3fd0000000000000ae736c6f775f63616c"
+        "6c5f72617465cb3fc0000000000000a563616c6c7328b0747269616c735f696e5f666c6967687401b273"
+        "6c6f775f63616c6c5f6475726174696f6ecb4004000000000000ae7375636365737365735f73616665c2"
+        "a6726561736f6eac747269616c5f6661696c6564aa6572726f725f636f6465b2696e7375666669636965"
+        "6e745f71756f7461ad6f70656e65645f62795f706964cd1092a97375636365737365730aa86661696c75"
+        "72657303aa72656a656374696f6e7305a769676e6f72656402a7636c69656e747304a57368617265a871"
+        "756f72756d3a32aa686f7374735f6f70656e92a26831a2683288a8736e617073686f7489a46e616d65a2"
+        "6462a57374617465a6636c6f736564aa67656e65726174696f6e00aa6f70656e5f756e74696cc0ac6661"
+        "696c7572655f72617465c0ae736c6f775f63616c6c5f72617465c0a563616c6c7300b0747269616c735f"
+        "696e5f666c6967687400b2736c6f775f63616c6c5f6475726174696f6ec0a973756363657373657300a8"
+        "6661696c7572657300aa72656a656374696f6e7300a769676e6f72656400a7636c69656e747300a57368"
+        "617265a36f6666aa686f7374735f6f70656e9086a8736e617073686f7489a46e616d65a26462a5737461"
+        "7465a6636c6f736564aa67656e65726174696f6e00aa6f70656e5f756e74696cc0ac6661696c7572655f"
+        "72617465c0ae736c6f775f63616c6c5f72617465c0a563616c6c7300b0747269616c735f696e5f666c69"
+        "67687400b2736c6f775f63616c6c5f6475726174696f6ec0a973756363657373657301a86661696c7572"
+        "657302aa72656a656374696f6e7303a769676e6f72656404a7636c69656e747300ab6e6578745f6f6666"
+        "73657403a5666c656574a27570",
+    ),
+    (
+        "response",
+        Status(()),
+        "940109c083a474797065a6737461747573a8627265616b65727390ab6e6578745f6f6666736574c0",
+    ),
+    ("response", Subscribed(), "940109c081a474797065aa73756273637269626564"),
+    (
+        "notification",
+        ReportBatch(
+            (
+                Report("llm", 7, Outcome.SUCCESS, 0.25),
+                Report("db", 1, Outcome.RATE_LIMITED, 1.0, 3, 2.5),
+            ),
+            (("llm", 7, 500),),
+            (("db", 2),),
+        ),
+        "9302a77265706f72747383a56974656d739296a36c6c6d07a773756363657373cb3fd000000000000000"
+        "c096a2646201ac726174655f6c696d69746564cb3ff000000000000003cb4004000000000000a9737563"
+        "6365737365739193a36c6c6d07cd01f4aa72656a656374696f6e739192a2646202",
+    ),
+    ("notification", ReportBatch(()), "9302a77265706f72747381a56974656d7390"),
+    (
+        "notification",
+        StatePush(SNAP),
+        "9302a5737461746581a8736e617073686f748da46e616d65a36c6c6da57374617465a968616c665f6f70"
+        "656eaa67656e65726174696f6e07aa6f70656e5f756e74696ccb40934a0000000000ac6661696c757265"
+        "5f72617465cb3fd0000000000000ae736c6f775f63616c6c5f72617465cb3fc0000000000000a563616c"
+        "6c7328b0747269616c735f696e5f666c6967687401b2736c6f775f63616c6c5f6475726174696f6ecb40"
+        "04000000000000ae7375636365737365735f73616665c2a6726561736f6eac747269616c5f6661696c65"
+        "64aa6572726f725f636f6465b2696e73756666696369656e745f71756f7461ad6f70656e65645f62795f"
+        "706964cd1092",
+    ),
+    (
+        "notification",
+        TransitionEvent(
+            "llm", CircuitState.CLOSED, CircuitState.OPEN, 8, "failure_rate", 12.5, 0.75, None, 42.5
+        ),
+        "9302aa7472616e736974696f6e89a46e616d65a36c6c6daa66726f6d5f7374617465a6636c6f736564a8"
+        "746f5f7374617465a46f70656eaa67656e65726174696f6e08a6726561736f6eac6661696c7572655f72"
+        "617465a26174cb4029000000000000ac6661696c7572655f72617465cb3fe8000000000000ae736c6f77"
+        "5f63616c6c5f72617465c0aa6f70656e5f756e74696ccb4045400000000000",
+    ),
+]
+
+
+def encode(kind: str, message: object) -> bytes:
+    if kind == "request":
+        return msgpack.packb(encode_request(9, message))  # type: ignore[arg-type]
+    if kind == "response":
+        return msgpack.packb(encode_response(9, message))  # type: ignore[arg-type]
+    return msgpack.packb(encode_notification(message))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("kind", "message", "golden"), GOLDEN)
+def test_every_message_encodes_to_its_golden_bytes(kind: str, message: object, golden: str) -> None:
+    assert encode(kind, message).hex() == golden
+
+
+@pytest.mark.parametrize(("kind", "message", "golden"), GOLDEN)
+def test_golden_bytes_decode_to_the_message(kind: str, message: object, golden: str) -> None:
+    event = decode_message(msgpack.unpackb(bytes.fromhex(golden)))
+    decoded = getattr(event, "message", None) or getattr(event, "result", None)
+    assert decoded == message
