@@ -244,7 +244,7 @@ class ManagedDaemon:
             [
                 sys.executable,
                 "-m",
-                "breakerd.actor",
+                "breakerd.actor.daemon",
                 "--socket",
                 self.socket,
                 "--config",
