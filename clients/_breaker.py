@@ -34,11 +34,8 @@ from breakerd.actor import (
     default_system,
 )
 from breakerd.protocol import (
-    Acquire,
     Admin,
     AdminOp,
-    Admission,
-    BreakerError,
     BreakerStatus,
     CircuitBreakerOpenError,
     CircuitState,
@@ -50,7 +47,10 @@ from breakerd.protocol import (
     new_open_error,
 )
 
-from ._classify import Classifier, ClassifyFunc, RateLimited, Verdict
+from ._calls_async import AsyncCalls
+from ._calls_sync import SyncCalls
+from ._classify import Classifier, ClassifyFunc, Verdict
+from ._plan import open_for
 from ._remote import ON_UNAVAILABLE, OnUnavailable, RemoteBreaker, check_socket_path
 from ._scopes import (
     DEFAULT_MAX_SCOPES,
@@ -80,7 +80,7 @@ _SUCCESS: Final = Outcome.SUCCESS
 _STATE_NAMES: Final[dict[CircuitState, str]] = {state: state.value for state in CircuitState}
 
 
-class CircuitBreaker:
+class CircuitBreaker(AsyncCalls, SyncCalls):
     """A circuit breaker around calls to one service.
 
     Every ``CircuitBreaker`` with the same name in a process shares one breaker
@@ -458,166 +458,6 @@ class CircuitBreaker:
         where = "" if self.daemon_path is None else f" daemon={self.daemon_path!r}"
         return f"<CircuitBreaker {self.name!r} {self.state.value}{where}>"
 
-    # -- the async call --------------------------------------------------------------
-
-    async def call(self, func: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run ``await func(*args, **kwargs)`` under the breaker.
-
-        Raises ``CircuitBreakerOpenError`` when rejected and no fallback is set;
-        with a fallback, returns ``fallback(*args, **kwargs)`` instead.
-        """
-        actor = self._actor
-        snapshot = actor.snapshot
-        state = snapshot.state
-        if state is _CLOSED and snapshot.slow_call_duration is None and not self.strict:
-            generation = snapshot.generation
-            try:
-                result = await func(*args, **kwargs)
-            except BaseException as exc:
-                await self._settle_async(exc, generation, 0, 0.0)
-                raise
-            if not actor.post_success(generation):
-                await self._report_async(Report(self.name, generation, _SUCCESS), ack=True)
-            return result
-        if (state is _OPEN or state is _FORCED_OPEN) and self.fallback is None:
-            # Raised here, one frame deep: a rejection's cost is mostly its traceback.
-            rejection = self._local_rejection(snapshot)
-            if rejection is not None:
-                raise rejection
-        return await self._call_slow_path(snapshot, func, args, kwargs)
-
-    async def _call_slow_path(
-        self,
-        snapshot: Snapshot,
-        func: Callable[..., Awaitable[T]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> T:
-        if self._needs_rebind:
-            self._rebind_after_fork()
-            snapshot = self._actor.snapshot
-        state = snapshot.state
-        if state is _DISABLED and not self.strict:
-            return await func(*args, **kwargs)
-        generation, lease = snapshot.generation, 0
-        if state is not _CLOSED or self.strict:
-            rejection = self._local_rejection(snapshot)
-            if rejection is not None:
-                return cast(T, await self._reject_async(rejection, args, kwargs))
-            admission = cast(Admission, await self._request_async(Acquire(self.name)))
-            if not admission.admitted:
-                rejection = self._rejection(admission.snapshot, admission.retry_after)
-                return cast(T, await self._reject_async(rejection, args, kwargs))
-            generation, lease = admission.generation, admission.lease
-        clock = self._clock
-        started = clock()
-        try:
-            result = await func(*args, **kwargs)
-        except BaseException as exc:
-            await self._settle_async(exc, generation, lease, clock() - started)
-            raise
-        await self._report_success_async(generation, lease, clock() - started)
-        return result
-
-    async def _report_success_async(self, generation: int, lease: int, duration: float) -> None:
-        slow = self._actor.snapshot.slow_call_duration
-        if lease or (slow is not None and duration > slow):
-            await self._report_async(
-                Report(self.name, generation, _SUCCESS, duration, lease), ack=True
-            )
-        elif not self._actor.post_report((generation, _SUCCESS, duration)):
-            await self._report_async(Report(self.name, generation, _SUCCESS, duration), ack=True)
-
-    async def _settle_async(
-        self, exc: BaseException, generation: int, lease: int, duration: float
-    ) -> None:
-        verdict = self._classifier(exc)
-        report = self._report_for(verdict, generation, lease, duration)
-        if report is None:
-            return
-        if _needs_ack(report):
-            try:
-                await self._report_async(report, ack=True)
-            except BreakerError:
-                pass  # never mask the caller's own exception with ours
-        else:
-            self._report_nowait(report)
-
-    # -- the sync call -------------------------------------------------------------
-
-    def call_sync(self, func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run ``func(*args, **kwargs)`` under the breaker, from any thread.
-
-        No event loop is needed. The fallback, if any, must be synchronous here.
-        """
-        actor = self._actor
-        snapshot = actor.snapshot
-        if snapshot.state is _CLOSED and snapshot.slow_call_duration is None and not self.strict:
-            generation = snapshot.generation
-            try:
-                result = func(*args, **kwargs)
-            except BaseException as exc:
-                self._settle_sync(exc, generation, 0, 0.0)
-                raise
-            if not actor.post_success(generation):
-                self._request_sync(Report(self.name, generation, _SUCCESS), force=True)
-            return result
-        state = snapshot.state
-        if (state is _OPEN or state is _FORCED_OPEN) and self.fallback is None:
-            rejection = self._local_rejection(snapshot)
-            if rejection is not None:
-                raise rejection
-        return self._call_sync_slow_path(func, args, kwargs)
-
-    def _call_sync_slow_path(
-        self, func: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> T:
-        if self._needs_rebind:
-            self._rebind_after_fork()
-        snapshot = self._actor.snapshot
-        state = snapshot.state
-        if state is _DISABLED and not self.strict:
-            return func(*args, **kwargs)
-        generation, lease = snapshot.generation, 0
-        if state is not _CLOSED or self.strict:
-            rejection = self._local_rejection(snapshot)
-            if rejection is not None:
-                return cast(T, self._reject_sync(rejection, args, kwargs))
-            admission = cast(Admission, self._request_sync(Acquire(self.name)))
-            if not admission.admitted:
-                rejection = self._rejection(admission.snapshot, admission.retry_after)
-                return cast(T, self._reject_sync(rejection, args, kwargs))
-            generation, lease = admission.generation, admission.lease
-        clock = self._clock
-        started = clock()
-        try:
-            result = func(*args, **kwargs)
-        except BaseException as exc:
-            self._settle_sync(exc, generation, lease, clock() - started)
-            raise
-        duration = clock() - started
-        slow = self._actor.snapshot.slow_call_duration
-        if lease or (slow is not None and duration > slow):
-            self._request_sync(Report(self.name, generation, _SUCCESS, duration, lease), force=True)
-        elif not self._actor.post_report((generation, _SUCCESS, duration)):
-            self._request_sync(Report(self.name, generation, _SUCCESS, duration), force=True)
-        return result
-
-    def _settle_sync(
-        self, exc: BaseException, generation: int, lease: int, duration: float
-    ) -> None:
-        verdict = self._classifier(exc)
-        report = self._report_for(verdict, generation, lease, duration)
-        if report is None:
-            return
-        if _needs_ack(report):
-            try:
-                self._request_sync(report, force=True)
-            except BreakerError:
-                pass  # never mask the caller's own exception with ours
-        else:
-            self._report_nowait(report)
-
     # -- decorator use ---------------------------------------------------------------
 
     @overload
@@ -707,33 +547,30 @@ class CircuitBreaker:
     # -- helpers -----------------------------------------------------------------------------
 
     def _local_rejection(self, snapshot: Snapshot) -> CircuitBreakerOpenError | None:
-        state = snapshot.state
-        if state is _FORCED_OPEN:
-            self._actor.post_rejection()
+        remaining = open_for(snapshot, self._clock)
+        if not remaining:
+            return None
+        self._actor.post_rejection()
+        if snapshot.state is _FORCED_OPEN:
             return new_open_error(
                 self.name, None, "forced_open", None, self._scope_key, "forced_open"
             )
-        if state is _OPEN and snapshot.open_until is not None:
-            remaining = snapshot.open_until - self._clock()
-            if remaining > 0:
-                self._actor.post_rejection()
-                # The hot path of an open breaker: the wall-clock deadline is
-                # read once per published snapshot, not once per rejection.
-                wall = self._wall_deadline
-                if wall[0] is not snapshot:
-                    wall = self._wall_deadline = (snapshot, time.time() + remaining)
-                return new_open_error(
-                    self.name,
-                    remaining,
-                    "open",
-                    None,
-                    self._scope_key,
-                    snapshot.reason,
-                    snapshot.error_code,
-                    wall[1],
-                    snapshot.opened_by_pid or None,
-                )
-        return None
+        # The hot path of an open breaker: the wall-clock deadline is read
+        # once per published snapshot, not once per rejection.
+        wall = self._wall_deadline
+        if wall[0] is not snapshot:
+            wall = self._wall_deadline = (snapshot, time.time() + remaining)
+        return new_open_error(
+            self.name,
+            remaining,
+            "open",
+            None,
+            self._scope_key,
+            snapshot.reason,
+            snapshot.error_code,
+            wall[1],
+            snapshot.opened_by_pid or None,
+        )
 
     def _rejection(self, snapshot: Snapshot, retry_after: float | None) -> CircuitBreakerOpenError:
         # The deadline leaves the monotonic clock only here, at the edge: the
@@ -777,37 +614,12 @@ class CircuitBreaker:
             )
         return result
 
-    def _report_for(
-        self, verdict: Verdict, generation: int, lease: int, duration: float
-    ) -> Report | None:
-        if isinstance(verdict, RateLimited):
-            reason = verdict.reason
-            return Report(
-                self.name,
-                generation,
-                Outcome.RATE_LIMITED,
-                duration,
-                lease,
-                verdict.retry_after,
-                None if reason == "rate_limited" else reason,
-                verdict.error_code,
-            )
-        if verdict is Outcome.CANCELLED and not lease:
-            return None  # a closed-state permit holds nothing to release
-        return Report(self.name, generation, verdict, duration, lease)
-
     def _report_nowait(self, report: Report) -> None:
         if report.lease:
             # A lease must come back even if the inbox is full: force it in.
             self._actor.ask(report, None, force=True)
         elif not self._actor.post_report((report.generation, report.outcome, report.duration)):
             self._actor.ask(report, None, force=True)
-
-    async def _report_async(self, report: Report, *, ack: bool) -> None:
-        if ack:
-            await self._request_async(report, force=True)
-        else:
-            self._report_nowait(report)
 
     async def _request_async(self, message: object, *, force: bool = False) -> Any:
         try:
@@ -904,18 +716,6 @@ def _daemon_path(
             "fallback) must use time.monotonic: the daemon's deadlines are on that clock"
         )
     return path
-
-
-def _needs_ack(report: Report) -> bool:
-    # Outcomes that can change the state wait for the actor; so do trials.
-    return (
-        report.lease != 0
-        and report.outcome
-        not in (
-            Outcome.CANCELLED,
-            Outcome.IGNORED,
-        )
-    ) or report.outcome in (Outcome.FAILURE, Outcome.RATE_LIMITED)
 
 
 def _settle_future(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
