@@ -70,7 +70,7 @@ MODEL: Final = "gpt-4"
 FAILURE_THRESHOLD: Final = 0.5
 MIN_CALLS: Final = 5
 #: Slack after the open deadline, so the trial is not refused by a hair.
-_DEADLINE_MARGIN: Final = 0.05
+DEADLINE_MARGIN: Final = 0.05
 
 _MAX_HEAD: Final = 64 * 1024
 _MAX_BODY: Final = 1024 * 1024
@@ -273,9 +273,9 @@ async def stand_in_server(
 # -- the scenario -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class RequestResult:
-    """What became of one of the demo's calls."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallResult:
+    """What became of one call, as the demo prints it (embedded or through a daemon)."""
 
     index: int
     prompt: str
@@ -292,6 +292,12 @@ class RequestResult:
     state: CircuitState
     #: For a fallback: seconds the breaker still had to stay open.
     retry_after: float | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestResult(CallResult):
+    """What became of one of the embedded demo's calls."""
+
     #: State changes this call caused, in order.
     transitions: tuple[Transition, ...]
 
@@ -340,7 +346,7 @@ class DemoResult:
         return found
 
 
-class _Printer:
+class Printer:
     def __init__(self, out: TextIO | None) -> None:
         self._out = out
 
@@ -363,7 +369,7 @@ async def run_demo(
     # Imported here: importing breakerd must not pay for the openai SDK.
     import openai
 
-    say = _Printer(out)
+    say = Printer(out)
     clock = time.monotonic
     started = clock()
     system = await anyio.to_thread.run_sync(ActorSystem(clock=clock).start)
@@ -540,7 +546,7 @@ async def _wait_out_open(
     open_until = breaker.snapshot.open_until
     if breaker.state is not CircuitState.OPEN or open_until is None:
         return
-    delay = max(0.0, open_until - clock()) + _DEADLINE_MARGIN
+    delay = max(0.0, open_until - clock()) + DEADLINE_MARGIN
     say(f"waiting {delay:.1f}s for the open timeout to pass...")
     await anyio.sleep(delay)
 
@@ -598,19 +604,7 @@ def main_demo(
     # callers (tests, an embedding app) keep their own configuration.
     was_configured = structlog.is_configured()
     previous = structlog.get_config()
-    if verbose:
-        structlog.configure(
-            processors=[
-                structlog.processors.add_log_level,
-                structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False),
-                structlog.dev.ConsoleRenderer(colors=False),
-            ],
-            logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-            cache_logger_on_first_use=False,
-        )
-    else:
-        # The demo prints every transition itself; the log would say it twice.
-        structlog.configure(processors=[_drop_event], cache_logger_on_first_use=False)
+    configure_demo_logging(verbose)
     try:
         result = anyio.run(
             lambda: run_demo(out, open_timeout=open_timeout, client_timeout=client_timeout)
@@ -626,5 +620,22 @@ def main_demo(
     return 0
 
 
-def _drop_event(logger: object, method: str, event: Mapping[str, Any]) -> Any:
+def drop_event(logger: object, method: str, event: Mapping[str, Any]) -> Any:
     raise structlog.DropEvent
+
+
+def configure_demo_logging(verbose: bool) -> None:
+    """breakerd's own events on stderr with ``-v``; otherwise none."""
+    if verbose:
+        structlog.configure(
+            processors=[
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False),
+                structlog.dev.ConsoleRenderer(colors=False),
+            ],
+            logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+            cache_logger_on_first_use=False,
+        )
+    else:
+        # The demo prints every transition itself; the log would say it twice.
+        structlog.configure(processors=[drop_event], cache_logger_on_first_use=False)

@@ -17,7 +17,7 @@ OpenAI server of ``_demo`` (no network, no API key):
 The coordinator (this process) starts a private daemon (or reuses the one at
 ``--socket``), the stand-in server and the workers, and tells the workers
 which call to make when, so the output is the same on every run. Workers are
-``python -m breakerd.clients.cli._demo_daemon PLAN_JSON`` processes that read one
+``python -m breakerd.clients.cli._demo_worker PLAN_JSON`` processes that read one
 command per line on stdin and answer with JSON lines on stdout; the state
 changes their breaker sees arrive on the same stdout as they happen.
 """
@@ -32,7 +32,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -42,7 +41,6 @@ from typing import IO, Any, Final, TextIO, TypeAlias
 import anyio
 import anyio.abc
 import anyio.to_thread
-import structlog
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from breakerd.protocol import (
@@ -54,18 +52,18 @@ from breakerd.protocol import (
     StatusRequest,
 )
 
+from . import _demo_worker
 from ._admin import ask_daemon
 from ._demo import (
-    _DEADLINE_MARGIN,
     BREAKER_NAME,
+    DEADLINE_MARGIN,
     FAILURE_THRESHOLD,
     MIN_CALLS,
-    MODEL,
     SCRIPT,
+    CallResult,
     Kind,
+    Printer,
     StandInServer,
-    _drop_event,
-    _Printer,
     stand_in_server,
 )
 
@@ -113,27 +111,12 @@ _MAX_LINE: Final = 1 << 20
 # -- results ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class WorkerRequest:
-    """What became of one call, and where it was made."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerRequest(CallResult):
+    """What became of one call, and which worker process made it."""
 
-    index: int
     worker: int
     pid: int
-    prompt: str
-    kind: Kind
-    #: The answer or the fallback's text; for a failure, the exception's message.
-    text: str
-    #: The exception's type name for a failure, else None.
-    error: str | None
-    #: Whether the stand-in server saw a request during this call.
-    reached_server: bool
-    #: Requests the server had seen once this call returned.
-    server_requests: int
-    #: The worker's breaker state once the call returned.
-    state: CircuitState
-    #: For a fallback: seconds the breaker still had to stay open.
-    retry_after: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,7 +333,7 @@ async def run_daemon_demo(
     used (under a breaker name of this run's own, so no real breaker is
     touched), or one is started there and stopped at the end.
     """
-    say = _Printer(out)
+    say = Printer(out)
     started = time.monotonic()
     scratch = Path(tempfile.mkdtemp(prefix="breakerd-demo-", dir="/tmp"))
     try:
@@ -469,7 +452,7 @@ async def _with_workers(
                 stderr = None if log is None else log.open("wb")
                 try:
                     process = await anyio.open_process(
-                        [sys.executable, "-m", __name__, json.dumps(plan)],
+                        [sys.executable, "-m", _demo_worker.__name__, json.dumps(plan)],
                         stdin=subprocess.PIPE,
                         stdout=subprocess.PIPE,
                         stderr=stderr,
@@ -601,7 +584,7 @@ async def _wait_out_open(run: _Run) -> None:
     opened = [t for t in run.transitions.values() if t.to_state is CircuitState.OPEN]
     if not opened or opened[-1].open_until is None:
         return
-    delay = max(0.0, opened[-1].open_until - time.monotonic()) + _DEADLINE_MARGIN
+    delay = max(0.0, opened[-1].open_until - time.monotonic()) + DEADLINE_MARGIN
     run.say(f"waiting {delay:.1f}s for the open timeout to pass...")
     await anyio.sleep(delay)
 
@@ -644,112 +627,6 @@ def _describe_transition(t: SeenTransition) -> str:
     return line + f"; seen by workers {seen}"
 
 
-# -- the worker process ---------------------------------------------------------------------
-
-
-def _worker_main(plan: Mapping[str, Any]) -> int:
-    """A worker: one daemon-backed breaker and one openai client; commands on stdin."""
-    if plan.get("verbose"):
-        structlog.configure(
-            processors=[
-                structlog.processors.add_log_level,
-                structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False),
-                structlog.dev.ConsoleRenderer(colors=False),
-            ],
-            logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        )
-    else:
-        structlog.configure(processors=[_drop_event])
-    anyio.run(_worker, plan)
-    return 0
-
-
-async def _worker(plan: Mapping[str, Any]) -> None:
-    # Imported here: importing breakerd must not pay for the openai SDK.
-    import openai
-
-    from .._breaker import CircuitBreaker
-
-    lock = threading.Lock()
-
-    def emit(**message: Any) -> None:
-        # The breaker's transitions arrive on its IO thread, replies on this one.
-        with lock:
-            sys.stdout.write(json.dumps(message) + "\n")
-            sys.stdout.flush()
-
-    fallbacks: list[float | None] = []
-
-    async def fallback(prompt: str) -> str:
-        open_until = breaker.snapshot.open_until
-        fallbacks.append(None if open_until is None else open_until - time.monotonic())
-        return f"sorry, the AI service is unavailable; please retry {prompt!r} later"
-
-    breaker = CircuitBreaker(
-        plan["name"],
-        failure_threshold=FAILURE_THRESHOLD,
-        timeout=plan["open_timeout"],
-        min_calls=MIN_CALLS,
-        fallback=fallback,
-        daemon=plan["socket"],
-        # The point is the shared breaker: without the daemon, fail loudly
-        # rather than carry on with a private one.
-        on_unavailable="deny",
-    )
-    breaker.on_transition(
-        lambda t: emit(
-            event="transition",
-            generation=t.generation,
-            failure_rate=t.failure_rate,
-            open_until=t.open_until,
-            **{"from": t.from_state.value, "to": t.to_state.value},
-        )
-    )
-    client = openai.AsyncOpenAI(
-        api_key="sk-breakerd-demo-not-a-real-key",
-        base_url=plan["base_url"],
-        max_retries=0,
-        timeout=plan["client_timeout"],
-        http_client=openai.DefaultAsyncHttpxClient(trust_env=False),
-    )
-
-    async def call_llm(prompt: str) -> str:
-        response = await client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": prompt}]
-        )
-        return str(response.choices[0].message.content)
-
-    async with client:
-        snapshot = breaker.snapshot
-        emit(event="ready", state=snapshot.state.value, generation=snapshot.generation)
-        while True:
-            line = await anyio.to_thread.run_sync(sys.stdin.readline)
-            if not line:
-                return
-            command = json.loads(line)
-            if command["op"] == "exit":
-                return
-            before = len(fallbacks)
-            error: str | None = None
-            try:
-                text = await breaker.call(call_llm, command["prompt"])
-            except Exception as exc:
-                kind: Kind = "failure"
-                text, error = str(exc), type(exc).__name__
-            else:
-                kind = "fallback" if len(fallbacks) > before else "success"
-            snapshot = breaker.snapshot
-            emit(
-                index=command["index"],
-                kind=kind,
-                text=text,
-                error=error,
-                state=snapshot.state.value,
-                generation=snapshot.generation,
-                retry_after=fallbacks[-1] if kind == "fallback" else None,
-            )
-
-
 # -- the CLI entry point ------------------------------------------------------------------
 
 
@@ -775,7 +652,3 @@ def main_demo_daemon(
     if problems:
         raise RuntimeError("the daemon demo did not go as scripted: " + "; ".join(problems))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_worker_main(json.loads(sys.argv[1])))
