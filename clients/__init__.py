@@ -27,9 +27,11 @@ if TYPE_CHECKING:
 
     from ._breaker import CircuitBreaker
     from ._classify import Classifier, ClassifyFunc, RateLimited, Verdict
+    from ._daemon_client import DaemonClient
+    from ._fallback import OnUnavailable
+    from ._link import RemoteBreaker
     from ._openai import classify_openai, parse_retry_after
-    from ._remote import DaemonClient, OnUnavailable, RemoteBreaker
-    from ._remote import flush_all_clients as flush
+    from ._registry import flush_all_clients as flush
 
 # name -> the module that defines it (relative names are this package's).
 _LAZY: dict[str, str] = {
@@ -50,10 +52,10 @@ _LAZY: dict[str, str] = {
     "Verdict": "._classify",
     "classify_openai": "._openai",
     "parse_retry_after": "._openai",
-    "DaemonClient": "._remote",
-    "OnUnavailable": "._remote",
-    "RemoteBreaker": "._remote",
-    "flush": "._remote",
+    "DaemonClient": "._daemon_client",
+    "OnUnavailable": "._fallback",
+    "RemoteBreaker": "._link",
+    "flush": "._registry",
 }
 #: Public names defined under another name in their module.
 _ALIASES: dict[str, str] = {"flush": "flush_all_clients"}

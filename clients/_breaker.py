@@ -50,8 +50,10 @@ from breakerd.protocol import (
 from ._calls_async import AsyncCalls
 from ._calls_sync import SyncCalls
 from ._classify import Classifier, ClassifyFunc, Verdict
+from ._daemon_client import check_socket_path
+from ._fallback import ON_UNAVAILABLE, OnUnavailable
+from ._link import RemoteBreaker
 from ._plan import open_for
-from ._remote import ON_UNAVAILABLE, OnUnavailable, RemoteBreaker, check_socket_path
 from ._scopes import (
     DEFAULT_MAX_SCOPES,
     DEFAULT_SCOPE_TTL,

@@ -29,7 +29,7 @@ from ._classify import Verdict
 from ._plan import PASS, RUN, admit, is_plain_success, needs_ack, report_for
 
 if TYPE_CHECKING:
-    from ._remote import ActorSurface
+    from ._link import ActorSurface
 
 __all__ = ["AsyncCalls"]
 

@@ -66,8 +66,13 @@ from typing import Any
 import structlog
 from daemon_helpers import poll_until
 
-from breakerd.clients import CircuitBreaker, CircuitBreakerOpenError, DaemonUnavailableError
-from breakerd.clients import _remote as remote
+from breakerd.clients import (
+    CircuitBreaker,
+    CircuitBreakerOpenError,
+    DaemonUnavailableError,
+    _daemon_client,
+    _link,
+)
 
 _out_lock = threading.Lock()
 _logged: list[str] = []
@@ -148,7 +153,7 @@ def wait(predicate: Callable[[], bool], timeout: float) -> bool:
 
 def on_daemon(breaker: CircuitBreaker) -> Callable[[], bool]:
     link = breaker._actor
-    assert isinstance(link, remote.RemoteBreaker)
+    assert isinstance(link, _link.RemoteBreaker)
     return lambda: link.remote
 
 
@@ -215,7 +220,7 @@ def run_steps(breaker: CircuitBreaker, steps: list[Mapping[str, Any]]) -> None:
             result = {"ok": ok, "at": time.monotonic()}
         elif op == "wait_attempts":
             link = breaker._actor
-            assert isinstance(link, remote.RemoteBreaker)
+            assert isinstance(link, _link.RemoteBreaker)
             client, attempts = link.client, step["n"]
             ok = wait(lambda: client.attempts >= attempts, step.get("timeout", 10.0))  # noqa: B023 - used at once
             if ok and step.get("between"):
@@ -244,12 +249,12 @@ def main(plan: Mapping[str, Any]) -> None:
     configure_logging()
     if "request_timeout" in plan:
         # The process's client is made on first use with DaemonClient's defaults.
-        defaults = remote.DaemonClient.__init__.__kwdefaults__
+        defaults = _daemon_client.DaemonClient.__init__.__kwdefaults__
         assert defaults is not None
         defaults["request_timeout"] = plan["request_timeout"]
     if "flush_delay" in plan:
         # DaemonClient reads the module's FLUSH_DELAY when it is made.
-        remote.FLUSH_DELAY = plan["flush_delay"]  # type: ignore[misc]
+        _daemon_client.FLUSH_DELAY = plan["flush_delay"]  # type: ignore[misc]
     breaker = CircuitBreaker(plan["name"], daemon=plan["socket"], **plan.get("breaker", {}))
     # Reading the state is a first use, which connects: not for a lazy plan.
     emit(event="ready", state=None if plan.get("lazy") else breaker.state.value)

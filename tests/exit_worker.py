@@ -25,10 +25,9 @@ import sys
 import warnings
 
 import breakerd.clients
-from breakerd.clients import CircuitBreaker, CircuitBreakerOpenError
-from breakerd.clients import _remote as remote
+from breakerd.clients import CircuitBreaker, CircuitBreakerOpenError, _daemon_client
 
-remote.FLUSH_DELAY = 3600.0  # type: ignore[misc]
+_daemon_client.FLUSH_DELAY = 3600.0  # type: ignore[misc]
 
 SOCKET, MODE, N = sys.argv[1], sys.argv[2], int(sys.argv[3])
 # "deny", and time to connect under load: every outcome is the daemon's or an error.

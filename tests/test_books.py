@@ -20,7 +20,7 @@ from daemon_helpers import DaemonProcess
 from breakerd.actor import ActorSystem, BreakerConfig, Machine, Transition
 from breakerd.actor.testing import FakeClock
 from breakerd.clients import CircuitBreaker, CircuitBreakerOpenError, CircuitState, Outcome
-from breakerd.clients._remote import close_all_clients
+from breakerd.clients._registry import close_all_clients
 
 pytestmark = pytest.mark.anyio
 
