@@ -31,6 +31,7 @@ for one wake-up per batch rather than one per call. Requests wake it at once.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import math
 import os
 import threading
@@ -157,6 +158,7 @@ class BreakerActor:
         self.machine = Machine(name, config, generation=generation, first_lease=first_lease)
         self._own_pid = os.getpid()
         self.snapshot: Snapshot = self.machine.snapshot()
+        self._plain = _plain_generation(self.snapshot)
         self.max_inbox = max_inbox
         self.listeners: list[TransitionListener] = []
         #: Called with every snapshot the actor publishes, before listeners
@@ -193,6 +195,13 @@ class BreakerActor:
         self._log = _logger.bind(breaker=name)
 
     # -- any thread ------------------------------------------------------------
+
+    def admit(self) -> int | None:
+        """The generation a plain call (closed, not timed) runs under now, else None.
+
+        Set at every publish: the facade's fast path reads no snapshot.
+        """
+        return self._plain
 
     def post_success(self, generation: int, count: int = 1, *, flush: bool = True) -> bool:
         """Count ``count`` plain successes admitted under ``generation``, without waiting.
@@ -255,6 +264,23 @@ class BreakerActor:
 
     def post_rejection(self, count: int = 1) -> None:
         self._rejections.append(count)
+
+    def ask_sync(self, message: object, *, force: bool = False) -> Any:
+        """``ask`` and wait in this thread (never the actor's own: see ``in_own_thread``)."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def reply(result: Any, error: BaseException | None) -> None:
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        self.ask(message, reply, force=force)
+        return future.result()
+
+    def in_own_thread(self) -> bool:
+        """True in the thread that runs this actor, which must never wait for it."""
+        return threading.get_ident() == self._loop_thread
 
     @property
     def stopped(self) -> bool:
@@ -543,6 +569,7 @@ class BreakerActor:
             tally = []
             self._tally_generation = generation
         self._tally = (generation if snapshot.successes_safe else _ASK_FOR_SUCCESSES, tally)
+        self._plain = _plain_generation(snapshot)
         self.snapshot = snapshot
         on_publish = self.on_publish
         if on_publish is not None:
@@ -677,3 +704,9 @@ class BreakerActor:
             return
         self._inbox.append(Envelope(StatusRequest(self.name), reply))
         self._wake()
+
+
+def _plain_generation(snapshot: Snapshot) -> int | None:
+    # admit()'s answer (clients._plan.plain_generation: the actor cannot import it).
+    plain = snapshot.state is CircuitState.CLOSED and snapshot.slow_call_duration is None
+    return snapshot.generation if plain else None

@@ -29,14 +29,13 @@ from ._classify import Verdict
 from ._plan import PASS, RUN, admit, is_plain_success, needs_ack, report_for
 
 if TYPE_CHECKING:
-    from ._link import ActorSurface
+    from ._handle import BreakerHandle
 
 __all__ = ["AsyncCalls"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
-_CLOSED: Final = CircuitState.CLOSED
 _OPEN: Final = CircuitState.OPEN
 _FORCED_OPEN: Final = CircuitState.FORCED_OPEN
 _SUCCESS: Final = Outcome.SUCCESS
@@ -48,7 +47,7 @@ class AsyncCalls:
     name: str
     fallback: Callable[..., Any] | None
     strict: bool
-    _actor: ActorSurface
+    _actor: BreakerHandle
     _clock: Callable[[], float]
     _classifier: Callable[[BaseException], Verdict]
     _needs_rebind: bool
@@ -79,10 +78,8 @@ class AsyncCalls:
         if it returns an awaitable).
         """
         actor = self._actor
-        snapshot = actor.snapshot
-        state = snapshot.state
-        if state is _CLOSED and snapshot.slow_call_duration is None and not self.strict:
-            generation = snapshot.generation
+        generation = actor.admit()
+        if generation is not None and not self.strict:
             try:
                 result = await func(*args, **kwargs)
             except BaseException as exc:
@@ -91,6 +88,8 @@ class AsyncCalls:
             if not actor.post_success(generation):
                 await self._request_async(Report(self.name, generation, _SUCCESS), force=True)
             return result
+        snapshot = actor.snapshot
+        state = snapshot.state
         if (state is _OPEN or state is _FORCED_OPEN) and self.fallback is None:
             # Raised here, one frame deep: a rejection's cost is mostly its traceback.
             rejection = self._local_rejection(snapshot)

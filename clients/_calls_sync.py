@@ -27,14 +27,13 @@ from ._classify import Verdict
 from ._plan import PASS, RUN, admit, is_plain_success, needs_ack, report_for
 
 if TYPE_CHECKING:
-    from ._link import ActorSurface
+    from ._handle import BreakerHandle
 
 __all__ = ["SyncCalls"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
-_CLOSED: Final = CircuitState.CLOSED
 _OPEN: Final = CircuitState.OPEN
 _FORCED_OPEN: Final = CircuitState.FORCED_OPEN
 _SUCCESS: Final = Outcome.SUCCESS
@@ -46,7 +45,7 @@ class SyncCalls:
     name: str
     fallback: Callable[..., Any] | None
     strict: bool
-    _actor: ActorSurface
+    _actor: BreakerHandle
     _clock: Callable[[], float]
     _classifier: Callable[[BaseException], Verdict]
     _needs_rebind: bool
@@ -77,10 +76,8 @@ class SyncCalls:
         not return an awaitable here).
         """
         actor = self._actor
-        snapshot = actor.snapshot
-        state = snapshot.state
-        if state is _CLOSED and snapshot.slow_call_duration is None and not self.strict:
-            generation = snapshot.generation
+        generation = actor.admit()
+        if generation is not None and not self.strict:
             try:
                 result = func(*args, **kwargs)
             except BaseException as exc:
@@ -89,6 +86,8 @@ class SyncCalls:
             if not actor.post_success(generation):
                 self._request_sync(Report(self.name, generation, _SUCCESS), force=True)
             return result
+        snapshot = actor.snapshot
+        state = snapshot.state
         if (state is _OPEN or state is _FORCED_OPEN) and self.fallback is None:
             # Raised here, one frame deep: a rejection's cost is mostly its traceback.
             rejection = self._local_rejection(snapshot)

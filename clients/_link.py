@@ -1,9 +1,7 @@
 """One breaker's link to the daemon: what a ``CircuitBreaker`` holds in daemon mode.
 
-``RemoteBreaker`` offers the duck-typed surface of ``BreakerActor``
-(``snapshot``, ``listeners``, ``post_success``, ``post_report``,
-``post_rejection``, ``ask``; ``ActorSurface`` below), so the facade runs
-unchanged on top of it. It talks to its ``DaemonClient`` (``_daemon_client``)
+``RemoteBreaker`` is a ``BreakerHandle`` (``_handle``), as ``BreakerActor``
+is, so the facade runs unchanged on top of it. It talks to its ``DaemonClient`` (``_daemon_client``)
 through the client's public methods, and the client calls it back through
 ``LinkEvents``. While the daemon is out of reach, its ``on_unavailable``
 policy (``_fallback``) serves in its place.
@@ -31,7 +29,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+from typing import Any, Final, cast
 
 from breakerd.actor import (
     ActorSystem,
@@ -70,10 +68,11 @@ from ._fallback import (
     OnUnavailable,
     make_fallback,
 )
+from ._plan import plain_generation
 from ._registry import get_client
 from ._replies import Bounded, SyncReply, answer, ignore_reply
 
-__all__ = ["ActorSurface", "RemoteBreaker"]
+__all__ = ["RemoteBreaker"]
 
 #: A link's tally key while successes must be sent as requests: no permit has it.
 _ASK_FOR_SUCCESSES: Final = -(1 << 62)
@@ -84,24 +83,6 @@ _CALL_REQUESTS: Final[frozenset[type]] = frozenset({Acquire, Report})
 _SUCCESS: Final = Outcome.SUCCESS
 
 _logger = library_logger()
-
-
-class ActorSurface(Protocol):
-    """What ``CircuitBreaker`` uses of its breaker: ``BreakerActor`` and ``RemoteBreaker``."""
-
-    @property
-    def snapshot(self) -> Snapshot: ...
-
-    @property
-    def listeners(self) -> list[Any]: ...
-
-    def post_success(self, generation: int) -> bool: ...
-
-    def post_report(self, item: tuple[int, Outcome, float]) -> bool: ...
-
-    def post_rejection(self, count: int = 1) -> None: ...
-
-    def ask(self, message: object, reply: Reply | None, *, force: bool = False) -> None: ...
 
 
 class RemoteBreaker:
@@ -134,6 +115,7 @@ class RemoteBreaker:
         "_announced",
         "_live_words",
         "_log",
+        "_plain",
         "_queue_limit",
         "_refused",
         "_register_error",
@@ -187,6 +169,8 @@ class RemoteBreaker:
         self.conflicts: tuple[str, ...] = ()
         self._remote = False
         self._remote_snapshot = Snapshot(name, CircuitState.CLOSED, NO_GENERATION)
+        # admit()'s answer for _remote_snapshot, kept with it by _show.
+        self._plain: int | None = None
         # The breaker's slot in the daemon's state table (None: no table), and
         # the slot's seq when _remote_snapshot last caught up with it.
         self._slot_words: memoryview | None = None
@@ -305,6 +289,23 @@ class RemoteBreaker:
 
     # -- the actor surface (any thread) -----------------------------------------------
 
+    def admit(self) -> int | None:
+        """The generation a plain call runs under now, or None (see ``BreakerHandle``)."""
+        # The facade's fast path: the snapshot property's common case, without
+        # the property (a descriptor call: about 70 ns more than a method on
+        # CPython 3.11) and with the snapshot's test made once, in _show.
+        words = self._live_words
+        if words is not None and words[0] == self._slot_seq:
+            return self._plain
+        return self._admit_slow()
+
+    def _admit_slow(self) -> int | None:
+        if self._unstarted:
+            self._begin()
+        if self._remote:
+            return plain_generation(self._snapshot_slow())
+        return self.fallback.admit()
+
     @property
     def snapshot(self) -> Snapshot:
         # The common case first, in as few loads as possible: the table's slot
@@ -351,6 +352,7 @@ class RemoteBreaker:
 
     def _show(self, snapshot: Snapshot) -> None:
         """Make ``snapshot`` the daemon's state as this link shows it (any thread)."""
+        self._plain = plain_generation(snapshot)
         self._remote_snapshot = snapshot
         generation = snapshot.generation
         if snapshot.successes_safe and snapshot.state is CircuitState.CLOSED and generation >= 0:
@@ -691,9 +693,3 @@ class RemoteBreaker:
                 listener(transition, snapshot)
             except Exception:
                 self._log.exception("transition_listener_failed")
-
-
-if TYPE_CHECKING:
-    # Both implement the surface the facade relies on.
-    _actor_conforms: ActorSurface = BreakerActor("x", BreakerConfig(), clock=time.monotonic)
-    _link_conforms: ActorSurface = RemoteBreaker(DaemonClient("x"), "x", BreakerConfig())

@@ -1,16 +1,14 @@
-"""The decisions of a protected call, pure: no IO, no waiting, the clock passed in.
+"""The decisions of a protected call, pure: no IO, no waiting, no clock.
 
 ``CircuitBreaker.call`` and ``call_sync`` ask these and differ only in how
-they wait. A call goes:
+they wait. A call that was not rejected here (``CircuitBreaker._local_rejection``:
+forced open, or open with its deadline ahead) goes:
 
-1. **Reject here?** ``open_for(snapshot, clock)``: seconds the breaker stays
-   shut to callers of this process (``inf`` while forced open), 0 when it
-   does not reject here.
-2. **Admit how?** ``admit(snapshot, strict)``: ``PASS`` (disabled: run it,
+1. **Admit how?** ``admit(snapshot, strict)``: ``PASS`` (disabled: run it,
    record nothing), ``RUN`` (closed: run it, report its outcome) or ``ASK``
    (the actor decides: a trial, a half-open permit, every acquire with
    ``strict``).
-3. **Settle.** A success is *plain* (``is_plain_success``: no trial lease,
+2. **Settle.** A success is *plain* (``is_plain_success``: no trial lease,
    not slow) and travels without waiting, unless the handle says it may
    change the state. Any other outcome becomes a ``Report``
    (``report_for``), and ``needs_ack`` says whether the caller waits for the
@@ -20,15 +18,22 @@ they wait. A call goes:
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from typing import Final
 
 from breakerd.protocol import CircuitState, Outcome, Report, Snapshot
 
 from ._classify import RateLimited, Verdict
 
-__all__ = ["ASK", "PASS", "RUN", "admit", "is_plain_success", "needs_ack", "open_for", "report_for"]
+__all__ = [
+    "ASK",
+    "PASS",
+    "RUN",
+    "admit",
+    "is_plain_success",
+    "needs_ack",
+    "plain_generation",
+    "report_for",
+]
 
 #: ``admit``'s answers.
 PASS: Final = 0
@@ -36,29 +41,21 @@ RUN: Final = 1
 ASK: Final = 2
 
 _CLOSED: Final = CircuitState.CLOSED
-_OPEN: Final = CircuitState.OPEN
 _DISABLED: Final = CircuitState.DISABLED
-_FORCED_OPEN: Final = CircuitState.FORCED_OPEN
 _NO_ACK: Final = frozenset({Outcome.CANCELLED, Outcome.IGNORED})
 _ALWAYS_ACK: Final = frozenset({Outcome.FAILURE, Outcome.RATE_LIMITED})
 
 
-def open_for(snapshot: Snapshot, clock: Callable[[], float]) -> float:
-    """Seconds this snapshot rejects a call for: ``inf`` while forced open, the
-    time left while open, else 0.0 (admitted here, or asked of the actor)."""
-    state = snapshot.state
-    if state is _FORCED_OPEN:
-        return math.inf
-    if state is _OPEN and snapshot.open_until is not None:
-        # The clock is read only here: a rejection pays for one read at most.
-        remaining = snapshot.open_until - clock()
-        if remaining > 0:
-            return remaining
-    return 0.0
+def plain_generation(snapshot: Snapshot) -> int | None:
+    """What a handle's ``admit()`` answers for ``snapshot``: the generation a plain
+    call runs under (closed, no slow-call timing), or None: the slow path decides."""
+    if snapshot.state is _CLOSED and snapshot.slow_call_duration is None:
+        return snapshot.generation
+    return None
 
 
 def admit(snapshot: Snapshot, strict: bool) -> int:
-    """How a call that ``open_for`` did not reject is admitted: ``PASS``, ``RUN`` or ``ASK``."""
+    """How a call that was not rejected here is admitted: ``PASS``, ``RUN`` or ``ASK``."""
     state = snapshot.state
     if strict:
         return ASK

@@ -51,7 +51,8 @@ class ScriptedHandle:
         return snapshot
 
     def admit(self) -> int | None:
-        snapshot = self.snapshot
+        # Answers from the snapshot the next read will show, without reading it.
+        snapshot = self._script[min(self._reads, len(self._script) - 1)]
         if snapshot.state is CircuitState.CLOSED and snapshot.slow_call_duration is None:
             return snapshot.generation
         return None
@@ -118,7 +119,7 @@ def breaker_on(
     breaker = CircuitBreaker(
         NAME, fallback=fallback, strict=strict, system=system, classify=classify
     )
-    breaker._actor = handle  # type: ignore[assignment]
+    breaker._actor = handle
     return breaker
 
 

@@ -1,14 +1,11 @@
-"""The pure decisions of a protected call (``breakerd.clients._plan``), on a fake clock."""
+"""The pure decisions of a protected call (``breakerd.clients._plan``)."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from breakerd.actor.testing import FakeClock
 from breakerd.clients import RateLimited
 from breakerd.clients._plan import (
     ASK,
@@ -17,7 +14,6 @@ from breakerd.clients._plan import (
     admit,
     is_plain_success,
     needs_ack,
-    open_for,
     report_for,
 )
 from breakerd.protocol import CircuitState, Outcome, Report, Snapshot
@@ -27,24 +23,6 @@ NAME = "svc"
 
 def snap(state: CircuitState, open_until: float | None = None) -> Snapshot:
     return Snapshot(NAME, state, 3, open_until)
-
-
-def test_an_open_breaker_rejects_until_its_deadline() -> None:
-    clock = FakeClock(100.0)
-    snapshot = snap(CircuitState.OPEN, open_until=130.0)
-    assert open_for(snapshot, clock) == 30.0
-    clock.advance(29.5)
-    assert open_for(snapshot, clock) == 0.5
-    clock.advance(0.5)
-    assert open_for(snapshot, clock) == 0.0  # the deadline itself: the trial is asked for
-    assert admit(snapshot, strict=False) == ASK
-
-
-def test_forced_open_rejects_for_ever_and_reads_no_clock() -> None:
-    def clock() -> float:
-        raise AssertionError("a forced-open rejection needs no time")
-
-    assert open_for(snap(CircuitState.FORCED_OPEN), clock) == math.inf
 
 
 @pytest.mark.parametrize(
@@ -59,9 +37,7 @@ def test_forced_open_rejects_for_ever_and_reads_no_clock() -> None:
     ],
 )
 def test_admit(state: CircuitState, strict: bool, step: int) -> None:
-    snapshot = snap(state, open_until=None)
-    assert open_for(snapshot, FakeClock()) == 0.0
-    assert admit(snapshot, strict) == step
+    assert admit(snap(state), strict) == step
 
 
 @given(
