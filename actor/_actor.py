@@ -31,7 +31,6 @@ for one wake-up per batch rather than one per call. Requests wake it at once.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import math
 import os
 import threading
@@ -197,11 +196,8 @@ class BreakerActor:
     # -- any thread ------------------------------------------------------------
 
     def admit(self) -> int | None:
-        """The generation a plain call (closed, not timed) runs under now, else None.
-
-        Set at every publish: the facade's fast path reads no snapshot.
-        """
-        return self._plain
+        """The generation a plain call (closed, not timed) runs under now, else None."""
+        return self._plain  # set at every publish: the facade's fast path reads no snapshot
 
     def post_success(self, generation: int, count: int = 1, *, flush: bool = True) -> bool:
         """Count ``count`` plain successes admitted under ``generation``, without waiting.
@@ -264,23 +260,6 @@ class BreakerActor:
 
     def post_rejection(self, count: int = 1) -> None:
         self._rejections.append(count)
-
-    def ask_sync(self, message: object, *, force: bool = False) -> Any:
-        """``ask`` and wait in this thread (never the actor's own: see ``in_own_thread``)."""
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-
-        def reply(result: Any, error: BaseException | None) -> None:
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)
-
-        self.ask(message, reply, force=force)
-        return future.result()
-
-    def in_own_thread(self) -> bool:
-        """True in the thread that runs this actor, which must never wait for it."""
-        return threading.get_ident() == self._loop_thread
 
     @property
     def stopped(self) -> bool:

@@ -582,14 +582,13 @@ class CircuitBreaker(AsyncCalls, SyncCalls):
     def _request_sync(self, message: object, *, force: bool = False) -> Any:
         if self._needs_rebind:
             self._rebind_after_fork()  # status() or an admin call first thing in a child
-        if self._actor.in_own_thread():
+        binding = self._binding
+        if binding.in_own_thread():
             raise RuntimeError(
                 "a breaker cannot wait for its own actor thread; "
                 "do not call call_sync() or admin methods from a transition callback"
             )
-        # The handle waits itself: a daemon link may read the reply off the
-        # socket in this thread.
-        return self._actor.ask_sync(message, force=force)
+        return binding.ask_sync(self._actor, message, force=force)
 
 
 _live_breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()

@@ -15,17 +15,22 @@ generation a plain call runs under, or None: take the slow path) and
 ``post_success(generation)`` after it. Each handle answers ``admit`` from
 what it keeps ready (the embedded actor: one attribute set when it
 publishes; the daemon link: one look at the shared state table), so the
-fast path reads no snapshot. Everything else goes through ``snapshot``,
-``ask`` and ``ask_sync``.
+fast path reads no snapshot. Everything else goes through ``snapshot`` and
+``ask``.
 
-A ``Binding`` (``LocalBinding``, ``DaemonBinding``) is how a facade gets a
-handle for the process it runs in: at construction, and again in a forked
-child, where the parent's actor thread or daemon connection does not exist.
+A ``Binding`` (``LocalBinding``, ``DaemonBinding``) is how a facade reaches
+its breaker from the process it runs in: it opens the handle (at
+construction, and again in a forked child, where the parent's actor thread
+or daemon connection does not exist), and it knows how a caller waits for
+an answer (``ask_sync``; a daemon link reads its own reply off the socket)
+and which thread must never wait (``in_own_thread``).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -81,9 +86,6 @@ class BreakerState(Protocol):
     def post_rejection(self, count: int = 1) -> None:
         """Count rejections made here (for the totals only)."""
 
-    def in_own_thread(self) -> bool:
-        """True in a thread that answers this breaker's requests: it must never wait for one."""
-
 
 class BreakerHandle(BreakerState, Protocol):
     """What ``CircuitBreaker`` uses of its breaker (all of it, from any thread)."""
@@ -94,9 +96,6 @@ class BreakerHandle(BreakerState, Protocol):
 
     def ask(self, message: object, reply: Reply | None, *, force: bool = False) -> None:
         """Send a request; ``reply(result, error)`` is called once, from another thread or here."""
-
-    def ask_sync(self, message: object, *, force: bool = False) -> Any:
-        """``ask`` and wait in this thread: the result, or the error raised."""
 
 
 class Binding(Protocol):
@@ -111,6 +110,13 @@ class Binding(Protocol):
 
     def open(self) -> BreakerHandle:
         """A handle for this process (again in a forked child)."""
+
+    def ask_sync(self, handle: BreakerHandle, message: object, *, force: bool = False) -> Any:
+        """Ask ``handle`` (the one ``open`` gave) and wait in this thread: the result, or
+        the error raised. Waiting is the binding's: a daemon link reads its own reply."""
+
+    def in_own_thread(self) -> bool:
+        """True in a thread that answers the handle's requests: it must never wait for one."""
 
     def conflicts(self) -> tuple[str, ...]:
         """Settings the shared breaker kept different from ours (daemon mode: connects)."""
@@ -143,6 +149,22 @@ class LocalBinding:
             system = self._system = explicit
         actor, self._conflicts = system.actor(self._name, self._config)
         return actor
+
+    def ask_sync(self, handle: BreakerHandle, message: object, *, force: bool = False) -> Any:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def reply(result: Any, error: BaseException | None) -> None:
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        handle.ask(message, reply, force=force)
+        return future.result()
+
+    def in_own_thread(self) -> bool:
+        # The system's loop thread runs every actor of the system, started or not.
+        return threading.get_ident() == self._system.loop_thread_id
 
     def conflicts(self) -> tuple[str, ...]:
         return self._conflicts
@@ -190,6 +212,17 @@ class DaemonBinding:
             daemon_timeout=self._daemon_timeout,
         )
         return link
+
+    def ask_sync(self, handle: BreakerHandle, message: object, *, force: bool = False) -> Any:
+        link = self._link
+        assert link is not None, "ask_sync() before open()"
+        # The link (the handle open() gave) waits itself: it may read the reply
+        # off the socket in this thread.
+        return link.ask_sync(message, force=force)
+
+    def in_own_thread(self) -> bool:
+        link = self._link
+        return link is not None and link.in_own_thread()
 
     def conflicts(self) -> tuple[str, ...]:
         link = self._link
@@ -263,12 +296,6 @@ class ForkedPlaceholder:
 
     def ask(self, message: object, reply: Reply | None, *, force: bool = False) -> None:
         raise RuntimeError("a forked child's breaker opens its own handle before asking")
-
-    def ask_sync(self, message: object, *, force: bool = False) -> Any:
-        raise RuntimeError("a forked child's breaker opens its own handle before asking")
-
-    def in_own_thread(self) -> bool:
-        return False
 
 
 if TYPE_CHECKING:

@@ -80,12 +80,6 @@ class ScriptedHandle:
         if reply is not None:
             reply(result, None)
 
-    def ask_sync(self, message: object, *, force: bool = False) -> Any:
-        return self._answer(message)
-
-    def in_own_thread(self) -> bool:
-        return False
-
 
 def snap(
     state: CircuitState,
