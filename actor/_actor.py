@@ -157,6 +157,7 @@ class BreakerActor:
         self.machine = Machine(name, config, generation=generation, first_lease=first_lease)
         self._own_pid = os.getpid()
         self.snapshot: Snapshot = self.machine.snapshot()
+        self.seen = self.snapshot  # the snapshot admit() answers from: the facade's slow path
         self._plain = _plain_generation(self.snapshot)
         self.max_inbox = max_inbox
         self.listeners: list[TransitionListener] = []
@@ -548,6 +549,7 @@ class BreakerActor:
             tally = []
             self._tally_generation = generation
         self._tally = (generation if snapshot.successes_safe else _ASK_FOR_SUCCESSES, tally)
+        self.seen = snapshot
         self._plain = _plain_generation(snapshot)
         self.snapshot = snapshot
         on_publish = self.on_publish

@@ -88,7 +88,7 @@ class AsyncCalls:
             if not actor.post_success(generation):
                 await self._request_async(Report(self.name, generation, _SUCCESS), force=True)
             return result
-        snapshot = actor.snapshot
+        snapshot = actor.seen
         state = snapshot.state
         if (state is _OPEN or state is _FORCED_OPEN) and self.fallback is None:
             # Raised here, one frame deep: a rejection's cost is mostly its traceback.

@@ -86,7 +86,7 @@ class SyncCalls:
             if not actor.post_success(generation):
                 self._request_sync(Report(self.name, generation, _SUCCESS), force=True)
             return result
-        snapshot = actor.snapshot
+        snapshot = actor.seen
         state = snapshot.state
         if (state is _OPEN or state is _FORCED_OPEN) and self.fallback is None:
             # Raised here, one frame deep: a rejection's cost is mostly its traceback.

@@ -51,7 +51,6 @@ from breakerd.protocol import (
 )
 
 from ._core import Reply
-from ._plan import plain_generation
 from ._replies import answer
 
 if TYPE_CHECKING:
@@ -114,10 +113,6 @@ class Fallback:
     def ask_own(self, report: Report, reply: Reply | None, force: bool) -> None:
         """Take the outcome of a call this policy admitted (its generation is the policy's)."""
         answer(reply, self.snapshot, None)
-
-    def admit(self) -> int | None:
-        """The generation a plain call runs under on this policy's snapshot, or None."""
-        return plain_generation(self.snapshot)
 
     def post_success(self, generation: int) -> bool:
         """A plain success of a call this policy admitted; False: send it with ``ask_own``."""

@@ -15,8 +15,9 @@ generation a plain call runs under, or None: take the slow path) and
 ``post_success(generation)`` after it. Each handle answers ``admit`` from
 what it keeps ready (the embedded actor: one attribute set when it
 publishes; the daemon link: one look at the shared state table), so the
-fast path reads no snapshot. Everything else goes through ``snapshot`` and
-``ask``.
+fast path reads no snapshot; a call it sends down the slow path (a
+rejection, a trial) decides on ``seen``, the snapshot that answer came from,
+without a second look. Everything else goes through ``snapshot`` and ``ask``.
 
 A ``Binding`` (``LocalBinding``, ``DaemonBinding``) is how a facade reaches
 its breaker from the process it runs in: it opens the handle (at
@@ -74,9 +75,6 @@ class BreakerState(Protocol):
     def snapshot(self) -> Snapshot:
         """The state last published (the daemon's, or the policy's while it is away)."""
 
-    def admit(self) -> int | None:
-        """The generation a plain call runs under now (closed, no slow-call timing), or None."""
-
     def post_success(self, generation: int) -> bool:
         """Count a plain success without waiting; False: it may change the state, ask instead."""
 
@@ -89,6 +87,17 @@ class BreakerState(Protocol):
 
 class BreakerHandle(BreakerState, Protocol):
     """What ``CircuitBreaker`` uses of its breaker (all of it, from any thread)."""
+
+    def admit(self) -> int | None:
+        """The generation a plain call runs under now (closed, no slow-call timing), or None."""
+
+    @property
+    def seen(self) -> Snapshot:
+        """The snapshot ``admit()`` last answered from, or a newer one.
+
+        What a caller that ``admit()`` sent down the slow path decides on: a
+        plain read, where ``snapshot`` may look at the state table again.
+        """
 
     @property
     def listeners(self) -> list[TransitionListener]:
@@ -279,7 +288,7 @@ class ForkedPlaceholder:
     """
 
     def __init__(self, name: str) -> None:
-        self.snapshot = Snapshot(name, CircuitState.HALF_OPEN, -1)
+        self.snapshot = self.seen = Snapshot(name, CircuitState.HALF_OPEN, -1)
         self.listeners: list[TransitionListener] = []
 
     def admit(self) -> int | None:

@@ -1,10 +1,10 @@
 """One breaker's link to the daemon: what a ``CircuitBreaker`` holds in daemon mode.
 
 ``RemoteBreaker`` is a ``BreakerHandle`` (``_handle``), as ``BreakerActor``
-is, so the facade runs unchanged on top of it. It talks to its ``DaemonClient`` (``_daemon_client``)
-through the client's public methods, and the client calls it back through
-``LinkEvents``. While the daemon is out of reach, its ``on_unavailable``
-policy (``_fallback``) serves in its place.
+is, so the facade runs unchanged on top of it. It talks to its
+``DaemonClient`` (``_daemon_client``) through the client's public methods,
+and the client calls it back through ``LinkEvents``. While the daemon is
+out of reach, its ``on_unavailable`` policy (``_fallback``) serves in its place.
 
 The hot path (a success while ``closed``, when the snapshot says no success
 can change the state) takes no lock: it appends to its breaker's success
@@ -17,9 +17,10 @@ the state table, a push or a reply) the link's tally key matches no
 generation, and the facade sends the success as a request and waits for its
 answer.
 
-With the daemon's state table (``_table_reader``), ``snapshot`` compares one
-word of shared memory (its slot's ``seq``) with the last one it read, on
-every call, and rebuilds its snapshot from the slot when it moved.
+With the daemon's state table (``_table_reader``), ``admit`` (the facade's
+fast path) and ``snapshot`` compare one word of shared memory (its slot's
+``seq``) with the last one read, on every call, and rebuild the snapshot
+from the slot when it moved.
 """
 
 from __future__ import annotations
@@ -136,6 +137,7 @@ class RemoteBreaker:
         "listeners",
         "name",
         "on_unavailable",
+        "seen",
     )
 
     def __init__(
@@ -169,8 +171,8 @@ class RemoteBreaker:
         self.conflicts: tuple[str, ...] = ()
         self._remote = False
         self._remote_snapshot = Snapshot(name, CircuitState.CLOSED, NO_GENERATION)
-        # admit()'s answer for _remote_snapshot, kept with it by _show.
-        self._plain: int | None = None
+        self._plain: int | None = None  # admit()'s answer for _remote_snapshot (see _show)
+        self.seen = self._remote_snapshot  # what admit() last answered from (BreakerHandle)
         # The breaker's slot in the daemon's state table (None: no table), and
         # the slot's seq when _remote_snapshot last caught up with it.
         self._slot_words: memoryview | None = None
@@ -291,20 +293,16 @@ class RemoteBreaker:
 
     def admit(self) -> int | None:
         """The generation a plain call runs under now, or None (see ``BreakerHandle``)."""
-        # The facade's fast path: the snapshot property's common case, without
-        # the property (a descriptor call: about 70 ns more than a method on
-        # CPython 3.11) and with the snapshot's test made once, in _show.
+        # The facade's fast path: the snapshot property's common case without the
+        # property (a descriptor call: ~70 ns more than a method on CPython 3.11).
         words = self._live_words
         if words is not None and words[0] == self._slot_seq:
             return self._plain
         return self._admit_slow()
 
     def _admit_slow(self) -> int | None:
-        if self._unstarted:
-            self._begin()
-        if self._remote:
-            return plain_generation(self._snapshot_slow())
-        return self.fallback.admit()
+        snapshot = self.seen = self.snapshot  # the daemon's or the policy's; may connect
+        return plain_generation(snapshot)
 
     @property
     def snapshot(self) -> Snapshot:
@@ -347,13 +345,18 @@ class RemoteBreaker:
         elif generation == current.generation and successes_safe is not current.successes_safe:
             current = replace(current, successes_safe=successes_safe)
             self._show(current)
+        self.seen = current  # caught up: admit() may answer from _plain again
         self._slot_seq = seq
         return current
 
     def _show(self, snapshot: Snapshot) -> None:
         """Make ``snapshot`` the daemon's state as this link shows it (any thread)."""
-        self._plain = plain_generation(snapshot)
+        # `seen` before _plain: a caller admit() sends down the slow path on
+        # the new _plain decides on the new snapshot, never on the one before.
         self._remote_snapshot = snapshot
+        if self._remote:
+            self.seen = snapshot
+        self._plain = plain_generation(snapshot)
         generation = snapshot.generation
         if snapshot.successes_safe and snapshot.state is CircuitState.CLOSED and generation >= 0:
             tally = self._tally

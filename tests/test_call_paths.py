@@ -50,6 +50,10 @@ class ScriptedHandle:
         self._reads += 1
         return snapshot
 
+    @property
+    def seen(self) -> Snapshot:
+        return self.snapshot
+
     def admit(self) -> int | None:
         # Answers from the snapshot the next read will show, without reading it.
         snapshot = self._script[min(self._reads, len(self._script) - 1)]
