@@ -59,6 +59,8 @@ def test_the_embedded_actor_admits_as_its_snapshot_says(system: ActorSystem) -> 
     assert actor.admit() == actor.snapshot.generation
     breaker.force_open()
     assert actor.admit() is None
+    assert actor.seen is actor.snapshot
+    assert actor.seen.state is CircuitState.FORCED_OPEN
     breaker.disable()
     assert actor.admit() is None
     breaker.reset()
@@ -83,6 +85,8 @@ def test_the_daemon_link_admits_from_the_state_table(daemon: FakeDaemon) -> None
     with link.client._lock:
         daemon.write_table(opened)
         assert link.admit() is None
+        # The slow path decides on the snapshot that answer came from.
+        assert (link.seen.state, link.seen.generation) == (CircuitState.OPEN, generation + 1)
         with pytest.raises(CircuitBreakerOpenError):
             breaker.call_sync(ok_sync)
         daemon.write_table(Snapshot("svc", CircuitState.CLOSED, generation + 2))
