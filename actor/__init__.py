@@ -1,22 +1,16 @@
 """Breaker actors: the pure state machine, the actor and the actor system.
 
-The daemon (`breakerd serve`) lives in :mod:`breakerd.actor.daemon`; embedded
-use never imports it.
+Internal: what the other layers of breakerd import, with no stability
+promise (the public API is ``breakerd.clients``). The daemon (``breakerd
+serve``) lives in :mod:`breakerd.actor.daemon`; embedded use never imports it.
 """
 
-from ._actor import BreakerActor, Envelope, Reply, TransitionListener
-from ._logging import LibraryLogger, library_logger
-from ._machine import (
-    DEFAULT_MAX_TIMEOUT,
-    DEFAULT_QUOTA_TIMEOUT,
-    BreakerConfig,
-    Decision,
-    IllegalTransitionError,
-    Machine,
-    RecordResult,
-    Transition,
-)
-from ._system import ActorSystem, default_system
+from ._actor import BreakerActor
+from ._globals import default_system
+from ._logging import library_logger
+from ._machine import DEFAULT_MAX_TIMEOUT, DEFAULT_QUOTA_TIMEOUT, BreakerConfig, Transition
+from ._reasons import TransitionReason
+from ._system import ActorSystem
 
 __all__ = [
     "DEFAULT_MAX_TIMEOUT",
@@ -24,15 +18,8 @@ __all__ = [
     "ActorSystem",
     "BreakerActor",
     "BreakerConfig",
-    "Decision",
-    "Envelope",
-    "IllegalTransitionError",
-    "LibraryLogger",
-    "Machine",
-    "RecordResult",
-    "Reply",
     "Transition",
-    "TransitionListener",
+    "TransitionReason",
     "default_system",
     "library_logger",
 ]

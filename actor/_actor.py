@@ -57,7 +57,8 @@ from breakerd.protocol import (
 )
 
 from ._logging import library_logger
-from ._machine import BreakerConfig, Machine, Transition
+from ._machine import BreakerConfig, IllegalTransitionError, Machine, Transition
+from ._reasons import ADMIN_REASONS, TransitionReason
 
 __all__ = ["BreakerActor", "CallTimes", "Envelope", "Reply", "TransitionListener"]
 
@@ -561,13 +562,14 @@ class BreakerActor:
             transition.from_state,
             transition.to_state,
         )
-        if key not in _EVENTS or transition.reason.startswith("admin_"):
+        if key not in _EVENTS or transition.reason in ADMIN_REASONS:
             key = transition.to_state
         event, level = _EVENTS[key]
         fields: dict[str, Any] = {
             "from_state": transition.from_state.value,
             "to_state": transition.to_state.value,
-            "reason": transition.reason,
+            # The plain string: the stdlib route renders values with repr().
+            "reason": transition.reason.value,
             "generation": transition.generation,
         }
         if transition.failure_rate is not None:
@@ -583,8 +585,9 @@ class BreakerActor:
     def _crash(self, item: object, exc: Exception) -> None:
         """Supervision: log, answer the request, restart from the machine's successor."""
         if isinstance(item, Envelope):
-            if isinstance(exc, BreakerError):
-                # The request was bad, not the actor: answer and carry on.
+            if isinstance(exc, BreakerError) and not isinstance(exc, IllegalTransitionError):
+                # The request was bad, not the actor: answer and carry on
+                # (an illegal transition is a bug in the machine: restart it).
                 if item.reply is not None:
                     item.reply(None, exc)
                 return
@@ -612,7 +615,7 @@ class BreakerActor:
                         old.state,
                         self.machine.state,
                         self.machine.generation,
-                        "actor_restarted",
+                        TransitionReason.ACTOR_RESTARTED,
                         open_until=self.machine.open_until,
                     ),
                 )

@@ -46,7 +46,9 @@ from dataclasses import dataclass, fields
 from itertools import repeat
 from typing import Any, Final
 
-from breakerd.protocol import CircuitState, Outcome, Snapshot
+from breakerd.protocol import BreakerError, CircuitState, Outcome, Snapshot
+
+from ._reasons import KEY_WIDE_REASONS, TransitionReason, rate_limit_reason
 
 __all__ = [
     "DEFAULT_MAX_TIMEOUT",
@@ -96,20 +98,18 @@ DEFAULT_MAX_TIMEOUT: Final = 600.0
 #: noise, and fifteen minutes still notices a fix within a coffee break.
 DEFAULT_QUOTA_TIMEOUT: Final = 900.0
 
-#: Error classes that a key-wide fault reports: open for ``quota_timeout``,
-#: capped by it rather than by ``max_timeout``.
-KEY_WIDE_REASONS: Final = frozenset({"quota", "auth"})
-
-# What a snapshot says about an opening, from the transition's reason.
-_SNAPSHOT_REASONS: Final = {
-    "failure_rate_exceeded": "failure_rate",
-    "slow_call_rate_exceeded": "slow_call_rate",
-    "admin_force_open": "forced_open",
-    "admin_disable": "disabled",
+_R: Final = TransitionReason
+# What a snapshot says about an opening, from the transition's reason
+# (the others say their own name).
+_SNAPSHOT_REASONS: Final[dict[TransitionReason, str]] = {
+    _R.FAILURE_RATE_EXCEEDED: "failure_rate",
+    _R.SLOW_CALL_RATE_EXCEEDED: "slow_call_rate",
+    _R.ADMIN_FORCE_OPEN: "forced_open",
+    _R.ADMIN_DISABLE: "disabled",
 }
 
 
-class IllegalTransitionError(RuntimeError):
+class IllegalTransitionError(BreakerError, RuntimeError):
     """The machine tried a transition outside its whitelist: a bug in breakerd."""
 
 
@@ -233,7 +233,7 @@ class Transition:
     from_state: CircuitState
     to_state: CircuitState
     generation: int
-    reason: str
+    reason: TransitionReason
     failure_rate: float | None = None
     slow_call_rate: float | None = None
     open_until: float | None = None
@@ -515,7 +515,7 @@ class Machine:
             if now < self.open_until:
                 self.rejections += 1
                 return Decision(False, self.generation, retry_after=self.open_until - now)
-            transitions = (self._move(HALF_OPEN, "open_timeout_elapsed", now),)
+            transitions = (self._move(HALF_OPEN, _R.OPEN_TIMEOUT_ELAPSED, now),)
         else:
             transitions = self.expire(now)
             if self.state is not HALF_OPEN:
@@ -692,7 +692,7 @@ class Machine:
         if outcome is Outcome.IGNORED:
             return RecordResult(True)
         if outcome is Outcome.RATE_LIMITED:
-            opened = self._open(now, reason or "rate_limited", retry_after, error_code=error_code)
+            opened = self._open(now, rate_limit_reason(reason), retry_after, error_code=error_code)
             return RecordResult(True, (opened,))
         return None
 
@@ -715,11 +715,11 @@ class Machine:
         if total < config.min_calls:
             return _NO_TRANSITIONS
         if window.failures / total > config.failure_threshold:
-            return (self._open(now, "failure_rate_exceeded"),)
+            return (self._open(now, _R.FAILURE_RATE_EXCEEDED),)
         if config.slow_call_duration is not None and window.slow / total > (
             config.slow_call_threshold
         ):
-            return (self._open(now, "slow_call_rate_exceeded"),)
+            return (self._open(now, _R.SLOW_CALL_RATE_EXCEEDED),)
         return _NO_TRANSITIONS
 
     def _record_trial(
@@ -760,14 +760,14 @@ class Machine:
         slow_rate = self._trial_slow / done
         # The verdict reports the trials' own rates, not the old window's.
         if failure_rate > config.failure_threshold:
-            reason = "trial_failed"
+            reason = _R.TRIAL_FAILED
         elif config.slow_call_duration is not None and slow_rate > config.slow_call_threshold:
-            reason = "trial_slow"
+            reason = _R.TRIAL_SLOW
         else:
             return (
                 self._move(
                     CLOSED,
-                    "trial_succeeded",
+                    _R.TRIAL_SUCCEEDED,
                     now,
                     failure_rate=failure_rate,
                     slow_call_rate=slow_rate,
@@ -797,12 +797,12 @@ class Machine:
     def force_open(self, now: float) -> Transition | None:
         if self.state is FORCED_OPEN:
             return None
-        return self._move(FORCED_OPEN, "admin_force_open", now, admin=True)
+        return self._move(FORCED_OPEN, _R.ADMIN_FORCE_OPEN, now, admin=True)
 
     def disable(self, now: float) -> Transition | None:
         if self.state is DISABLED:
             return None
-        return self._move(DISABLED, "admin_disable", now, admin=True)
+        return self._move(DISABLED, _R.ADMIN_DISABLE, now, admin=True)
 
     def reset(self, now: float) -> Transition | None:
         """Back to ``closed`` with an empty window, whatever the state."""
@@ -810,7 +810,7 @@ class Machine:
             self._window = self._new_window()
             self._open_streak = 0
             return None
-        return self._move(CLOSED, "admin_reset", now, admin=True)
+        return self._move(CLOSED, _R.ADMIN_RESET, now, admin=True)
 
     # -- supervision -----------------------------------------------------------
 
@@ -854,7 +854,7 @@ class Machine:
     def _open(
         self,
         now: float,
-        reason: str,
+        reason: TransitionReason,
         retry_after: float | None = None,
         *,
         failure_rate: float | None = None,
@@ -873,7 +873,7 @@ class Machine:
             error_code=error_code,
         )
 
-    def _open_duration(self, reason: str, retry_after: float | None) -> float:
+    def _open_duration(self, reason: TransitionReason, retry_after: float | None) -> float:
         config = self.config
         usable = retry_after is not None and math.isfinite(retry_after) and retry_after >= 0
         if reason in KEY_WIDE_REASONS:
@@ -902,22 +902,22 @@ class Machine:
     ) -> tuple[Transition, ...]:
         """Open-until only grows: move the deadline of an open breaker later, never earlier."""
         assert self.open_until is not None
-        reason = reason or "rate_limited"
-        if reason not in KEY_WIDE_REASONS and (
+        why = rate_limit_reason(reason)
+        if why not in KEY_WIDE_REASONS and (
             retry_after is None or not math.isfinite(retry_after) or retry_after < 0
         ):
             # No deadline from the server: the opening already decided how long.
             return _NO_TRANSITIONS
         # The streak is not advanced (no new opening), so no backoff compounds.
-        deadline = now + self._open_duration(reason, retry_after)
+        deadline = now + self._open_duration(why, retry_after)
         if not deadline > self.open_until:
             return _NO_TRANSITIONS
-        return (self._move(OPEN, reason, now, open_until=deadline, error_code=error_code),)
+        return (self._move(OPEN, why, now, open_until=deadline, error_code=error_code),)
 
     def _move(
         self,
         target: CircuitState,
-        reason: str,
+        reason: TransitionReason,
         now: float,
         *,
         open_until: float | None = None,
@@ -944,7 +944,7 @@ class Machine:
             self.opened_by_pid = 0
         elif target is not HALF_OPEN:
             # Half-open keeps the reason of the opening it is trying to end.
-            self.open_reason = _SNAPSHOT_REASONS.get(reason, reason)
+            self.open_reason = _SNAPSHOT_REASONS.get(reason, reason.value)
             self.error_code = error_code
             self.opened_by_pid = pid
         if self._leases:
@@ -1140,7 +1140,7 @@ class Machine:
         if not until > now:
             return _NO_TRANSITIONS
         if state is CLOSED or state is HALF_OPEN:
-            return (self._move(OPEN, "fleet_open", now, open_until=until),)
+            return (self._move(OPEN, _R.FLEET_OPEN, now, open_until=until),)
         if state is OPEN and self.open_until is not None and until > self.open_until:
             self.open_until = until
             self.generation += 1
@@ -1150,9 +1150,9 @@ class Machine:
         """Another host's trials succeeded: close, through half-open (the whitelist's path)."""
         transitions: list[Transition] = []
         if self.state is OPEN:
-            transitions.append(self._move(HALF_OPEN, "fleet_closed", now))
+            transitions.append(self._move(HALF_OPEN, _R.FLEET_CLOSED, now))
         if self.state is HALF_OPEN:
-            transitions.append(self._move(CLOSED, "fleet_closed", now))
+            transitions.append(self._move(CLOSED, _R.FLEET_CLOSED, now))
         return tuple(transitions)
 
 

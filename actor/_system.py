@@ -9,7 +9,6 @@ loop can share one actor per breaker name.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import os
 import secrets
 import threading
@@ -28,7 +27,7 @@ from ._actor import BreakerActor
 from ._logging import library_logger
 from ._machine import BreakerConfig
 
-__all__ = ["MAX_NAME_LENGTH", "RANDOM_START_LIMIT", "ActorSystem", "default_system"]
+__all__ = ["MAX_NAME_LENGTH", "RANDOM_START_LIMIT", "ActorSystem"]
 
 #: Long enough for any service name; short enough that a page of status fits a frame.
 MAX_NAME_LENGTH = 200
@@ -276,43 +275,3 @@ class ActorSystem:
             yield self
         finally:
             self.stop()
-
-
-# -- the process-wide default system: the one piece of global state -------------
-
-_default: ActorSystem | None = None
-_default_lock = threading.Lock()
-
-
-def default_system() -> ActorSystem:
-    """The process-wide actor system that ``CircuitBreaker`` uses by default.
-
-    Started on first use in a daemon thread and stopped at exit. A forked
-    child gets a new one: the parent's thread does not survive ``fork``.
-    """
-    global _default
-    system = _default
-    if system is not None and system.pid == os.getpid() and system.running:
-        return system
-    with _default_lock:
-        system = _default
-        if system is None or system.pid != os.getpid() or not system.running:
-            system = ActorSystem().start()
-            _default = system
-        return system
-
-
-def _stop_default() -> None:
-    system = _default
-    if system is not None and system.pid == os.getpid():
-        system.stop()
-
-
-def _forget_default_in_child() -> None:
-    global _default, _default_lock
-    _default = None
-    _default_lock = threading.Lock()
-
-
-atexit.register(_stop_default)
-os.register_at_fork(after_in_child=_forget_default_in_child)

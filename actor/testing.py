@@ -1,4 +1,4 @@
-"""Helpers for testing code that uses breakerd (shipped, like structlog.testing)."""
+"""The runtime's fake clock; users import it as ``breakerd.clients.testing.FakeClock``."""
 
 from __future__ import annotations
 

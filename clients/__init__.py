@@ -1,6 +1,12 @@
-"""The user-facing API of breakerd.
+"""breakerd's public API: everything in ``__all__`` here, nothing else.
 
 from breakerd.clients import CircuitBreaker, CircuitBreakerOpenError, CircuitState
+
+Also public: the submodules ``breakerd.clients.openai`` (``protect``, the
+OpenAI rules), ``breakerd.clients.metrics`` (``BreakerCollector``) and
+``breakerd.clients.testing`` (``FakeClock``). Every other module, and the
+``breakerd.actor`` and ``breakerd.protocol`` packages, are internal: they may
+change in any release.
 
 The names below are imported on first use (PEP 562): the ``breakerd``
 command lives in this package, and ``breakerd status`` must not pay for the
@@ -14,53 +20,62 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from breakerd.actor import ActorSystem, BreakerConfig, Transition
+    from breakerd.actor import ActorSystem, BreakerConfig, Transition, TransitionReason
     from breakerd.protocol import (
+        ActorStoppedError,
         BreakerError,
         BreakerStatus,
         CircuitBreakerOpenError,
         CircuitState,
         DaemonUnavailableError,
+        InboxFullError,
+        InvalidRequestError,
+        LimitExceededError,
         Outcome,
+        ProtocolError,
         Snapshot,
+        UnknownBreakerError,
     )
 
     from ._breaker import CircuitBreaker
-    from ._classify import Classifier, ClassifyFunc, RateLimited, Verdict
-    from ._daemon_client import DaemonClient
+    from ._classify import ClassifyFunc, RateLimited, Verdict
     from ._fallback import OnUnavailable
-    from ._link import RemoteBreaker
-    from ._openai import classify_openai, parse_retry_after
-    from ._registry import flush_all_clients as flush
+    from ._globals import flush_all_clients as flush
 
 # name -> the module that defines it (relative names are this package's).
 _LAZY: dict[str, str] = {
-    "ActorSystem": "breakerd.actor",
+    # The breaker and what its calls, its state and its observers hand out.
+    "CircuitBreaker": "._breaker",
+    "CircuitState": "breakerd.protocol",
+    "Snapshot": "breakerd.protocol",
+    "BreakerStatus": "breakerd.protocol",
     "BreakerConfig": "breakerd.actor",
     "Transition": "breakerd.actor",
-    "BreakerError": "breakerd.protocol",
-    "BreakerStatus": "breakerd.protocol",
-    "CircuitBreakerOpenError": "breakerd.protocol",
-    "CircuitState": "breakerd.protocol",
-    "DaemonUnavailableError": "breakerd.protocol",
+    "TransitionReason": "breakerd.actor",
+    "OnUnavailable": "._fallback",
+    "ActorSystem": "breakerd.actor",
+    "flush": "._globals",
+    # Classifiers: what ``classify=`` takes and returns.
     "Outcome": "breakerd.protocol",
-    "Snapshot": "breakerd.protocol",
-    "CircuitBreaker": "._breaker",
-    "Classifier": "._classify",
-    "ClassifyFunc": "._classify",
     "RateLimited": "._classify",
     "Verdict": "._classify",
-    "classify_openai": "._openai",
-    "parse_retry_after": "._openai",
-    "DaemonClient": "._daemon_client",
-    "OnUnavailable": "._fallback",
-    "RemoteBreaker": "._link",
-    "flush": "._registry",
+    "ClassifyFunc": "._classify",
+    # The errors a protected call, status() or an admin call can raise.
+    "BreakerError": "breakerd.protocol",
+    "CircuitBreakerOpenError": "breakerd.protocol",
+    "DaemonUnavailableError": "breakerd.protocol",
+    "ActorStoppedError": "breakerd.protocol",
+    "InboxFullError": "breakerd.protocol",
+    "InvalidRequestError": "breakerd.protocol",
+    "UnknownBreakerError": "breakerd.protocol",
+    "LimitExceededError": "breakerd.protocol",
+    "ProtocolError": "breakerd.protocol",
 }
 #: Public names defined under another name in their module.
 _ALIASES: dict[str, str] = {"flush": "flush_all_clients"}
 
 __all__ = [
+    "ActorStoppedError",
     "ActorSystem",
     "BreakerConfig",
     "BreakerError",
@@ -68,31 +83,37 @@ __all__ = [
     "CircuitBreaker",
     "CircuitBreakerOpenError",
     "CircuitState",
-    "Classifier",
     "ClassifyFunc",
-    "DaemonClient",
     "DaemonUnavailableError",
+    "InboxFullError",
+    "InvalidRequestError",
+    "LimitExceededError",
     "OnUnavailable",
     "Outcome",
+    "ProtocolError",
     "RateLimited",
-    "RemoteBreaker",
     "Snapshot",
     "Transition",
+    "TransitionReason",
+    "UnknownBreakerError",
     "Verdict",
-    "classify_openai",
     "flush",
-    "parse_retry_after",
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module_name = _LAZY.get(name)
-    if module_name is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module = importlib.import_module(module_name, __name__)
-    value = getattr(module, _ALIASES.get(name, name))
-    globals()[name] = value  # later lookups skip this function
-    return value
+if not TYPE_CHECKING:
+    # Hidden from type checkers, which see the imports above instead: a
+    # module-level __getattr__ would make any name importable as Any, so a
+    # typo or an internal name would pass mypy in users' code.
+
+    def __getattr__(name: str) -> Any:
+        module_name = _LAZY.get(name)
+        if module_name is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        module = importlib.import_module(module_name, __name__)
+        value = getattr(module, _ALIASES.get(name, name))
+        globals()[name] = value  # later lookups skip this function
+        return value
 
 
 def __dir__() -> list[str]:

@@ -15,7 +15,6 @@ import functools
 import inspect
 import os
 import time
-import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final, ParamSpec, TypeVar, cast, overload
@@ -44,6 +43,7 @@ from breakerd.protocol import (
 from ._calls_async import AsyncCalls
 from ._calls_sync import SyncCalls
 from ._classify import Classifier, ClassifyFunc, Verdict
+from ._globals import live_breakers
 from ._handle import BreakerHandle, ForkedPlaceholder, OnUnavailable, bind
 from ._scopes import (
     DEFAULT_MAX_SCOPES,
@@ -148,7 +148,7 @@ class CircuitBreaker(AsyncCalls, SyncCalls):
         ignore: Exception types that count as neither success nor failure.
         classify: ``classify(exc)`` returning an ``Outcome``, ``RateLimited`` or
             None (fall through to the other rules). Runs first.
-        openai: Apply the openai SDK rules (see ``breakerd.clients.classify_openai``).
+        openai: Apply the openai SDK rules (see ``breakerd.clients.openai.classify_openai``).
         strict: Send every acquire to the actor instead of admitting from the
             snapshot (slower; exact admission under heavy concurrency).
         system: The actor system to use (default: the process-wide one). In
@@ -228,7 +228,7 @@ class CircuitBreaker(AsyncCalls, SyncCalls):
         # first. A flag, because os.getpid() is a system call per check.
         self._needs_rebind = False
         self._actor: BreakerHandle = self._binding.open()
-        _live_breakers.add(self)
+        live_breakers.add(self)
         self._scopes: Scopes | None = None
         if scope is not None:
             settings = {
@@ -290,7 +290,7 @@ class CircuitBreaker(AsyncCalls, SyncCalls):
             return child
 
         def forget(child: CircuitBreaker) -> None:
-            _live_breakers.discard(child)
+            live_breakers.discard(child)
             child._binding.release()  # an expired scope's actor stops
 
         self._scopes = Scopes(
@@ -359,8 +359,9 @@ class CircuitBreaker(AsyncCalls, SyncCalls):
             self._pid = os.getpid()
         self._needs_rebind = False
 
-    def _forked(self) -> None:
-        # Runs in the child right after fork(): no thread may be started here,
+    def after_fork_in_child(self) -> None:
+        """Internal: breakerd's at-fork hook runs this in a forked child."""
+        # Right after fork(): no thread may be started here,
         # so point the hot path at a placeholder whose state sends every call
         # down the slow path, which rebinds first.
         self._actor = ForkedPlaceholder(self.name)
@@ -589,17 +590,6 @@ class CircuitBreaker(AsyncCalls, SyncCalls):
                 "do not call call_sync() or admin methods from a transition callback"
             )
         return binding.ask_sync(self._actor, message, force=force)
-
-
-_live_breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for breaker in list(_live_breakers):
-        breaker._forked()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _settle_future(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeAlias
 
+from breakerd.actor._reasons import RATE_LIMIT_REASONS
 from breakerd.protocol import Outcome
 
 from ._openai import openai_error_class
@@ -32,6 +33,12 @@ class RateLimited:
     retry_after: float | None = None
     reason: str = "rate_limited"
     error_code: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.reason not in RATE_LIMIT_REASONS:
+            raise ValueError(
+                f"RateLimited reason must be 'rate_limited', 'quota' or 'auth', got {self.reason!r}"
+            )
 
     @property
     def key_wide(self) -> bool:

@@ -40,6 +40,7 @@ from breakerd.protocol import (
     PROTOCOL_VERSION,
     Acquire,
     Admission,
+    BreakerError,
     ConnectionClosed,
     DaemonUnavailableError,
     Hello,
@@ -117,7 +118,7 @@ class SnapshotChanged:
 Action: TypeAlias = Completion | SnapshotChanged
 
 
-class NotConnectedError(RuntimeError):
+class NotConnectedError(BreakerError, RuntimeError):
     """``request`` was called with no connection (a bug in the shell, or a race it handles)."""
 
 

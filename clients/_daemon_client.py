@@ -6,7 +6,7 @@ decision. Each breaker's link (``_link.RemoteBreaker``) attaches to it; the
 client calls back on its links only through the small surface
 ``LinkEvents`` names (registered, a snapshot, lost, stalled, answering again).
 The per-process registry of clients (``get_client``, exit and fork hooks)
-is ``_registry``; the IO thread's wait set is ``_io_poller``.
+is in ``_globals`` (process-wide state); the IO thread's wait set is ``_io_poller``.
 
 Threads and locks
 -----------------
@@ -77,7 +77,7 @@ Disconnects and reconnects
   daemon when its ``Registered`` arrives.
 * A client connects when something first needs it (``start_nowait``): the
   facade's links are lazy (``RemoteBreaker.open(lazy=True)``). Forks and
-  exit are the registry's (``_registry``).
+  exit are the registry's (``_globals``).
 """
 
 from __future__ import annotations

@@ -37,18 +37,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from breakerd.actor import (
-    ActorSystem,
-    BreakerActor,
-    BreakerConfig,
-    Reply,
-    TransitionListener,
-    default_system,
-)
+from breakerd.actor import ActorSystem, BreakerActor, BreakerConfig, default_system
 from breakerd.protocol import CircuitState, Outcome, Snapshot, default_socket_path
 
+from ._core import Reply
 from ._daemon_client import DaemonClient, check_socket_path
-from ._fallback import ON_UNAVAILABLE, AllowFallback, DenyFallback, LocalFallback, OnUnavailable
+from ._fallback import (
+    ON_UNAVAILABLE,
+    AllowFallback,
+    DenyFallback,
+    LocalFallback,
+    OnUnavailable,
+    TransitionListener,
+)
 from ._link import RemoteBreaker
 
 __all__ = [

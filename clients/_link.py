@@ -37,6 +37,7 @@ from breakerd.actor import (
     BreakerActor,
     BreakerConfig,
     Transition,
+    TransitionReason,
     library_logger,
 )
 from breakerd.protocol import (
@@ -69,8 +70,8 @@ from ._fallback import (
     OnUnavailable,
     make_fallback,
 )
+from ._globals import get_client
 from ._plan import plain_generation
-from ._registry import get_client
 from ._replies import Bounded, SyncReply, answer, ignore_reply
 
 __all__ = ["RemoteBreaker"]
@@ -683,7 +684,7 @@ class RemoteBreaker:
             previous,
             snapshot.state,
             snapshot.generation,
-            reason,
+            TransitionReason(reason),
             snapshot.failure_rate,
             snapshot.slow_call_rate,
             snapshot.open_until,

@@ -30,6 +30,10 @@ it is opened (its HTTP status); errors later in a sync stream are not seen.
 
 ``with_raw_response`` and ``with_streaming_response`` views are passed
 through unprotected.
+
+The OpenAI rules themselves, for a ``classify=`` of your own:
+``classify_openai(exc)`` (the outcome and ``retry_after`` for an openai SDK
+exception, or None) and ``parse_retry_after(headers)``.
 """
 
 from __future__ import annotations
@@ -44,10 +48,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from breakerd.protocol import CircuitState
 
+from ._openai import classify_openai, parse_retry_after
+
 if TYPE_CHECKING:
     from ._breaker import CircuitBreaker
 
-__all__ = ["protect"]
+__all__ = ["classify_openai", "parse_retry_after", "protect"]
 
 C = TypeVar("C")
 

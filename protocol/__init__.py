@@ -1,43 +1,30 @@
 """The breakerd wire format: message types, errors, codec and framing.
 
-Pure: no IO and no clock. The in-process channel passes these message
-objects as they are; the socket channel encodes them with msgpack.
+Internal: what the other layers of breakerd import, with no stability
+promise (the public API is ``breakerd.clients``). Pure: no IO and no clock.
+The in-process channel passes these message objects as they are; the socket
+channel encodes them with msgpack.
 """
 
 from . import _state_table as state_table
 from ._codec import (
-    MAX_COUNT,
     MAX_FRAME_SIZE,
     MAX_MSGID,
     MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
     ConnectionClosed,
-    Event,
-    NotificationMessage,
     NotificationReceived,
     RequestMessage,
     RequestReceived,
     ResponseReceived,
-    ResultMessage,
-    decode_message,
-    encode_error,
-    encode_notification,
-    encode_request,
-    encode_response,
-    error_from_wire,
-    error_to_wire,
-    method_of,
 )
 from ._connection import (
     NEED_DATA,
     Connection,
-    NeedData,
-    Role,
     frame_notification,
     negotiate_version,
 )
 from ._errors import (
-    ERROR_CODES,
     ActorStoppedError,
     BreakerError,
     CircuitBreakerOpenError,
@@ -45,13 +32,10 @@ from ._errors import (
     InboxFullError,
     InvalidRequestError,
     LimitExceededError,
-    LocalProtocolError,
-    PermissionDeniedError,
     ProtocolError,
     RemoteProtocolError,
     UnknownBreakerError,
     VersionMismatchError,
-    error_from_code,
     new_open_error,
 )
 from ._messages import (
@@ -77,19 +61,16 @@ from ._messages import (
     TransitionEvent,
     Welcome,
 )
-from ._paths import MAX_SOCKET_PATH, SOCKET_ENV, default_socket_path
+from ._paths import MAX_SOCKET_PATH, default_socket_path
 
 __all__ = [
     "ADMIN_OPS",
-    "ERROR_CODES",
-    "MAX_COUNT",
     "MAX_FRAME_SIZE",
     "MAX_MSGID",
     "MAX_SOCKET_PATH",
     "MIN_PROTOCOL_VERSION",
     "NEED_DATA",
     "PROTOCOL_VERSION",
-    "SOCKET_ENV",
     "Acquire",
     "ActorStoppedError",
     "Admin",
@@ -102,17 +83,12 @@ __all__ = [
     "Connection",
     "ConnectionClosed",
     "DaemonUnavailableError",
-    "Event",
     "Hello",
     "InboxFullError",
     "InvalidRequestError",
     "LimitExceededError",
-    "LocalProtocolError",
-    "NeedData",
-    "NotificationMessage",
     "NotificationReceived",
     "Outcome",
-    "PermissionDeniedError",
     "ProtocolError",
     "Register",
     "Registered",
@@ -122,8 +98,6 @@ __all__ = [
     "RequestMessage",
     "RequestReceived",
     "ResponseReceived",
-    "ResultMessage",
-    "Role",
     "Snapshot",
     "StatePush",
     "Status",
@@ -134,17 +108,8 @@ __all__ = [
     "UnknownBreakerError",
     "VersionMismatchError",
     "Welcome",
-    "decode_message",
     "default_socket_path",
-    "encode_error",
-    "encode_notification",
-    "encode_request",
-    "encode_response",
-    "error_from_code",
-    "error_from_wire",
-    "error_to_wire",
     "frame_notification",
-    "method_of",
     "negotiate_version",
     "new_open_error",
     "state_table",

@@ -1,8 +1,39 @@
-"""Errors shared by actors, the wire and the proxies.
+"""Every error breakerd raises, in one tree under ``BreakerError``.
 
-Every error an actor or the daemon can answer with has a stable string
-``code``; on the wire an error travels as ``[code, message, details]`` and the
-client maps the code back onto the same class (``error_from_code``).
+``except BreakerError`` catches anything breakerd raises on purpose. The
+classes a user of the library can meet are importable from
+``breakerd.clients`` (marked *public*); the others belong to the daemon, the
+wire or the command line and do not reach a protected call. Each says where
+it lives. An error that travels on the wire has a stable string ``code``: it
+goes out as ``[code, message, details]`` and comes back as the same class
+(``error_from_code``); a new class never reuses a code.
+
+* BreakerError                  ``internal``: an actor crashed; an unknown code   public
+  + CircuitBreakerOpenError     ``open``: the breaker rejected a call             public
+  + DaemonUnavailableError      ``unavailable``: no daemon, on_unavailable="deny" public
+  + ActorStoppedError           ``shutting_down``: the actor system is stopping   public
+  + InboxFullError              ``busy``: a breaker's inbox is full               public
+  + InvalidRequestError         ``invalid_request``: bad settings, unknown op     public
+  + UnknownBreakerError         ``unknown_breaker``: no breaker by that name      public
+  + LimitExceededError          ``limit_exceeded``: a documented daemon limit     public
+  + ProtocolError               ``protocol_error``: bytes that break the protocol public
+  | + LocalProtocolError        this side's fault (travels as ProtocolError)
+  | + RemoteProtocolError       the peer's fault (travels as ProtocolError)
+  + VersionMismatchError        ``version_mismatch``: no common protocol version
+  + StateTableError [ValueError]        protocol/_state_table.py: not a table we read
+  + IllegalTransitionError [RuntimeError]  actor/_machine.py: a transition outside
+  |                             the whitelist, a bug; the actor restarts
+  + NotConnectedError [RuntimeError]    clients/_core.py: a request, no connection
+  + the daemon's (actor/daemon/), raised while ``breakerd serve`` starts or reloads:
+  | ConfigError [ValueError] and MetricsUnavailableError [RuntimeError] (_config.py),
+  | StateFileError [ValueError] (_state_file.py), StateTableUnavailableError
+  | [OSError] (_state_table.py), DaemonAlreadyRunningError [RuntimeError] and
+  | UnsafeSocketPathError [RuntimeError] (_socket_file.py), ActivationError
+  | [RuntimeError] (_systemd.py)
+  + UsageError                  clients/cli/_main.py: bad command-line arguments
+
+The classes in brackets keep that standard base too, so code that caught
+``ValueError`` from the config loader (say) still does.
 """
 
 from __future__ import annotations
@@ -14,7 +45,7 @@ from typing import Any, ClassVar, Final
 
 
 class BreakerError(Exception):
-    """Base class of every error breakerd raises on purpose."""
+    """The base of every error breakerd raises (the tree is in this module's docstring)."""
 
     code: ClassVar[str] = "internal"
 
@@ -238,12 +269,6 @@ class VersionMismatchError(BreakerError):
     code = "version_mismatch"
 
 
-class PermissionDeniedError(BreakerError):
-    """The peer is not allowed to do this."""
-
-    code = "forbidden"
-
-
 class DaemonUnavailableError(BreakerError):
     """The daemon cannot be reached and the policy is to fail closed."""
 
@@ -283,7 +308,6 @@ _BY_CODE: dict[str, type[BreakerError]] = {
         LimitExceededError,
         UnknownBreakerError,
         VersionMismatchError,
-        PermissionDeniedError,
         DaemonUnavailableError,
         ProtocolError,
     )

@@ -40,6 +40,7 @@ import math
 import struct
 from typing import Final
 
+from ._errors import BreakerError
 from ._messages import CircuitState
 
 __all__ = [
@@ -78,7 +79,7 @@ _HEADER: Final = struct.Struct("=4Q")
 SlotState = tuple[int, int, CircuitState, float | None, bool]
 
 
-class StateTableError(ValueError):
+class StateTableError(BreakerError, ValueError):
     """A buffer that is not a state table this code understands."""
 
 

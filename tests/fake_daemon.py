@@ -24,12 +24,10 @@ from daemon_helpers import poll_until
 
 from breakerd.actor import ActorSystem, Transition
 from breakerd.actor.daemon._state_table import SharedStateTable
-from breakerd.clients import (
-    CircuitState,
-    DaemonClient,
-    RemoteBreaker,
-)
-from breakerd.clients._registry import close_all_clients
+from breakerd.clients import CircuitState
+from breakerd.clients._daemon_client import DaemonClient
+from breakerd.clients._globals import close_all_clients
+from breakerd.clients._link import RemoteBreaker
 from breakerd.protocol import (
     NEED_DATA,
     Acquire,
@@ -48,7 +46,6 @@ from breakerd.protocol import (
     ReportBatch,
     RequestMessage,
     RequestReceived,
-    ResultMessage,
     Snapshot,
     StatePush,
     Status,
@@ -57,6 +54,7 @@ from breakerd.protocol import (
     Welcome,
     negotiate_version,
 )
+from breakerd.protocol._codec import ResultMessage
 
 T = TypeVar("T")
 

@@ -17,10 +17,11 @@ import pytest
 import structlog.testing
 from daemon_helpers import DaemonProcess
 
-from breakerd.actor import ActorSystem, BreakerConfig, Machine, Transition
+from breakerd.actor import ActorSystem, BreakerConfig, Transition
+from breakerd.actor._machine import Machine
 from breakerd.actor.testing import FakeClock
 from breakerd.clients import CircuitBreaker, CircuitBreakerOpenError, CircuitState, Outcome
-from breakerd.clients._registry import close_all_clients
+from breakerd.clients._globals import close_all_clients
 
 pytestmark = pytest.mark.anyio
 

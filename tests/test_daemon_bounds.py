@@ -15,9 +15,9 @@ import msgpack
 import pytest
 from daemon_helpers import DaemonProcess, RawClient, wait_for
 
-from breakerd.clients import CircuitBreaker, RemoteBreaker
+from breakerd.clients import CircuitBreaker
+from breakerd.clients._link import RemoteBreaker
 from breakerd.protocol import (
-    MAX_COUNT,
     Admission,
     CircuitState,
     Connection,
@@ -28,6 +28,7 @@ from breakerd.protocol import (
     Report,
     ReportBatch,
 )
+from breakerd.protocol._codec import MAX_COUNT
 
 
 def closed_by_peer(sock: socket.socket) -> bool:

@@ -43,24 +43,13 @@ from fake_daemon import (  # noqa: F401 - fixtures, found by pytest under their 
 )
 
 from breakerd.actor import ActorSystem, BreakerConfig, Transition
-from breakerd.clients import (
-    CircuitBreaker,
-    CircuitState,
-    DaemonClient,
-    DaemonUnavailableError,
-    RemoteBreaker,
-)
+from breakerd.clients import CircuitBreaker, CircuitState, DaemonUnavailableError
 from breakerd.clients._core import ClientCore
-from breakerd.clients._registry import get_client
-from breakerd.protocol import (
-    Acquire,
-    Admission,
-    Outcome,
-    RequestMessage,
-    ResultMessage,
-    Snapshot,
-    StatePush,
-)
+from breakerd.clients._daemon_client import DaemonClient
+from breakerd.clients._globals import get_client
+from breakerd.clients._link import RemoteBreaker
+from breakerd.protocol import Acquire, Admission, Outcome, RequestMessage, Snapshot, StatePush
+from breakerd.protocol._codec import ResultMessage
 
 pytestmark = pytest.mark.anyio
 

@@ -105,6 +105,8 @@ def test_cli_demo_exits_0_and_leaves_logging_as_it_was(
         (["nope"], "invalid choice: 'nope'"),
         (["demo", "--open-timeout", "0"], "must be a positive number of seconds"),
         (["demo", "--client-timeout", "fast"], "not a number: 'fast'"),
+        # Raised by the command's handler, not the parser.
+        (["demo", "--socket", "/tmp/x.sock"], "--socket only applies with --daemon"),
     ],
 )
 def test_cli_usage_errors_are_one_line_and_exit_2(

@@ -24,7 +24,6 @@ from breakerd.protocol import (
     CircuitState,
     Connection,
     Hello,
-    LocalProtocolError,
     NotificationReceived,
     RemoteProtocolError,
     RequestReceived,
@@ -35,6 +34,7 @@ from breakerd.protocol import (
     TransitionEvent,
     frame_notification,
 )
+from breakerd.protocol._errors import LocalProtocolError
 
 TRIP: list[list[Any]] = [
     ["register", "LLM", {"min_calls": 2, "timeout": 300.0}],

@@ -39,10 +39,10 @@ from breakerd.clients import (
     CircuitBreakerOpenError,
     CircuitState,
     DaemonUnavailableError,
-    RemoteBreaker,
 )
 from breakerd.clients._fallback import LOCAL_GENERATION_OFFSET
-from breakerd.clients._registry import get_client
+from breakerd.clients._globals import get_client
+from breakerd.clients._link import RemoteBreaker
 from breakerd.protocol import (
     Acquire,
     Outcome,

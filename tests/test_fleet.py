@@ -516,7 +516,7 @@ def test_an_open_restored_from_the_state_file_is_published(
 
 def test_the_library_on_a_host_without_the_lease_rejects_without_calling(fleet: Fleet) -> None:
     from breakerd.clients import CircuitBreaker, CircuitBreakerOpenError
-    from breakerd.clients._registry import close_all_clients
+    from breakerd.clients._globals import close_all_clients
 
     config = {**TRIPPY, "timeout": 0.3, "half_open_max_wait": 30.0}
     fleet.start("a")

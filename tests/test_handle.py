@@ -19,7 +19,8 @@ from fake_daemon import (  # noqa: F401 - fixtures, found by pytest under their 
 
 from breakerd.actor import ActorSystem
 from breakerd.actor.daemon._state_table import SharedStateTable
-from breakerd.clients import CircuitBreaker, CircuitBreakerOpenError, CircuitState, RemoteBreaker
+from breakerd.clients import CircuitBreaker, CircuitBreakerOpenError, CircuitState
+from breakerd.clients._link import RemoteBreaker
 from breakerd.clients._plan import plain_generation
 from breakerd.protocol import Snapshot
 

@@ -38,13 +38,9 @@ from fake_daemon import (  # noqa: F401 - fixtures, found by pytest under their 
 
 from breakerd.actor import ActorSystem, BreakerConfig
 from breakerd.actor.testing import FakeClock
-from breakerd.clients import (
-    CircuitBreaker,
-    CircuitBreakerOpenError,
-    CircuitState,
-    DaemonClient,
-    RemoteBreaker,
-)
+from breakerd.clients import CircuitBreaker, CircuitBreakerOpenError, CircuitState
+from breakerd.clients._daemon_client import DaemonClient
+from breakerd.clients._link import RemoteBreaker
 from breakerd.protocol import (
     Acquire,
     Admin,
@@ -55,10 +51,10 @@ from breakerd.protocol import (
     Register,
     Report,
     RequestMessage,
-    ResultMessage,
     Snapshot,
     StatusRequest,
 )
+from breakerd.protocol._codec import ResultMessage
 
 pytestmark = pytest.mark.anyio
 

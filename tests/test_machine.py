@@ -21,6 +21,7 @@ from breakerd.actor._machine import (
     RecordResult,
     Transition,
 )
+from breakerd.actor._reasons import TransitionReason
 from breakerd.protocol import CircuitState, Outcome
 
 CLOSED = CircuitState.CLOSED
@@ -28,6 +29,8 @@ OPEN = CircuitState.OPEN
 HALF_OPEN = CircuitState.HALF_OPEN
 FORCED_OPEN = CircuitState.FORCED_OPEN
 DISABLED = CircuitState.DISABLED
+#: The whitelist tests' reason: the whitelist does not look at it.
+ANY_REASON = TransitionReason.ADMIN_RESET
 ALL_STATES = (CLOSED, OPEN, HALF_OPEN, FORCED_OPEN, DISABLED)
 
 S = Outcome.SUCCESS
@@ -911,7 +914,7 @@ def test_move_refuses_illegal_automatic_transitions(
     put_in_state(m, source)
     before = (m.snapshot(), m.generation, m.trials_in_flight)
     with pytest.raises(IllegalTransitionError, match=f"{source} -> {target}"):
-        m._move(target, "test", 5.0)
+        m._move(target, ANY_REASON, 5.0)
     assert (m.snapshot(), m.generation, m.trials_in_flight) == before
 
 
@@ -920,10 +923,10 @@ def test_admin_cannot_move_to_open_or_half_open_from_elsewhere(source: CircuitSt
     m = make(min_calls=1)
     put_in_state(m, source)
     with pytest.raises(IllegalTransitionError):
-        m._move(HALF_OPEN, "test", 5.0, admin=True)
+        m._move(HALF_OPEN, ANY_REASON, 5.0, admin=True)
     if source is not CLOSED:
         with pytest.raises(IllegalTransitionError):
-            m._move(OPEN, "test", 5.0, admin=True)
+            m._move(OPEN, ANY_REASON, 5.0, admin=True)
     assert m.state is source
 
 
@@ -931,7 +934,7 @@ def test_admin_cannot_move_to_open_or_half_open_from_elsewhere(source: CircuitSt
 def test_move_allows_whitelisted_transitions(source: CircuitState, target: CircuitState) -> None:
     m = make(min_calls=1)
     put_in_state(m, source)
-    t = m._move(target, "test", 5.0, open_until=9.0)
+    t = m._move(target, ANY_REASON, 5.0, open_until=9.0)
     assert (t.from_state, t.to_state) == (source, target)
     assert m.state is target
     assert m.open_until == (9.0 if target is OPEN else None)

@@ -26,7 +26,7 @@ from breakerd.actor.daemon import ConfigError, load_config
 from breakerd.actor.daemon._config import parse_metrics_address
 from breakerd.actor.testing import FakeClock
 from breakerd.clients import CircuitBreaker, CircuitBreakerOpenError, CircuitState
-from breakerd.clients._registry import close_all_clients
+from breakerd.clients._globals import close_all_clients
 from breakerd.clients.metrics import BreakerCollector
 
 P = "breakerd_circuitbreaker_"

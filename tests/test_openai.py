@@ -26,9 +26,8 @@ from breakerd.clients import (
     Outcome,
     RateLimited,
     Verdict,
-    classify_openai,
-    parse_retry_after,
 )
+from breakerd.clients.openai import classify_openai, parse_retry_after
 
 pytestmark = pytest.mark.anyio
 

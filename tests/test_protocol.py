@@ -29,14 +29,11 @@ from breakerd.protocol import (
     Connection,
     ConnectionClosed,
     DaemonUnavailableError,
-    Event,
     Hello,
     InboxFullError,
     InvalidRequestError,
-    LocalProtocolError,
     NotificationReceived,
     Outcome,
-    PermissionDeniedError,
     ProtocolError,
     Register,
     Registered,
@@ -46,7 +43,6 @@ from breakerd.protocol import (
     RequestMessage,
     RequestReceived,
     ResponseReceived,
-    ResultMessage,
     Snapshot,
     StatePush,
     Status,
@@ -54,11 +50,11 @@ from breakerd.protocol import (
     UnknownBreakerError,
     VersionMismatchError,
     Welcome,
-    error_from_wire,
-    error_to_wire,
     frame_notification,
     negotiate_version,
 )
+from breakerd.protocol._codec import Event, ResultMessage, error_from_wire, error_to_wire
+from breakerd.protocol._errors import LocalProtocolError
 
 HELLO = Hello(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, "breakerd-test", 4242)
 WELCOME = Welcome(PROTOCOL_VERSION, "breakerd-daemon", 1, state_table=65_536)
@@ -120,7 +116,6 @@ ERRORS: list[BreakerError] = [
     InvalidRequestError("timeout must be positive"),
     UnknownBreakerError("no breaker 'x'"),
     VersionMismatchError("no common version"),
-    PermissionDeniedError("uid 1000 may not reset"),
     DaemonUnavailableError("no daemon"),
     ProtocolError("bad frame"),
 ]

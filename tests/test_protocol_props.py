@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 
 from breakerd.protocol import (
     ADMIN_OPS,
-    MAX_COUNT,
     MAX_MSGID,
     NEED_DATA,
     PROTOCOL_VERSION,
@@ -31,7 +30,6 @@ from breakerd.protocol import (
     CircuitState,
     Connection,
     ConnectionClosed,
-    Event,
     Hello,
     NotificationReceived,
     Outcome,
@@ -43,7 +41,6 @@ from breakerd.protocol import (
     RequestMessage,
     RequestReceived,
     ResponseReceived,
-    ResultMessage,
     Snapshot,
     StatePush,
     Status,
@@ -54,6 +51,7 @@ from breakerd.protocol import (
     Welcome,
     _codec,
 )
+from breakerd.protocol._codec import MAX_COUNT, Event, ResultMessage
 
 HELLO = Hello(1, PROTOCOL_VERSION, "props", 1)
 WELCOME = Welcome(PROTOCOL_VERSION, "daemon", 2)

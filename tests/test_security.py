@@ -29,7 +29,9 @@ from hypothesis import strategies as st
 
 from breakerd.actor import BreakerConfig
 from breakerd.actor.daemon._config import ConfigError, load_config
-from breakerd.clients import DaemonClient, DaemonUnavailableError, RemoteBreaker
+from breakerd.clients import DaemonUnavailableError
+from breakerd.clients._daemon_client import DaemonClient
+from breakerd.clients._link import RemoteBreaker
 from breakerd.clients.cli._admin import ask_daemon
 from breakerd.clients.cli._daemon_commands import printable
 from breakerd.protocol import (
@@ -45,13 +47,13 @@ from breakerd.protocol import (
     Report,
     ReportBatch,
     RequestReceived,
-    ResultMessage,
     Snapshot,
     Status,
     StatusRequest,
     Welcome,
     negotiate_version,
 )
+from breakerd.protocol._codec import ResultMessage
 
 NOBODY = 65534
 # CI runs as root: there these tests must run, never skip.

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from breakerd.actor.daemon._config import ConfigError, load_config
 from breakerd.actor.daemon._serve import resolve_loop
 from breakerd.actor.daemon._state_table import SharedStateTable
-from breakerd.clients import CircuitBreaker, CircuitState, RemoteBreaker
+from breakerd.clients import CircuitBreaker, CircuitState
+from breakerd.clients._link import RemoteBreaker
 from breakerd.protocol import (
     NEED_DATA,
     Admin,

@@ -35,13 +35,9 @@ from fake_daemon import (  # noqa: F401 - fixtures, found by pytest under their 
 
 from breakerd.actor import BreakerConfig
 from breakerd.actor.daemon._state_table import SharedStateTable
-from breakerd.clients import (
-    CircuitBreaker,
-    CircuitBreakerOpenError,
-    CircuitState,
-    DaemonClient,
-    RemoteBreaker,
-)
+from breakerd.clients import CircuitBreaker, CircuitBreakerOpenError, CircuitState
+from breakerd.clients._daemon_client import DaemonClient
+from breakerd.clients._link import RemoteBreaker
 from breakerd.protocol import (
     Snapshot,
 )

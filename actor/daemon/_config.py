@@ -45,6 +45,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
+from breakerd.protocol import BreakerError
+
 from .._machine import BreakerConfig
 from ._fleet_logic import FleetSettings, Share, parse_share
 from ._state_table import DEFAULT_STATE_TABLE_SLOTS
@@ -85,11 +87,11 @@ _MAX_TABLE_SLOTS = 1 << 24
 _MAX_SECONDS = 86_400.0
 
 
-class ConfigError(ValueError):
+class ConfigError(BreakerError, ValueError):
     """The config file is unreadable or holds a bad setting."""
 
 
-class MetricsUnavailableError(RuntimeError):
+class MetricsUnavailableError(BreakerError, RuntimeError):
     """The metrics endpoint cannot be served (its port is taken, say)."""
 
 

@@ -36,6 +36,7 @@ import structlog
 from breakerd.protocol import Admin, AdminOp, BreakerError, CircuitState
 
 from .._machine import Transition
+from .._reasons import FLEET_REASONS, TransitionReason
 from ._fleet_logic import (
     MAX_RECONNECT_DELAY,
     FleetSettings,
@@ -232,7 +233,7 @@ class FleetLink:
         target = transition.to_state
         if target is CircuitState.OPEN:
             self.trials_held.pop(name, None)
-            if transition.reason.startswith("fleet_") or transition.open_until is None:
+            if transition.reason in FLEET_REASONS or transition.open_until is None:
                 return  # the fleet's own news: not sent back
             self.own_opens[name] = transition.open_until
             self._open_reasons[name] = transition.reason
@@ -242,7 +243,7 @@ class FleetLink:
             self.own_opens.pop(name, None)
             self._open_reasons.pop(name, None)
             self.trials_held.pop(name, None)
-            if transition.reason == "trial_succeeded" and self.state == "up":
+            if transition.reason is TransitionReason.TRIAL_SUCCEEDED and self.state == "up":
                 self._push(("close", name))
 
     def _push(self, op: _Op) -> None:

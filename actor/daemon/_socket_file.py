@@ -23,7 +23,7 @@ from typing import Any, cast
 
 import structlog
 
-from breakerd.protocol import MAX_SOCKET_PATH
+from breakerd.protocol import MAX_SOCKET_PATH, BreakerError
 
 __all__ = ["DaemonAlreadyRunningError", "SocketFile", "UnsafeSocketPathError", "serve_unix"]
 
@@ -52,11 +52,11 @@ async def serve_unix(
     return cast(asyncio.Server, server)
 
 
-class DaemonAlreadyRunningError(RuntimeError):
+class DaemonAlreadyRunningError(BreakerError, RuntimeError):
     """Another daemon holds the lock for this socket."""
 
 
-class UnsafeSocketPathError(RuntimeError):
+class UnsafeSocketPathError(BreakerError, RuntimeError):
     """The socket's directory or lock file could be another process's: not used."""
 
 

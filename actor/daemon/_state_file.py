@@ -38,6 +38,8 @@ from typing import Any, Final
 import anyio
 import structlog
 
+from breakerd.protocol import BreakerError
+
 from .._actor import BreakerActor
 from .._machine import Machine, Transition
 
@@ -61,7 +63,7 @@ SNAPSHOT_INTERVAL: Final = 1.0
 _MAX_FILE_SIZE: Final = 1 << 30
 
 
-class StateFileError(ValueError):
+class StateFileError(BreakerError, ValueError):
     """The state file cannot be used: not JSON, another format or version, or inconsistent."""
 
 

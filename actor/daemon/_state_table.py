@@ -20,7 +20,7 @@ import mmap
 import os
 from typing import Final
 
-from breakerd.protocol import Snapshot
+from breakerd.protocol import BreakerError, Snapshot
 from breakerd.protocol import state_table as layout
 
 __all__ = ["DEFAULT_STATE_TABLE_SLOTS", "SharedStateTable", "StateTableUnavailableError"]
@@ -34,7 +34,7 @@ DEFAULT_STATE_TABLE_SLOTS: Final = 65_536
 _F_SEAL_FUTURE_WRITE: Final = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
 
 
-class StateTableUnavailableError(OSError):
+class StateTableUnavailableError(BreakerError, OSError):
     """This system cannot make a table that clients can read but not write."""
 
 

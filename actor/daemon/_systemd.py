@@ -29,6 +29,8 @@ from typing import Any, Final
 import anyio
 import structlog
 
+from breakerd.protocol import BreakerError
+
 from .._actor import BreakerActor
 
 __all__ = [
@@ -47,7 +49,7 @@ SD_LISTEN_FDS_START: Final = 3
 _logger = structlog.get_logger("breakerd.daemon")
 
 
-class ActivationError(RuntimeError):
+class ActivationError(BreakerError, RuntimeError):
     """systemd passed something the daemon cannot serve on."""
 
 

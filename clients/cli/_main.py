@@ -34,7 +34,7 @@ EXIT_INTERRUPTED = 130
 Handler = Callable[[argparse.Namespace], int]
 
 
-class UsageError(Exception):
+class UsageError(BreakerError):
     """Bad command-line arguments (exit code 2)."""
 
 
@@ -177,6 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args)
+    except UsageError as exc:  # before BreakerError, its base: exit 2, not 1
+        _fail(sys.stderr, str(exc))
+        return EXIT_USAGE
     except BreakerError as exc:
         # The daemon's own errors (unknown breaker, no daemon, ...) are for operators.
         _fail(sys.stderr, f"{PROG}: {exc}")
@@ -189,9 +192,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # message, but Python would complain again when it flushes stdout at exit.
         _silence_stdout()
         return EXIT_FAILURE
-    except UsageError as exc:
-        _fail(sys.stderr, str(exc))
-        return EXIT_USAGE
     except Exception as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         _fail(sys.stderr, f"{PROG}: error: {detail}")
