@@ -4,9 +4,11 @@
 bytes between it and a ``ClientCore`` (``_core``), which holds every protocol
 decision. Each breaker's link (``_link.RemoteBreaker``) attaches to it; the
 client calls back on its links only through the small surface
-``LinkEvents`` names (registered, a snapshot, lost, stalled, answering again).
+``_links.LinkEvents`` names (registered, a snapshot, lost, stalled, answering
+again). One connection's socket is a ``_daemon_socket.DaemonSocket``.
 The per-process registry of clients (``get_client``, exit and fork hooks)
-is in ``_globals`` (process-wide state); the IO thread's wait set is ``_io_poller``.
+is in ``_globals`` (process-wide state); the IO thread's schedule (connecting,
+waiting, flushing, timing out, reconnecting) is ``_io_thread``.
 
 Threads and locks
 -----------------
@@ -45,11 +47,6 @@ connection (what it had read may be lost or half fed), runs the replies it
 still holds for other callers, and lets the interrupt go on: no caller is left
 waiting for a reply that nobody will deliver.
 
-This one thread-based shell serves sync and async callers alike: async
-callers wait on an asyncio future that the reply callback settles with
-``loop.call_soon_threadsafe`` (the facade's ``_request_async``), so there is
-no separate anyio shell.
-
 Fire-and-forget outcomes take no lock: a link appends to its breaker's tally
 in the core and, only when no flush is armed yet (``flush_armed``, a plain
 slot), calls ``arm_flush``, which writes one byte to the IO thread's wake-up
@@ -71,10 +68,9 @@ Disconnects and reconnects
   marks the client stalled (``note_stalled``): every link switches to its
   policy, keeping its registration, until the next byte read from the
   daemon switches them back.
-* The IO thread reconnects with exponential backoff and jitter, cut short
-  when the socket file changes (a daemon starting again), says ``hello``
-  again and re-registers every live link; each link switches back to the
-  daemon when its ``Registered`` arrives.
+* The IO thread reconnects (``_io_thread``), says ``hello`` again and
+  re-registers every live link; each link switches back to the daemon when
+  its ``Registered`` arrives.
 * A client connects when something first needs it (``start_nowait``): the
   facade's links are lazy (``RemoteBreaker.open(lazy=True)``). Forks and
   exit are the registry's (``_globals``).
@@ -83,101 +79,36 @@ Disconnects and reconnects
 from __future__ import annotations
 
 import os
-import random
-import select
-import socket
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
-from breakerd.actor import BreakerConfig, library_logger
+from breakerd.actor import library_logger
 from breakerd.protocol import (
-    MAX_SOCKET_PATH,
     DaemonUnavailableError,
     ProtocolError,
     Register,
     RequestMessage,
-    Snapshot,
     Welcome,
 )
 
-from ._core import Action, ClientCore, Completion, NotConnectedError, Reply, ReportItem
-from ._io_poller import BATON, IOPoller
+from ._core import Action, ClientCore, NotConnectedError, Reply, ReportItem
+from ._daemon_socket import DaemonSocket, check_socket_path
+from ._io_poller import BATON
+from ._io_thread import IOThread
+from ._links import LinkEvents, LinkSet, run_actions
 from ._peer import trusted_uids as _trusted_uids
-from ._peer import untrusted_peer
 from ._table_reader import MappedStateTable, map_state_table
 
-__all__ = ["FLUSH_DELAY", "DaemonClient", "LinkEvents", "check_socket_path"]
+__all__ = ["FLUSH_DELAY", "DaemonClient"]
 
 #: How long a fire-and-forget report may wait before its batch is sent.
 FLUSH_DELAY: Final = 0.002
 
-_READ_SIZE: Final = 65536
-#: While disconnected, how often the IO thread looks for a new socket file (see _nap).
-_SOCKET_POLL: Final = 0.05
-#: The first reconnect delay after the socket file changed (then doubling as usual).
-_SOCKET_RETRY: Final = 0.01
-#: How long a closing client (at exit) waits for the daemon to read its last
-#: reports and close its side: a healthy daemon takes well under a millisecond.
-_CLOSE_GRACE: Final = 0.25
-#: Descriptors accepted with a welcome (the daemon sends one; more are closed).
-_MAX_WELCOME_FDS: Final = 4
-
 _logger = library_logger()
-
-
-class LinkEvents(Protocol):
-    """What a ``DaemonClient`` needs of a link attached to it (``_link.RemoteBreaker``).
-
-    The client calls these from the thread reading the socket (or the one
-    giving up on it), outside its lock.
-    """
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def config(self) -> BreakerConfig: ...
-
-    def registration(self, epoch: int) -> Reply:
-        """The reply to this link's ``Register`` on connection ``epoch``."""
-        ...
-
-    def daemon_snapshot(self, snapshot: Snapshot) -> None:
-        """The daemon's newest snapshot of this breaker (a reply or a push)."""
-        ...
-
-    def daemon_lost(self, *, announce: bool) -> None:
-        """The connection is gone: the policy serves (``announce``: tell the listeners)."""
-        ...
-
-    def suspend(self) -> None:
-        """The daemon stopped answering: the policy serves, the registration stays."""
-        ...
-
-    def resume(self) -> None:
-        """The daemon answers again after ``suspend``."""
-        ...
-
-
-def check_socket_path(path: str | Path) -> str:
-    """The socket path as a string, or ``ValueError`` saying why it cannot be one."""
-    text = os.fspath(path)
-    if not text:
-        raise ValueError("daemon socket path is empty")
-    if "\0" in text:
-        raise ValueError(f"daemon socket path {text!r} contains a NUL byte")
-    size = len(os.fsencode(text))
-    if size > MAX_SOCKET_PATH:
-        raise ValueError(
-            f"daemon socket path {text!r} is {size} bytes long; a Unix socket path "
-            f"holds at most {MAX_SOCKET_PATH} (use a shorter directory)"
-        )
-    return text
 
 
 class DaemonClient:
@@ -203,26 +134,17 @@ class DaemonClient:
     # Slots, as for RemoteBreaker: every daemon-mode call reads flush_armed.
     __slots__ = (
         "__weakref__",
-        "_awaiting_welcome",
-        "_break_reason",
         "_closing",
-        "_first_attempt",
+        "_conn",
         "_had_welcome",
-        "_io_ident",
+        "_io",
         "_links",
         "_lock",
         "_log",
-        "_poller",
-        "_read_poll",
         "_reader_ident",
-        "_sock",
-        "_socket_seen",
         "_start_lock",
         "_started",
-        "_table_fd",
         "_thread",
-        "_wake_r",
-        "_wake_w",
         "attempts",
         "backoff_max",
         "backoff_min",
@@ -282,9 +204,6 @@ class DaemonClient:
         self.welcome: Welcome | None = None
         #: The daemon's state table, mapped read-only (None: not offered, or not connected).
         self.state_table: MappedStateTable | None = None
-        # Until the welcome is in, reads pick up the table's descriptor.
-        self._awaiting_welcome = False
-        self._table_fd: int | None = None
         #: Connections established so far (each one re-registers every link).
         self.epoch = 0
         #: Why the daemon is out of reach, while it is (None when connected or never tried).
@@ -293,19 +212,13 @@ class DaemonClient:
         self.attempts = 0
         # Guards the core, the socket's writing side and the link registry.
         self._lock = threading.Lock()
-        self._sock: socket.socket | None = None
+        # The current connection (None while there is none).
+        self._conn: DaemonSocket | None = None
         # The reader baton (see the module docstring): the id of the thread
         # reading the socket (the IO thread or a caller), or None. Taken under
         # _lock, given back by a plain store.
         self._reader_ident: int | None = None
-        # The IO thread's id once it runs (Thread.ident is a property call).
-        self._io_ident: int | None = None
-        # The IO thread's wait set (made by the IO thread) and, per
-        # connection, the poll object a caller holding the baton waits on.
-        self._poller: IOPoller | None = None
-        self._read_poll: select.poll | None = None
-        self._break_reason: str | None = None
-        self._links: dict[str, weakref.WeakSet[LinkEvents]] = {}
+        self._links = LinkSet(self._lock)
         #: Set by posters (``arm_flush``), cleared by the IO thread; see post() for
         #: the race. A plain slot: the hot path reads it on every success.
         self.flush_armed = False
@@ -313,24 +226,18 @@ class DaemonClient:
         self.on_close: Callable[[DaemonClient], None] | None = None
         self._had_welcome = False
         self._closing = False
-        self._first_attempt = threading.Event()
         self._start_lock = threading.Lock()
         self._started = False
         #: A caller gave up waiting for this connection (``daemon_timeout``):
         #: requests go to each link's policy until the daemon is heard from again.
         self.stalled = False
-        # What the socket file looked like at the last failed attempt (see _nap).
-        self._socket_seen: tuple[int, int, int] | None = None
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._thread = threading.Thread(
-            target=self._run, name=f"breakerd-client {self.path}", daemon=True
-        )
         self._log = _logger.bind(socket=self.path)
+        self._io = IOThread(self)
+        # The thread itself, for tests and benchmarks that look at it.
+        self._thread = self._io.thread
 
     def __repr__(self) -> str:
-        state = "connected" if self._sock is not None else "disconnected"
+        state = "connected" if self._conn is not None else "disconnected"
         return f"<DaemonClient {self.path!r} {state} epoch={self.epoch}>"
 
     # -- lifecycle -------------------------------------------------------------------
@@ -338,7 +245,7 @@ class DaemonClient:
     def start(self) -> DaemonClient:
         """Start the IO thread unless it runs; returns after its first connect attempt (bounded)."""
         self.start_nowait()
-        self._first_attempt.wait(self.connect_timeout + 1.0)
+        self._io.wait_first_attempt(self.connect_timeout + 1.0)
         return self
 
     def start_nowait(self) -> None:
@@ -349,7 +256,7 @@ class DaemonClient:
             if self._started or self._closing:
                 return
             self._started = True
-            self._thread.start()
+            self._io.start()
 
     @property
     def started(self) -> bool:
@@ -357,11 +264,11 @@ class DaemonClient:
 
     def wait_first_attempt(self, timeout: float) -> bool:
         """Wait for the IO thread's first connection attempt; False if not made in time."""
-        return self._first_attempt.wait(timeout)
+        return self._io.wait_first_attempt(timeout)
 
     @property
     def connected(self) -> bool:
-        return self._sock is not None
+        return self._conn is not None
 
     @property
     def closed(self) -> bool:
@@ -370,7 +277,7 @@ class DaemonClient:
     def in_io_thread(self) -> bool:
         """True in the IO thread, and in a caller's thread while it reads (and runs callbacks)."""
         ident = threading.get_ident()
-        return ident == self._io_ident or ident == self._reader_ident
+        return ident == self._io.ident or ident == self._reader_ident
 
     def close(self, timeout: float = 1.0) -> None:
         """Flush queued reports, close the connection, stop the IO thread.
@@ -381,21 +288,16 @@ class DaemonClient:
             if self._closing:
                 return
             self._closing = True
-            if self._sock is not None:
+            if self._conn is not None:
                 self._flush_locked()
         with self._start_lock:
             never_started = not self._started
             self._started = True  # never starts now
         if never_started:
-            # Its IO thread would have closed the wake-up pipe.
-            for fd in (self._wake_r, self._wake_w):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            self._io.close_unstarted()
             self._closed()
             return
-        self._wake()
+        self._io.wake()
         if self._thread.is_alive() and not self.in_io_thread():
             self._thread.join(timeout)
         self._closed()
@@ -416,21 +318,10 @@ class DaemonClient:
         # the parent's. Close our copies of the descriptors (the parent's
         # connection lives on) without touching a lock a parent thread may hold.
         self._closing = True
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            try:
-                sock.close()
-            except OSError:
-                pass
-        poller, self._poller = self._poller, None
-        if poller is not None:
-            poller.close()
-        table_fd, self._table_fd = self._table_fd, None
-        for fd in (self._wake_r, self._wake_w) + ((table_fd,) if table_fd is not None else ()):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+        self._io.abandon()
 
     # -- links -------------------------------------------------------------------
 
@@ -440,8 +331,8 @@ class DaemonClient:
         Returns True if a ``Register`` is on its way (its reply settles the link).
         """
         with self._lock:
-            self._links.setdefault(link.name, weakref.WeakSet()).add(link)
-            if self._sock is None:
+            self._links.add_locked(link)
+            if self._conn is None:
                 return False
             self._send_request_locked(
                 Register(link.name, link.config.as_dict()), link.registration(self.epoch)
@@ -449,19 +340,7 @@ class DaemonClient:
             return True
 
     def detach(self, link: LinkEvents) -> None:
-        with self._lock:
-            links = self._links.get(link.name)
-            if links is not None:
-                links.discard(link)
-
-    def _all_links(self) -> list[LinkEvents]:
-        with self._lock:
-            return [link for links in self._links.values() for link in links]
-
-    def _links_named(self, name: str) -> list[LinkEvents]:
-        with self._lock:
-            links = self._links.get(name)
-            return list(links) if links is not None else []
+        self._links.discard(link)
 
     # -- any thread: requests and reports ----------------------------------------------
 
@@ -491,7 +370,7 @@ class DaemonClient:
         if read and BATON:
             return self._request_reading(message, reply, read_timeout)
         with self._lock:
-            if self._sock is None:
+            if self._conn is None:
                 return False
             return self._send_request_locked(message, reply) != 0
 
@@ -499,19 +378,19 @@ class DaemonClient:
         self, message: RequestMessage, reply: Reply, read_timeout: float | None
     ) -> bool:
         me = threading.get_ident()
-        if me == self._reader_ident or me == self._io_ident:
+        if me == self._reader_ident or me == self._io.ident:
             # Called back while reading for others: it would wait for itself.
             raise RuntimeError("a breaker cannot wait for a reply in the thread that reads them")
-        poller = self._poller
+        poller = self._io.poller
         took = False
         fd = -1
         try:
             with self._lock:
-                sock = self._sock
-                if sock is None:
+                conn = self._conn
+                if conn is None:
                     return False
-                if self._reader_ident is None and poller is not None and self._break_reason is None:
-                    fd = sock.fileno()
+                if self._reader_ident is None and poller is not None and conn.break_reason is None:
+                    fd = conn.fd
                     # Two plain stores, nothing between them that an interrupt
                     # can stop at: the finally gives back exactly what we took.
                     self._reader_ident = me
@@ -519,9 +398,9 @@ class DaemonClient:
                     # Before the request leaves: its reply must not wake the IO thread.
                     poller.disarm(fd)
                 msgid = self._send_request_locked(message, reply)
-                read_poll = self._read_poll
-            if not took or not msgid or read_poll is None:
+            if not took or not msgid:
                 return msgid != 0
+            read_poll = conn.read_poll
             # Holding the baton: nobody else reads, and the socket cannot be
             # closed under us (that takes the baton).
             is_pending = self.core.is_pending
@@ -529,13 +408,13 @@ class DaemonClient:
             if read_timeout is not None and read_timeout < timeout:
                 timeout = read_timeout
             deadline = time.monotonic() + timeout
-            while is_pending(msgid) and self._break_reason is None:
+            while is_pending(msgid) and conn.break_reason is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break  # the IO thread's timeout check fails it
                 if not read_poll.poll(int(remaining * 1000) + 1):
                     continue
-                reason = self._read_socket(fd)
+                reason = self._read_socket()
                 if reason is not None:
                     with self._lock:
                         self._break_locked(reason)
@@ -554,8 +433,8 @@ class DaemonClient:
 
     def _send_request_locked(self, message: RequestMessage, reply: Reply) -> int:
         # The request's msgid, or 0 if it was not sent (``reply`` unused).
-        sock = self._sock
-        assert sock is not None
+        conn = self._conn
+        assert conn is not None
         try:
             msgid, data = self.core.send_request(message, reply, time.monotonic())
         except NotConnectedError:
@@ -567,27 +446,27 @@ class DaemonClient:
             return 0
         # From here the reply is in the pending table: a failed write breaks
         # the connection and the IO thread fails the request with the others.
-        self._write_locked(sock, data)
+        self._write_locked(conn, data)
         return msgid
 
-    def _read_socket(self, fd: int) -> str | None:
+    def _read_socket(self) -> str | None:
         """Holding the baton: one read, fed to the core, and what it returns run.
 
         Returns why the connection must be dropped, or None.
         """
+        # Holding the baton: the connection stays, and stays open.
+        conn = self._conn
+        assert conn is not None
         actions: list[Action] | None = None
         try:
             try:
-                if self._awaiting_welcome:
-                    data = self._read_with_descriptors()
-                else:
-                    data = os.read(fd, _READ_SIZE)
+                data = conn.read()
             except BlockingIOError:
                 return None
             except OSError as exc:
-                return self._break_reason or f"read failed: {exc.strerror or exc!r}"
+                return conn.break_reason or f"read failed: {exc.strerror or exc!r}"
             if not data:
-                return self._break_reason or "the daemon closed the connection"
+                return conn.break_reason or "the daemon closed the connection"
             if self.stalled:
                 self._unstall()
             with self._lock:
@@ -605,25 +484,10 @@ class DaemonClient:
             raise
         self._dispatch(actions)
         if failure is not None:
-            if self._break_reason is None:
+            if conn.break_reason is None:
                 self._log.error("daemon_protocol_error", error=failure)
             return failure
         return None
-
-    def _read_with_descriptors(self) -> bytes:
-        # Holding the baton: the socket stays open. A plain read would drop
-        # (close) a descriptor that came with the bytes it read.
-        sock = self._sock
-        assert sock is not None
-        data, fds, _, _ = socket.recv_fds(
-            sock, _READ_SIZE, _MAX_WELCOME_FDS, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT
-        )
-        for received in fds:
-            if self._table_fd is None:
-                self._table_fd = received
-            else:
-                os.close(received)
-        return data
 
     def post(self, item: ReportItem) -> bool:
         """Queue a fire-and-forget outcome (no lock). False: the queue is full, send a request."""
@@ -648,181 +512,61 @@ class DaemonClient:
         ``post`` for why that order never strands an item).
         """
         self.flush_armed = True
-        self._wake()
+        self._io.wake()
 
     def _flush_locked(self) -> None:
-        sock = self._sock
+        conn = self._conn
         try:
             data = self.core.take_batch()
         except ProtocolError as exc:
             self._log.error("daemon_reports_unsendable", error=str(exc))
             self._break_locked(self.core.failure or str(exc))
             return
-        if data and sock is not None:
-            self._write_locked(sock, data)
+        if data and conn is not None:
+            self._write_locked(conn, data)
 
-    def _write_locked(self, sock: socket.socket, data: bytes) -> None:
-        try:
-            # One write(2) on the non-blocking descriptor first: sendall() on a
-            # socket with a timeout polls before every send, a system call
-            # that is nearly always wasted. It finishes what is left.
-            try:
-                sent = os.write(sock.fileno(), data)
-            except BlockingIOError:
-                sent = 0
-            if sent < len(data):
-                sock.sendall(memoryview(data)[sent:])
-        except OSError as exc:
-            self._break_locked(f"write failed: {exc.strerror or exc!r}")
+    def _write_locked(self, conn: DaemonSocket, data: bytes) -> None:
+        failure = conn.write(data)
+        if failure is not None:
+            self._break_locked(failure)
 
     def _break_locked(self, reason: str) -> None:
-        # Hand the socket over to the IO thread: shutdown() wakes its poll with
-        # an EOF, and it alone closes the descriptor (closing it here could let
-        # the number be reused under its poll).
-        if self._break_reason is None:
-            self._break_reason = reason
-        sock = self._sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        # Hand the connection over to the IO thread: shutdown() wakes its poll
+        # with an EOF, and it alone closes the descriptor, holding the baton.
+        conn = self._conn
+        if conn is not None:
+            conn.shut(reason)
 
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except OSError:
-            pass  # the pipe is full (a wake-up is pending anyway) or closed
+    # -- for the IO thread (_io_thread) --------------------------------------------------
 
-    # -- the IO thread ---------------------------------------------------------------
-
-    def _run(self) -> None:
-        self._io_ident = threading.get_ident()
-        backoff = self.backoff_min
-        try:
-            self._poller = IOPoller(self._wake_r)
-            while not self._closing:
-                if self._sock is None:
-                    self._socket_seen = _socket_identity(self.path)
-                    connected = self._connect()
-                    self._first_attempt.set()
-                    if not connected:
-                        if self._nap(backoff * random.uniform(0.8, 1.2)):
-                            # A new socket: a new daemon, maybe not listening
-                            # yet (it binds, then listens): retry soon.
-                            backoff = _SOCKET_RETRY
-                        else:
-                            backoff = min(backoff * 2, self.backoff_max)
-                        continue
-                connected_at = time.monotonic()
-                self._pump()
-                if self._had_welcome:
-                    # A working connection dropped: try again at once.
-                    backoff = self.backoff_min
-                elif time.monotonic() - connected_at >= self.request_timeout:
-                    # Unanswered for request_timeout: a hung daemon, which
-                    # queues connections in its listen backlog. Queue the
-                    # next one at once, so that it is answered the moment the
-                    # daemon runs again, not a backoff later. Each try costs
-                    # request_timeout: no tight loop.
-                    continue
-                elif not self._closing:
-                    # Dropped before the handshake (a hung daemon, a refused
-                    # peer): back off, or it would be a tight loop.
-                    if self._nap(backoff * random.uniform(0.8, 1.2)):
-                        backoff = _SOCKET_RETRY
-                    else:
-                        backoff = min(backoff * 2, self.backoff_max)
-        except BaseException:  # pragma: no cover - a bug here must not go silent
-            self._log.exception("daemon_client_crashed")
-            raise
-        finally:
-            self._first_attempt.set()
-            poller, self._poller = self._poller, None
-            if poller is not None:
-                poller.close()
-            for fd in (self._wake_r, self._wake_w):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-
-    def _nap(self, seconds: float) -> bool:
-        """Wait out a reconnect delay; True, early, if the socket file changed.
-
-        A daemon that starts (again) binds a new socket file: a new inode, or
-        a file where there was none. Looking at it every ``_SOCKET_POLL``
-        seconds (one stat(), about a microsecond) lets a process switch back
-        within that of the daemon's start, while the delay between real
-        connection attempts still backs off to ``backoff_max`` for a daemon
-        that stays away (or a stale file nobody listens on). Cheaper and
-        simpler than inotify, which also misses a directory made anew.
-        """
-        end = time.monotonic() + seconds
-        while not self._closing:
-            remaining = end - time.monotonic()
-            if remaining <= 0:
-                return False
-            self._sleep(min(remaining, _SOCKET_POLL))
-            if _socket_identity(self.path) != self._socket_seen:
-                return True
-        return False
-
-    def _sleep(self, seconds: float) -> None:
-        """Wait for ``seconds``, or less if woken (close)."""
-        try:
-            ready, _, _ = select.select([self._wake_r], [], [], seconds)
-        except OSError:  # pragma: no cover
-            return
-        if ready:
-            self._drain_wake()
-
-    def _drain_wake(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except OSError:
-            pass
-
-    def _connect(self) -> bool:
+    def connect(self) -> int | None:
+        """One connection attempt: the new socket's descriptor, or None (the outage noted)."""
         self.attempts += 1
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.connect_timeout)
-        try:
-            sock.connect(self.path)
-        except OSError as exc:
-            sock.close()
-            self._note_outage(f"cannot connect ({exc.strerror or exc!r})")
-            return False
-        untrusted = untrusted_peer(sock, self.trusted_uids)
-        if untrusted is not None:
-            # Someone else's socket at our path: its answers could steer every breaker.
-            sock.close()
-            self._note_outage(untrusted)
-            return False
-        # Bounds a write to a daemon that stopped reading; reads only happen
-        # after poll() says there is data, so they never wait on it.
-        sock.settimeout(self.request_timeout)
+        conn = DaemonSocket.open(
+            self.path,
+            connect_timeout=self.connect_timeout,
+            request_timeout=self.request_timeout,
+            trusted_uids=self.trusted_uids,
+        )
+        if isinstance(conn, str):
+            self._note_outage(conn)
+            return None
         with self._lock:
             # Listed under the lock that attach() takes: a link is either in
             # this list or sees the socket and registers itself, never neither.
-            links = [link for named in self._links.values() for link in named]
+            links = self._links.listed_locked()
             if self._closing:
-                sock.close()
-                return False
+                conn.close()
+                return None
             self.epoch += 1
             self.stalled = False
             self.welcome = None
             self.state_table = None
-            self._awaiting_welcome = True
             self._had_welcome = False
-            self._break_reason = None
-            assert self._poller is not None
-            self._poller.add(sock.fileno())
-            read_poll = select.poll()
-            read_poll.register(sock.fileno(), select.POLLIN)
-            self._read_poll = read_poll
-            self._sock = sock
+            poller = self._io.poller
+            assert poller is not None
+            poller.add(conn.fd)
+            self._conn = conn
             now = time.monotonic()
             data = [self.core.connect(self._welcomed(self.epoch), now)]
             # Pipelined behind hello: the daemon answers them in order.
@@ -835,15 +579,16 @@ class DaemonClient:
                         flush=False,
                     )
                 )
-            self._write_locked(sock, b"".join(data))
-        return True
+            self._write_locked(conn, b"".join(data))
+        return conn.fd
 
     def _welcomed(self, epoch: int) -> Reply:
         def on_welcome(result: Any, error: BaseException | None) -> None:
             if epoch != self.epoch or isinstance(error, DaemonUnavailableError):
                 return  # the connection died first; connection_lost said why
-            self._awaiting_welcome = False
-            table_fd, self._table_fd = self._table_fd, None
+            conn = self._conn
+            assert conn is not None  # read in this thread, holding the baton
+            table_fd = conn.take_table_fd()
             if isinstance(result, Welcome) and result.state_table and table_fd is not None:
                 self.state_table = map_state_table(table_fd, result.state_table, self._log)
             elif table_fd is not None:
@@ -868,130 +613,112 @@ class DaemonClient:
 
         return on_welcome
 
-    def _pump(self) -> None:
-        """Serve one connection until it is lost or the client closes."""
-        sock = self._sock
-        poller = self._poller
-        assert sock is not None
-        assert poller is not None
-        fd = sock.fileno()
-        wake_r = self._wake_r
-        me = threading.get_ident()
-        flush_at: float | None = None
-        close_by: float | None = None
-        while True:
-            now = time.monotonic()
-            # Callers do not wake this thread when they send a request (that
-            # would cost every request a syscall), so it looks at the pending
-            # table on a tick: a hung daemon is noticed within 1.25 timeouts.
-            deadline = now + self.request_timeout / 4
-            if self._break_reason is None:
-                if flush_at is None and self.flush_armed:
-                    flush_at = now + self.flush_delay
-                with self._lock:
-                    pending = self.core.next_deadline()
-                if pending is not None and pending < deadline:
-                    deadline = pending
-                if flush_at is not None and flush_at < deadline:
-                    deadline = flush_at
-                if close_by is not None and close_by < deadline:
-                    deadline = close_by
-            # else: dropping the connection, waiting only for a reader to let go.
-            socket_ready = False
-            for ready in poller.wait(max(0, int((deadline - now) * 1000) + 1)):
-                if ready == wake_r:
-                    self._drain_wake()
-                    continue
-                # The socket; its one-shot entry is off until re-armed.
-                socket_ready = True
-                with self._lock:
-                    if self._reader_ident is not None:
-                        continue  # a caller is reading: it re-arms the entry when it lets go
-                    self._reader_ident = me
-                try:
-                    reason = self._break_reason or self._read_socket(fd)
-                    if reason is not None:
-                        self._lost(sock, reason)
-                        return
-                finally:
-                    self._reader_ident = None
-                poller.arm(fd)
-            if not socket_ready and self._reader_ident is None:
-                # Woken for something else with nobody reading: re-arm anyway,
-                # so a re-arm that a reader missed (interrupted in its
-                # finally) costs at most one wake-up, never the connection.
-                poller.arm(fd)
-            if self._break_reason is None:
-                now = time.monotonic()
-                if flush_at is not None and now >= flush_at:
-                    flush_at = None
-                    # Down before draining: see post().
-                    self.flush_armed = False
-                    with self._lock:
-                        self._flush_locked()
-                        timed_out = self.core.timed_out(now)
-                else:
-                    with self._lock:
-                        timed_out = self.core.timed_out(now)
-                if timed_out:
-                    self._log.warning("daemon_request_timeout", timeout=self.request_timeout)
-                    with self._lock:
-                        self._break_locked(f"no reply within {self.request_timeout:g}s")
-            if self._closing and self._break_reason is None:
-                # A graceful close: our last reports, then end of file; the
-                # daemon reads both and closes its side, which ends this
-                # loop. Closing at once could lose them: a daemon that writes
-                # to a closed peer (a push) drops the connection, and with it
-                # whatever it had not read yet.
-                if close_by is None:
-                    close_by = time.monotonic() + _CLOSE_GRACE
-                    with self._lock:
-                        try:
-                            sock.shutdown(socket.SHUT_WR)
-                        except OSError:
-                            close_by = 0.0  # already broken: nothing to wait for
-                if time.monotonic() >= close_by:
-                    with self._lock:
-                        self._break_locked("the client was closed")
-            if self._break_reason is not None:
-                with self._lock:
-                    free = self._reader_ident is None
-                    if free:
-                        self._reader_ident = me
-                if free:
-                    # Nobody is reading: drop it now. Otherwise shutdown() has
-                    # ended the reader's wait, and its re-arm wakes us when it
-                    # lets go.
-                    try:
-                        self._lost(sock, self._break_reason)
-                        return
-                    finally:
-                        self._reader_ident = None
+    @property
+    def had_welcome(self) -> bool:
+        """The current (or last) connection got through its handshake."""
+        return self._had_welcome
 
-    def _lost(self, sock: socket.socket, reason: str) -> None:
+    @property
+    def breaking(self) -> bool:
+        """The connection is being dropped: the IO thread waits only for a reader to let go."""
+        conn = self._conn
+        return conn is not None and conn.break_reason is not None
+
+    @property
+    def reader_free(self) -> bool:
+        return self._reader_ident is None
+
+    def next_deadline(self) -> float | None:
+        """When the oldest pending request times out (None: nothing pending)."""
+        with self._lock:
+            return self.core.next_deadline()
+
+    def serve_readable(self, fd: int) -> bool:
+        """The socket is readable: read it unless a caller holds the baton.
+
+        False once the connection is gone (dropped here).
+        """
+        with self._lock:
+            if self._reader_ident is not None:
+                return True  # a caller is reading: it re-arms the entry when it lets go
+            self._reader_ident = threading.get_ident()
+        try:
+            conn = self._conn
+            assert conn is not None
+            reason = conn.break_reason or self._read_socket()
+            if reason is not None:
+                self._lost(reason)
+                return False
+        finally:
+            self._reader_ident = None
+        poller = self._io.poller
+        assert poller is not None
+        poller.arm(fd)
+        return True
+
+    def send_due(self, now: float, *, flush: bool) -> None:
+        """Send the queued reports (``flush``); drop the connection if a request timed out."""
+        if flush:
+            # Down before draining: see post().
+            self.flush_armed = False
+            with self._lock:
+                self._flush_locked()
+                timed_out = self.core.timed_out(now)
+        else:
+            with self._lock:
+                timed_out = self.core.timed_out(now)
+        if timed_out:
+            self._log.warning("daemon_request_timeout", timeout=self.request_timeout)
+            with self._lock:
+                self._break_locked(f"no reply within {self.request_timeout:g}s")
+
+    def finish_writing(self) -> bool:
+        """End of file after the last reports (a graceful close); False if already broken."""
+        with self._lock:
+            conn = self._conn
+            return conn is not None and conn.end_writing()
+
+    def drop(self, reason: str) -> None:
+        """Drop the connection (``reason`` goes to every request still pending)."""
+        with self._lock:
+            self._break_locked(reason)
+
+    def drop_if_unread(self) -> bool:
+        """Close a connection being dropped, unless a caller reads it; True if closed."""
+        with self._lock:
+            if self._reader_ident is not None:
+                return False
+            self._reader_ident = threading.get_ident()
+        try:
+            conn = self._conn
+            assert conn is not None
+            assert conn.break_reason is not None
+            self._lost(conn.break_reason)
+            return True
+        finally:
+            self._reader_ident = None
+
+    def log_crash(self) -> None:
+        self._log.exception("daemon_client_crashed")
+
+    def _lost(self, reason: str) -> None:
         # Called holding the baton: no other thread reads this socket or will.
         with self._lock:
-            self._sock = None
-            self._read_poll = None
+            conn = self._conn
+            assert conn is not None
+            self._conn = None
             self.welcome = None
             self.state_table = None
-            self._awaiting_welcome = False
-            if self._table_fd is not None:
-                os.close(self._table_fd)
-                self._table_fd = None
             actions = self.core.connection_lost(reason)
-        if self._poller is not None:
-            self._poller.remove(sock.fileno())
-        try:
-            sock.close()
-        except OSError:
-            pass
+        poller = self._io.poller
+        if poller is not None:
+            poller.remove(conn.fd)
+        conn.close()
         if not self._closing:
             self._note_outage(reason)
         # Links first: a request failed below is re-answered by its link's
         # policy, which must already see the daemon as gone.
-        for link in self._all_links():
-            link.daemon_lost(announce=not self._closing)
+        self._links.daemon_lost(announce=not self._closing)
         self._dispatch(actions)
 
     def note_stalled(self, waited: float) -> None:
@@ -1008,15 +735,13 @@ class DaemonClient:
             waited=waited,
             fallback="each breaker's on_unavailable policy until it answers",
         )
-        for link in self._all_links():
-            link.suspend()
+        self._links.suspend()
 
     def _unstall(self) -> None:
         # In the thread reading: bytes came in, so the daemon runs again.
         self.stalled = False
         self._log.info("daemon_answering_again")
-        for link in self._all_links():
-            link.resume()
+        self._links.resume()
 
     def _note_outage(self, reason: str) -> None:
         if self.outage is None:
@@ -1029,37 +754,7 @@ class DaemonClient:
         self.outage = reason
 
     def _dispatch(self, actions: list[Action]) -> None:
-        for index, action in enumerate(actions):
-            try:
-                self._run_action(action)
-            except Exception:
-                self._log.exception("daemon_callback_failed")
-            except BaseException:
-                # Interrupted (a reader in the main thread): the other actions
-                # are other callers' replies. Run this one again -- the
-                # interrupt may have come before it started, and replies are
-                # idempotent -- and the rest, then let the interrupt go on.
-                try:
-                    self._run_action(action)
-                except BaseException:
-                    self._log.exception("daemon_callback_failed")
-                self._dispatch(actions[index + 1 :])
-                raise
-
-    def _run_action(self, action: Action) -> None:
-        if isinstance(action, Completion):
-            action.run()
-        else:
-            for link in self._links_named(action.snapshot.name):
-                link.daemon_snapshot(action.snapshot)
-
-
-def _socket_identity(path: str) -> tuple[int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_mtime_ns)
+        run_actions(actions, self._links, self._log)
 
 
 def _client_name() -> str:

@@ -40,7 +40,8 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._daemon_client import DaemonClient, check_socket_path
+from ._daemon_client import DaemonClient
+from ._daemon_socket import check_socket_path
 
 if TYPE_CHECKING:
     from ._breaker import CircuitBreaker

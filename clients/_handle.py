@@ -41,7 +41,8 @@ from breakerd.actor import ActorSystem, BreakerActor, BreakerConfig, default_sys
 from breakerd.protocol import CircuitState, Outcome, Snapshot, default_socket_path
 
 from ._core import Reply
-from ._daemon_client import DaemonClient, check_socket_path
+from ._daemon_client import DaemonClient
+from ._daemon_socket import check_socket_path
 from ._fallback import (
     ON_UNAVAILABLE,
     AllowFallback,

@@ -1,26 +1,21 @@
 """One breaker's link to the daemon: what a ``CircuitBreaker`` holds in daemon mode.
 
-``RemoteBreaker`` is a ``BreakerHandle`` (``_handle``), as ``BreakerActor``
-is, so the facade runs unchanged on top of it. It talks to its
-``DaemonClient`` (``_daemon_client``) through the client's public methods,
-and the client calls it back through ``LinkEvents``. While the daemon is
-out of reach, its ``on_unavailable`` policy (``_fallback``) serves in its place.
+``RemoteBreaker`` is a ``BreakerHandle`` (``_handle``), as ``BreakerActor`` is;
+its ``admit`` and ``snapshot`` read one word of the daemon's state table
+(``_table_reader``: the slot's ``seq``) per call. It talks to its
+``DaemonClient`` through the client's public methods, and the client calls it
+back through ``LinkEvents``; while the daemon is out of reach, its
+``on_unavailable`` policy (``_fallback``) serves in its place.
 
-The hot path (a success while ``closed``, when the snapshot says no success
-can change the state) takes no lock: it appends to its breaker's success
-tally in the client's core (``list.append``, atomic under the GIL) and, only
-when no flush is armed yet, wakes the client's IO thread
-(``DaemonClient.arm_flush``), which sends everything queued ``FLUSH_DELAY``
-seconds later as one ``reports`` notification. While a success may change
-the state (``Snapshot.successes_safe`` is false: the daemon says so through
-the state table, a push or a reply) the link's tally key matches no
-generation, and the facade sends the success as a request and waits for its
-answer.
+The hot path (a success while ``closed``) takes no lock: a tally append in
+the client's core, and ``DaemonClient.arm_flush`` when no flush is armed.
+While a success may change the state (``Snapshot.successes_safe`` is false)
+the link's tally key matches no generation: the facade asks and waits.
 
-With the daemon's state table (``_table_reader``), ``admit`` (the facade's
-fast path) and ``snapshot`` compare one word of shared memory (its slot's
-``seq``) with the last one read, on every call, and rebuild the snapshot
-from the slot when it moved.
+A request that goes to the daemon carries one reply wrapper, ``_Answer``,
+around the caller's own reply: a sync caller's ``SyncReply``, or an async
+caller's, which settles an asyncio future with ``loop.call_soon_threadsafe``
+(the facade's ``_request_async``), so there is no separate anyio shell.
 """
 
 from __future__ import annotations
@@ -28,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final, cast
 
@@ -56,7 +50,6 @@ from breakerd.protocol import (
     Status,
     StatusRequest,
     UnknownBreakerError,
-    state_table,
 )
 
 from ._core import Reply
@@ -72,7 +65,8 @@ from ._fallback import (
 )
 from ._globals import get_client
 from ._plan import plain_generation
-from ._replies import Bounded, SyncReply, answer, ignore_reply
+from ._replies import SyncReply, answer, ignore_reply
+from ._table_reader import read_snapshot
 
 __all__ = ["RemoteBreaker"]
 
@@ -83,6 +77,8 @@ _DAEMON_REQUESTS: Final[frozenset[type]] = frozenset({Acquire, Admin, Report, St
 #: What a call waits on (at most daemon_timeout); admin and status wait for the daemon.
 _CALL_REQUESTS: Final[frozenset[type]] = frozenset({Acquire, Report})
 _SUCCESS: Final = Outcome.SUCCESS
+# An _Answer's states: a bounded one settles once, between the answer and expire().
+_PENDING, _ANSWERED, _EXPIRED, _LATE = range(4)
 
 _logger = library_logger()
 
@@ -91,13 +87,9 @@ class RemoteBreaker:
     """One breaker as seen through a ``DaemonClient``: the facade's actor in daemon mode.
 
     While registered on the live connection it shows the daemon's snapshot and
-    sends outcomes there; otherwise it follows ``on_unavailable``:
-
-    * ``"local"``: an in-process breaker with the same settings, from
-      ``system`` (or the process-wide default system);
-    * ``"allow"``: fail open, a ``closed`` snapshot and nothing recorded;
-    * ``"deny"``: fail closed, every acquire answered with
-      ``DaemonUnavailableError``.
+    sends outcomes there; otherwise its ``on_unavailable`` policy serves
+    (``fallback``: ``"local"``, an in-process breaker from ``system`` or the
+    default system; ``"allow"``, fail open; ``"deny"``, fail closed).
 
     ``daemon_timeout`` (None: no bound but the client's ``request_timeout``)
     is how long a caller waits for the daemon's answer to an acquire or an
@@ -290,25 +282,16 @@ class RemoteBreaker:
         """True in a thread that must never wait for this link (it would wait for itself)."""
         return self.client.in_io_thread() or self.fallback.in_own_thread()
 
-    # -- the actor surface (any thread) -----------------------------------------------
-
     def admit(self) -> int | None:
-        """The generation a plain call runs under now, or None (see ``BreakerHandle``)."""
-        # The facade's fast path: the snapshot property's common case without the
-        # property (a descriptor call: ~70 ns more than a method on CPython 3.11).
-        words = self._live_words
+        words = self._live_words  # the snapshot property's common case, minus the property
         if words is not None and words[0] == self._slot_seq:
             return self._plain
-        return self._admit_slow()
-
-    def _admit_slow(self) -> int | None:
         snapshot = self.seen = self.snapshot  # the daemon's or the policy's; may connect
         return plain_generation(snapshot)
 
     @property
     def snapshot(self) -> Snapshot:
-        # The common case first, in as few loads as possible: the table's slot
-        # has not moved since this link last caught up with it.
+        # The common case first: the table's slot has not moved since last read.
         words = self._live_words
         if words is not None and words[0] == self._slot_seq:
             return self._remote_snapshot
@@ -328,33 +311,19 @@ class RemoteBreaker:
     def _snapshot_from_table(self, words: memoryview) -> Snapshot:
         # Any thread, no lock: racing threads build equal snapshots.
         current = self._remote_snapshot
-        slot = state_table.read_slot(words)
-        if slot is None:
+        read = read_snapshot(words, current)
+        if read is None:
             return current  # mid-write on every try (a daemon killed writing): keep ours
-        seq, generation, state, open_until, successes_safe = slot
-        if generation > current.generation:
-            # The rates and counts come with the push that follows.
-            current = Snapshot(
-                self.name,
-                state,
-                generation,
-                open_until,
-                slow_call_duration=current.slow_call_duration,
-                successes_safe=successes_safe,
-            )
-            self._show(current)
-        elif generation == current.generation and successes_safe is not current.successes_safe:
-            current = replace(current, successes_safe=successes_safe)
-            self._show(current)
-        self.seen = current  # caught up: admit() may answer from _plain again
+        snapshot, seq = read
+        if snapshot is not current:
+            self._show(snapshot)
+        self.seen = snapshot  # then the seq: a thread that sees it finds what was made of it
         self._slot_seq = seq
-        return current
+        return snapshot
 
     def _show(self, snapshot: Snapshot) -> None:
         """Make ``snapshot`` the daemon's state as this link shows it (any thread)."""
-        # `seen` before _plain: a caller admit() sends down the slow path on
-        # the new _plain decides on the new snapshot, never on the one before.
-        self._remote_snapshot = snapshot
+        self._remote_snapshot = snapshot  # and `seen` before _plain: see BreakerHandle.seen
         if self._remote:
             self.seen = snapshot
         self._plain = plain_generation(snapshot)
@@ -439,18 +408,14 @@ class RemoteBreaker:
                 answer(reply, None, exc)
                 return
         limit = self._wait_limit(message, reply)
-        if limit is None:
-            self._ask(message, reply, force, False)
+        sent = self._ask(message, reply, force, False, bounded=limit is not None)
+        if limit is None or sent is None or sent.settled:
             return
-        assert reply is not None
-        bounded = Bounded(reply, self._late_reply(message))
-        self._ask(message, bounded, force, False)
-        if not bounded.settled:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                return  # no loop to time it on: request_timeout bounds it
-            loop.call_later(limit, self._expire, bounded, message, reply, force, limit)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop to time it on: request_timeout bounds it
+        loop.call_later(limit, sent.expire, limit)
 
     def ask_sync(self, message: object, *, force: bool = False) -> Any:
         """``ask``, and wait in this thread: the result, or the error raised.
@@ -467,10 +432,9 @@ class RemoteBreaker:
             self._ask(message, waiter, force, True)
             return waiter.wait()
         deadline = time.monotonic() + limit
-        bounded = Bounded(waiter, self._late_reply(message))
-        self._ask(message, bounded, force, True, limit)
-        if not waiter.ready(deadline - time.monotonic()):
-            self._expire(bounded, message, waiter, force, limit)
+        sent = self._ask(message, waiter, force, True, limit, bounded=True)
+        if sent is not None and not waiter.ready(deadline - time.monotonic()):
+            sent.expire(limit)
         return waiter.wait()
 
     def _wait_limit(self, message: object, reply: Reply | None) -> float | None:
@@ -486,27 +450,6 @@ class RemoteBreaker:
             return None
         return self.daemon_timeout
 
-    def _expire(
-        self, bounded: Bounded, message: object, reply: Reply, force: bool, waited: float
-    ) -> None:
-        if not bounded.expire():
-            return  # answered in time
-        self.client.note_stalled(waited)
-        self._ask_unavailable(message, reply, force)
-
-    def _late_reply(self, message: object) -> Reply:
-        # The daemon answered a caller that had given up on it: a trial lease
-        # it granted would be held by nobody until its deadline (and then
-        # count as a failure). Give it back.
-        def late(result: Any, error: BaseException | None) -> None:
-            if isinstance(result, Admission) and result.admitted and result.lease:
-                release = Report(
-                    self.name, result.generation, Outcome.CANCELLED, lease=result.lease
-                )
-                self.client.request(release, ignore_reply)
-
-        return late
-
     def _ask(
         self,
         message: object,
@@ -514,19 +457,22 @@ class RemoteBreaker:
         force: bool,
         read: bool,
         read_timeout: float | None = None,
-    ) -> None:
+        *,
+        bounded: bool = False,
+    ) -> _Answer | None:
+        # The request's _Answer if it went to the daemon; None if answered here.
         kind = type(message)
         if type(message) is Report:
             name, generation = message.name, message.generation
             if generation >= LOCAL_GENERATION_OFFSET:
                 self.fallback.ask_own(message, reply, force)
-                return
+                return None
             if generation < 0:
                 answer(reply, self.snapshot, None)  # admitted by "allow": counted nowhere
-                return
+                return None
             if not self._remote:
                 self._ask_unavailable(message, reply, force)  # the daemon went away meanwhile
-                return
+                return None
             if (
                 reply is None
                 and not message.lease
@@ -534,49 +480,19 @@ class RemoteBreaker:
                     (name, generation, message.outcome, message.duration, 0, message.retry_after)
                 )
             ):
-                return  # fire and forget: batched like post_report
+                return None  # fire and forget: batched like post_report
         if self._remote and kind in _CALL_REQUESTS and reply is not None and self.client.stalled:
             # The daemon left a caller waiting in vain: do not make this one wait too.
             self._ask_unavailable(message, reply, force)
-            return
-        if (
-            self._remote
-            and kind in _DAEMON_REQUESTS
-            and self.client.request(
-                cast(RequestMessage, message),
-                self._remote_reply(message, reply, force),
-                read=read,
-                read_timeout=read_timeout,
-            )
-        ):
-            return
+            return None
+        if self._remote and kind in _DAEMON_REQUESTS:
+            sent = _Answer(self, message, reply, force, bounded)
+            if self.client.request(
+                cast(RequestMessage, message), sent, read=read, read_timeout=read_timeout
+            ):
+                return sent
         self._ask_unavailable(message, reply, force)
-
-    # -- replies ---------------------------------------------------------------------------
-
-    def _remote_reply(self, message: object, reply: Reply | None, force: bool) -> Reply:
-        def on_reply(result: Any, error: BaseException | None) -> None:
-            if error is not None:
-                if isinstance(error, (DaemonUnavailableError, ActorStoppedError)):
-                    # The daemon went away under this request: answer it as if
-                    # it had come after (the policy counts an outcome, if any does).
-                    self._ask_unavailable(message, reply, force)
-                    return
-                if reply is None:
-                    self._log.warning("daemon_report_failed", error=str(error))
-                    return
-                reply(None, error)
-                return
-            if isinstance(message, StatusRequest) and isinstance(result, Status):
-                # The facade wants what an actor answers: this breaker's status.
-                mine = [s for s in result.breakers if s.snapshot.name == self.name]
-                if not mine:
-                    answer(reply, None, UnknownBreakerError(f"no breaker {self.name!r}"))
-                    return
-                result = mine[0]
-            answer(reply, result, None)
-
-        return on_reply
+        return None
 
     def _ask_unavailable(self, message: object, reply: Reply | None, force: bool) -> None:
         self.fallback.ask(message, reply, force)
@@ -697,3 +613,87 @@ class RemoteBreaker:
                 listener(transition, snapshot)
             except Exception:
                 self._log.exception("transition_listener_failed")
+
+
+class _Answer:
+    """The reply a link hands its client for one request: the daemon's answer, made the caller's.
+
+    The one wrapper between the client and the caller's own reply. It maps
+    the answer: a request the daemon could not answer (the connection went)
+    goes to the policy, as if it had come after; a status list becomes this
+    breaker's status. A ``bounded`` one (a caller that stops waiting at
+    ``daemon_timeout``) settles once, between the answer and ``expire``:
+    expired, the policy answers the caller, and an answer that comes after
+    only gives back a trial lease nobody holds. One that comes again (a
+    dispatch run twice after an interrupt) is dropped.
+    """
+
+    __slots__ = ("_force", "_link", "_lock", "_message", "_reply", "_state")
+
+    def __init__(
+        self, link: RemoteBreaker, message: object, reply: Reply | None, force: bool, bounded: bool
+    ) -> None:
+        self._link = link
+        self._message = message
+        self._reply = reply
+        self._force = force
+        self._lock = threading.Lock() if bounded else None
+        self._state = _PENDING
+
+    @property
+    def settled(self) -> bool:
+        return self._state != _PENDING
+
+    def __call__(self, result: Any, error: BaseException | None) -> None:
+        lock = self._lock
+        if lock is not None:
+            with lock:
+                state = self._state
+                if state == _PENDING:
+                    self._state = _ANSWERED
+                elif state == _EXPIRED:
+                    self._state = _LATE
+            if state != _PENDING:
+                if state == _EXPIRED:
+                    self._give_back(result)
+                return
+        link, reply = self._link, self._reply
+        if error is not None:
+            if isinstance(error, (DaemonUnavailableError, ActorStoppedError)):
+                # The daemon went away under this request: answer it as if
+                # it had come after (the policy counts an outcome, if any does).
+                link._ask_unavailable(self._message, reply, self._force)
+            elif reply is None:
+                link._log.warning("daemon_report_failed", error=str(error))
+            else:
+                reply(None, error)
+            return
+        if type(self._message) is StatusRequest and isinstance(result, Status):
+            # The facade wants what an actor answers: this breaker's status.
+            mine = [s for s in result.breakers if s.snapshot.name == link.name]
+            if not mine:
+                answer(reply, None, UnknownBreakerError(f"no breaker {link.name!r}"))
+                return
+            result = mine[0]
+        answer(reply, result, None)
+
+    def _give_back(self, result: Any) -> None:
+        # The daemon answered a caller that had given up on it: a trial lease
+        # it granted would be held by nobody until its deadline (and then
+        # count as a failure). Give it back.
+        if isinstance(result, Admission) and result.admitted and result.lease:
+            link = self._link
+            release = Report(link.name, result.generation, Outcome.CANCELLED, lease=result.lease)
+            link.client.request(release, ignore_reply)
+
+    def expire(self, waited: float) -> None:
+        """The caller waited ``waited`` seconds in vain: the policy answers it, unless answered."""
+        lock = self._lock
+        assert lock is not None
+        with lock:
+            if self._state != _PENDING:
+                return  # answered in time
+            self._state = _EXPIRED
+        link = self._link
+        link.client.note_stalled(waited)
+        link._ask_unavailable(self._message, self._reply, self._force)

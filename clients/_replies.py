@@ -1,4 +1,4 @@
-"""Reply callbacks a daemon-mode link hands out: answering, bounding a wait, waiting in a thread."""
+"""Reply callbacks a daemon-mode link uses: answering, and waiting for an answer in a thread."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 from ._core import Reply
 
-__all__ = ["Bounded", "SyncReply", "answer", "ignore_reply"]
+__all__ = ["SyncReply", "answer", "ignore_reply"]
 
 
 def answer(reply: Reply | None, result: Any, error: BaseException | None) -> None:
@@ -18,48 +18,6 @@ def answer(reply: Reply | None, result: Any, error: BaseException | None) -> Non
 
 def ignore_reply(result: Any, error: BaseException | None) -> None:
     """A reply nobody waits for."""
-
-
-class Bounded:
-    """A reply its caller may stop waiting for: the first of the answer and ``expire`` wins.
-
-    An answer that comes after ``expire`` goes to ``late`` instead, once. One
-    that comes again (a dispatch run twice after an interrupt) is dropped.
-    """
-
-    __slots__ = ("_late", "_lock", "_reply", "_state")
-
-    _PENDING, _ANSWERED, _EXPIRED, _LATE = range(4)
-
-    def __init__(self, reply: Reply, late: Reply) -> None:
-        self._reply = reply
-        self._late = late
-        self._lock = threading.Lock()
-        self._state = self._PENDING
-
-    @property
-    def settled(self) -> bool:
-        return self._state != self._PENDING
-
-    def __call__(self, result: Any, error: BaseException | None) -> None:
-        with self._lock:
-            state = self._state
-            if state == self._PENDING:
-                self._state = self._ANSWERED
-            elif state == self._EXPIRED:
-                self._state = self._LATE
-        if state == self._PENDING:
-            self._reply(result, error)
-        elif state == self._EXPIRED:
-            self._late(result, error)
-
-    def expire(self) -> bool:
-        """True if no answer came first (the caller now answers itself)."""
-        with self._lock:
-            if self._state != self._PENDING:
-                return False
-            self._state = self._EXPIRED
-            return True
 
 
 class SyncReply:

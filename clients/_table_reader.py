@@ -16,11 +16,12 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+from dataclasses import replace
 from typing import Any, Final
 
-from breakerd.protocol import state_table
+from breakerd.protocol import Snapshot, state_table
 
-__all__ = ["MappedStateTable", "map_state_table"]
+__all__ = ["MappedStateTable", "map_state_table", "read_snapshot"]
 
 
 class MappedStateTable:
@@ -61,6 +62,31 @@ def map_state_table(fd: int, slots: int, log: Any) -> MappedStateTable | None:
         return None
     finally:
         os.close(fd)
+
+
+def read_snapshot(words: memoryview, current: Snapshot) -> tuple[Snapshot, int] | None:
+    """``current`` brought up to date with its slot, and the slot's ``seq``.
+
+    None if the slot was mid-write on every try (a daemon killed writing).
+    The rates and counts are not in the table: they come with the push that
+    follows a change.
+    """
+    slot = state_table.read_slot(words)
+    if slot is None:
+        return None
+    seq, generation, state, open_until, successes_safe = slot
+    if generation > current.generation:
+        current = Snapshot(
+            current.name,
+            state,
+            generation,
+            open_until,
+            slow_call_duration=current.slow_call_duration,
+            successes_safe=successes_safe,
+        )
+    elif generation == current.generation and successes_safe is not current.successes_safe:
+        current = replace(current, successes_safe=successes_safe)
+    return current, seq
 
 
 # Not in the fcntl module of every Python the package supports (Linux 5.1+).

@@ -111,9 +111,9 @@ class ReadSpy:
         self.threads: list[int] = []
         read = DaemonClient._read_socket
 
-        def spy(client: DaemonClient, fd: int) -> str | None:
+        def spy(client: DaemonClient) -> str | None:
             self.threads.append(threading.get_ident())
-            return read(client, fd)
+            return read(client)
 
         monkeypatch.setattr(DaemonClient, "_read_socket", spy)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import structlog.testing
@@ -33,22 +35,25 @@ from fake_daemon import (  # noqa: F401 - fixtures, found by pytest under their 
     wait_until,
 )
 
-from breakerd.actor import ActorSystem, Transition
+from breakerd.actor import ActorSystem, BreakerConfig, Transition
 from breakerd.clients import (
     CircuitBreaker,
     CircuitBreakerOpenError,
     CircuitState,
     DaemonUnavailableError,
 )
+from breakerd.clients._daemon_client import DaemonClient
 from breakerd.clients._fallback import LOCAL_GENERATION_OFFSET
 from breakerd.clients._globals import get_client
 from breakerd.clients._link import RemoteBreaker
 from breakerd.protocol import (
     Acquire,
+    BreakerStatus,
     Outcome,
     Register,
     Report,
     Snapshot,
+    StatusRequest,
 )
 
 pytestmark = pytest.mark.anyio
@@ -284,3 +289,39 @@ def test_a_local_outcome_stays_local_when_the_daemon_comes_back(
     finally:
         if daemon is not None:
             daemon.stop()
+
+
+def local_status(link: RemoteBreaker) -> BreakerStatus:
+    """The local fallback breaker's counts, after everything already in its inbox."""
+    local = link.local_actor
+    assert local is not None
+    future: concurrent.futures.Future[BreakerStatus] = concurrent.futures.Future()
+
+    def reply(result: Any, error: BaseException | None) -> None:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    local.ask(StatusRequest(link.name), reply)
+    return future.result(WAIT)
+
+
+def test_an_outcome_the_caller_gave_up_on_is_counted_once_when_the_connection_drops(
+    daemon: FakeDaemon, make_client: Callable[..., DaemonClient], system: ActorSystem
+) -> None:
+    # The daemon reads the failure and never answers: after daemon_timeout the
+    # local breaker counts it for the caller; at request_timeout the client
+    # drops the hung connection, which fails the request. That failure must
+    # not send the outcome to the local breaker a second time.
+    client = make_client(request_timeout=0.3)
+    link = RemoteBreaker.open(
+        client.path, "svc", BreakerConfig(), "local", system, client=client, daemon_timeout=0.05
+    )
+    daemon.hold.add(Report)
+    link.ask_sync(Report("svc", 0, Outcome.FAILURE))
+    assert local_status(link).failures == 1
+    # Dropped, and (a working connection) reconnected at once: the failed
+    # request's reply ran before the new connection was made.
+    wait_until(lambda: client.epoch == 2)
+    assert local_status(link).failures == 1
