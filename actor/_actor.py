@@ -26,19 +26,20 @@ proxy's one comparison fails and it asks instead, and waits for the answer
 Fire-and-forget reports do not wake a sleeping actor at once: the first one
 schedules a drain ``REPORT_FLUSH_DELAY`` seconds later, so a busy caller pays
 for one wake-up per batch rather than one per call. Requests wake it at once.
+
+An actor is no task: the system's dispatcher (``_dispatcher.py``) gives it a
+*turn* when it has work; between turns it is *asleep*. Its inbox, lists and
+call times are made on first use: a daemon holds 100,000 mostly quiet ones.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Final, TypeAlias
-
-import anyio
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 from breakerd.protocol import (
     Acquire,
@@ -56,22 +57,31 @@ from breakerd.protocol import (
     StatusRequest,
 )
 
-from ._logging import library_logger
+from ._admit import AdmitsPlainCalls
+from ._dispatcher import REPORT_FLUSH_DELAY
+from ._envelope import NO_CALL_TIMES as _NO_CALL_TIMES
+from ._envelope import NO_TRANSITIONS_YET as _NO_TRANSITIONS_YET
+from ._envelope import TRANSITION_EVENTS as _EVENTS
+from ._envelope import CallTimes, Envelope, InboxItem, Reply, ReportItem
+from ._logging import LibraryLogger, library_logger
 from ._machine import BreakerConfig, IllegalTransitionError, Machine, Transition
 from ._reasons import ADMIN_REASONS, TransitionReason
 
-__all__ = ["BreakerActor", "CallTimes", "Envelope", "Reply", "TransitionListener"]
+if TYPE_CHECKING:
+    from ._dispatcher import Dispatcher
 
-#: Answers a request: ``reply(result, None)`` or ``reply(None, error)``.
-Reply: TypeAlias = Callable[[Any, BaseException | None], None]
+__all__ = [
+    "REPORT_FLUSH_DELAY",
+    "BreakerActor",
+    "CallTimes",
+    "Envelope",
+    "Reply",
+    "TransitionListener",
+]
+
 #: Called in the actor's thread after every transition.
 TransitionListener: TypeAlias = Callable[[Transition, Snapshot], None]
 
-ReportItem: TypeAlias = tuple[int, Outcome, float]
-
-
-#: How long fire-and-forget reports may wait in the inbox before a drain.
-REPORT_FLUSH_DELAY: Final = 0.002
 #: The tally's key while a success may change the state: no permit has it.
 _ASK_FOR_SUCCESSES: Final = -(1 << 62)
 #: Tallies of older generations drained for the totals before they are dropped:
@@ -79,69 +89,29 @@ _ASK_FOR_SUCCESSES: Final = -(1 << 62)
 _RETIRED_TALLIES: Final = 4
 
 _logger = library_logger()
-
-_EVENTS: Final[dict[tuple[CircuitState, CircuitState] | CircuitState, tuple[str, str]]] = {
-    (CircuitState.CLOSED, CircuitState.OPEN): ("breaker_opened", "error"),
-    (CircuitState.HALF_OPEN, CircuitState.OPEN): ("breaker_reopened", "warning"),
-    (CircuitState.OPEN, CircuitState.HALF_OPEN): ("breaker_half_open", "info"),
-    (CircuitState.HALF_OPEN, CircuitState.CLOSED): ("breaker_closed", "info"),
-    (CircuitState.OPEN, CircuitState.OPEN): ("breaker_open_extended", "warning"),
-    CircuitState.FORCED_OPEN: ("breaker_forced_open", "warning"),
-    CircuitState.DISABLED: ("breaker_disabled", "warning"),
-    CircuitState.CLOSED: ("breaker_reset", "info"),
-}
+#: Guards the first use of the lazily made containers that other threads
+#: append to (two threads making one each would lose one's items). Taken once
+#: per container in a breaker's life, never on the call path after that.
+_MAKE_LOCK = threading.Lock()
 
 
-class CallTimes:
-    """Seconds and slow calls of the outcomes reported one by one, for metrics.
-
-    Batched plain successes carry no duration and never reach this. The
-    actor's thread writes it; another thread may read any one field (a
-    float or int attribute read is atomic under the GIL).
-    """
-
-    __slots__ = ("failed", "ignored", "slow_failed", "slow_successful", "successful")
-
-    def __init__(self) -> None:
-        self.successful = 0.0
-        self.failed = 0.0
-        self.ignored = 0.0
-        self.slow_successful = 0
-        self.slow_failed = 0
-
-    def add(self, outcome: Outcome, duration: float, slow_call_duration: float | None) -> None:
-        if outcome is Outcome.SUCCESS:
-            self.successful += duration
-            if slow_call_duration is not None and duration > slow_call_duration:
-                self.slow_successful += 1
-        elif outcome is Outcome.FAILURE or outcome is Outcome.RATE_LIMITED:
-            self.failed += duration
-            if slow_call_duration is not None and duration > slow_call_duration:
-                self.slow_failed += 1
-        elif outcome is Outcome.IGNORED:
-            self.ignored += duration
-
-
-class Envelope:
-    """A request and its reply channel, travelling together (as in pykka)."""
-
-    __slots__ = ("message", "reply")
-
-    def __init__(self, message: object, reply: Reply | None) -> None:
-        self.message = message
-        self.reply = reply
-
-
-InboxItem: TypeAlias = ReportItem | Envelope
-
-
-class BreakerActor:
+class BreakerActor(AdmitsPlainCalls):
     """The single owner of one breaker's machine.
 
     Proxies read ``snapshot`` (replaced, never mutated) to admit locally, and
     talk to the actor through ``post_success``, ``post_report``, ``post_rejection`` and
     ``ask``; all three are safe from any thread.
     """
+
+    # Slots: 100,000 breakers in one daemon; a dict each would cost ~1 KiB more.
+    # fmt: off
+    __slots__ = (
+        "_asleep", "_call_times", "_clock", "_flush_scheduled", "_inbox", "_rejections",
+        "_retired", "_stale_successes", "_stopped", "_tally", "_tally_generation", "config",
+        "dispatcher", "listeners", "loop_thread", "machine", "max_inbox", "name", "on_publish",
+        "queued", "restarts", "snapshot", "timer", "transition_counts", "trial_gate",
+    )
+    # fmt: on
 
     def __init__(
         self,
@@ -156,16 +126,14 @@ class BreakerActor:
         self.name = name
         self.config = config
         self.machine = Machine(name, config, generation=generation, first_lease=first_lease)
-        self._own_pid = os.getpid()
         self.snapshot: Snapshot = self.machine.snapshot()
-        self.seen = self.snapshot  # the snapshot admit() answers from: the facade's slow path
-        self._plain = _plain_generation(self.snapshot)
+        self.keep_for_admit(self.snapshot)
         self.max_inbox = max_inbox
         self.listeners: list[TransitionListener] = []
-        #: Called with every snapshot the actor publishes, before listeners
-        #: hear of a transition (the daemon's state table: the cheapest way
-        #: to tell every client goes first).
-        self.on_publish: Callable[[Snapshot], None] | None = None
+        #: Called with every snapshot the actor publishes and the one it
+        #: replaces, before listeners hear of a transition (the daemon's state
+        #: table: the cheapest way to tell every client goes first).
+        self.on_publish: Callable[[Snapshot, Snapshot | None], None] | None = None
         #: The fleet's say on a trial (the daemon's fleet link): asked with the
         #: breaker's name when an open breaker's time is up; False keeps it
         #: open and rejects the call, as another host holds the trial lease.
@@ -174,32 +142,58 @@ class BreakerActor:
         #: Transitions since the actor started, by (from_state, to_state)
         #: values. Replaced at every transition, never mutated, so another
         #: thread (a metrics scrape) reads it whole.
-        self.transition_counts: dict[tuple[str, str], int] = {}
-        #: Durations and slow calls reported to this actor, stale reports too.
-        self.call_times = CallTimes()
+        self.transition_counts: dict[tuple[str, str], int] = _NO_TRANSITIONS_YET
+        self._call_times: CallTimes | None = None
         self._clock = clock
-        self._inbox: deque[InboxItem] = deque()
+        # Made on first use (see _MAKE_LOCK); None until then.
+        self._inbox: deque[InboxItem] | None = None
         # (key, tally): read as one attribute so a proxy never pairs one
         # generation's check with another generation's tally. The key is the
         # generation, or _ASK_FOR_SUCCESSES while successes must be asked.
         self._tally: tuple[int, list[int]] = (self.machine.generation, [])
         self._tally_generation = self.machine.generation
-        self._retired: deque[tuple[int, list[int]]] = deque(maxlen=_RETIRED_TALLIES)
-        self._stale_successes: list[int] = []
-        self._rejections: list[int] = []
+        # The last _RETIRED_TALLIES tallies, oldest first (the loop thread only).
+        self._retired: list[tuple[int, list[int]]] | None = None
+        self._stale_successes: list[int] | None = None
+        self._rejections: list[int] | None = None
+        # Asleep: between two turns, nothing queued for it. False until the
+        # dispatcher's first turn: whatever is sent before that waits for it.
         self._asleep = False
         self._flush_scheduled = False
         self._stopped = False
-        self._wake_event: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread: int | None = None
-        self._log = _logger.bind(breaker=name)
+        #: The dispatcher that gives it turns, once the system runs; its thread.
+        self.dispatcher: Dispatcher | None = None
+        self.loop_thread: int | None = None
+        #: In the dispatcher's run queue (the dispatcher's thread only).
+        self.queued = False
+        #: The timer armed for the machine's next deadline, if any.
+        self.timer: asyncio.TimerHandle | None = None
+
+    @property
+    def call_times(self) -> CallTimes:
+        """Durations and slow calls reported to this actor, stale reports too."""
+        times = self._call_times
+        return _NO_CALL_TIMES if times is None else times
+
+    def _add_call_time(self, outcome: Outcome, duration: float) -> None:
+        times = self._call_times or self._make("_call_times", CallTimes)
+        times.add(outcome, duration, self.config.slow_call_duration)
+
+    @property
+    def _log(self) -> LibraryLogger:
+        # Bound when needed (a transition, a crash): a binding per breaker
+        # would cost three objects for every quiet breaker.
+        return _logger.bind(breaker=self.name)
+
+    def _make(self, slot: str, factory: Callable[[], Any]) -> Any:
+        with _MAKE_LOCK:
+            made = getattr(self, slot)
+            if made is None:
+                made = factory()
+                setattr(self, slot, made)
+            return made
 
     # -- any thread ------------------------------------------------------------
-
-    def admit(self) -> int | None:
-        """The generation a plain call (closed, not timed) runs under now, else None."""
-        return self._plain  # set at every publish: the facade's fast path reads no snapshot
 
     def post_success(self, generation: int, count: int = 1, *, flush: bool = True) -> bool:
         """Count ``count`` plain successes admitted under ``generation``, without waiting.
@@ -229,7 +223,8 @@ class BreakerActor:
         """
         tally_generation, tally = self._tally_generation, self._tally[1]
         if tally_generation != generation:
-            tally = self._stale_successes  # the books only
+            stale = self._stale_successes
+            tally = self._make("_stale_successes", list) if stale is None else stale  # books only
         tally.append(count)
         if flush and self._asleep and not self._flush_scheduled:
             self._schedule_flush()
@@ -253,6 +248,8 @@ class BreakerActor:
         ):
             return False
         inbox = self._inbox
+        if inbox is None:
+            inbox = self._make("_inbox", deque)
         if len(inbox) >= self.max_inbox or self._stopped:
             return False
         inbox.append(item)
@@ -261,11 +258,14 @@ class BreakerActor:
         return True
 
     def post_rejection(self, count: int = 1) -> None:
-        self._rejections.append(count)
+        rejections = self._rejections
+        if rejections is None:
+            rejections = self._make("_rejections", list)
+        rejections.append(count)
 
     @property
     def stopped(self) -> bool:
-        """``stop()`` was called: the actor takes nothing more and its task ends."""
+        """``stop()`` was called: the actor takes nothing more and gets no more turns."""
         return self._stopped
 
     @property
@@ -276,7 +276,8 @@ class BreakerActor:
     @property
     def backlog(self) -> int:
         """Items waiting in the inbox (tallies not included: they are counts)."""
-        return len(self._inbox)
+        inbox = self._inbox
+        return 0 if inbox is None else len(inbox)
 
     def ask(self, message: object, reply: Reply | None, *, force: bool = False) -> None:
         """Queue a request; ``reply`` is called exactly once, from the actor's thread.
@@ -288,14 +289,16 @@ class BreakerActor:
         if self._stopped:
             raise ActorStoppedError(f"breaker {self.name!r}: the actor system is stopped")
         inbox = self._inbox
+        if inbox is None:
+            inbox = self._make("_inbox", deque)
         if not force and len(inbox) >= self.max_inbox:
             raise InboxFullError(
                 f"breaker {self.name!r}: inbox full ({self.max_inbox} pending messages)"
             )
-        if self._asleep and not inbox and threading.get_ident() == self._loop_thread:
-            # Run to completion: the actor is parked in its own loop, which is
-            # the thread we are on, so serving the request here is still
-            # serving it alone -- and saves a loop iteration per request.
+        if self._asleep and not inbox and threading.get_ident() == self.loop_thread:
+            # Run to completion: the actor is asleep and we are on its loop's
+            # thread, so serving the request here is still serving it alone --
+            # and saves a loop iteration per request.
             self._serve_inline(Envelope(message, reply))
             return
         inbox.append(Envelope(message, reply))
@@ -311,72 +314,57 @@ class BreakerActor:
         try:
             self._serve(envelope)
         except Exception as exc:  # a bug in breakerd: restart, never go silent
-            self._crash(envelope, exc)
+            self.crash(envelope, exc)
         if self.machine.next_deadline() != deadline:
-            # The parked actor sleeps until the old deadline: let it re-arm.
-            self._wake()
+            # The timer was armed for the old deadline: re-arm it.
+            self._arm_timer()
 
     def _wake(self) -> None:
+        """A turn soon (whatever the flags say: the caller knows there is work)."""
         self._asleep = False
-        loop, event = self._loop, self._wake_event
-        if loop is None or event is None:
-            return  # not started yet: run() drains whatever is queued on start
-        if threading.get_ident() == self._loop_thread:
-            # The daemon's connections live on the actor's own loop: no need
-            # for the self-pipe round trip that call_soon_threadsafe costs.
-            event.set()
-            return
-        try:
-            loop.call_soon_threadsafe(event.set)
-        except RuntimeError:
-            pass  # loop closed: stop() fails whatever is left
+        dispatcher = self.dispatcher
+        if dispatcher is not None:  # else its first turn drains whatever is queued
+            dispatcher.wake(self)
 
     def _schedule_flush(self) -> None:
         self._flush_scheduled = True
-        loop, event = self._loop, self._wake_event
-        if loop is None or event is None:
-            return
-        if threading.get_ident() == self._loop_thread:
-            # The daemon's connections post from the actor's own loop: arm the
-            # timer directly, not through the self-pipe (a send, a wake-up and
-            # a recv for a timer this thread could set itself).
-            loop.call_later(REPORT_FLUSH_DELAY, event.set)
-            return
-        try:
-            loop.call_soon_threadsafe(loop.call_later, REPORT_FLUSH_DELAY, event.set)
-        except RuntimeError:
-            pass
+        dispatcher = self.dispatcher
+        if dispatcher is not None:
+            dispatcher.flush_later(self)
 
-    # -- the actor's own task ------------------------------------------------------
+    # -- the dispatcher's turns (its thread only) --------------------------------
 
-    async def run(self) -> None:
-        """Drain the inbox until cancelled. Never raises because of one message."""
-        self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
-        event = self._wake_event = asyncio.Event()
+    def turn(self, budget: int) -> bool:
+        """Handle up to ``budget`` inbox items; True when there is more to do.
+
+        Raises only on a bug outside the handling of one message (the
+        dispatcher supervises that); a message's own failure is answered.
+        """
+        self._flush_scheduled = False
+        machine = self.machine
+        if machine.next_deadline() is not None:
+            # A trial lease may be overdue: its verdict comes before anything else.
+            try:
+                self._apply(machine.expire(self._clock()))
+            except Exception as exc:  # a bug in breakerd: restart, never wedge
+                self.crash(None, exc)
+        self._drain(budget)
         inbox = self._inbox
-        while not self._stopped:
-            self._flush_scheduled = False
-            self._drain()
-            self._asleep = True
-            if inbox or self._tally[1] or self._stale_successes:
-                # A producer added something between our drain and the flag.
-                self._asleep = False
-                continue
-            deadline = self.machine.next_deadline()
-            if deadline is None:
-                await event.wait()
-            else:
-                delay = deadline - self._clock()
-                if delay > 0:
-                    with anyio.move_on_after(delay if math.isfinite(delay) else 86_400.0):
-                        await event.wait()
-                try:
-                    self._apply(self.machine.expire(self._clock()))
-                except Exception as exc:  # a bug in breakerd: restart, never wedge
-                    self._crash(None, exc)
+        if inbox:
+            return True  # its budget is spent: back of the queue, the others first
+        self._asleep = True
+        if inbox or self._tally[1] or self._stale_successes:
+            # A producer added something between our drain and the flag.
             self._asleep = False
-            event.clear()
+            return True
+        self._arm_timer()
+        return False
+
+    def _arm_timer(self) -> None:
+        """A turn at the machine's next deadline (a trial lease running out)."""
+        dispatcher = self.dispatcher
+        if dispatcher is not None and not self._stopped:
+            dispatcher.arm(self, self.machine.next_deadline(), self._clock())
 
     def _take_tallies(self) -> None:
         tally = self._tally[1]
@@ -392,33 +380,42 @@ class BreakerActor:
                 elif not self.snapshot.successes_safe and machine.successes_safe():
                     self._publish()  # judged within the threshold: back to the fast path
             except Exception as exc:  # a bug in breakerd: restart, never go silent
-                self._crash(None, exc)
+                self.crash(None, exc)
+        retired = self._retired
+        if retired is not None:
+            for _, old in retired:
+                if old:
+                    taken = len(old)
+                    count = sum(old[:taken])
+                    del old[:taken]
+                    stale = self._stale_successes
+                    (self._make("_stale_successes", list) if stale is None else stale).append(count)
         stale = self._stale_successes
-        for _, retired in self._retired:
-            if retired:
-                taken = len(retired)
-                stale.append(sum(retired[:taken]))
-                del retired[:taken]
-        taken = len(stale)
-        if taken:
+        if stale:
+            taken = len(stale)
             self.machine.count_stale_successes(sum(stale[:taken]))
             del stale[:taken]
         rejections = self._rejections
-        taken = len(rejections)
-        if taken:
+        if rejections:
+            taken = len(rejections)
             self.machine.count_rejections(sum(rejections[:taken]))
             del rejections[:taken]
 
-    def _drain(self) -> None:
-        inbox = self._inbox
-        popleft = inbox.popleft
+    def _drain(self, budget: int | None = None) -> None:
+        """Apply the tallies and up to ``budget`` inbox items (None: all of them)."""
         self._take_tallies()
-        while inbox:
+        inbox = self._inbox
+        if not inbox:
+            return
+        popleft = inbox.popleft
+        left = -1 if budget is None else budget
+        while inbox and left:
+            left -= 1
             item = popleft()
             try:
                 if type(item) is tuple:
                     generation, outcome, duration = item
-                    self.call_times.add(outcome, duration, self.config.slow_call_duration)
+                    self._add_call_time(outcome, duration)
                     result = self.machine.record(
                         generation, outcome, self._clock(), duration=duration
                     )
@@ -429,14 +426,14 @@ class BreakerActor:
                     self._take_tallies()
                     self._serve(item)
             except Exception as exc:  # a bug in breakerd: restart, never go silent
-                self._crash(item, exc)
+                self.crash(item, exc)
 
     def _serve(self, envelope: Envelope) -> None:
         message = envelope.message
         now = self._clock()
         result: object
         if type(message) is Report:
-            self.call_times.add(message.outcome, message.duration, self.config.slow_call_duration)
+            self._add_call_time(message.outcome, message.duration)
             record = self.machine.record(
                 message.generation,
                 message.outcome,
@@ -447,7 +444,7 @@ class BreakerActor:
                 reason=message.reason,
                 error_code=message.error_code,
                 # The daemon names its peer; in-process, the reporter is us.
-                pid=message.pid or self._own_pid,
+                pid=message.pid or os.getpid(),
             )
             self._apply(record.transitions)
             if not record.transitions and (
@@ -546,16 +543,20 @@ class BreakerActor:
         if generation != self._tally_generation:
             # Successes still arriving for the old generation are stale: the
             # next drains count them in the totals.
-            self._retired.append((self._tally_generation, tally))
+            retired = self._retired
+            if retired is None:
+                retired = self._retired = []
+            elif len(retired) == _RETIRED_TALLIES:
+                del retired[0]
+            retired.append((self._tally_generation, tally))
             tally = []
             self._tally_generation = generation
         self._tally = (generation if snapshot.successes_safe else _ASK_FOR_SUCCESSES, tally)
-        self.seen = snapshot
-        self._plain = _plain_generation(snapshot)
-        self.snapshot = snapshot
+        self.keep_for_admit(snapshot)
+        previous, self.snapshot = self.snapshot, snapshot
         on_publish = self.on_publish
         if on_publish is not None:
-            on_publish(snapshot)
+            on_publish(snapshot, previous)
 
     def _log_transition(self, transition: Transition) -> None:
         key: tuple[CircuitState, CircuitState] | CircuitState = (
@@ -582,7 +583,7 @@ class BreakerActor:
             fields["open_for"] = round(max(0.0, transition.open_until - self._clock()), 3)
         getattr(self._log, level)(event, **fields)
 
-    def _crash(self, item: object, exc: Exception) -> None:
+    def crash(self, item: object, exc: Exception) -> None:
         """Supervision: log, answer the request, restart from the machine's successor."""
         if isinstance(item, Envelope):
             if isinstance(exc, BreakerError) and not isinstance(exc, IllegalTransitionError):
@@ -627,20 +628,25 @@ class BreakerActor:
         """Refuse new messages and fail every pending request (never a hang)."""
         self._stopped = True
         error = ActorStoppedError(f"breaker {self.name!r}: the actor system is shutting down")
-        while self._inbox:
-            item = self._inbox.popleft()
+        inbox = self._inbox
+        while inbox:
+            item = inbox.popleft()
             if isinstance(item, Envelope) and item.reply is not None:
                 try:
                     item.reply(None, error)
                 except Exception:
                     self._log.exception("reply_failed_on_stop")
-        if self._loop is not None:
-            self._wake()  # let run() see the flag and return
+        timer = self.timer
+        if timer is not None and threading.get_ident() == self.loop_thread:
+            # From another thread the timer is left to fire: a stopped actor
+            # gets no turn (TimerHandle.cancel is not thread-safe).
+            timer.cancel()
+            self.timer = None
 
     # -- the daemon's state file, reloads and watchdog (the loop thread only) ------
 
     def settle(self) -> None:
-        """Apply whatever is queued (tallies, inbox) now, as the actor's own task would.
+        """Apply whatever is queued (tallies, inbox) now, as its next turn would.
 
         Not from inside a transition listener, which runs in the middle of
         serving a message.
@@ -682,15 +688,12 @@ class BreakerActor:
         self._wake()
 
     def ping(self, reply: Reply) -> None:
-        """Answer ``reply`` from the actor's own drain, never inline: proof that it drains."""
+        """Answer ``reply`` from the actor's own turn, never inline: proof that it gets turns."""
         if self._stopped:
             reply(None, ActorStoppedError(f"breaker {self.name!r}: the actor is stopped"))
             return
-        self._inbox.append(Envelope(StatusRequest(self.name), reply))
+        inbox = self._inbox
+        if inbox is None:
+            inbox = self._make("_inbox", deque)
+        inbox.append(Envelope(StatusRequest(self.name), reply))
         self._wake()
-
-
-def _plain_generation(snapshot: Snapshot) -> int | None:
-    # admit()'s answer (clients._plan.plain_generation: the actor cannot import it).
-    plain = snapshot.state is CircuitState.CLOSED and snapshot.slow_call_duration is None
-    return snapshot.generation if plain else None

@@ -3,7 +3,9 @@
 It runs on an asyncio event loop, either the caller's (the daemon: ``await
 system.serve()``) or a background thread of its own (embedded use:
 ``system.start()``), so sync code with no event loop and async code on any
-loop can share one actor per breaker name.
+loop can share one actor per breaker name. Its actors are no tasks: one
+dispatcher gives each a turn when it has work (``_dispatcher.py``), so a
+system runs a fixed number of tasks however many breakers it holds.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import anyio.lowlevel
 
 from breakerd.protocol import ActorStoppedError
 
 from ._actor import BreakerActor
+from ._dispatcher import Dispatcher
 from ._logging import library_logger
 from ._machine import BreakerConfig
 
@@ -37,6 +39,10 @@ MAX_NAME_LENGTH = 200
 #: many transitions of headroom under that mark (64-bit words in the state
 #: table and msgpack integers carry either with room to spare).
 RANDOM_START_LIMIT = 1 << 47
+#: Distinct settings a system keeps one shared copy of: breakers registered
+#: with equal settings (every scope of a parent, most breakers of a daemon)
+#: share one ``BreakerConfig`` instead of holding a copy each.
+_SHARED_CONFIGS = 256
 
 _logger = library_logger()
 
@@ -67,13 +73,13 @@ class ActorSystem:
         self.max_inbox = max_inbox
         self.random_start = random_start
         self._actors: dict[str, BreakerActor] = {}
+        self._configs: dict[BreakerConfig, BreakerConfig] = {}
         # Guards registration only: creating two actors for one name from two
         # threads would split a breaker in half. Never held on the call path.
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._task_group: anyio.abc.TaskGroup | None = None
+        self._dispatcher: Dispatcher | None = None
         self._stop_requested: asyncio.Event | None = None
-        self._spawn_queue: asyncio.Queue[BreakerActor] | None = None
         self._thread: threading.Thread | None = None
         self._thread_error: BaseException | None = None
         self._stopped = False
@@ -112,19 +118,24 @@ class ActorSystem:
             if self.random_start:
                 generation = secrets.randbelow(RANDOM_START_LIMIT)
                 first_lease = 1 + secrets.randbelow(RANDOM_START_LIMIT)
+            config = config or BreakerConfig()
+            shared = self._configs.get(config)
+            if shared is not None:
+                config = shared
+            elif len(self._configs) < _SHARED_CONFIGS:
+                self._configs[config] = config
             actor = BreakerActor(
                 name,
-                config or BreakerConfig(),
+                config,
                 clock=self.clock,
                 max_inbox=self.max_inbox,
                 generation=generation,
                 first_lease=first_lease,
             )
             self._actors[name] = actor
-            spawn_queue = self._spawn_queue if self._task_group is not None else None
-        if spawn_queue is not None:
-            # Task groups only accept new tasks from inside a task of their loop.
-            self._call_in_loop(spawn_queue.put_nowait, actor)
+            dispatcher = self._dispatcher
+        if dispatcher is not None:
+            self._call_in_loop(dispatcher.attach, actor)
         return actor, ()
 
     def get(self, name: str) -> BreakerActor | None:
@@ -136,7 +147,7 @@ class ActorSystem:
         return len(self._actors)
 
     def remove(self, name: str) -> BreakerActor | None:
-        """Forget breaker ``name`` and stop its actor (its task ends).
+        """Forget breaker ``name`` and stop its actor (it gets no more turns).
 
         Requests still in its inbox fail with ``ActorStoppedError``; the next
         ``actor(name)`` creates a new breaker.
@@ -155,7 +166,7 @@ class ActorSystem:
 
     @property
     def running(self) -> bool:
-        return self._task_group is not None and not self._stopped
+        return self._dispatcher is not None and not self._stopped
 
     @property
     def loop_thread_id(self) -> int | None:
@@ -164,48 +175,29 @@ class ActorSystem:
     async def serve(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Run every actor on the current (asyncio) loop until ``stop()``."""
-        self._loop = asyncio.get_running_loop()
+        """Run every actor on the current (asyncio) loop until ``stop()``.
+
+        One task (this one) and one dispatcher, however many actors: each
+        actor gets a turn from the dispatcher when it has work.
+        """
+        loop = self._loop = asyncio.get_running_loop()
         self._stop_requested = asyncio.Event()
-        spawn_queue: asyncio.Queue[BreakerActor] = asyncio.Queue()
+        dispatcher = Dispatcher(loop)
         try:
-            async with anyio.create_task_group() as group:
-                with self._lock:
-                    self._task_group = group
-                    self._spawn_queue = spawn_queue
-                    actors = list(self._actors.values())
-                for actor in actors:
-                    group.start_soon(self._supervise, actor)
-                group.start_soon(self._spawner, group, spawn_queue)
-                task_status.started()
-                await self._stop_requested.wait()
-                group.cancel_scope.cancel()
+            with self._lock:
+                self._dispatcher = dispatcher
+                actors = list(self._actors.values())
+            for actor in actors:
+                dispatcher.attach(actor)
+            task_status.started()
+            await self._stop_requested.wait()
         finally:
             with self._lock:
                 self._stopped = True
-                self._task_group = None
+                self._dispatcher = None
                 actors = list(self._actors.values())
             for actor in actors:
                 actor.stop()
-
-    async def _spawner(
-        self, group: anyio.abc.TaskGroup, spawn_queue: asyncio.Queue[BreakerActor]
-    ) -> None:
-        while True:
-            group.start_soon(self._supervise, await spawn_queue.get())
-
-    async def _supervise(self, actor: BreakerActor) -> None:
-        # actor.run() survives bad messages by itself; this catches a crash of
-        # its loop machinery so the breaker is restarted, never lost silently.
-        while not actor.stopped:
-            try:
-                await actor.run()
-            except Exception as exc:
-                actor.restarts += 1
-                _logger.error(
-                    "actor_crashed", breaker=actor.name, restarts=actor.restarts, exc_info=exc
-                )
-                await anyio.lowlevel.checkpoint()
 
     def start(self) -> ActorSystem:
         """Run the system in a background thread; returns once it is ready."""

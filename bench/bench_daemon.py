@@ -1279,7 +1279,11 @@ def scenario_f(p: DaemonParams, tmp: Path, log_dir: Path) -> ScaleResult:
     per_client = max(1, n // clients)
     rss: dict[str, int] = {}
     # Four registrars hold every breaker: past the default per-client cap.
-    limits = f"max_breakers = {max(n, 10_000)}\nmax_breakers_per_client = {n}\n"
+    limits = (
+        f"max_breakers = {max(n, 10_000)}\nmax_breakers_per_client = {n}\n"
+        # Each holder process keeps many connections: past the per-process cap.
+        f"max_connections_per_pid = {clients + 256}\n"
+    )
     with ManagedDaemon(tmp, "scale", max_connections=clients + 256, settings=limits) as daemon:
         time.sleep(0.2)
         rss["idle"] = daemon.rss()[0]

@@ -116,7 +116,8 @@ class Daemon:
         self.system = ActorSystem(clock=clock, random_start=True)
         self.peers: set[Peer] = set()
         #: The connections that hold each breaker (registered it), pushed its changes.
-        self.subscribers: dict[str, set[Peer]] = {}
+        #: A tuple, not a set: one or two a breaker, and an empty set costs 216 bytes.
+        self.subscribers: dict[str, tuple[Peer, ...]] = {}
         #: Breakers no connection holds: reclaimed once idle long enough.
         self.idle = IdleBreakers(settings.breaker_idle_timeout)
         #: Connections that asked for transition events, and the breakers
@@ -158,6 +159,13 @@ class Daemon:
             from ._fleet import FleetLink
 
             self.fleet = FleetLink(settings.fleet, self.system.get, clock)
+        # Bound once, shared by every actor: a closure or a bound method per
+        # breaker cost ~700 bytes of each of the 100,000 a daemon may hold.
+        self._on_transition = self._push_transition
+        self._on_publish = self._publish_snapshot
+        self._state_file_listener = (
+            None if self.state_file is None else self.state_file.on_transition
+        )
 
     @property
     def socket_path(self) -> Path:
@@ -391,7 +399,9 @@ class Daemon:
 
     def hold(self, name: str, peer: Peer) -> None:
         """``peer`` registered ``name``: it gets its pushes, and it is not idle."""
-        self.subscribers.setdefault(name, set()).add(peer)
+        subscribers = self.subscribers.get(name, ())
+        if peer not in subscribers:
+            self.subscribers[name] = (*subscribers, peer)
         self.idle.held(name)
 
     def let_go(self, name: str, peer: Peer) -> None:
@@ -399,8 +409,10 @@ class Daemon:
         subscribers = self.subscribers.get(name)
         if subscribers is None:
             return
-        subscribers.discard(peer)
-        if not subscribers:
+        subscribers = tuple(other for other in subscribers if other is not peer)
+        if subscribers:
+            self.subscribers[name] = subscribers
+        else:
             del self.subscribers[name]
             self.idle.let_go(name, self.system.clock())
 
@@ -441,16 +453,17 @@ class Daemon:
 
     def _attach(self, actor: BreakerActor) -> None:
         """Hook a new actor up to the state file, the pushes and the state table."""
-        actor.listeners.append(self._pusher(actor.name))
-        if self.state_file is not None:
+        actor.listeners.append(self._on_transition)
+        if self._state_file_listener is not None:
             # After the pushes (the state table has told every client already;
             # a push held back by a write would only reach fewer of them), but
             # before the request that caused the transition is answered.
-            actor.listeners.append(self.state_file.on_transition)
+            actor.listeners.append(self._state_file_listener)
         table = self.state_table
-        in_table = table is not None and table.slot_for(actor.name) != 0
-        actor.on_publish = self._publisher(actor.name, in_table)
-        actor.on_publish(actor.snapshot)  # the table's first word, and a baseline
+        if table is not None:
+            table.slot_for(actor.name)  # given now, if the table has one left
+        actor.on_publish = self._on_publish
+        self._on_publish(actor.snapshot, None)  # the table's first word
         if self.fleet is not None:
             self.fleet.attach(actor)
 
@@ -474,26 +487,23 @@ class Daemon:
             raise UnknownBreakerError(f"no breaker named {name!r} is registered with this daemon")
         return actor
 
-    def _publisher(self, name: str, in_table: bool) -> Callable[[Snapshot], None]:
-        """What a breaker's actor calls with every snapshot it publishes.
+    def _publish_snapshot(self, snapshot: Snapshot, previous: Snapshot | None) -> None:
+        """What every breaker's actor calls with each snapshot it publishes.
 
-        The state table first. Then a push when only ``successes_safe`` moved
-        (a transition's push is the listener's): a client without the table
+        The state table first (a breaker without a slot has nothing written).
+        Then a push when only ``successes_safe`` moved since ``previous`` (a
+        transition's push is the listener's): a client without the table
         learns that its successes must now wait, or need not any more.
         """
         table = self.state_table
-        write = table.publisher if table is not None and in_table else None
-        shown = [-1, True]  # generation and successes_safe of the last snapshot
-
-        def publish(snapshot: Snapshot) -> None:
-            if write is not None:
-                write(snapshot)
-            generation, safe = snapshot.generation, snapshot.successes_safe
-            if generation == shown[0] and safe is not shown[1]:
-                self._push(name, snapshot)
-            shown[0], shown[1] = generation, safe
-
-        return publish
+        if table is not None:
+            table.publish(snapshot)
+        if (
+            previous is not None
+            and snapshot.generation == previous.generation
+            and snapshot.successes_safe is not previous.successes_safe
+        ):
+            self._push(snapshot.name, snapshot)
 
     def _push(self, name: str, snapshot: Snapshot) -> None:
         subscribers = self.subscribers.get(name)
@@ -504,14 +514,12 @@ class Daemon:
         for peer in tuple(subscribers):
             peer.push_frame(frame)
 
-    def _pusher(self, name: str) -> Callable[[Transition, Snapshot], None]:
-        def push(transition: Transition, snapshot: Snapshot) -> None:
-            self._push(name, snapshot)
-            if self.watchers:
-                # After the clients' pushes: an operator's tail can wait a little.
-                self._push_event(name, transition)
-
-        return push
+    def _push_transition(self, transition: Transition, snapshot: Snapshot) -> None:
+        """Every breaker's transition listener: its subscribers' push, then the watchers'."""
+        self._push(snapshot.name, snapshot)
+        if self.watchers:
+            # After the clients' pushes: an operator's tail can wait a little.
+            self._push_event(snapshot.name, transition)
 
     def _push_event(self, name: str, transition: Transition) -> None:
         frame: bytes | None = None
