@@ -306,19 +306,23 @@ class MachineState:
             raise ValueError(f"malformed breaker record: {exc!r}") from None
         return machine
 
-    def change_mark(self) -> tuple[object, ...]:
+    def change_mark(self) -> int:
         """Equal between two instants unless ``export_state`` may differ (time aside).
 
         Every outcome, rejection, lease and transition moves a counter here, so
-        the daemon re-exports only the breakers that changed.
+        the daemon re-exports only the breakers that changed. One int, not a
+        tuple of them: the daemon keeps one per breaker (100,000 of them). The
+        counters never go down within a generation (trial counts restart only
+        with a new one), so their sum moves whenever one does; it stays far
+        below 2**96 (that many outcomes would take longer than the universe has).
+        Settings changes are not in it: the caller compares the config itself.
         """
-        return (
-            self.generation,
-            self.successes,
-            self.failures,
-            self.ignored,
-            self.rejections,
-            self._next_lease,
-            self._trial_successes + self._trial_failures,
-            self.config,
+        return (self.generation << 96) + (
+            self.successes
+            + self.failures
+            + self.ignored
+            + self.rejections
+            + self._next_lease
+            + self._trial_successes
+            + self._trial_failures
         )

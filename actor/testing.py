@@ -21,6 +21,10 @@ class FakeClock:
     def __call__(self) -> float:
         return self._now
 
+    def sleep(self, seconds: float) -> None:
+        """What a waiting call does on this clock: time passes at once (never back)."""
+        self.advance(max(seconds, 0.0))
+
     def advance(self, seconds: float) -> float:
         """Move time forward (never back) and return the new instant."""
         if seconds < 0:

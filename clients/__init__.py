@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         ActorStoppedError,
         BreakerError,
         BreakerStatus,
+        BudgetExceededError,
         CircuitBreakerOpenError,
         CircuitState,
         DaemonUnavailableError,
@@ -63,6 +64,7 @@ _LAZY: dict[str, str] = {
     # The errors a protected call, status() or an admin call can raise.
     "BreakerError": "breakerd.protocol",
     "CircuitBreakerOpenError": "breakerd.protocol",
+    "BudgetExceededError": "breakerd.protocol",
     "DaemonUnavailableError": "breakerd.protocol",
     "ActorStoppedError": "breakerd.protocol",
     "InboxFullError": "breakerd.protocol",
@@ -80,6 +82,7 @@ __all__ = [
     "BreakerConfig",
     "BreakerError",
     "BreakerStatus",
+    "BudgetExceededError",
     "CircuitBreaker",
     "CircuitBreakerOpenError",
     "CircuitState",

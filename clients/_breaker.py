@@ -40,6 +40,7 @@ from breakerd.protocol import (
     new_open_error,
 )
 
+from ._budgeted import BreakerBudgets, attempt_only
 from ._calls_async import AsyncCalls
 from ._calls_sync import SyncCalls
 from ._classify import Classifier, ClassifyFunc, Verdict
@@ -70,7 +71,7 @@ _FORCED_OPEN: Final = CircuitState.FORCED_OPEN
 _STATE_NAMES: Final[dict[CircuitState, str]] = {state: state.value for state in CircuitState}
 
 
-class CircuitBreaker(AsyncCalls, SyncCalls):
+class CircuitBreaker(AsyncCalls, SyncCalls, BreakerBudgets):
     """A circuit breaker around calls to one service.
 
     Every ``CircuitBreaker`` with the same name in a process shares one breaker
@@ -144,6 +145,10 @@ class CircuitBreaker(AsyncCalls, SyncCalls):
             forgotten (default 3600).
         max_scopes: Live scopes at most (default 256); a new key past it is
             governed by the parent alone, with a warning logged once.
+        max_rate, burst, max_concurrent, wait: Budgets, none by default: a
+            paced request rate (``"500/min"``), calls at once after idling
+            (1), calls in flight at most, and seconds a call may wait to be
+            admitted (0); see ``BreakerBudgets``.
         record: Exception types that count as failures (default: all).
         ignore: Exception types that count as neither success nor failure.
         classify: ``classify(exc)`` returning an ``Outcome``, ``RateLimited`` or
@@ -187,6 +192,10 @@ class CircuitBreaker(AsyncCalls, SyncCalls):
         system: ActorSystem | None = None,
         on_unavailable: OnUnavailable = "local",
         daemon_timeout: float = DEFAULT_DAEMON_TIMEOUT,
+        max_rate: str | None = None,
+        burst: int | None = None,
+        max_concurrent: int | None = None,
+        wait: float = 0.0,
     ) -> None:
         if fallback is not None and not callable(fallback):
             raise TypeError(f"fallback must be callable, got {fallback!r}")
@@ -257,6 +266,7 @@ class CircuitBreaker(AsyncCalls, SyncCalls):
                 "daemon_timeout": daemon_timeout,
             }
             self._init_scopes(scope, scope_ttl, max_scopes, settings)
+        BreakerBudgets.__init__(self, max_rate, burst, max_concurrent, wait)
 
     def _init_scopes(
         self, scope: object, ttl: float, max_scopes: int, settings: dict[str, Any]
@@ -534,7 +544,7 @@ class CircuitBreaker(AsyncCalls, SyncCalls):
         self, error: CircuitBreakerOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         fallback = self.fallback
-        if fallback is None:
+        if fallback is None or attempt_only.get():
             raise error
         result = fallback(*args, **kwargs)
         if inspect.isawaitable(result):
@@ -545,7 +555,7 @@ class CircuitBreaker(AsyncCalls, SyncCalls):
         self, error: CircuitBreakerOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         fallback = self.fallback
-        if fallback is None:
+        if fallback is None or attempt_only.get():
             raise error
         result = fallback(*args, **kwargs)
         if inspect.isawaitable(result):

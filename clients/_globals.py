@@ -13,6 +13,12 @@ Each piece, and why it has to be process-wide:
 * ``live_breakers``: every ``CircuitBreaker`` alive in this process, held
   weakly (a breaker nobody holds is not kept alive by being listed). A
   forked child must repoint each of them, and nothing else knows them all.
+* ``_budgets``: (clock or socket, breaker name) -> that breaker's budgets
+  (``shared_budget``), held weakly: every ``CircuitBreaker`` of one name in
+  a process draws on one budget, as it shares one actor. ``budgets_lock``
+  guards it, and makes a budget installed by two threads' first
+  ``observe_limits`` at once one budget. A forked child drops what each
+  host-wide budget held (its slots and leases are the parent's).
 * hooks, registered once when this module is imported:
   - at exit (``atexit``), and from a multiprocessing child's finalizer:
     flush and close every daemon client, so no queued outcome is lost;
@@ -45,18 +51,33 @@ from ._daemon_socket import check_socket_path
 
 if TYPE_CHECKING:
     from ._breaker import CircuitBreaker
+    from ._budgets import Budgets
 
 __all__ = [
+    "budgets_lock",
     "close_all_clients",
     "flush_all_clients",
     "get_client",
     "live_breakers",
+    "shared_budget",
 ]
 
 _daemon_clients: dict[str, DaemonClient] = {}
 _daemon_clients_lock = threading.Lock()
 _finalizer_pid = 0
 live_breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
+_budgets: weakref.WeakValueDictionary[tuple[object, str], Budgets] = weakref.WeakValueDictionary()
+budgets_lock = threading.RLock()
+
+
+def shared_budget(key: tuple[object, str], budgets: Budgets) -> Budgets:
+    """The budgets registered under ``key``, or ``budgets``, registered now (first wins)."""
+    with budgets_lock:
+        existing = _budgets.get(key)
+        if existing is not None:
+            return existing
+        _budgets[key] = budgets
+        return budgets
 
 
 def get_client(path: str | Path, *, start: bool = True) -> DaemonClient:
@@ -124,8 +145,11 @@ def _flush_at_exit() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _daemon_clients_lock
+    global _daemon_clients_lock, budgets_lock
     _daemon_clients_lock = threading.Lock()
+    budgets_lock = threading.RLock()
+    for budgets in list(_budgets.values()):
+        budgets.after_fork_in_child()
     clients = list(_daemon_clients.values())
     _daemon_clients.clear()
     for client in clients:

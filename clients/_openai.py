@@ -48,7 +48,13 @@ from typing import Any, NamedTuple
 from breakerd.actor import library_logger
 from breakerd.protocol import Outcome
 
-__all__ = ["ErrorClass", "classify_openai", "openai_error_class", "parse_retry_after"]
+__all__ = [
+    "ErrorClass",
+    "classify_openai",
+    "openai_error_class",
+    "parse_rate_limits",
+    "parse_retry_after",
+]
 
 _logger = library_logger()
 
@@ -116,6 +122,34 @@ def parse_rate_limit_reset(headers: Mapping[str, str] | Any) -> float | None:
                 found = reset
     except (AttributeError, TypeError):
         return None
+    return found
+
+
+def parse_rate_limits(headers: Mapping[str, str] | Any) -> dict[str, float]:
+    """What a response's ``x-ratelimit-*`` headers say is left, as ``observe_limits`` takes it.
+
+    Keys (those present and readable): ``remaining_requests``,
+    ``remaining_tokens``, ``limit_requests``, ``limit_tokens`` (counts) and
+    ``reset_requests``, ``reset_tokens`` (seconds from now).
+    """
+    found: dict[str, float] = {}
+    try:
+        for kind in ("requests", "tokens"):
+            for field in ("remaining", "limit"):
+                raw = headers.get(f"x-ratelimit-{field}-{kind}")
+                if raw is None:
+                    continue
+                try:
+                    value = float(raw)
+                except (TypeError, ValueError):
+                    continue
+                if math.isfinite(value) and value >= 0:
+                    found[f"{field}_{kind}"] = value
+            reset = _parse_reset(headers.get(f"x-ratelimit-reset-{kind}"))
+            if reset is not None:
+                found[f"reset_{kind}"] = reset
+    except (AttributeError, TypeError):
+        return {}
     return found
 
 

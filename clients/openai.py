@@ -31,6 +31,14 @@ it is opened (its HTTP status); errors later in a sync stream are not seen.
 ``with_raw_response`` and ``with_streaming_response`` views are passed
 through unprotected.
 
+Budgets from the API's own headers, on by default: every HTTP response the
+wrapped client receives (retries and 429s included) feeds its
+``x-ratelimit-*`` headers to ``breaker.observe_limits``, so the breaker
+spreads its calls over the time to the reset when little is left. Each call
+debits its token estimate (its ``max_tokens``/``max_output_tokens``, or a
+``cost=`` keyword, which the wrapper takes off before the SDK sees it) and
+its response's ``usage.total_tokens`` corrects it.
+
 The OpenAI rules themselves, for a ``classify=`` of your own:
 ``classify_openai(exc)`` (the outcome and ``retry_after`` for an openai SDK
 exception, or None) and ``parse_retry_after(headers)``.
@@ -48,6 +56,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from breakerd.protocol import CircuitState
 
+from ._budgets import call_cost
 from ._openai import classify_openai, parse_retry_after
 
 if TYPE_CHECKING:
@@ -64,11 +73,13 @@ _guards: contextvars.ContextVar[tuple[CircuitBreaker, ...]] = contextvars.Contex
 )
 
 
-def protect(client: C, breaker: CircuitBreaker) -> C:
+def protect(client: C, breaker: CircuitBreaker, *, limits: bool = True) -> C:
     """A view of ``client`` (``OpenAI`` or ``AsyncOpenAI``) running every request under ``breaker``.
 
     The client itself is left as it was; the view uses a copy of it
-    (``with_options()``) whose retries stop at an open breaker.
+    (``with_options()``) whose retries stop at an open breaker. With
+    ``limits`` (the default) every response's ``x-ratelimit-*`` headers and
+    ``usage`` feed the breaker's budgets (``observe_limits``).
     """
     import openai
 
@@ -76,6 +87,8 @@ def protect(client: C, breaker: CircuitBreaker) -> C:
         raise TypeError(f"protect() takes an openai.OpenAI or AsyncOpenAI, got {client!r}")
     copy = client.with_options()
     _stop_retries_at_open_breakers(copy)
+    if limits:
+        _feed_limits(copy, breaker)
     return _Protected(copy, breaker, is_async=isinstance(client, openai.AsyncOpenAI))  # type: ignore[return-value]
 
 
@@ -104,6 +117,43 @@ def _stop_retries_at_open_breakers(client: Any) -> None:
             original(*args, **kwargs)
 
         client._sleep_for_retry = sleep_sync
+
+
+def _feed_limits(client: Any, breaker: CircuitBreaker) -> None:
+    # ``_send_request`` is the SDK's one place that sends an HTTP attempt:
+    # every response passes here, a retried 429's included.
+    original = client._send_request
+
+    def observe(response: Any) -> None:
+        headers = getattr(response, "headers", None)
+        if headers is not None and (
+            "x-ratelimit-remaining-requests" in headers or "x-ratelimit-remaining-tokens" in headers
+        ):
+            breaker.observe_limits(headers)
+
+    if inspect.iscoroutinefunction(original):
+
+        async def send_async(*args: Any, **kwargs: Any) -> Any:
+            response = await original(*args, **kwargs)
+            observe(response)
+            return response
+
+        client._send_request = send_async
+    else:
+
+        def send_sync(*args: Any, **kwargs: Any) -> Any:
+            response = original(*args, **kwargs)
+            observe(response)
+            return response
+
+        client._send_request = send_sync
+
+
+def _observe_usage(breaker: CircuitBreaker, result: Any) -> None:
+    usage = getattr(result, "usage", None)
+    total = getattr(usage, "total_tokens", None)
+    if isinstance(total, (int, float)) and not isinstance(total, bool):
+        breaker.observe_limits(used_tokens=total)
 
 
 def _stopping_at() -> Any:
@@ -165,15 +215,23 @@ class _Protected:
 
             @functools.wraps(method)
             async def call_async(*args: Any, **kwargs: Any) -> Any:
-                if kwargs.get("stream"):
-                    return await _open_stream(breaker, method, args, kwargs)
-                return await breaker.call(_guarded_async(breaker, method), *args, **kwargs)
+                token = call_cost.set(kwargs.pop("cost", None))
+                try:
+                    if kwargs.get("stream"):
+                        return await _open_stream(breaker, method, args, kwargs)
+                    return await breaker.call(_guarded_async(breaker, method), *args, **kwargs)
+                finally:
+                    call_cost.reset(token)
 
             return call_async
 
         @functools.wraps(method)
         def call_sync(*args: Any, **kwargs: Any) -> Any:
-            return breaker.call_sync(_guarded_sync(breaker, method), *args, **kwargs)
+            token = call_cost.set(kwargs.pop("cost", None))
+            try:
+                return breaker.call_sync(_guarded_sync(breaker, method), *args, **kwargs)
+            finally:
+                call_cost.reset(token)
 
         return call_sync
 
@@ -189,9 +247,11 @@ def _guarded_async(breaker: CircuitBreaker, method: Callable[..., Any]) -> Calla
     async def run(*args: Any, **kwargs: Any) -> Any:
         token = _guards.set(_guards_for(breaker, kwargs))
         try:
-            return await method(*args, **kwargs)
+            result = await method(*args, **kwargs)
         finally:
             _guards.reset(token)
+        _observe_usage(breaker, result)
+        return result
 
     return run
 
@@ -200,9 +260,11 @@ def _guarded_sync(breaker: CircuitBreaker, method: Callable[..., Any]) -> Callab
     def run(*args: Any, **kwargs: Any) -> Any:
         token = _guards.set(_guards_for(breaker, kwargs))
         try:
-            return method(*args, **kwargs)
+            result = method(*args, **kwargs)
         finally:
             _guards.reset(token)
+        _observe_usage(breaker, result)
+        return result
 
     return run
 

@@ -56,6 +56,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias, TypeVar, cast
 
+from ._budget_wire import budget_grant, budget_grant_map, budget_request, budget_request_map
 from ._errors import BreakerError, RemoteProtocolError, error_from_code
 from ._messages import (
     ADMIN_OPS,
@@ -64,6 +65,8 @@ from ._messages import (
     AdminOp,
     Admission,
     BreakerStatus,
+    BudgetGrant,
+    BudgetRequest,
     CircuitState,
     Hello,
     Outcome,
@@ -105,8 +108,12 @@ REQUEST: Final = 0
 RESPONSE: Final = 1
 NOTIFICATION: Final = 2
 
-RequestMessage: TypeAlias = Hello | Register | Acquire | Report | Admin | StatusRequest | Subscribe
-ResultMessage: TypeAlias = Welcome | Registered | Admission | Snapshot | Status | Subscribed
+RequestMessage: TypeAlias = (
+    Hello | Register | Acquire | Report | Admin | StatusRequest | Subscribe | BudgetRequest
+)
+ResultMessage: TypeAlias = (
+    Welcome | Registered | Admission | Snapshot | Status | Subscribed | BudgetGrant
+)
 NotificationMessage: TypeAlias = StatePush | ReportBatch | TransitionEvent
 
 _Map: TypeAlias = dict[str, Any]
@@ -855,6 +862,7 @@ _REQUEST_ENCODERS: Final[dict[type, tuple[str, Callable[[Any], _Map]]]] = {
     Admin: ("admin", _admin_map),
     StatusRequest: ("status", _status_request_map),
     Subscribe: ("subscribe", _subscribe_map),
+    BudgetRequest: ("budget", budget_request_map),
 }
 _REQUEST_DECODERS: Final[dict[str, Callable[[_Map], RequestMessage]]] = {
     "hello": _hello,
@@ -864,6 +872,7 @@ _REQUEST_DECODERS: Final[dict[str, Callable[[_Map], RequestMessage]]] = {
     "admin": _admin,
     "status": _status_request,
     "subscribe": _subscribe,
+    "budget": budget_request,
 }
 _RESULT_ENCODERS: Final[dict[type, Callable[[Any], _Map]]] = {
     Welcome: _welcome_map,
@@ -872,6 +881,7 @@ _RESULT_ENCODERS: Final[dict[type, Callable[[Any], _Map]]] = {
     Snapshot: _snapshot_result_map,
     Status: _status_map,
     Subscribed: _subscribed_map,
+    BudgetGrant: budget_grant_map,
 }
 _RESULT_DECODERS: Final[dict[str, Callable[[_Map], ResultMessage]]] = {
     "welcome": _welcome,
@@ -880,6 +890,7 @@ _RESULT_DECODERS: Final[dict[str, Callable[[_Map], ResultMessage]]] = {
     "snapshot": _snapshot_result,
     "status": _status,
     "subscribed": _subscribed,
+    "budget_grant": budget_grant,
 }
 _NOTIFICATION_ENCODERS: Final[dict[type, tuple[str, Callable[[Any], _Map]]]] = {
     ReportBatch: ("reports", _reports_map),

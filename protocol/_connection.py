@@ -154,6 +154,28 @@ def _describe(obj: list[Any]) -> str:
     return f"{obj[1]!r} notification"
 
 
+def _new_unpacker(max_frame_size: int) -> msgpack.Unpacker:
+    """A streaming decoder for one run of received bytes, bounded by ``max_frame_size``."""
+    return msgpack.Unpacker(
+        raw=False,
+        strict_map_key=True,
+        use_list=True,
+        # 0 means no cap on unread bytes: one read may hold many frames, and
+        # each frame is already bounded by the header check.
+        max_buffer_size=0,
+        # Start small and grow on demand: most reads hold a few small frames.
+        read_size=4096,
+        # These bound what one small frame can make msgpack allocate: five
+        # bytes can announce an array of four billion entries.
+        max_str_len=max_frame_size,
+        max_bin_len=max_frame_size,
+        max_array_len=max_frame_size,
+        max_map_len=max_frame_size // 2,
+        # No extension types on this wire (timestamps included).
+        max_ext_len=0,
+    )
+
+
 class Connection:
     """One end of a breakerd connection: ``role`` is ``"client"`` or ``"server"``."""
 
@@ -187,25 +209,10 @@ class Connection:
         self.version: int | None = None
         self._server = role == "server"
         self._packer = msgpack.Packer(use_bin_type=True, datetime=False)
-        self._unpacker = msgpack.Unpacker(
-            raw=False,
-            strict_map_key=True,
-            use_list=True,
-            # 0 means no cap on unread bytes: one read may hold many frames, and
-            # each frame is already bounded by the header check.
-            max_buffer_size=0,
-            # Start small and grow on demand: a daemon holds one Unpacker per
-            # connection, and the default start size costs ~40 KiB each.
-            read_size=4096,
-            # These bound what one small frame can make msgpack allocate: five
-            # bytes can announce an array of four billion entries.
-            max_str_len=max_frame_size,
-            max_bin_len=max_frame_size,
-            max_array_len=max_frame_size,
-            max_map_len=max_frame_size // 2,
-            # No extension types on this wire (timestamps included).
-            max_ext_len=0,
-        )
+        # Made when bytes arrive and dropped once every byte is consumed: an
+        # Unpacker costs ~44 KiB (its decoding stack is inside it), and a
+        # daemon with 1,000 mostly idle connections would hold 44 MiB of them.
+        self._unpacker: msgpack.Unpacker | None = None
         self._avail = 0  # bytes fed to the unpacker and not consumed yet
         self._frame_len = -1  # body length of the current frame, -1 before its header
         self._eof = False
@@ -233,8 +240,11 @@ class Connection:
             return
         if self._eof:
             self._fail(LocalProtocolError("receive_data() got bytes after the EOF (b'')"))
+        unpacker = self._unpacker
+        if unpacker is None:
+            unpacker = self._unpacker = _new_unpacker(self.max_frame_size)
         try:
-            self._unpacker.feed(data)
+            unpacker.feed(data)
         except Exception as exc:  # BufferFull: 2 GiB unread
             self._fail(
                 LocalProtocolError(
@@ -285,6 +295,7 @@ class Connection:
                 )
             )
         unpacker = self._unpacker
+        assert unpacker is not None  # bytes are buffered
         start = unpacker.tell()
         try:
             obj = unpacker.unpack()
@@ -304,6 +315,8 @@ class Connection:
             )
         self._avail -= n
         self._frame_len = -1
+        if not self._avail:
+            self._unpacker = None
         try:
             event = decode_message(obj)
         except ProtocolError as exc:
@@ -316,7 +329,9 @@ class Connection:
 
     def _read_header(self) -> int:
         n: int
-        (n,) = _HEADER.unpack(self._unpacker.read_bytes(_HEADER_SIZE))
+        unpacker = self._unpacker
+        assert unpacker is not None  # only called with a header's bytes buffered
+        (n,) = _HEADER.unpack(unpacker.read_bytes(_HEADER_SIZE))
         self._avail -= _HEADER_SIZE
         if n > self.max_frame_size:
             raise RemoteProtocolError(

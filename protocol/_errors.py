@@ -10,6 +10,8 @@ goes out as ``[code, message, details]`` and comes back as the same class
 
 * BreakerError                  ``internal``: an actor crashed; an unknown code   public
   + CircuitBreakerOpenError     ``open``: the breaker rejected a call             public
+  | + BudgetExceededError       a budget refused the call (built by the client,   public
+  |                             never sent: max_rate, headers, max_concurrent)
   + DaemonUnavailableError      ``unavailable``: no daemon, on_unavailable="deny" public
   + ActorStoppedError           ``shutting_down``: the actor system is stopping   public
   + InboxFullError              ``busy``: a breaker's inbox is full               public
@@ -214,6 +216,31 @@ class CircuitBreakerOpenError(BreakerError):
             if value is not None:
                 details[key] = value
         return details
+
+
+class BudgetExceededError(CircuitBreakerOpenError):
+    """A call was refused by a budget (``max_rate``, the API's headers, ``max_concurrent``).
+
+    A ``CircuitBreakerOpenError``, so every handler and ``fallback`` of a
+    rejection catches it too; the breaker itself may well be closed.
+    ``reason`` is ``rate_budget`` (the rate, or what the API's headers said
+    is left) or ``concurrency``; ``retry_after`` is the seconds until a call
+    asking again would be admitted (None for ``concurrency``: that depends
+    on when the calls in flight end).
+    """
+
+    def _sentence(self) -> str:
+        if self.reason == "concurrency":
+            why = "every one of its max_concurrent calls is in flight"
+        else:
+            why = "its rate budget (max_rate, or what the API's headers said is left) is spent"
+        message = f"circuit breaker {self.name!r} refused the call: {why}"
+        if self.retry_after is not None:
+            message += f"; retry after {self.retry_after:.3f}s"
+        return message + " (or pass wait= to let calls wait their turn)"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), self.args)
 
 
 #: ``new_open_error(name, retry_after, state, message, scope, reason,

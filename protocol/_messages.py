@@ -263,3 +263,52 @@ class TransitionEvent:
     slow_call_rate: float | None = None
     #: Monotonic instant when an ``open`` breaker accepts its first trial.
     open_until: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetRequest:
+    """A process asks the daemon for its share of a breaker's host-wide budgets.
+
+    One message does everything, so a process costs the daemon one frame
+    for what it has to say: leases to give back, calls finished, what the
+    API's headers said, and what it wants now (``want`` slots of the rate's
+    schedule, at most ``wait`` seconds ahead; a concurrency ``lease``). The
+    first process to ask fixes the budgets' settings (``rate``, ``burst``,
+    ``max_concurrent``).
+    """
+
+    name: str
+    #: ``max_rate`` in calls per second (before the safety margin), or 0: none.
+    rate: float = 0.0
+    burst: int = 1
+    #: ``max_concurrent``, or 0: none.
+    max_concurrent: int = 0
+    want: int = 0
+    wait: float = 0.0
+    #: The token estimate of each slot wanted.
+    tokens: float = 0.0
+    lease: bool = False
+    release: tuple[int, ...] = ()
+    #: Calls admitted by earlier grants that finished (or were never made) since.
+    done: int = 0
+    #: Calls this process let go without a slot (before it knew of any
+    #: budget) since: in flight, and so not in what a response says is left.
+    started: int = 0
+    #: Tokens to give back: estimates minus what the calls' ``usage`` said.
+    tokens_back: float = 0.0
+    #: The newest ``observe_limits`` numbers (``remaining_requests``...), or empty.
+    limits: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetGrant:
+    """The daemon's answer to ``BudgetRequest``."""
+
+    #: Monotonic instants (the host's clock) at which one call each may leave.
+    slots: tuple[float, ...] = ()
+    #: A concurrency lease (0: none asked, or refused).
+    lease: int = 0
+    #: When fewer slots than wanted (or no lease) were granted: why
+    #: (``rate_budget``, ``concurrency``) and in how many seconds to ask again.
+    reason: str | None = None
+    retry_after: float | None = None

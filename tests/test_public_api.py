@@ -19,6 +19,7 @@ PUBLIC = {
     "CircuitState",
     "Snapshot",
     "BreakerStatus",
+    "BudgetExceededError",
     "BreakerConfig",
     "Transition",
     "TransitionReason",

@@ -473,3 +473,36 @@ def test_reload_without_a_config_file_changes_nothing(tmp_path: Path) -> None:
     with capture_logs() as logs:
         assert not reload_config(daemon)
     assert [log["event"] for log in logs] == ["config_reload_skipped"]
+
+
+def test_a_file_written_in_pieces_holds_every_breaker_as_encode_state_would(
+    tmp_path: Path,
+) -> None:
+    # More breakers than one piece holds, two sets of settings among them.
+    clock, wall = FakeClock(NOW), _Wall()
+    slow = BreakerConfig(min_calls=2, timeout=30.0, slow_call_duration=2.0)
+    actors = [
+        BreakerActor(f"svc-{i:04}", slow if i % 3 else BreakerConfig(), clock=clock)
+        for i in range(2_500)
+    ]
+    for actor in actors[::7]:
+        actor.post_success(actor.machine.generation, 2)
+        actor.settle()
+    path = tmp_path / "b.state"
+    state_file = StateFile(path, lambda: actors, clock=clock, wall_clock=wall)
+    assert state_file.write()
+    expected = encode_state([actor.export_state() for actor in actors], NOW, WALL)
+    assert json.loads(path.read_bytes()) == json.loads(expected)
+
+
+def test_new_settings_alone_are_written(tmp_path: Path) -> None:
+    clock, wall = FakeClock(NOW), _Wall()
+    actor = make_actor(clock)
+    path = tmp_path / "b.state"
+    state_file = StateFile(path, lambda: [actor], clock=clock, wall_clock=wall)
+    assert state_file.write()
+    actor.reconfigure(BreakerConfig(min_calls=9, timeout=30.0))
+    assert state_file.write()  # no outcome, no transition: the settings changed
+    (record,) = json.loads(path.read_bytes())["breakers"]
+    assert record["config"]["min_calls"] == 9
+    assert not state_file.write()

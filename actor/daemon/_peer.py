@@ -27,6 +27,7 @@ from breakerd.protocol import (
     Admission,
     BreakerError,
     BreakerStatus,
+    BudgetRequest,
     Connection,
     Hello,
     InboxFullError,
@@ -306,6 +307,7 @@ class Peer(asyncio.BufferedProtocol):
                 except BreakerError:
                     pass  # shutting down: the lease dies with the actor
         self.leases.clear()
+        released += daemon.budgets.forget(self)  # its max_concurrent leases
         self.repeats.summarize(self.log, final=True)
         (self.log.debug if self.admin else self.log.info)(
             "client_disconnected", leases_released=released, error=repr(exc) if exc else None
@@ -370,6 +372,8 @@ class Peer(asyncio.BufferedProtocol):
                 self._register(msgid, message)  # type: ignore[arg-type]
             elif kind is StatusRequest:
                 self._status(msgid, message)  # type: ignore[arg-type]
+            elif kind is BudgetRequest:
+                self._budget(msgid, message)  # type: ignore[arg-type]
             elif kind is Subscribe:
                 names: tuple[str, ...] = message.names  # type: ignore[attr-defined]
                 self.daemon.watchers[self] = frozenset(names)
@@ -381,6 +385,15 @@ class Peer(asyncio.BufferedProtocol):
             self._reply(msgid, None, exc)
             if isinstance(exc, VersionMismatchError):
                 self.close()
+
+    def _budget(self, msgid: int, message: BudgetRequest) -> None:
+        if message.name not in self.names:
+            # Budgets exist only for breakers, so they are bounded as breakers are.
+            raise InvalidRequestError(
+                f"budget of breaker {message.name!r} asked before registering the breaker"
+            )
+        daemon = self.daemon
+        self._reply(msgid, daemon.budgets.handle(self, message, daemon.system.clock()), None)
 
     def _hello(self, msgid: int, hello: Hello) -> None:
         if self._hello_timer is not None:

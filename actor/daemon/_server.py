@@ -68,6 +68,7 @@ from breakerd.protocol import (
 )
 
 from .._actor import BreakerActor
+from .._budget import BudgetTable
 from .._machine import BreakerConfig, Transition
 from .._system import ActorSystem
 from . import _systemd as systemd
@@ -123,6 +124,8 @@ class Daemon:
         #: Connections that asked for transition events, and the breakers
         #: they asked about (empty: every breaker).
         self.watchers: dict[Peer, frozenset[str]] = {}
+        #: Host-wide budgets (max_rate, max_concurrent, the API's headers) by breaker.
+        self.budgets = BudgetTable()
         #: The connection in the slot kept for the admin CLI, if taken.
         self.admin_peer: Peer | None = None
         #: pid -> connections it holds (SO_PEERCRED's pid, at connect time).

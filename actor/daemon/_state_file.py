@@ -31,7 +31,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -41,7 +41,7 @@ import structlog
 from breakerd.protocol import BreakerError
 
 from .._actor import BreakerActor
-from .._machine import Machine, Transition
+from .._machine import BreakerConfig, Machine, Transition
 
 __all__ = [
     "SNAPSHOT_INTERVAL",
@@ -61,6 +61,8 @@ STATE_VERSION: Final = 1
 SNAPSHOT_INTERVAL: Final = 1.0
 # Far beyond any host's breakers; refuses to read a stray huge file into memory.
 _MAX_FILE_SIZE: Final = 1 << 30
+#: Records per piece written: big enough that writes are few, small enough to cost no memory.
+_CHUNK_RECORDS: Final = 1024
 
 
 class StateFileError(BreakerError, ValueError):
@@ -69,6 +71,13 @@ class StateFileError(BreakerError, ValueError):
 
 def encode_record(record: dict[str, Any], now: float, wall_now: float) -> bytes:
     """One breaker's part of the file: a ``Machine.export_state`` record taken at ``now``."""
+    return json.dumps(
+        _stored(record, now, wall_now), separators=(",", ":"), allow_nan=False
+    ).encode()
+
+
+def _stored(record: dict[str, Any], now: float, wall_now: float) -> dict[str, Any]:
+    """``record`` with its instants on the wall clock, as the file keeps them."""
     to_wall = wall_now - now
     stored = dict(record)
     open_until = record["open_until"]
@@ -80,21 +89,55 @@ def encode_record(record: dict[str, Any], now: float, wall_now: float) -> bytes:
         stored["window"] = {
             "buckets": [[second + to_wall, *counts] for second, *counts in window["buckets"]]
         }
+    return stored
+
+
+def _encode_without_config(record: dict[str, Any], now: float, wall_now: float) -> bytes:
+    """``encode_record`` less its settings, which breakers with equal settings share."""
+    stored = _stored(record, now, wall_now)
+    del stored["config"]
     return json.dumps(stored, separators=(",", ":"), allow_nan=False).encode()
 
 
-def assemble(parts: Iterable[bytes], wall_now: float) -> bytes:
-    """The whole file from ``encode_record`` parts (the daemon keeps them per breaker)."""
+def _header(wall_now: float) -> bytes:
     header = json.dumps(
         {"format": STATE_FORMAT, "version": STATE_VERSION, "written_at": wall_now},
         separators=(",", ":"),
     ).encode()
-    return b"".join((header[:-1], b',"breakers":[', b",".join(parts), b"]}"))
+    return header[:-1] + b',"breakers":['
+
+
+def assemble(parts: Iterable[bytes], wall_now: float) -> bytes:
+    """The whole file from ``encode_record`` parts."""
+    return b"".join((_header(wall_now), b",".join(parts), b"]}"))
 
 
 def encode_state(records: Iterable[dict[str, Any]], now: float, wall_now: float) -> bytes:
     """The file's bytes for ``Machine.export_state`` records taken at monotonic ``now``."""
     return assemble((encode_record(record, now, wall_now) for record in records), wall_now)
+
+
+def _chunks(
+    parts: Iterable[tuple[bytes, bytes]], wall_now: float, size: int = _CHUNK_RECORDS
+) -> Iterator[bytes]:
+    """The file in pieces of ``size`` records, from (settings, rest) record halves.
+
+    A record is ``{"config":SETTINGS,`` and the rest of its own object. Pieces,
+    not one ``bytes``: at 100,000 breakers the whole file is about 50 MB, and
+    building it (twice, with the join) doubled the daemon's peak memory.
+    """
+    yield _header(wall_now)
+    batch: list[bytes] = []
+    first = True
+    for config, rest in parts:
+        batch.append(b'{"config":' + config + b"," + rest[1:])
+        if len(batch) >= size:
+            yield (b"" if first else b",") + b",".join(batch)
+            first = False
+            batch.clear()
+    if batch:
+        yield (b"" if first else b",") + b",".join(batch)
+    yield b"]}"
 
 
 def decode_state(data: bytes, now: float, wall_now: float) -> list[Machine]:
@@ -181,9 +224,12 @@ class StateFile:
         self._clock = clock
         self._wall_clock = wall_clock
         self._log = structlog.get_logger("breakerd.daemon").bind(state_file=str(path))
-        # name -> (the machine's change mark, its encoded record): an idle
-        # breaker is neither exported nor encoded again.
-        self._parts: dict[str, tuple[tuple[object, ...], bytes]] = {}
+        # name -> (the machine's change mark, its settings, its encoded record
+        # less them): an idle breaker is neither exported nor encoded again.
+        self._parts: dict[str, tuple[int, BreakerConfig, bytes]] = {}
+        # Settings -> their JSON: breakers with equal settings share one
+        # BreakerConfig (the actor system interns them), and so one encoding.
+        self._configs: dict[BreakerConfig, bytes] = {}
         self._collecting = False
         self._failing = False
         #: Files written since start, and breakers the last ``load`` brought back.
@@ -260,23 +306,29 @@ class StateFile:
                 for actor in actors:
                     actor.settle()
             parts = self._parts
-            fresh: dict[str, tuple[tuple[object, ...], bytes]] = {}
+            fresh: dict[str, tuple[int, BreakerConfig, bytes]] = {}
             changed = len(actors) != len(parts)
             now, wall_now = self._clock(), self._wall_clock()
             for actor in actors:
-                mark = actor.machine.change_mark()
+                machine = actor.machine
+                mark = machine.change_mark()
+                config = machine.config
                 cached = parts.get(actor.name)
                 if cached is None or cached[0] != mark:
-                    cached = (mark, encode_record(actor.export_state(), now, wall_now))
+                    rest = _encode_without_config(actor.export_state(), now, wall_now)
+                    cached = (mark, config, rest)
+                    changed = True
+                elif cached[1] is not config and cached[1] != config:
+                    cached = (mark, config, cached[2])
                     changed = True
                 fresh[actor.name] = cached
         finally:
             self._collecting = False
         if not changed:
             return False
-        data = assemble((part for _, part in fresh.values()), wall_now)
+        used: dict[BreakerConfig, bytes] = {}
         try:
-            self._write_atomically(data)
+            self._write_atomically(_chunks(self._halves(fresh, used), wall_now))
         except OSError as exc:
             if not self._failing:
                 # Once per outage, not once per second.
@@ -287,6 +339,7 @@ class StateFile:
                 )
             self._failing = True
             return False
+        self._configs = used
         if self._failing:
             self._log.info("state_file_write_recovered")
             self._failing = False
@@ -294,7 +347,23 @@ class StateFile:
         self.writes += 1
         return True
 
-    def _write_atomically(self, data: bytes) -> None:
+    def _halves(
+        self, parts: dict[str, tuple[int, BreakerConfig, bytes]], used: dict[BreakerConfig, bytes]
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """Each record's (settings, rest) in file order; fills ``used`` with the settings seen."""
+        configs = self._configs
+        for _, config, rest in parts.values():
+            encoded = used.get(config)
+            if encoded is None:
+                encoded = configs.get(config)
+                if encoded is None:
+                    encoded = json.dumps(
+                        config.as_dict(), separators=(",", ":"), allow_nan=False
+                    ).encode()
+                used[config] = encoded
+            yield encoded, rest
+
+    def _write_atomically(self, pieces: Iterable[bytes]) -> None:
         path = self.path
         temporary = path.with_name(f".{path.name}.tmp")
         try:
@@ -307,9 +376,10 @@ class StateFile:
             0o600,
         )
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            for piece in pieces:
+                view = memoryview(piece)
+                while view:
+                    view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -1,0 +1,353 @@
+"""The call path of a breaker with budgets, and the budget surface of ``CircuitBreaker``.
+
+``BreakerBudgets`` is mixed into ``CircuitBreaker``: ``max_rate``,
+``burst``, ``max_concurrent``, ``wait`` (see the README's "Budgets"),
+``observe_limits`` and ``in_flight``. A breaker without any of them keeps
+its call path untouched: ``BudgetedCalls`` wraps ``call`` and ``call_sync``
+(instance attributes, as scopes do) only when a budget or a wait is set, or
+when the API's limits are first fed in.
+
+A budgeted call: wait for an open breaker's recovery if it may (up to
+``wait``), then for the budgets' admission (``Budgets``), then the
+breaker's own call path runs the function. A rejection before the function
+ran (the breaker not closed yet, its trial taken) while time is left sends
+the call back to waiting; the fallback answers only once it cannot wait
+any longer. Calls that waited through an outage leave in a doubling ramp
+once the breaker closes (``ramp_offset``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
+
+from breakerd.protocol import (
+    BreakerError,
+    BudgetExceededError,
+    CircuitBreakerOpenError,
+    CircuitState,
+    Snapshot,
+)
+
+from . import _globals
+from ._budgets import RECHECK, Budgets, Clock, Ticket, estimate_cost, shared_budgets
+from ._openai import parse_rate_limits
+
+if TYPE_CHECKING:
+    from ._link import RemoteBreaker
+
+__all__ = ["BreakerBudgets", "BudgetedCalls", "attempt_only", "current_ticket"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+#: Set while a budgeted call tries the breaker: a rejection then raises
+#: instead of answering with the fallback, so the call can wait and try again.
+attempt_only: ContextVar[bool] = ContextVar("breakerd_budget_attempt", default=False)
+#: The ticket of the budgeted call running in this context (for its usage).
+current_ticket: ContextVar[Ticket | None] = ContextVar("breakerd_budget_ticket", default=None)
+
+Reject = Callable[[CircuitBreakerOpenError, tuple[Any, ...], dict[str, Any]], Any]
+
+
+class BudgetedCalls:
+    """The call path of a breaker with budgets or ``wait``: admission, then the breaker's own.
+
+    Args:
+        budgets: The breaker's (shared) budgets.
+        wait: Seconds a call may wait to be admitted.
+        snapshot: Returns the breaker's current snapshot.
+        clock: The breaker's monotonic clock.
+    """
+
+    def __init__(
+        self,
+        budgets: Budgets,
+        wait: float,
+        snapshot: Callable[[], Snapshot],
+        clock: Clock,
+    ) -> None:
+        self.budgets = budgets
+        self.wait = wait
+        self._snapshot = snapshot
+        self._clock = clock
+
+    def _recovery_wait(self, deadline: float) -> tuple[float, bool]:
+        # (seconds to wait before trying the breaker, whether it is waiting
+        # out an outage). Zero: try now, and a call that cannot wait long
+        # enough is rejected by the breaker itself.
+        snapshot = self._snapshot()
+        state = snapshot.state
+        if state is CircuitState.CLOSED or state is CircuitState.DISABLED:
+            return 0.0, False
+        now = self._clock()
+        if state is CircuitState.OPEN and snapshot.open_until is not None:
+            until = snapshot.open_until
+        elif state is CircuitState.HALF_OPEN:
+            until = now + RECHECK  # the trial decides: look again soon
+        else:
+            return 0.0, False  # forced open: no end to wait for
+        if until > deadline:
+            return -1.0, True  # it will not recover in time: refused now
+        if until <= now:
+            return 0.0, True
+        return min(until - now, RECHECK), True
+
+    def call_sync(
+        self,
+        inner: Callable[..., Any],
+        reject: Reject,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        cost: float,
+    ) -> Any:
+        clock = self._clock
+        budgets = self.budgets
+        deadline = clock() + self.wait
+        outage = False
+        ran = False
+        ticket: Ticket | None = None
+
+        def run(*call_args: Any, **call_kwargs: Any) -> Any:
+            nonlocal ran
+            ran = True
+            attempt_only.set(False)  # calls made inside it are not ours
+            current_ticket.set(ticket)
+            return func(*call_args, **call_kwargs)
+
+        while True:
+            pause, waiting = self._recovery_wait(deadline)
+            outage = outage or waiting
+            if pause > 0:
+                budgets.sleep(pause)
+                continue
+            if pause < 0:
+                deadline = clock()
+            snapshot = self._snapshot()
+            if outage and snapshot.state is CircuitState.CLOSED:
+                leave = min(budgets.ramp_slot(snapshot.generation, clock()), deadline)
+                if leave > clock():
+                    budgets.sleep(leave - clock())
+                outage = False
+            try:
+                ticket = budgets.admit_sync(deadline, cost)
+            except BudgetExceededError as exc:
+                return reject(exc, args, kwargs)
+            token = attempt_only.set(clock() < deadline)
+            try:
+                return inner(run, *args, **kwargs)
+            except CircuitBreakerOpenError as exc:
+                if ran:
+                    raise
+                if clock() >= deadline:
+                    return reject(exc, args, kwargs)
+                outage = True  # rejected before it ran: wait for the breaker
+                budgets.sleep(min(RECHECK, deadline - clock()))
+            finally:
+                attempt_only.reset(token)
+                ticket.done()
+
+    async def call_async(
+        self,
+        inner: Callable[..., Awaitable[Any]],
+        reject: Callable[..., Awaitable[Any]],
+        func: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        cost: float,
+    ) -> Any:
+        clock = self._clock
+        budgets = self.budgets
+        deadline = clock() + self.wait
+        outage = False
+        ran = False
+        ticket: Ticket | None = None
+
+        async def run(*call_args: Any, **call_kwargs: Any) -> Any:
+            nonlocal ran
+            ran = True
+            attempt_only.set(False)
+            current_ticket.set(ticket)
+            return await func(*call_args, **call_kwargs)
+
+        while True:
+            pause, waiting = self._recovery_wait(deadline)
+            outage = outage or waiting
+            if pause > 0:
+                await budgets.asleep(pause)
+                continue
+            if pause < 0:
+                deadline = clock()
+            snapshot = self._snapshot()
+            if outage and snapshot.state is CircuitState.CLOSED:
+                leave = min(budgets.ramp_slot(snapshot.generation, clock()), deadline)
+                if leave > clock():
+                    await budgets.asleep(leave - clock())
+                outage = False
+            try:
+                ticket = await budgets.admit_async(deadline, cost)
+            except BudgetExceededError as exc:
+                return await reject(exc, args, kwargs)
+            token = attempt_only.set(clock() < deadline)
+            try:
+                return await inner(run, *args, **kwargs)
+            except CircuitBreakerOpenError as exc:
+                if ran:
+                    raise
+                if clock() >= deadline:
+                    return await reject(exc, args, kwargs)
+                outage = True
+                await budgets.asleep(min(RECHECK, deadline - clock()))
+            finally:
+                attempt_only.reset(token)
+                ticket.done()
+
+
+class BreakerBudgets:
+    """The budgets of a ``CircuitBreaker`` (mixed into it; see the module's doc)."""
+
+    # What the breaker that mixes this in provides.
+    name: str
+    daemon_path: str | None
+    daemon_timeout: float
+    _clock: Clock
+    _actor: Any
+    _needs_rebind: bool
+    _budgeted: BudgetedCalls | None
+    call: Callable[..., Any]
+    call_sync: Callable[..., Any]
+
+    def _rebind_after_fork(self) -> None:
+        raise NotImplementedError  # the breaker's
+
+    async def _reject_async(
+        self, error: CircuitBreakerOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        raise NotImplementedError  # the breaker's
+
+    def _reject_sync(
+        self, error: CircuitBreakerOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        raise NotImplementedError  # the breaker's
+
+    def __init__(
+        self, max_rate: str | None, burst: int | None, max_concurrent: int | None, wait: float
+    ) -> None:
+        # Called last by the breaker's own __init__, once its call path is set.
+        self._budgeted = None
+        if max_rate is not None or max_concurrent is not None or burst is not None or wait:
+            self._install_budgets(max_rate, burst, max_concurrent, wait)
+
+    def _install_budgets(
+        self, max_rate: str | None, burst: int | None, max_concurrent: int | None, wait: float
+    ) -> BudgetedCalls:
+        daemon = None
+        if self.daemon_path is not None:
+            daemon = (self.daemon_path, self._daemon_client, self.daemon_timeout)
+        budgets = shared_budgets(
+            self.name,
+            max_rate=max_rate,
+            burst=burst,
+            max_concurrent=max_concurrent,
+            wait=wait,
+            clock=self._clock,
+            daemon=daemon,
+        )
+        budgeted = BudgetedCalls(budgets, float(wait), lambda: self._actor.snapshot, self._clock)
+        self._budgeted = budgeted
+        # The budgets wrap whatever call path the breaker has (its scopes').
+        inner_async, inner_sync = self.call, self.call_sync
+        reject_async, reject_sync = self._reject_async, self._reject_sync
+
+        async def call(func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+            cost = estimate_cost(kwargs)
+            return cast(
+                T, await budgeted.call_async(inner_async, reject_async, func, args, kwargs, cost)
+            )
+
+        def call_sync(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+            cost = estimate_cost(kwargs)
+            return cast(T, budgeted.call_sync(inner_sync, reject_sync, func, args, kwargs, cost))
+
+        self.call = call
+        self.call_sync = call_sync
+        return budgeted
+
+    def _daemon_client(self) -> Any:
+        # The process's daemon client while the daemon's breaker is in use,
+        # else None (the budgets of this process stand in).
+        if self._needs_rebind:
+            self._rebind_after_fork()
+        link = cast("RemoteBreaker", self._actor)
+        try:
+            link.ensure_started()
+        except BreakerError:
+            return None
+        return link.client if link.remote else None
+
+    def observe_limits(
+        self,
+        headers: Mapping[str, str] | None = None,
+        *,
+        remaining_requests: float | None = None,
+        reset_requests: float | None = None,
+        remaining_tokens: float | None = None,
+        reset_tokens: float | None = None,
+        limit_requests: float | None = None,
+        limit_tokens: float | None = None,
+        used_tokens: float | None = None,
+    ) -> None:
+        """Tell the breaker what the API said is left, so its calls stay under the limit.
+
+        ``headers``: a response's headers, read as OpenAI sends them
+        (``x-ratelimit-remaining-requests``/``-tokens``,
+        ``x-ratelimit-reset-requests``/``-tokens`` such as ``"1s"`` or
+        ``"6m0s"``, ``x-ratelimit-limit-*``). Or the numbers themselves, for
+        other APIs (reset times in seconds from now). ``used_tokens``: what
+        the call running now really used (its ``usage``), correcting the
+        estimate it was admitted with. The OpenAI client wrapper
+        (``breakerd.clients.openai.protect``) feeds every response it sees.
+
+        Once fed, calls are admitted against it: while plenty is left they
+        go at once; when the requests left run low, they are spread over the
+        time to the reset; with none left a call waits for the reset (up to
+        ``wait``) or raises ``BudgetExceededError`` (``rate_budget``).
+        """
+        limits: dict[str, float] = {} if headers is None else parse_rate_limits(headers)
+        for key, value in (
+            ("remaining_requests", remaining_requests),
+            ("reset_requests", reset_requests),
+            ("remaining_tokens", remaining_tokens),
+            ("reset_tokens", reset_tokens),
+            ("limit_requests", limit_requests),
+            ("limit_tokens", limit_tokens),
+        ):
+            if value is not None:
+                limits[key] = value
+        budgeted = self._budgeted
+        if budgeted is None:
+            if not limits:
+                return  # a usage alone corrects nothing without budgets
+            with _globals.budgets_lock:  # two first responses at once install one path
+                budgeted = self._budgeted or self._install_budgets(None, None, None, 0.0)
+        ticket = current_ticket.get()
+        if ticket is not None and ticket.belongs_to(budgeted.budgets):
+            if used_tokens is not None:
+                ticket.used_tokens = used_tokens
+            if "remaining_tokens" in limits:
+                # The call's own response counted it: nothing left to correct.
+                ticket.cost = 0.0
+        if limits:
+            budgeted.budgets.observe(**limits)
+
+    @property
+    def in_flight(self) -> int:
+        """Calls holding a ``max_concurrent`` lease now (0 without one)."""
+        return 0 if self._budgeted is None else self._budgeted.budgets.in_flight
+
+    @property
+    def budgets(self) -> Budgets | None:
+        """This breaker's budgets (shared by its name in the process), or None."""
+        return None if self._budgeted is None else self._budgeted.budgets
