@@ -57,6 +57,7 @@ from breakerd.protocol import (
     StatusRequest,
 )
 
+from ._admit import AdmitsPlainCalls
 from ._dispatcher import REPORT_FLUSH_DELAY
 from ._envelope import NO_CALL_TIMES as _NO_CALL_TIMES
 from ._envelope import NO_TRANSITIONS_YET as _NO_TRANSITIONS_YET
@@ -94,7 +95,7 @@ _logger = library_logger()
 _MAKE_LOCK = threading.Lock()
 
 
-class BreakerActor:
+class BreakerActor(AdmitsPlainCalls):
     """The single owner of one breaker's machine.
 
     Proxies read ``snapshot`` (replaced, never mutated) to admit locally, and
@@ -126,6 +127,7 @@ class BreakerActor:
         self.config = config
         self.machine = Machine(name, config, generation=generation, first_lease=first_lease)
         self.snapshot: Snapshot = self.machine.snapshot()
+        self.keep_for_admit(self.snapshot)
         self.max_inbox = max_inbox
         self.listeners: list[TransitionListener] = []
         #: Called with every snapshot the actor publishes and the one it
@@ -550,6 +552,7 @@ class BreakerActor:
             tally = []
             self._tally_generation = generation
         self._tally = (generation if snapshot.successes_safe else _ASK_FOR_SUCCESSES, tally)
+        self.keep_for_admit(snapshot)
         previous, self.snapshot = self.snapshot, snapshot
         on_publish = self.on_publish
         if on_publish is not None:

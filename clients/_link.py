@@ -1,12 +1,11 @@
 """One breaker's link to the daemon: what a ``CircuitBreaker`` holds in daemon mode.
 
-``RemoteBreaker`` offers the duck-typed surface of ``BreakerActor``
-(``snapshot``, ``listeners``, ``post_success``, ``post_report``,
-``post_rejection``, ``ask``; ``_surface.ActorSurface``), so the facade runs
-unchanged on top of it. It talks to its ``DaemonClient`` (``_daemon_client``)
-through the client's public methods, and the client calls it back through
-``LinkEvents``. While the daemon is out of reach, its ``on_unavailable``
-policy (``_fallback``) serves in its place.
+``RemoteBreaker`` is a ``BreakerHandle`` (``_handle``), as ``BreakerActor`` is;
+its ``admit`` and ``snapshot`` read one word of the daemon's state table
+(``_table_reader``: the slot's ``seq``) per call. It talks to its
+``DaemonClient`` through the client's public methods, and the client calls it
+back through ``LinkEvents``; while the daemon is out of reach, its
+``on_unavailable`` policy (``_fallback``) serves in its place.
 
 The hot path (a success while ``closed``) takes no lock: a tally append in
 the client's core, and ``DaemonClient.arm_flush`` when no flush is armed.
@@ -17,10 +16,6 @@ A request that goes to the daemon carries one reply wrapper, ``_Answer``,
 around the caller's own reply: a sync caller's ``SyncReply``, or an async
 caller's, which settles an asyncio future with ``loop.call_soon_threadsafe``
 (the facade's ``_request_async``), so there is no separate anyio shell.
-
-With the daemon's state table (``_table_reader``), ``snapshot`` compares one
-word of shared memory (its slot's ``seq``) with the last one it read, on
-every call, and rebuilds its snapshot from the slot when it moved.
 """
 
 from __future__ import annotations
@@ -69,6 +64,7 @@ from ._fallback import (
     make_fallback,
 )
 from ._globals import get_client
+from ._plan import plain_generation
 from ._replies import SyncReply, answer, ignore_reply
 from ._table_reader import read_snapshot
 
@@ -113,6 +109,7 @@ class RemoteBreaker:
         "_announced",
         "_live_words",
         "_log",
+        "_plain",
         "_queue_limit",
         "_refused",
         "_register_error",
@@ -133,6 +130,7 @@ class RemoteBreaker:
         "listeners",
         "name",
         "on_unavailable",
+        "seen",
     )
 
     def __init__(
@@ -166,6 +164,8 @@ class RemoteBreaker:
         self.conflicts: tuple[str, ...] = ()
         self._remote = False
         self._remote_snapshot = Snapshot(name, CircuitState.CLOSED, NO_GENERATION)
+        self._plain: int | None = None  # admit()'s answer for _remote_snapshot (see _show)
+        self.seen = self._remote_snapshot  # what admit() last answered from (BreakerHandle)
         # The breaker's slot in the daemon's state table (None: no table), and
         # the slot's seq when _remote_snapshot last caught up with it.
         self._slot_words: memoryview | None = None
@@ -282,12 +282,16 @@ class RemoteBreaker:
         """True in a thread that must never wait for this link (it would wait for itself)."""
         return self.client.in_io_thread() or self.fallback.in_own_thread()
 
-    # -- the actor surface (any thread) -----------------------------------------------
+    def admit(self) -> int | None:
+        words = self._live_words  # the snapshot property's common case, minus the property
+        if words is not None and words[0] == self._slot_seq:
+            return self._plain
+        snapshot = self.seen = self.snapshot  # the daemon's or the policy's; may connect
+        return plain_generation(snapshot)
 
     @property
     def snapshot(self) -> Snapshot:
-        # The common case first, in as few loads as possible: the table's slot
-        # has not moved since this link last caught up with it.
+        # The common case first: the table's slot has not moved since last read.
         words = self._live_words
         if words is not None and words[0] == self._slot_seq:
             return self._remote_snapshot
@@ -313,13 +317,16 @@ class RemoteBreaker:
         snapshot, seq = read
         if snapshot is not current:
             self._show(snapshot)
-        # After _show: a thread that sees this seq finds the snapshot made of it.
+        self.seen = snapshot  # then the seq: a thread that sees it finds what was made of it
         self._slot_seq = seq
         return snapshot
 
     def _show(self, snapshot: Snapshot) -> None:
         """Make ``snapshot`` the daemon's state as this link shows it (any thread)."""
-        self._remote_snapshot = snapshot
+        self._remote_snapshot = snapshot  # and `seen` before _plain: see BreakerHandle.seen
+        if self._remote:
+            self.seen = snapshot
+        self._plain = plain_generation(snapshot)
         generation = snapshot.generation
         if snapshot.successes_safe and snapshot.state is CircuitState.CLOSED and generation >= 0:
             tally = self._tally
