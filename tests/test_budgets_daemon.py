@@ -159,23 +159,32 @@ def test_without_budgets_the_host_earns_429s(budget_daemon: DaemonProcess) -> No
 def test_max_concurrent_holds_across_processes_and_a_killed_holder(
     budget_daemon: DaemonProcess,
 ) -> None:
+    keys = ["sk-victim", "sk-a", "sk-b", "sk-c"]
     with LimitedServer(1000, latency=0.2) as server:
         _start, procs = start_workers(
             server,
             budget_daemon.socket_path,
             {"max_concurrent": 3, "wait": 10.0},
             threads=2,
-            seconds=2.0,
-            keys=["sk-victim", "sk-a", "sk-b", "sk-c"],
+            seconds=5.0,
+            keys=keys,
         )
         # Kill a process while it holds a lease (its call is at the server:
-        # each process calls with a key of its own).
-        victim = procs[0]
-        assert poll_until(lambda: server.in_flight_by_key.get("Bearer sk-victim", 0) > 0, 10)
+        # each process calls with a key of its own), early enough that the
+        # others still call for a few seconds after it.
+
+        def holder() -> str | None:
+            return next(
+                (k for k in keys if server.in_flight_by_key.get(f"Bearer {k}", 0) > 0), None
+            )
+
+        held = poll_until(holder, 2.5)
+        assert held is not None
+        victim = procs[keys.index(held)]
         os.kill(victim.pid, signal.SIGKILL)
         killed_at = time.monotonic()
         victim.wait(10)
-        survivors = results(procs[1:])
+        survivors = results([proc for proc in procs if proc is not victim])
         flight = list(server.flight_log)
         max_in_flight = server.max_in_flight
     assert max_in_flight <= 3, max_in_flight
