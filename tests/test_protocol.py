@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import pytest
@@ -1044,3 +1044,18 @@ def test_a_fast_path_refuses_to_load_when_its_message_gains_a_field() -> None:
         _codec._knows(ProbeV2, "name state count ratio tags snapshot pairs", "the probe codec")
     _codec._knows(Probe, "name state count ratio tags snapshot pairs", "the probe codec")
     _codec._knows(ProbeV2, "name state count", "the probe codec", leading=True)
+
+
+def test_a_failed_encode_on_one_connection_leaves_the_shared_packer_clean() -> None:
+    # One bad message must not corrupt another connection's next frame.
+    shared = new_packer()
+    bad, good = Connection("server", packer=shared), Connection("server", packer=shared)
+    client = Connection("client")
+    hello = client.send_request(0, HELLO)
+    for server in (bad, good):
+        drain(server, hello)
+    with pytest.raises(ProtocolError, match="cannot encode"):
+        bad.send_response(0, Welcome(1, "x" * 64, cast(int, object())))
+    [event] = drain(client, good.send_response(0, Welcome(1, "server", 1)))
+    assert isinstance(event, ResponseReceived)
+    assert event.result == Welcome(1, "server", 1)
