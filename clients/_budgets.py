@@ -261,6 +261,18 @@ class Budgets:
                 return 0
             return concurrency.acquire(threading.get_ident()) or 0
 
+    def _take_turn(self, wake: Callable[[], None]) -> int:
+        """A lease if ``wake``'s waiter is first in the queue and one is free, else 0."""
+        with self.lock:
+            if not self._lease_waiters or self._lease_waiters[0] is not wake:
+                return 0
+            assert self._concurrency is not None
+            lease = self._concurrency.acquire(threading.get_ident()) or 0
+            if lease:
+                self._lease_waiters.popleft()
+                self._wake_next()
+            return lease
+
     def _lease_sync(self, deadline: float) -> int:
         lease = self._try_lease()
         if lease:
@@ -271,14 +283,9 @@ class Budgets:
             self._lease_waiters.append(wake)
         try:
             while True:
-                with self.lock:
-                    if self._lease_waiters and self._lease_waiters[0] is wake:
-                        assert self._concurrency is not None
-                        lease = self._concurrency.acquire(threading.get_ident()) or 0
-                        if lease:
-                            self._lease_waiters.popleft()
-                            self._wake_next()
-                            return lease
+                lease = self._take_turn(wake)
+                if lease:
+                    return lease
                 left = deadline - self.clock()
                 if left <= 0:
                     raise self.refusal("concurrency", None)
@@ -300,14 +307,9 @@ class Budgets:
             self._lease_waiters.append(wake)
         try:
             while True:
-                with self.lock:
-                    if self._lease_waiters and self._lease_waiters[0] is wake:
-                        assert self._concurrency is not None
-                        lease = self._concurrency.acquire(threading.get_ident()) or 0
-                        if lease:
-                            self._lease_waiters.popleft()
-                            self._wake_next()
-                            return lease
+                lease = self._take_turn(wake)
+                if lease:
+                    return lease
                 left = deadline - self.clock()
                 if left <= 0:
                     raise self.refusal("concurrency", None)
