@@ -19,19 +19,27 @@ once the breaker closes (``ramp_offset``).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 from breakerd.protocol import (
     BreakerError,
-    BudgetExceededError,
     CircuitBreakerOpenError,
     CircuitState,
     Snapshot,
 )
 
 from . import _globals
-from ._budgets import RECHECK, Budgets, Clock, Ticket, estimate_cost, shared_budgets
+from ._budgeted_async import AsyncBudgetedCalls
+from ._budgeted_sync import SyncBudgetedCalls
+from ._budgets import (
+    RECHECK,
+    Budgets,
+    Clock,
+    attempt_only,
+    current_ticket,
+    estimate_cost,
+    shared_budgets,
+)
 from ._openai import parse_rate_limits
 
 if TYPE_CHECKING:
@@ -42,16 +50,8 @@ __all__ = ["BreakerBudgets", "BudgetedCalls", "attempt_only", "current_ticket"]
 P = ParamSpec("P")
 T = TypeVar("T")
 
-#: Set while a budgeted call tries the breaker: a rejection then raises
-#: instead of answering with the fallback, so the call can wait and try again.
-attempt_only: ContextVar[bool] = ContextVar("breakerd_budget_attempt", default=False)
-#: The ticket of the budgeted call running in this context (for its usage).
-current_ticket: ContextVar[Ticket | None] = ContextVar("breakerd_budget_ticket", default=None)
 
-Reject = Callable[[CircuitBreakerOpenError, tuple[Any, ...], dict[str, Any]], Any]
-
-
-class BudgetedCalls:
+class BudgetedCalls(AsyncBudgetedCalls, SyncBudgetedCalls):
     """The call path of a breaker with budgets or ``wait``: admission, then the breaker's own.
 
     Args:
@@ -93,116 +93,6 @@ class BudgetedCalls:
         if until <= now:
             return 0.0, True
         return min(until - now, RECHECK), True
-
-    def call_sync(
-        self,
-        inner: Callable[..., Any],
-        reject: Reject,
-        func: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        cost: float,
-    ) -> Any:
-        clock = self._clock
-        budgets = self.budgets
-        deadline = clock() + self.wait
-        outage = False
-        ran = False
-        ticket: Ticket | None = None
-
-        def run(*call_args: Any, **call_kwargs: Any) -> Any:
-            nonlocal ran
-            ran = True
-            attempt_only.set(False)  # calls made inside it are not ours
-            current_ticket.set(ticket)
-            return func(*call_args, **call_kwargs)
-
-        while True:
-            pause, waiting = self._recovery_wait(deadline)
-            outage = outage or waiting
-            if pause > 0:
-                budgets.sleep(pause)
-                continue
-            if pause < 0:
-                deadline = clock()
-            snapshot = self._snapshot()
-            if outage and snapshot.state is CircuitState.CLOSED:
-                leave = min(budgets.ramp_slot(snapshot.generation, clock()), deadline)
-                if leave > clock():
-                    budgets.sleep(leave - clock())
-                outage = False
-            try:
-                ticket = budgets.admit_sync(deadline, cost)
-            except BudgetExceededError as exc:
-                return reject(exc, args, kwargs)
-            token = attempt_only.set(clock() < deadline)
-            try:
-                return inner(run, *args, **kwargs)
-            except CircuitBreakerOpenError as exc:
-                if ran:
-                    raise
-                if clock() >= deadline:
-                    return reject(exc, args, kwargs)
-                outage = True  # rejected before it ran: wait for the breaker
-                budgets.sleep(min(RECHECK, deadline - clock()))
-            finally:
-                attempt_only.reset(token)
-                ticket.done()
-
-    async def call_async(
-        self,
-        inner: Callable[..., Awaitable[Any]],
-        reject: Callable[..., Awaitable[Any]],
-        func: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        cost: float,
-    ) -> Any:
-        clock = self._clock
-        budgets = self.budgets
-        deadline = clock() + self.wait
-        outage = False
-        ran = False
-        ticket: Ticket | None = None
-
-        async def run(*call_args: Any, **call_kwargs: Any) -> Any:
-            nonlocal ran
-            ran = True
-            attempt_only.set(False)
-            current_ticket.set(ticket)
-            return await func(*call_args, **call_kwargs)
-
-        while True:
-            pause, waiting = self._recovery_wait(deadline)
-            outage = outage or waiting
-            if pause > 0:
-                await budgets.asleep(pause)
-                continue
-            if pause < 0:
-                deadline = clock()
-            snapshot = self._snapshot()
-            if outage and snapshot.state is CircuitState.CLOSED:
-                leave = min(budgets.ramp_slot(snapshot.generation, clock()), deadline)
-                if leave > clock():
-                    await budgets.asleep(leave - clock())
-                outage = False
-            try:
-                ticket = await budgets.admit_async(deadline, cost)
-            except BudgetExceededError as exc:
-                return await reject(exc, args, kwargs)
-            token = attempt_only.set(clock() < deadline)
-            try:
-                return await inner(run, *args, **kwargs)
-            except CircuitBreakerOpenError as exc:
-                if ran:
-                    raise
-                if clock() >= deadline:
-                    return await reject(exc, args, kwargs)
-                outage = True
-                await budgets.asleep(min(RECHECK, deadline - clock()))
-            finally:
-                attempt_only.reset(token)
-                ticket.done()
 
 
 class BreakerBudgets:

@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import anyio
 import anyio.lowlevel
@@ -43,13 +43,17 @@ from breakerd.actor._budget import (
 )
 from breakerd.protocol import BudgetExceededError
 
+from ._admit_async import AsyncAdmission
+from ._admit_sync import SyncAdmission
 from ._globals import shared_budget
 
 __all__ = [
     "RECHECK",
     "Budgets",
     "Ticket",
+    "attempt_only",
     "call_cost",
+    "current_ticket",
     "estimate_cost",
     "shared_budgets",
 ]
@@ -64,6 +68,9 @@ Clock = Callable[[], float]
 
 #: A call's token estimate when its caller said (the openai wrapper's ``cost=``).
 call_cost: ContextVar[float | None] = ContextVar("breakerd_call_cost", default=None)
+#: Set while a budgeted call tries the breaker: a rejection then raises
+#: instead of answering with the fallback, so the call can wait and try again.
+attempt_only: ContextVar[bool] = ContextVar("breakerd_budget_attempt", default=False)
 
 
 def estimate_cost(kwargs: Mapping[str, Any]) -> float:
@@ -79,13 +86,19 @@ def estimate_cost(kwargs: Mapping[str, Any]) -> float:
     return 0.0
 
 
+class Books(Protocol):
+    """What a ticket is given back to (``Budgets``)."""
+
+    def finish(self, ticket: Ticket) -> None: ...
+
+
 class Ticket:
     """An admitted call: give it back with ``done()`` when the call ends (exactly once)."""
 
     __slots__ = ("_budgets", "_done", "cost", "header", "lease", "remote", "used_tokens")
 
     def __init__(
-        self, budgets: Budgets, lease: int, header: bool, cost: float, *, remote: bool = False
+        self, budgets: Books, lease: int, header: bool, cost: float, *, remote: bool = False
     ) -> None:
         self._budgets = budgets
         self.lease = lease
@@ -97,7 +110,7 @@ class Ticket:
         self.used_tokens: float | None = None
         self._done = False
 
-    def belongs_to(self, budgets: Budgets) -> bool:
+    def belongs_to(self, budgets: Books) -> bool:
         return self._budgets is budgets
 
     def done(self) -> None:
@@ -107,7 +120,11 @@ class Ticket:
         self._budgets.finish(self)
 
 
-class Budgets:
+#: The ticket of the budgeted call running in this context (for its usage).
+current_ticket: ContextVar[Ticket | None] = ContextVar("breakerd_budget_ticket", default=None)
+
+
+class Budgets(AsyncAdmission, SyncAdmission):
     """The budgets of one breaker in this process (shared by its ``CircuitBreaker`` objects).
 
     Args:
@@ -194,36 +211,6 @@ class Budgets:
 
     # -- admission ------------------------------------------------------------------
 
-    def admit_sync(self, deadline: float, cost: float = 0.0) -> Ticket:
-        """Wait (up to the monotonic instant ``deadline``) for admission; raise if refused."""
-        lease = self._lease_sync(deadline) if self._concurrency is not None else 0
-        try:
-            with self.lock:
-                now = self.clock()
-                leave, header = self._reserve(now, deadline, cost)
-            if leave > now:
-                self._sleep(leave - now)
-        except BaseException:
-            if lease:
-                self._release_lease(lease)
-            raise
-        return Ticket(self, lease, header, cost)
-
-    async def admit_async(self, deadline: float, cost: float = 0.0) -> Ticket:
-        """``admit_sync`` for async callers: the waits do not block the loop."""
-        lease = await self._lease_async(deadline) if self._concurrency is not None else 0
-        try:
-            with self.lock:
-                now = self.clock()
-                leave, header = self._reserve(now, deadline, cost)
-            if leave > now:
-                await self._asleep(leave - now)
-        except BaseException:
-            if lease:
-                self._release_lease(lease)
-            raise
-        return Ticket(self, lease, header, cost)
-
     def _reserve(self, now: float, deadline: float, cost: float) -> tuple[float, bool]:
         # Under the lock. The headers first: the rate's slot is then taken at
         # the instant the call really leaves.
@@ -273,54 +260,6 @@ class Budgets:
                 self._wake_next()
             return lease
 
-    def _lease_sync(self, deadline: float) -> int:
-        lease = self._try_lease()
-        if lease:
-            return lease
-        event = threading.Event()
-        wake = event.set  # one bound method: the queue compares by identity
-        with self.lock:
-            self._lease_waiters.append(wake)
-        try:
-            while True:
-                lease = self._take_turn(wake)
-                if lease:
-                    return lease
-                left = deadline - self.clock()
-                if left <= 0:
-                    raise self.refusal("concurrency", None)
-                if self._fake_sleep is not None:
-                    self._fake_sleep(min(left, RECHECK))
-                else:
-                    event.wait(min(left, RECHECK * 5))
-                    event.clear()
-        finally:
-            self._leave_queue(wake)
-
-    async def _lease_async(self, deadline: float) -> int:
-        lease = self._try_lease()
-        if lease:
-            return lease
-        event = threading.Event()
-        wake = event.set  # one bound method: the queue compares by identity
-        with self.lock:
-            self._lease_waiters.append(wake)
-        try:
-            while True:
-                lease = self._take_turn(wake)
-                if lease:
-                    return lease
-                left = deadline - self.clock()
-                if left <= 0:
-                    raise self.refusal("concurrency", None)
-                # A release wakes sync waiters at once; async ones look again
-                # every RECHECK: a lease held by a thread cannot wake a loop
-                # it does not know, and a poll costs nothing measurable.
-                await self._asleep(min(left, RECHECK if not event.is_set() else 0.0))
-                event.clear()
-        finally:
-            self._leave_queue(wake)
-
     def _leave_queue(self, wake: Callable[[], None]) -> None:
         with self.lock:
             try:
@@ -350,6 +289,22 @@ class Budgets:
                 self._headers.done(self.clock(), ticket.cost, used)
 
     # -- waiting --------------------------------------------------------------------------
+
+    def _wait_turn(self, event: threading.Event, left: float) -> None:
+        # A release wakes a sync lease waiter at once (``event``); it looks
+        # again now and then all the same, for a deadline or a queue change.
+        if self._fake_sleep is not None:
+            self._fake_sleep(min(left, RECHECK))
+        else:
+            event.wait(min(left, RECHECK * 5))
+            event.clear()
+
+    async def _await_turn(self, event: threading.Event, left: float) -> None:
+        # A release wakes sync waiters at once; async ones look again every
+        # RECHECK: a lease held by a thread cannot wake a loop it does not
+        # know, and a poll costs nothing measurable.
+        await self._asleep(min(left, RECHECK if not event.is_set() else 0.0))
+        event.clear()
 
     def _sleep(self, seconds: float) -> None:
         if self._fake_sleep is not None:

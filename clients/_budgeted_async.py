@@ -1,0 +1,88 @@
+"""``BudgetedCalls.call_async``: a call with budgets, and the source of ``call_sync``.
+
+``scripts/unasync.py`` writes ``_budgeted_sync.py`` from this file, and
+``--check`` (run by ``.ci/run`` and the tests) fails when the two differ:
+edit this file, then run ``python scripts/unasync.py``. The decisions are
+``BudgetedCalls._recovery_wait`` and the budgets' (``Budgets``); this file
+only orders them and waits. What differs between the colours is in
+``Budgets``: ``asleep`` / ``sleep`` and ``admit_async`` / ``admit_sync``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from breakerd.protocol import BudgetExceededError, CircuitBreakerOpenError, CircuitState, Snapshot
+
+from ._budgets import RECHECK, Budgets, Ticket, attempt_only, current_ticket
+
+__all__ = ["AsyncBudgetedCalls"]
+
+
+class AsyncBudgetedCalls:
+    """The async call path of ``BudgetedCalls``."""
+
+    budgets: Budgets
+    wait: float
+    _snapshot: Callable[[], Snapshot]
+    _clock: Callable[[], float]
+
+    if TYPE_CHECKING:
+
+        def _recovery_wait(self, deadline: float) -> tuple[float, bool]: ...
+
+    async def call_async(
+        self,
+        inner: Callable[..., Awaitable[Any]],
+        reject: Callable[..., Awaitable[Any]],
+        func: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        cost: float,
+    ) -> Any:
+        clock = self._clock
+        budgets = self.budgets
+        deadline = clock() + self.wait
+        outage = False
+        ran = False
+        ticket: Ticket | None = None
+
+        async def run(*call_args: Any, **call_kwargs: Any) -> Any:
+            nonlocal ran
+            ran = True
+            attempt_only.set(False)  # calls made inside it are not ours
+            current_ticket.set(ticket)
+            return await func(*call_args, **call_kwargs)
+
+        while True:
+            pause, waiting = self._recovery_wait(deadline)
+            outage = outage or waiting
+            if pause > 0:
+                await budgets.asleep(pause)
+                continue
+            if pause < 0:
+                deadline = clock()
+            snapshot = self._snapshot()
+            if outage and snapshot.state is CircuitState.CLOSED:
+                leave = min(budgets.ramp_slot(snapshot.generation, clock()), deadline)
+                if leave > clock():
+                    await budgets.asleep(leave - clock())
+                outage = False
+            try:
+                ticket = await budgets.admit_async(deadline, cost)
+            except BudgetExceededError as exc:
+                return await reject(exc, args, kwargs)
+            token = attempt_only.set(clock() < deadline)
+            try:
+                return await inner(run, *args, **kwargs)
+            except CircuitBreakerOpenError as exc:
+                if ran:
+                    raise
+                if clock() >= deadline:
+                    return await reject(exc, args, kwargs)
+                outage = True  # rejected before it ran: wait for the breaker
+                await budgets.asleep(min(RECHECK, deadline - clock()))
+            finally:
+                attempt_only.reset(token)
+                ticket.done()

@@ -1,0 +1,87 @@
+# Generated from _budgeted_async.py by scripts/unasync.py: do not edit.
+# Edit the async source and run `python scripts/unasync.py`.
+"""``BudgetedCalls.call_sync``: a call with budgets, from any thread.
+
+Generated from ``_budgeted_async.py`` (``BudgetedCalls.call_async``) by
+``scripts/unasync.py``: edit that file, never this one. The waiting is
+``Budgets.sleep`` and ``Budgets.admit_sync``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from breakerd.protocol import BudgetExceededError, CircuitBreakerOpenError, CircuitState, Snapshot
+
+from ._budgets import RECHECK, Budgets, Ticket, attempt_only, current_ticket
+
+__all__ = ["SyncBudgetedCalls"]
+
+
+class SyncBudgetedCalls:
+    """The sync call path of ``BudgetedCalls``."""
+
+    budgets: Budgets
+    wait: float
+    _snapshot: Callable[[], Snapshot]
+    _clock: Callable[[], float]
+
+    if TYPE_CHECKING:
+
+        def _recovery_wait(self, deadline: float) -> tuple[float, bool]: ...
+
+    def call_sync(
+        self,
+        inner: Callable[..., Any],
+        reject: Callable[..., Any],
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        cost: float,
+    ) -> Any:
+        clock = self._clock
+        budgets = self.budgets
+        deadline = clock() + self.wait
+        outage = False
+        ran = False
+        ticket: Ticket | None = None
+
+        def run(*call_args: Any, **call_kwargs: Any) -> Any:
+            nonlocal ran
+            ran = True
+            attempt_only.set(False)  # calls made inside it are not ours
+            current_ticket.set(ticket)
+            return func(*call_args, **call_kwargs)
+
+        while True:
+            pause, waiting = self._recovery_wait(deadline)
+            outage = outage or waiting
+            if pause > 0:
+                budgets.sleep(pause)
+                continue
+            if pause < 0:
+                deadline = clock()
+            snapshot = self._snapshot()
+            if outage and snapshot.state is CircuitState.CLOSED:
+                leave = min(budgets.ramp_slot(snapshot.generation, clock()), deadline)
+                if leave > clock():
+                    budgets.sleep(leave - clock())
+                outage = False
+            try:
+                ticket = budgets.admit_sync(deadline, cost)
+            except BudgetExceededError as exc:
+                return reject(exc, args, kwargs)
+            token = attempt_only.set(clock() < deadline)
+            try:
+                return inner(run, *args, **kwargs)
+            except CircuitBreakerOpenError as exc:
+                if ran:
+                    raise
+                if clock() >= deadline:
+                    return reject(exc, args, kwargs)
+                outage = True  # rejected before it ran: wait for the breaker
+                budgets.sleep(min(RECHECK, deadline - clock()))
+            finally:
+                attempt_only.reset(token)
+                ticket.done()
