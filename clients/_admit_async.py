@@ -35,6 +35,7 @@ class AsyncAdmission:
     clock: Callable[[], float]
     _concurrency: ConcurrencyBudget | None
     _lease_waiters: deque[Callable[[], None]]
+    _free_ticket: Ticket
 
     if TYPE_CHECKING:
 
@@ -69,6 +70,8 @@ class AsyncAdmission:
             if lease:
                 self._release_lease(lease)
             raise
+        if not (lease or header or cost):
+            return self._free_ticket
         return _budgets.Ticket(self, lease, header, cost)
 
     async def _lease_async(self, deadline: float) -> int:

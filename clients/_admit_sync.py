@@ -33,6 +33,7 @@ class SyncAdmission:
     clock: Callable[[], float]
     _concurrency: ConcurrencyBudget | None
     _lease_waiters: deque[Callable[[], None]]
+    _free_ticket: Ticket
 
     if TYPE_CHECKING:
 
@@ -67,6 +68,8 @@ class SyncAdmission:
             if lease:
                 self._release_lease(lease)
             raise
+        if not (lease or header or cost):
+            return self._free_ticket
         return _budgets.Ticket(self, lease, header, cost)
 
     def _lease_sync(self, deadline: float) -> int:

@@ -41,6 +41,32 @@ class AsyncBudgetedCalls:
         kwargs: dict[str, Any],
         cost: float,
     ) -> Any:
+        if self.wait or cost or attempt_only.get() or current_ticket.get() is not None:
+            return await self._call_waiting_async(inner, reject, func, args, kwargs, cost)
+        # The fast case, most calls: no time to wait and no tokens to account
+        # for. One admission, then the breaker's own path, which answers its
+        # own rejection at once; no retry loop, so no closure to learn whether
+        # the function ran and no context variable to set.
+        try:
+            ticket = await self.budgets.admit_async(self._clock(), 0.0)
+        except BudgetExceededError as exc:
+            return await reject(exc, args, kwargs)
+        try:
+            return await inner(func, *args, **kwargs)
+        finally:
+            ticket.done()
+
+    async def _call_waiting_async(
+        self,
+        inner: Callable[..., Awaitable[Any]],
+        reject: Callable[..., Awaitable[Any]],
+        func: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        cost: float,
+    ) -> Any:
+        # A call that may wait (for a slot, a lease, the breaker's recovery)
+        # and tries the breaker again while time is left.
         clock = self._clock
         budgets = self.budgets
         deadline = clock() + self.wait
@@ -52,8 +78,13 @@ class AsyncBudgetedCalls:
             nonlocal ran
             ran = True
             attempt_only.set(False)  # calls made inside it are not ours
-            current_ticket.set(ticket)
-            return await func(*call_args, **call_kwargs)
+            token = current_ticket.set(ticket)
+            try:
+                return await func(*call_args, **call_kwargs)
+            finally:
+                # Not left behind: a later call in this context must not
+                # take it for its own (nor miss the fast case for it).
+                current_ticket.reset(token)
 
         while True:
             pause, waiting = self._recovery_wait(deadline)

@@ -40,6 +40,32 @@ class SyncBudgetedCalls:
         kwargs: dict[str, Any],
         cost: float,
     ) -> Any:
+        if self.wait or cost or attempt_only.get() or current_ticket.get() is not None:
+            return self._call_waiting_sync(inner, reject, func, args, kwargs, cost)
+        # The fast case, most calls: no time to wait and no tokens to account
+        # for. One admission, then the breaker's own path, which answers its
+        # own rejection at once; no retry loop, so no closure to learn whether
+        # the function ran and no context variable to set.
+        try:
+            ticket = self.budgets.admit_sync(self._clock(), 0.0)
+        except BudgetExceededError as exc:
+            return reject(exc, args, kwargs)
+        try:
+            return inner(func, *args, **kwargs)
+        finally:
+            ticket.done()
+
+    def _call_waiting_sync(
+        self,
+        inner: Callable[..., Any],
+        reject: Callable[..., Any],
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        cost: float,
+    ) -> Any:
+        # A call that may wait (for a slot, a lease, the breaker's recovery)
+        # and tries the breaker again while time is left.
         clock = self._clock
         budgets = self.budgets
         deadline = clock() + self.wait
@@ -51,8 +77,13 @@ class SyncBudgetedCalls:
             nonlocal ran
             ran = True
             attempt_only.set(False)  # calls made inside it are not ours
-            current_ticket.set(ticket)
-            return func(*call_args, **call_kwargs)
+            token = current_ticket.set(ticket)
+            try:
+                return func(*call_args, **call_kwargs)
+            finally:
+                # Not left behind: a later call in this context must not
+                # take it for its own (nor miss the fast case for it).
+                current_ticket.reset(token)
 
         while True:
             pause, waiting = self._recovery_wait(deadline)

@@ -79,10 +79,11 @@ def estimate_cost(kwargs: Mapping[str, Any]) -> float:
     given = call_cost.get()
     if given is not None:
         return float(given)
-    for key in ("max_tokens", "max_output_tokens", "max_completion_tokens"):
-        value = kwargs.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-            return float(value)
+    if kwargs:  # most calls pass none: no lookups then
+        for key in ("max_tokens", "max_output_tokens", "max_completion_tokens"):
+            value = kwargs.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                return float(value)
     return 0.0
 
 
@@ -168,6 +169,10 @@ class Budgets(AsyncAdmission, SyncAdmission):
         self._lease_waiters: deque[Callable[[], None]] = deque()
         # The recovery ramp: (generation it is for, when it began, next index).
         self._ramp: tuple[int, float, int] = (-1, 0.0, 0)
+        # The ticket of every call with nothing to give back (no lease, no
+        # header budget, no tokens): shared, as its ``done()`` does nothing,
+        # so the common call builds none.
+        self._free_ticket = Ticket(self, 0, False, 0.0)
 
     @property
     def rate_interval(self) -> float | None:

@@ -113,6 +113,7 @@ Generated from ``_admit_async.py`` (``Budgets.admit_async``) by
         names={
             "AsyncBudgetedCalls": "SyncBudgetedCalls",
             "call_async": "call_sync",
+            "_call_waiting_async": "_call_waiting_sync",
             "admit_async": "admit_sync",
             "asleep": "sleep",
         },

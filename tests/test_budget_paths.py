@@ -7,14 +7,25 @@ not what its source generates.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from breakerd.actor import ActorSystem
+from breakerd.actor.testing import FakeClock
+from breakerd.clients import CircuitBreaker
+from breakerd.clients._budgeted import current_ticket
+from breakerd.clients._budgets import Budgets, Ticket
+from breakerd.protocol import BudgetExceededError
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "unasync.py"
@@ -64,3 +75,160 @@ def test_an_edit_to_one_side_only_fails_the_check(tmp_path: Path, source: str, t
     assert len(found) == 1
     assert target in found[0]
     assert f"edit {source} only" in found[0]
+
+
+# -- the call path itself ----------------------------------------------------------------------
+
+
+def test_a_nested_call_leaves_the_outer_calls_usage_to_the_outer_call(
+    system: ActorSystem, clock: FakeClock
+) -> None:
+    # The outer call's usage, fed after a nested call of the same breaker
+    # ended, corrects the outer call's own estimate.
+    breaker = CircuitBreaker("nested-usage", system=system)
+    breaker.observe_limits(remaining_tokens=1000, reset_tokens=60.0)
+
+    def used(tokens: int, max_tokens: int) -> int:
+        breaker.observe_limits(used_tokens=tokens)
+        return tokens
+
+    def outer(max_tokens: int) -> int:
+        breaker.call_sync(used, 50, max_tokens=100)
+        breaker.observe_limits(used_tokens=100)
+        return 100
+
+    assert breaker.call_sync(outer, max_tokens=600) == 100
+    # 1000 - 100 - 50 = 850 left: room for 800 more.
+    assert breaker.call_sync(used, 800, max_tokens=800) == 800
+
+
+@pytest.mark.anyio
+async def test_a_nested_async_call_leaves_the_outer_calls_usage_to_the_outer_call(
+    system: ActorSystem, clock: FakeClock
+) -> None:
+    breaker = CircuitBreaker("nested-usage-async", system=system)
+    breaker.observe_limits(remaining_tokens=1000, reset_tokens=60.0)
+
+    async def used(tokens: int, max_tokens: int) -> int:
+        breaker.observe_limits(used_tokens=tokens)
+        return tokens
+
+    async def outer(max_tokens: int) -> int:
+        await breaker.call(used, 50, max_tokens=100)
+        breaker.observe_limits(used_tokens=100)
+        return 100
+
+    assert await breaker.call(outer, max_tokens=600) == 100
+    assert await breaker.call(used, 800, max_tokens=800) == 800
+
+
+def test_a_finished_call_leaves_no_ticket_behind(system: ActorSystem, clock: FakeClock) -> None:
+    breaker = CircuitBreaker("no-ticket-left", system=system)
+    breaker.observe_limits(remaining_tokens=1000, reset_tokens=60.0)
+    seen: list[Ticket | None] = []
+    breaker.call_sync(lambda max_tokens: seen.append(current_ticket.get()), max_tokens=10)
+    assert seen[0] is not None
+    assert seen[0].cost == 10
+    # Fed outside any call, the usage corrects nothing (it belongs to no call).
+    assert current_ticket.get() is None
+
+
+def test_calls_with_nothing_to_give_back_share_one_ticket(clock: FakeClock) -> None:
+    budgets = Budgets(
+        "shared-ticket", max_rate="1000/s", burst=10, max_concurrent=None, wait=0.0, clock=clock
+    )
+    first = budgets.admit_sync(clock())
+    assert budgets.admit_sync(clock()) is first
+    first.done()
+    first.done()
+    assert budgets.admit_sync(clock(), cost=5.0) is not first  # a cost to account for
+
+
+@pytest.mark.anyio
+async def test_the_fallback_answers_an_async_budget_refusal(system: ActorSystem) -> None:
+    breaker = CircuitBreaker(
+        "rate-fallback-async", max_rate="1/min", fallback=lambda x: f"later:{x}", system=system
+    )
+
+    async def now(x: int) -> str:
+        return f"now:{x}"
+
+    assert await breaker.call(now, 1) == "now:1"
+    assert await breaker.call(now, 2) == "later:2"
+
+
+# -- the two colours decide alike ----------------------------------------------------------------
+
+Step = tuple[float, int]  # (seconds to let pass first, max_tokens or 0)
+
+
+def _trace_sync(breaker: CircuitBreaker, clock: FakeClock, steps: list[Step]) -> list[object]:
+    start = clock()
+    trace: list[object] = []
+    for pause, tokens in steps:
+        clock.advance(pause)
+        kwargs = {"max_tokens": tokens} if tokens else {}
+        try:
+            trace.append(breaker.call_sync(lambda **_: "ran", **kwargs))
+        except BudgetExceededError as exc:
+            retry = None if exc.retry_after is None else round(exc.retry_after, 6)
+            trace.append((exc.reason, retry))
+        trace.append(round(clock() - start, 6))
+    return trace
+
+
+def _trace_async(breaker: CircuitBreaker, clock: FakeClock, steps: list[Step]) -> list[object]:
+    async def ran(**_: object) -> str:
+        return "ran"
+
+    async def run() -> list[object]:
+        start = clock()
+        trace: list[object] = []
+        for pause, tokens in steps:
+            clock.advance(pause)
+            kwargs = {"max_tokens": tokens} if tokens else {}
+            try:
+                trace.append(await breaker.call(ran, **kwargs))
+            except BudgetExceededError as exc:
+                retry = None if exc.retry_after is None else round(exc.retry_after, 6)
+                trace.append((exc.reason, retry))
+            trace.append(round(clock() - start, 6))
+        return trace
+
+    return asyncio.run(run())
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    rate=st.sampled_from(["5/s", "20/s", "600/min"]),
+    burst=st.integers(1, 3),
+    wait=st.sampled_from([0.0, 0.3]),
+    headers=st.booleans(),
+    steps=st.lists(
+        st.tuples(st.sampled_from([0.0, 0.01, 0.1, 0.5]), st.sampled_from([0, 50, 400])),
+        max_size=12,
+    ),
+)
+def test_sync_and_async_calls_are_admitted_alike(
+    system: ActorSystem,
+    clock: FakeClock,
+    rate: str,
+    burst: int,
+    wait: float,
+    headers: bool,
+    steps: list[Step],
+) -> None:
+    # The same calls, one breaker each colour: the same answers at the same times.
+    traces = []
+    for trace in (_trace_sync, _trace_async):
+        breaker = CircuitBreaker(
+            f"parity-{uuid.uuid4().hex}", max_rate=rate, burst=burst, wait=wait, system=system
+        )
+        if headers:
+            breaker.observe_limits(
+                remaining_requests=8, reset_requests=1.0, remaining_tokens=1000, reset_tokens=1.0
+            )
+        traces.append(trace(breaker, clock, steps))
+    assert traces[0] == traces[1]
