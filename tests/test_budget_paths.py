@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from breakerd.actor import ActorSystem
 from breakerd.actor.testing import FakeClock
-from breakerd.clients import CircuitBreaker
+from breakerd.clients import CircuitBreaker, CircuitBreakerOpenError
 from breakerd.clients._budgeted import current_ticket
 from breakerd.clients._budgets import Budgets, Ticket
 from breakerd.protocol import BudgetExceededError
@@ -155,6 +155,21 @@ async def test_the_fallback_answers_an_async_budget_refusal(system: ActorSystem)
 
     assert await breaker.call(now, 1) == "now:1"
     assert await breaker.call(now, 2) == "later:2"
+
+
+def test_a_fallback_that_raises_runs_once(system: ActorSystem) -> None:
+    # A rejected call answers with its fallback once, whatever the fallback does.
+    ran: list[int] = []
+
+    def fallback() -> int:
+        ran.append(1)
+        raise CircuitBreakerOpenError("elsewhere", None, "open", None, None)
+
+    breaker = CircuitBreaker("fallback-once", max_rate="1000/s", fallback=fallback, system=system)
+    breaker.force_open()
+    with pytest.raises(CircuitBreakerOpenError):
+        breaker.call_sync(lambda: 1)
+    assert ran == [1]
 
 
 # -- the two colours decide alike ----------------------------------------------------------------
