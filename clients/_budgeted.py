@@ -13,7 +13,8 @@ breaker's own call path runs the function. A rejection before the function
 ran (the breaker not closed yet, its trial taken) while time is left sends
 the call back to waiting; the fallback answers only once it cannot wait
 any longer. Calls that waited through an outage leave in a doubling ramp
-once the breaker closes (``ramp_offset``).
+once the breaker closes (``ramp_offset``). The call path is written once,
+in ``_budgeted_async`` (``call_sync`` is generated from it).
 """
 
 from __future__ import annotations

@@ -16,6 +16,11 @@ release of a lease wakes the first of them (sync and async waiters alike).
 On a ``FakeClock`` (anything with a ``sleep`` method) every wait goes
 through that clock's ``sleep`` instead, so logic tests never sleep.
 
+The waiting itself (``admit_async``) is written once, in ``_admit_async``;
+``admit_sync`` is generated from it (``scripts/unasync.py``). What differs
+between the colours is here: ``_sleep`` / ``_asleep``, ``_wait_turn`` /
+``_await_turn``.
+
 Host-wide (daemon mode), the same ``Budgets`` asks a ``SlotSource`` (the
 daemon) for its slots and leases instead of the local budgets: see
 ``_budget_link``.

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -177,40 +178,35 @@ def test_a_fallback_that_raises_runs_once(system: ActorSystem) -> None:
 Step = tuple[float, int]  # (seconds to let pass first, max_tokens or 0)
 
 
-def _trace_sync(breaker: CircuitBreaker, clock: FakeClock, steps: list[Step]) -> list[object]:
+def _call_sync(breaker: CircuitBreaker, kwargs: dict[str, int]) -> object:
+    return breaker.call_sync(lambda **_: "ran", **kwargs)
+
+
+def _call_async(breaker: CircuitBreaker, kwargs: dict[str, int]) -> object:
+    async def ran(**_: object) -> str:
+        return "ran"
+
+    # A loop per call: the budgets keep nothing of a loop between calls.
+    return asyncio.run(breaker.call(ran, **kwargs))
+
+
+def _trace(
+    call: Callable[[CircuitBreaker, dict[str, int]], object],
+    breaker: CircuitBreaker,
+    clock: FakeClock,
+    steps: list[Step],
+) -> list[object]:
     start = clock()
     trace: list[object] = []
     for pause, tokens in steps:
         clock.advance(pause)
-        kwargs = {"max_tokens": tokens} if tokens else {}
         try:
-            trace.append(breaker.call_sync(lambda **_: "ran", **kwargs))
+            trace.append(call(breaker, {"max_tokens": tokens} if tokens else {}))
         except BudgetExceededError as exc:
             retry = None if exc.retry_after is None else round(exc.retry_after, 6)
             trace.append((exc.reason, retry))
         trace.append(round(clock() - start, 6))
     return trace
-
-
-def _trace_async(breaker: CircuitBreaker, clock: FakeClock, steps: list[Step]) -> list[object]:
-    async def ran(**_: object) -> str:
-        return "ran"
-
-    async def run() -> list[object]:
-        start = clock()
-        trace: list[object] = []
-        for pause, tokens in steps:
-            clock.advance(pause)
-            kwargs = {"max_tokens": tokens} if tokens else {}
-            try:
-                trace.append(await breaker.call(ran, **kwargs))
-            except BudgetExceededError as exc:
-                retry = None if exc.retry_after is None else round(exc.retry_after, 6)
-                trace.append((exc.reason, retry))
-            trace.append(round(clock() - start, 6))
-        return trace
-
-    return asyncio.run(run())
 
 
 @settings(
@@ -237,7 +233,7 @@ def test_sync_and_async_calls_are_admitted_alike(
 ) -> None:
     # The same calls, one breaker each colour: the same answers at the same times.
     traces = []
-    for trace in (_trace_sync, _trace_async):
+    for call in (_call_sync, _call_async):
         breaker = CircuitBreaker(
             f"parity-{uuid.uuid4().hex}", max_rate=rate, burst=burst, wait=wait, system=system
         )
@@ -245,5 +241,5 @@ def test_sync_and_async_calls_are_admitted_alike(
             breaker.observe_limits(
                 remaining_requests=8, reset_requests=1.0, remaining_tokens=1000, reset_tokens=1.0
             )
-        traces.append(trace(breaker, clock, steps))
+        traces.append(_trace(call, breaker, clock, steps))
     assert traces[0] == traces[1]
