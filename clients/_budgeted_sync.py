@@ -40,51 +40,26 @@ class SyncBudgetedCalls:
         kwargs: dict[str, Any],
         cost: float,
     ) -> Any:
-        if self.wait or cost or attempt_only.get() or current_ticket.get() is not None:
-            return self._call_waiting_sync(inner, reject, func, args, kwargs, cost)
-        # The fast case, most calls: no time to wait and no tokens to account
-        # for. One admission, then the breaker's own path, which answers its
-        # own rejection at once; no retry loop, so no closure to learn whether
-        # the function ran and no context variable to set.
-        try:
-            ticket = self.budgets.admit_sync(self._clock(), 0.0)
-        except BudgetExceededError as exc:
-            return reject(exc, args, kwargs)
-        try:
-            return inner(func, *args, **kwargs)
-        finally:
-            ticket.done()
-
-    def _call_waiting_sync(
-        self,
-        inner: Callable[..., Any],
-        reject: Callable[..., Any],
-        func: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        cost: float,
-    ) -> Any:
+        budgets = self.budgets
+        if not (self.wait or cost or attempt_only.get() or current_ticket.get() is not None):
+            # The fast case, most calls: no time to wait and no tokens to
+            # account for. One admission, then the breaker's own path, which
+            # answers its own rejection at once; no retry loop, so nothing to
+            # learn whether the function ran and no context variable to set.
+            try:
+                admitted = budgets.admit_sync(self._clock(), 0.0)
+            except BudgetExceededError as exc:
+                return reject(exc, args, kwargs)
+            try:
+                return inner(func, *args, **kwargs)
+            finally:
+                admitted.done()
         # A call that may wait (for a slot, a lease, the breaker's recovery)
         # and tries the breaker again while time is left.
         clock = self._clock
-        budgets = self.budgets
         deadline = clock() + self.wait
         outage = False
-        ran = False
-        ticket: Ticket | None = None
-
-        def run(*call_args: Any, **call_kwargs: Any) -> Any:
-            nonlocal ran
-            ran = True
-            attempt_only.set(False)  # calls made inside it are not ours
-            token = current_ticket.set(ticket)
-            try:
-                return func(*call_args, **call_kwargs)
-            finally:
-                # Not left behind: a later call in this context must not
-                # take it for its own (nor miss the fast case for it).
-                current_ticket.reset(token)
-
+        run = _Attempt(func)
         while True:
             pause, waiting = self._recovery_wait(deadline)
             outage = outage or waiting
@@ -100,14 +75,14 @@ class SyncBudgetedCalls:
                     budgets.sleep(leave - clock())
                 outage = False
             try:
-                ticket = budgets.admit_sync(deadline, cost)
+                ticket = run.ticket = budgets.admit_sync(deadline, cost)
             except BudgetExceededError as exc:
                 return reject(exc, args, kwargs)
             token = attempt_only.set(clock() < deadline)
             try:
                 return inner(run, *args, **kwargs)
             except CircuitBreakerOpenError as exc:
-                if ran:
+                if run.ran:
                     raise
                 if clock() >= deadline:
                     return reject(exc, args, kwargs)
@@ -116,3 +91,25 @@ class SyncBudgetedCalls:
             finally:
                 attempt_only.reset(token)
                 ticket.done()
+
+
+class _Attempt:
+    """A waiting call's function as the breaker runs it, telling whether it ran."""
+
+    __slots__ = ("func", "ran", "ticket")
+
+    def __init__(self, func: Callable[..., Any]) -> None:
+        self.func = func
+        self.ran = False
+        self.ticket: Ticket | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.ran = True
+        attempt_only.set(False)  # calls made inside it are not ours
+        token = current_ticket.set(self.ticket)
+        try:
+            return self.func(*args, **kwargs)
+        finally:
+            # Not left behind: a later call in this context must not take it
+            # for its own (nor miss the fast case for it).
+            current_ticket.reset(token)
