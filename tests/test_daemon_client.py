@@ -46,8 +46,10 @@ from breakerd.actor import ActorSystem, BreakerConfig, Transition
 from breakerd.clients import CircuitBreaker, CircuitState, DaemonUnavailableError
 from breakerd.clients._core import ClientCore
 from breakerd.clients._daemon_client import DaemonClient
+from breakerd.clients._daemon_socket import DaemonSocket
 from breakerd.clients._globals import get_client
 from breakerd.clients._link import RemoteBreaker
+from breakerd.clients._reader import ReaderBaton
 from breakerd.protocol import Acquire, Admission, Outcome, RequestMessage, Snapshot, StatePush
 from breakerd.protocol._codec import ResultMessage
 
@@ -105,17 +107,17 @@ def test_a_hung_daemon_times_out(
 
 
 class ReadSpy:
-    """Which threads fed the client's core (``DaemonClient._read_socket``), and how often."""
+    """Which threads read the client's socket (``ReaderBaton.read``), and how often."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.threads: list[int] = []
-        read = DaemonClient._read_socket
+        read = ReaderBaton.read
 
-        def spy(client: DaemonClient) -> str | None:
+        def spy(baton: ReaderBaton, conn: DaemonSocket) -> str | None:
             self.threads.append(threading.get_ident())
-            return read(client)
+            return read(baton, conn)
 
-        monkeypatch.setattr(DaemonClient, "_read_socket", spy)
+        monkeypatch.setattr(ReaderBaton, "read", spy)
 
 
 def caller_reading(client: DaemonClient) -> int:
@@ -123,7 +125,7 @@ def caller_reading(client: DaemonClient) -> int:
     io_thread = client._thread.ident
 
     def reading() -> int:
-        ident = client._reader_ident
+        ident = client._baton.holder
         return ident if ident is not None and ident != io_thread else 0
 
     return wait_until(reading)
@@ -145,7 +147,7 @@ def waiter_and_reader(
 
 def baton_free(client: DaemonClient) -> None:
     """Wait until nobody reads (the IO thread may still be running the last callbacks)."""
-    wait_until(lambda: client._reader_ident is None)
+    wait_until(lambda: client._baton.holder is None)
 
 
 def numbered_admissions(daemon: FakeDaemon) -> None:
@@ -388,7 +390,7 @@ def test_a_reader_interrupted_while_reading_drops_the_connection_not_the_replies
         # B still gets the daemon's answer: the connection was dropped, and
         # the IO thread delivered what the interrupted reader had decoded.
         assert other.result(WAIT).lease == 7
-    assert client._reader_ident != reader_ident
+    assert client._baton.holder != reader_ident
     baton_free(client)  # given back, not leaked
     wait_until(lambda: link.remote)  # reconnected
     monkeypatch.setattr(ClientCore, "_response", response)
@@ -422,7 +424,7 @@ def test_a_reader_interrupted_while_dispatching_still_delivers_the_others(
         with pytest.raises(KeyboardInterrupt):
             reader.result(WAIT)
         assert other.result(WAIT).lease == 8
-    assert client._reader_ident != reader_ident
+    assert client._baton.holder != reader_ident
     baton_free(client)  # given back, not leaked
     assert link.snapshot == opened
 
