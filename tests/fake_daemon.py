@@ -27,6 +27,7 @@ from breakerd.actor.daemon._state_table import SharedStateTable
 from breakerd.clients import CircuitState
 from breakerd.clients._daemon_client import DaemonClient
 from breakerd.clients._globals import close_all_clients
+from breakerd.clients._handle import BreakerHandle
 from breakerd.clients._link import RemoteBreaker
 from breakerd.protocol import (
     NEED_DATA,
@@ -418,8 +419,8 @@ def make_client_fixture(sock_path: str) -> Iterator[Callable[..., DaemonClient]]
 # -- helpers ---------------------------------------------------------------------------
 
 
-def ask(link: RemoteBreaker, message: object) -> Any:
-    """A blocking request through a link, as the facade's ``_request_sync`` does it."""
+def ask(link: BreakerHandle, message: object) -> Any:
+    """A blocking request through a handle (a link, a policy), as the facade's ``_request_sync``."""
     future: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
     def reply(result: Any, error: BaseException | None) -> None:
