@@ -27,12 +27,14 @@ from fake_daemon import (  # noqa: F401 - fixtures, found by pytest under their 
     WAIT,
     Boom,
     FakeDaemon,
+    MakeLink,
     Peer,
     ask,
     close_clients_after,
     fail_sync,
     fake_daemon,
     make_client_fixture,
+    make_link_fixture,
     ok_sync,
     record_transitions,
     snap,
@@ -56,12 +58,9 @@ from breakerd.protocol._codec import ResultMessage
 pytestmark = pytest.mark.anyio
 
 
-def test_replies_out_of_order_over_the_socket(
-    daemon: FakeDaemon, make_client: Callable[..., DaemonClient]
-) -> None:
+def test_replies_out_of_order_over_the_socket(daemon: FakeDaemon, make_link: MakeLink) -> None:
     daemon.states["svc"] = snap("svc", CircuitState.HALF_OPEN, 1)
-    client = make_client()
-    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), client=client)
+    link = make_link()
     daemon.hold.add(Acquire)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         first = pool.submit(ask, link, Acquire("svc"))
@@ -94,13 +93,9 @@ def test_pending_requests_fail_at_once_when_the_daemon_drops(
             call.result(WAIT)
 
 
-def test_a_hung_daemon_times_out(
-    daemon: FakeDaemon, make_client: Callable[..., DaemonClient]
-) -> None:
-    client = make_client(request_timeout=0.2, backoff_min=60.0, backoff_max=60.0)
-    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), "deny", client=client)
+def test_a_hung_daemon_times_out(daemon: FakeDaemon, make_link: MakeLink) -> None:
+    link = hung_link(daemon, make_link)
     (peer,) = daemon.live_peers()
-    daemon.hold.add(Acquire)
     with pytest.raises(DaemonUnavailableError, match=r"no reply within 0\.2s"):
         ask(link, Acquire("svc"))
     daemon.wait_for(lambda: peer.closed)  # the client hung up on it
@@ -150,6 +145,24 @@ def baton_free(client: DaemonClient) -> None:
     wait_until(lambda: client._baton.holder is None)
 
 
+def held_link(daemon: FakeDaemon, make_link: MakeLink) -> RemoteBreaker:
+    """A "deny" link that nobody reads for, whose acquires the daemon holds.
+
+    Its requests time out only after 120 s: only what a test does ends a wait.
+    """
+    link = make_link("deny", request_timeout=120.0)
+    baton_free(link.client)
+    daemon.hold.add(Acquire)
+    return link
+
+
+def hung_link(daemon: FakeDaemon, make_link: MakeLink) -> RemoteBreaker:
+    """A "deny" link whose acquires the daemon holds, timed out after 0.2 s, never reconnected."""
+    link = make_link("deny", request_timeout=0.2, backoff_min=60.0, backoff_max=60.0)
+    daemon.hold.add(Acquire)
+    return link
+
+
 def numbered_admissions(daemon: FakeDaemon) -> None:
     """Answer every ``Acquire`` with lease = its rank among that breaker's acquires (1, 2...)."""
     answer = daemon.answer
@@ -167,10 +180,10 @@ def numbered_admissions(daemon: FakeDaemon) -> None:
 
 
 def test_a_sync_caller_reads_its_own_reply(
-    daemon: FakeDaemon, make_client: Callable[..., DaemonClient], monkeypatch: pytest.MonkeyPatch
+    daemon: FakeDaemon, make_link: MakeLink, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    client = make_client()
-    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), client=client)
+    link = make_link()
+    client = link.client
     spy = ReadSpy(monkeypatch)
     for _ in range(50):
         assert link.ask_sync(Acquire("svc")).admitted
@@ -275,13 +288,11 @@ async def test_async_and_sync_strict_callers_share_the_connection(
 
 
 def test_a_reader_fails_at_once_when_the_daemon_drops(
-    daemon: FakeDaemon, make_client: Callable[..., DaemonClient]
+    daemon: FakeDaemon, make_link: MakeLink
 ) -> None:
     # A long request timeout: only the dropped connection can end the wait.
-    client = make_client(request_timeout=120.0)
-    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), "deny", client=client)
-    baton_free(client)
-    daemon.hold.add(Acquire)
+    link = held_link(daemon, make_link)
+    client = link.client
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         call = pool.submit(link.ask_sync, Acquire("svc"))
         daemon.wait_for(lambda: len(daemon.held) == 1)
@@ -298,26 +309,19 @@ def test_a_reader_fails_at_once_when_the_daemon_drops(
     assert link.ask_sync(Acquire("svc")).admitted
 
 
-def test_a_reader_of_a_hung_daemon_times_out(
-    daemon: FakeDaemon, make_client: Callable[..., DaemonClient]
-) -> None:
-    client = make_client(request_timeout=0.2, backoff_min=60.0, backoff_max=60.0)
-    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), "deny", client=client)
+def test_a_reader_of_a_hung_daemon_times_out(daemon: FakeDaemon, make_link: MakeLink) -> None:
+    link = hung_link(daemon, make_link)
+    client = link.client
     (peer,) = daemon.live_peers()
-    daemon.hold.add(Acquire)
     with pytest.raises(DaemonUnavailableError, match=r"no reply within 0\.2s"):
         link.ask_sync(Acquire("svc"))
     daemon.wait_for(lambda: peer.closed)
     baton_free(client)  # given back, not leaked
 
 
-def test_closing_the_client_ends_a_readers_wait(
-    daemon: FakeDaemon, make_client: Callable[..., DaemonClient]
-) -> None:
-    client = make_client(request_timeout=120.0)
-    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), "deny", client=client)
-    baton_free(client)
-    daemon.hold.add(Acquire)
+def test_closing_the_client_ends_a_readers_wait(daemon: FakeDaemon, make_link: MakeLink) -> None:
+    link = held_link(daemon, make_link)
+    client = link.client
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         call = pool.submit(link.ask_sync, Acquire("svc"))
         caller_reading(client)
@@ -364,12 +368,10 @@ def test_a_callback_run_by_a_reader_cannot_wait_for_a_reply(
 
 
 def test_a_reader_interrupted_while_reading_drops_the_connection_not_the_replies(
-    daemon: FakeDaemon, make_client: Callable[..., DaemonClient], monkeypatch: pytest.MonkeyPatch
+    daemon: FakeDaemon, make_link: MakeLink, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    client = make_client(request_timeout=120.0)
-    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), "deny", client=client)
-    baton_free(client)
-    daemon.hold.add(Acquire)
+    link = held_link(daemon, make_link)
+    client = link.client
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         # B waits for its reply without reading; A reads, and is interrupted
         # (as by Ctrl-C in the main thread) just after the core took B's reply
@@ -399,12 +401,10 @@ def test_a_reader_interrupted_while_reading_drops_the_connection_not_the_replies
 
 
 def test_a_reader_interrupted_while_dispatching_still_delivers_the_others(
-    daemon: FakeDaemon, make_client: Callable[..., DaemonClient]
+    daemon: FakeDaemon, make_link: MakeLink
 ) -> None:
-    client = make_client(request_timeout=120.0)
-    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), "deny", client=client)
-    baton_free(client)
-    daemon.hold.add(Acquire)
+    link = held_link(daemon, make_link)
+    client = link.client
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         other, reader, reader_ident = waiter_and_reader(daemon, link, pool)
 

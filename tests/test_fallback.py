@@ -9,10 +9,8 @@ Against the fake daemon (``fake_daemon``): real Unix sockets under /tmp, no slee
 from __future__ import annotations
 
 import concurrent.futures
-import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 import structlog.testing
@@ -24,6 +22,7 @@ from fake_daemon import (  # noqa: F401 - fixtures, found by pytest under their 
     ask,
     close_clients_after,
     fail_sync,
+    failure_in_flight,
     fake_daemon,
     make_client_fixture,
     ok_sync,
@@ -239,23 +238,11 @@ def test_an_outcome_goes_back_to_the_breaker_that_admitted_it(
 ) -> None:
     # Admitted by the daemon, reported after it died: the local breaker counts it.
     breaker = CircuitBreaker("svc", min_calls=1, daemon=sock_path, system=system)
-    gate, release = threading.Event(), threading.Event()
-
-    def slow_failure() -> int:
-        gate.set()
-        assert release.wait(WAIT)
-        raise Boom("late")
-
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        call = pool.submit(breaker.call_sync, slow_failure)
-        assert gate.wait(WAIT)
+    with failure_in_flight(breaker.call_sync):
         daemon.stop()
         link = breaker._actor
         assert isinstance(link, RemoteBreaker)
         wait_until(lambda: not link.remote)
-        release.set()
-        with pytest.raises(Boom):
-            call.result(WAIT)
     local = system.get("svc")
     assert local is not None
     # The failure reached nobody else: it trips the fallback (1 of min_calls=1).
@@ -271,23 +258,11 @@ def test_a_local_outcome_stays_local_when_the_daemon_comes_back(
     link = breaker._actor
     assert isinstance(link, RemoteBreaker)
     assert not link.remote
-    gate, release = threading.Event(), threading.Event()
-
-    def slow_failure() -> int:
-        gate.set()
-        assert release.wait(WAIT)
-        raise Boom("late")
-
     daemon = None
     try:
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            call = pool.submit(breaker.call_sync, slow_failure)
-            assert gate.wait(WAIT)
+        with failure_in_flight(breaker.call_sync):
             daemon = FakeDaemon(sock_path).start()
             wait_until(lambda: link.remote)
-            release.set()
-            with pytest.raises(Boom):
-                call.result(WAIT)
         local = system.get("svc")
         assert local is not None
         assert local.snapshot.state is CircuitState.OPEN
@@ -302,16 +277,8 @@ def local_status(link: RemoteBreaker) -> BreakerStatus:
     """The local fallback breaker's counts, after everything already in its inbox."""
     local = link.local_actor
     assert local is not None
-    future: concurrent.futures.Future[BreakerStatus] = concurrent.futures.Future()
-
-    def reply(result: Any, error: BaseException | None) -> None:
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-
-    local.ask(StatusRequest(link.name), reply)
-    return future.result(WAIT)
+    status: BreakerStatus = ask(local, StatusRequest(link.name))
+    return status
 
 
 def test_an_outcome_the_caller_gave_up_on_is_counted_once_when_the_connection_drops(
