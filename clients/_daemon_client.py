@@ -1,8 +1,11 @@
 """The daemon transport: one connection per process and socket, with its IO thread.
 
-``DaemonClient`` owns the Unix socket to one daemon for one process and moves
-bytes between it and a ``ClientCore`` (``_core``), which holds every protocol
-decision. Each breaker's link (``_link.RemoteBreaker``) attaches to it; the
+``DaemonClient`` owns one process's connection to one daemon through its
+life: connecting and the handshake, writing requests and report batches,
+losing it, stalls and outages, and the links to re-register on the next one.
+It moves bytes between the socket and a ``ClientCore`` (``_core``), which
+holds every protocol decision; who reads the socket is the reader baton's
+(``_reader``). Each breaker's link (``_link.RemoteBreaker``) attaches to it; the
 client calls back on its links only through the small surface
 ``_links.LinkEvents`` names (registered, a snapshot, lost, stalled, answering
 again). One connection's socket is a ``_daemon_socket.DaemonSocket``.
@@ -19,33 +22,12 @@ guards the core) and write to the socket themselves: a request costs the
 caller one ``write``, instead of two hops through a writer thread. Reply
 callbacks and transition listeners run *outside* the lock.
 
-Reading is passed around with a baton, ``DaemonClient._reader_ident`` (the
-holder's thread id, taken under ``_lock`` and never waited for): whoever
-holds it may read the socket, feed the core and run what the core returns.
-A sync caller (``RemoteBreaker.ask_sync``) that finds the baton free takes
-it, sends its request and reads its own reply: the kernel wakes the one
-thread that waits for it, where a hand-over through the IO thread costs two
-wake-ups (the IO thread, then the caller) and a GIL hand-off. While it reads,
-it runs every event it gets -- other callers' replies, state pushes -- as the
-IO thread would, then hands the baton back. A caller that finds it taken
-waits for its reply callback, as every caller did before. On Linux the IO
-thread waits on an epoll set in which the socket is one-shot: it reports
-readable data once and stays silent until re-armed. A reader disarms it
-before its request leaves (so the reply does not wake the IO thread as well)
-and re-arms it after letting go; the IO thread, woken for data while a caller
-holds the baton, just goes back to waiting, and the re-arm wakes it if
-anything is left. So it neither spins nor blocks on a reader, and nothing
-on the socket goes unread. Only the IO thread closes the socket, and only
-while holding the baton: to drop a connection it ``shutdown()``s it, which
-ends any reader's wait at once, and takes over when the reader lets go.
-Without epoll (not Linux) callers never read; the IO thread does it all.
-
-A caller reading in the main thread can be interrupted there (``KeyboardInterrupt``,
-``SystemExit`` from a signal handler), which the IO thread never is. So the
-baton is given back in a ``finally``, and an interrupted reader drops the
-connection (what it had read may be lost or half fed), runs the replies it
-still holds for other callers, and lets the interrupt go on: no caller is left
-waiting for a reply that nobody will deliver.
+Reading is the reader baton's (``_reader.ReaderBaton``): whoever holds it
+-- the IO thread, or a sync caller reading its own reply -- reads the socket
+and hands the bytes to ``feed``, which gives them to the core and runs what
+it returns outside the lock. The baton is taken under ``_lock`` too (see
+``_reader`` for why), so the connection's three parts are: this module
+writes and replaces it, the baton reads it, the core keeps the books.
 
 Fire-and-forget outcomes take no lock: a link appends to its breaker's tally
 in the core and, only when no flush is armed yet (``flush_armed``, a plain
@@ -101,6 +83,7 @@ from ._io_poller import BATON
 from ._io_thread import IOThread
 from ._links import LinkEvents, LinkSet, run_actions
 from ._peer import trusted_uids as _trusted_uids
+from ._reader import ReaderBaton
 from ._table_reader import MappedStateTable, map_state_table
 
 __all__ = ["FLUSH_DELAY", "DaemonClient"]
@@ -134,6 +117,7 @@ class DaemonClient:
     # Slots, as for RemoteBreaker: every daemon-mode call reads flush_armed.
     __slots__ = (
         "__weakref__",
+        "_baton",
         "_closing",
         "_conn",
         "_had_welcome",
@@ -141,7 +125,6 @@ class DaemonClient:
         "_links",
         "_lock",
         "_log",
-        "_reader_ident",
         "_start_lock",
         "_started",
         "_thread",
@@ -214,10 +197,6 @@ class DaemonClient:
         self._lock = threading.Lock()
         # The current connection (None while there is none).
         self._conn: DaemonSocket | None = None
-        # The reader baton (see the module docstring): the id of the thread
-        # reading the socket (the IO thread or a caller), or None. Taken under
-        # _lock, given back by a plain store.
-        self._reader_ident: int | None = None
         self._links = LinkSet(self._lock)
         #: Set by posters (``arm_flush``), cleared by the IO thread; see post() for
         #: the race. A plain slot: the hot path reads it on every success.
@@ -233,6 +212,8 @@ class DaemonClient:
         self.stalled = False
         self._log = _logger.bind(socket=self.path)
         self._io = IOThread(self)
+        # Who reads the socket (``_reader``); taken under _lock.
+        self._baton = ReaderBaton(self, self._lock, self._io)
         # The thread itself, for tests and benchmarks that look at it.
         self._thread = self._io.thread
 
@@ -271,13 +252,18 @@ class DaemonClient:
         return self._conn is not None
 
     @property
+    def connection(self) -> DaemonSocket | None:
+        """The current connection's socket (None while there is none)."""
+        return self._conn
+
+    @property
     def closed(self) -> bool:
         return self._closing
 
     def in_io_thread(self) -> bool:
         """True in the IO thread, and in a caller's thread while it reads (and runs callbacks)."""
         ident = threading.get_ident()
-        return ident == self._io.ident or ident == self._reader_ident
+        return ident == self._io.ident or ident == self._baton.holder
 
     def close(self, timeout: float = 1.0) -> None:
         """Flush queued reports, close the connection, stop the IO thread.
@@ -334,7 +320,7 @@ class DaemonClient:
             self._links.add_locked(link)
             if self._conn is None:
                 return False
-            self._send_request_locked(
+            self.send_request_locked(
                 Register(link.name, link.config.as_dict()), link.registration(self.epoch)
             )
             return True
@@ -368,71 +354,17 @@ class DaemonClient:
         Returns False, without calling ``reply``, when there is no connection.
         """
         if read and BATON:
-            return self._request_reading(message, reply, read_timeout)
+            return self._baton.request_reading(message, reply, read_timeout)
         with self._lock:
             if self._conn is None:
                 return False
-            return self._send_request_locked(message, reply) != 0
+            return self.send_request_locked(message, reply) != 0
 
-    def _request_reading(
-        self, message: RequestMessage, reply: Reply, read_timeout: float | None
-    ) -> bool:
-        me = threading.get_ident()
-        if me == self._reader_ident or me == self._io.ident:
-            # Called back while reading for others: it would wait for itself.
-            raise RuntimeError("a breaker cannot wait for a reply in the thread that reads them")
-        poller = self._io.poller
-        took = False
-        fd = -1
-        try:
-            with self._lock:
-                conn = self._conn
-                if conn is None:
-                    return False
-                if self._reader_ident is None and poller is not None and conn.break_reason is None:
-                    fd = conn.fd
-                    # Two plain stores, nothing between them that an interrupt
-                    # can stop at: the finally gives back exactly what we took.
-                    self._reader_ident = me
-                    took = True
-                    # Before the request leaves: its reply must not wake the IO thread.
-                    poller.disarm(fd)
-                msgid = self._send_request_locked(message, reply)
-            if not took or not msgid:
-                return msgid != 0
-            read_poll = conn.read_poll
-            # Holding the baton: nobody else reads, and the socket cannot be
-            # closed under us (that takes the baton).
-            is_pending = self.core.is_pending
-            timeout = self.request_timeout
-            if read_timeout is not None and read_timeout < timeout:
-                timeout = read_timeout
-            deadline = time.monotonic() + timeout
-            while is_pending(msgid) and conn.break_reason is None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break  # the IO thread's timeout check fails it
-                if not read_poll.poll(int(remaining * 1000) + 1):
-                    continue
-                reason = self._read_socket()
-                if reason is not None:
-                    with self._lock:
-                        self._break_locked(reason)
-                    break
-            return True
-        finally:
-            if took:
-                self._reader_ident = None
-                # Given back first, re-armed second, by every holder: the IO
-                # thread, woken for data while we held the baton, left its
-                # entry off; the re-arm wakes it if anything is left, and then
-                # it finds the baton free (or held by a reader who re-arms in
-                # turn). Nothing readable is left unwatched.
-                assert poller is not None
-                poller.arm(fd)
+    def send_request_locked(self, message: RequestMessage, reply: Reply) -> int:
+        """Holding ``_lock``, connected: the request's msgid, or 0 if not sent.
 
-    def _send_request_locked(self, message: RequestMessage, reply: Reply) -> int:
-        # The request's msgid, or 0 if it was not sent (``reply`` unused).
+        ``reply`` is unused when it was not sent.
+        """
         conn = self._conn
         assert conn is not None
         try:
@@ -449,34 +381,23 @@ class DaemonClient:
         self._write_locked(conn, data)
         return msgid
 
-    def _read_socket(self) -> str | None:
-        """Holding the baton: one read, fed to the core, and what it returns run.
+    def feed(self, data: bytes) -> str | None:
+        """Holding the reader baton: bytes from the daemon fed to the core, what it returns run.
 
         Returns why the connection must be dropped, or None.
         """
-        # Holding the baton: the connection stays, and stays open.
-        conn = self._conn
-        assert conn is not None
         actions: list[Action] | None = None
         try:
-            try:
-                data = conn.read()
-            except BlockingIOError:
-                return None
-            except OSError as exc:
-                return conn.break_reason or f"read failed: {exc.strerror or exc!r}"
-            if not data:
-                return conn.break_reason or "the daemon closed the connection"
             if self.stalled:
                 self._unstall()
             with self._lock:
                 actions = self.core.receive_data(data)
                 failure = self.core.failure
         except BaseException:
-            # Interrupted (a reader in the main thread): bytes may have been
-            # read and not fed, or fed halfway. The stream cannot be trusted:
-            # drop it. The IO thread fails what is pending and delivers what
-            # the core decoded but did not hand over.
+            # Interrupted (a reader in the main thread): the bytes may have
+            # been fed halfway. The stream cannot be trusted: drop it. The IO
+            # thread fails what is pending and delivers what the core decoded
+            # but did not hand over.
             with self._lock:
                 self._break_locked("interrupted while reading from the daemon")
             if actions is not None:
@@ -484,6 +405,9 @@ class DaemonClient:
             raise
         self._dispatch(actions)
         if failure is not None:
+            # Holding the baton: the connection stays, and stays open.
+            conn = self._conn
+            assert conn is not None
             if conn.break_reason is None:
                 self._log.error("daemon_protocol_error", error=failure)
             return failure
@@ -626,7 +550,7 @@ class DaemonClient:
 
     @property
     def reader_free(self) -> bool:
-        return self._reader_ident is None
+        return self._baton.free
 
     def next_deadline(self) -> float | None:
         """When the oldest pending request times out (None: nothing pending)."""
@@ -634,27 +558,11 @@ class DaemonClient:
             return self.core.next_deadline()
 
     def serve_readable(self, fd: int) -> bool:
-        """The socket is readable: read it unless a caller holds the baton.
+        """The socket is readable: read it unless a caller holds the baton (``_reader``).
 
         False once the connection is gone (dropped here).
         """
-        with self._lock:
-            if self._reader_ident is not None:
-                return True  # a caller is reading: it re-arms the entry when it lets go
-            self._reader_ident = threading.get_ident()
-        try:
-            conn = self._conn
-            assert conn is not None
-            reason = conn.break_reason or self._read_socket()
-            if reason is not None:
-                self._lost(reason)
-                return False
-        finally:
-            self._reader_ident = None
-        poller = self._io.poller
-        assert poller is not None
-        poller.arm(fd)
-        return True
+        return self._baton.serve_readable(fd)
 
     def send_due(self, now: float, *, flush: bool) -> None:
         """Send the queued reports (``flush``); drop the connection if a request timed out."""
@@ -685,24 +593,14 @@ class DaemonClient:
 
     def drop_if_unread(self) -> bool:
         """Close a connection being dropped, unless a caller reads it; True if closed."""
-        with self._lock:
-            if self._reader_ident is not None:
-                return False
-            self._reader_ident = threading.get_ident()
-        try:
-            conn = self._conn
-            assert conn is not None
-            assert conn.break_reason is not None
-            self._lost(conn.break_reason)
-            return True
-        finally:
-            self._reader_ident = None
+        return self._baton.drop_if_unread()
 
     def log_crash(self) -> None:
         self._log.exception("daemon_client_crashed")
 
-    def _lost(self, reason: str) -> None:
-        # Called holding the baton: no other thread reads this socket or will.
+    def connection_lost(self, reason: str) -> None:
+        """Holding the reader baton: close the connection; pending requests fail with ``reason``."""
+        # No other thread reads this socket or will.
         with self._lock:
             conn = self._conn
             assert conn is not None

@@ -2,7 +2,12 @@
 
 A link (``_link.RemoteBreaker``) holds one policy for its whole life and
 hands it everything the daemon cannot take: the snapshot to show, the
-requests to answer, the outcomes of calls the policy itself admitted.
+requests to answer, the outcomes of calls the policy itself admitted. Each
+policy is a full ``BreakerHandle`` (``_handle``), so the link hands it all
+through that one protocol: ``admit``/``seen``/``snapshot``, ``ask`` (an
+acquire, status, admin, and any report: one the daemon admitted before it
+went away, or one of the policy's own generations), the ``post_*`` outcomes,
+and ``listeners`` (the local breaker's transitions, as the link shows them).
 
 * ``"local"`` (``LocalFallback``): an in-process breaker with the same
   settings, from the link's actor system (or the process-wide default);
@@ -51,6 +56,7 @@ from breakerd.protocol import (
 )
 
 from ._core import Reply
+from ._plan import plain_generation
 from ._replies import answer
 
 if TYPE_CHECKING:
@@ -89,7 +95,7 @@ class Fallback:
     may be called from any thread.
     """
 
-    __slots__ = ("client", "name")
+    __slots__ = ("_seen", "client", "listeners", "name")
 
     #: The policy's name, as ``on_unavailable`` spells it.
     policy: ClassVar[OnUnavailable]
@@ -97,25 +103,40 @@ class Fallback:
     def __init__(self, name: str, client: DaemonClient) -> None:
         self.name = name
         self.client = client
+        #: Called with ``(transition, snapshot)`` when the policy's state changes
+        #: (only the local breaker's ever does).
+        self.listeners: list[TransitionListener] = []
+        self._seen: Snapshot | None = None
 
     @property
     def snapshot(self) -> Snapshot:
         """The state the link shows while the daemon is out of reach."""
         raise NotImplementedError
 
-    def ask(self, message: object, reply: Reply | None, force: bool) -> None:
-        """Answer a request meant for the daemon (an acquire, a report, status, admin)."""
+    def admit(self) -> int | None:
+        """The generation a plain call runs under now, or None (see ``BreakerHandle``)."""
+        snapshot = self._seen = self.snapshot
+        return plain_generation(snapshot)
+
+    @property
+    def seen(self) -> Snapshot:
+        """The snapshot ``admit()`` last answered from (before any: the current one)."""
+        seen = self._seen
+        # Not made at construction: the local policy makes its breaker when first needed.
+        return seen if seen is not None else self.snapshot
+
+    def ask(self, message: object, reply: Reply | None, *, force: bool = False) -> None:
+        """Answer a request meant for the daemon (an acquire, a report, status, admin).
+
+        A report may be of a call the daemon admitted or of one this policy did.
+        """
         if type(message) is Report:
             answer(reply, self.snapshot, None)  # nothing here counts outcomes
             return
         answer(reply, None, self.unavailable_error())
 
-    def ask_own(self, report: Report, reply: Reply | None, force: bool) -> None:
-        """Take the outcome of a call this policy admitted (its generation is the policy's)."""
-        answer(reply, self.snapshot, None)
-
     def post_success(self, generation: int) -> bool:
-        """A plain success of a call this policy admitted; False: send it with ``ask_own``."""
+        """A plain success of a call this policy admitted; False: send it with ``ask``."""
         return True
 
     def post_report(self, item: tuple[int, Outcome, float]) -> bool:
@@ -152,11 +173,11 @@ class AllowFallback(Fallback):
     def snapshot(self) -> Snapshot:
         return self._snapshot
 
-    def ask(self, message: object, reply: Reply | None, force: bool) -> None:
+    def ask(self, message: object, reply: Reply | None, *, force: bool = False) -> None:
         if type(message) is Acquire:
             answer(reply, Admission(True, NO_GENERATION, 0, self._snapshot), None)
             return
-        super().ask(message, reply, force)
+        super().ask(message, reply, force=force)
 
 
 class DenyFallback(Fallback):
@@ -186,7 +207,6 @@ class LocalFallback(Fallback):
         "_config",
         "_lock",
         "_log",
-        "_on_transition",
         "_system",
         "_used",
         "_view",
@@ -207,7 +227,7 @@ class LocalFallback(Fallback):
         # the one the local breaker lives in once made.
         self._system = system
         self._used: ActorSystem | None = None
-        self._on_transition = on_transition
+        self.listeners.append(on_transition)
         self._actor: BreakerActor | None = None
         self._lock = threading.Lock()
         # (local snapshot, as shown): one tuple, read and written whole, so
@@ -224,16 +244,17 @@ class LocalFallback(Fallback):
     def snapshot(self) -> Snapshot:
         return self._to_view(self._ensure().snapshot)
 
-    def ask(self, message: object, reply: Reply | None, force: bool) -> None:
+    def ask(self, message: object, reply: Reply | None, *, force: bool = False) -> None:
         if type(message) is Report:
-            self._report(message, reply, force)
+            generation = message.generation
+            if generation >= LOCAL_GENERATION_OFFSET:
+                # One of ours: back to the local breaker's own generation.
+                moved = replace(message, generation=generation - LOCAL_GENERATION_OFFSET)
+                self._ask(moved, reply, force)
+            else:
+                self._report(message, reply, force)
             return
         self._ask(message, reply, force)
-
-    def ask_own(self, report: Report, reply: Reply | None, force: bool) -> None:
-        self._ask(
-            replace(report, generation=report.generation - LOCAL_GENERATION_OFFSET), reply, force
-        )
 
     def post_success(self, generation: int) -> bool:
         actor = self._actor
@@ -332,7 +353,9 @@ class LocalFallback(Fallback):
 
     def _transition(self, transition: Transition, snapshot: Snapshot) -> None:
         moved = replace(transition, generation=transition.generation + LOCAL_GENERATION_OFFSET)
-        self._on_transition(moved, self._to_view(snapshot))
+        shown = self._to_view(snapshot)
+        for listener in list(self.listeners):
+            listener(moved, shown)
 
 
 def make_fallback(

@@ -5,8 +5,8 @@ The facade holds one ``BreakerHandle`` and never asks which it is:
 * embedded: the breaker's ``BreakerActor`` itself (one per name and actor
   system, shared by every facade of that name);
 * daemon mode: the facade's link to the daemon's breaker (``RemoteBreaker``),
-  which hands what the daemon cannot take to its ``on_unavailable`` policy
-  (each policy is a ``BreakerState``: the handle's state and posting half);
+  which hands what the daemon cannot take to its ``on_unavailable`` policy,
+  through this same protocol (each policy, ``_fallback``, is a handle too);
 * in a forked child, until its first call: a placeholder whose every call
   takes the slow path, which opens a handle for the child first.
 
@@ -68,9 +68,7 @@ __all__ = [
 class BreakerState(Protocol):
     """A breaker's state and the outcomes that need no answer (any thread, never waits).
 
-    Every handle has it, and so does each ``on_unavailable`` policy
-    (``_fallback``): a daemon link hands it all to its policy while the daemon
-    is out of reach. Requests a policy answers through its own ``ask``.
+    The half of ``BreakerHandle`` that never waits for an answer.
     """
 
     @property
@@ -310,11 +308,12 @@ class ForkedPlaceholder:
 
 
 if TYPE_CHECKING:
-    # Each implements the handle the facade holds.
+    # Each implements the handle the facade holds, and each on_unavailable
+    # policy the same handle, which its link hands what the daemon cannot take.
     _actor_conforms: BreakerHandle = BreakerActor("x", BreakerConfig(), clock=time.monotonic)
     _link_conforms: BreakerHandle = RemoteBreaker(DaemonClient("x"), "x", BreakerConfig())
     _placeholder_conforms: BreakerHandle = ForkedPlaceholder("x")
-    _policies_conform: tuple[BreakerState, ...] = (
+    _policies_conform: tuple[BreakerHandle, ...] = (
         AllowFallback("x", DaemonClient("x")),
         DenyFallback("x", DaemonClient("x")),
         LocalFallback("x", DaemonClient("x"), BreakerConfig(), None, lambda t, s: None),

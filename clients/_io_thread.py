@@ -1,10 +1,10 @@
 """A daemon client's IO thread: when to connect, wait, read, flush, time out and give up.
 
 The thread owns its schedule and what it waits on: its wake-up pipe and an
-``IOPoller`` with the connection's socket in it. The connection itself, the
-reader baton and the core stay the client's (``_daemon_client``); the thread
-drives them through the client's methods for it (``connect``,
-``serve_readable``, ``send_due``, ``finish_writing``, ``drop``,
+``IOPoller`` with the connection's socket in it. The connection itself and
+the core stay the client's (``_daemon_client``), the reader baton is
+``_reader``'s; the thread drives them through the client's methods for it
+(``connect``, ``serve_readable``, ``send_due``, ``finish_writing``, ``drop``,
 ``drop_if_unread``).
 
 It reconnects with exponential backoff and jitter (``backoff_min`` to

@@ -465,7 +465,7 @@ class RemoteBreaker:
         if type(message) is Report:
             name, generation = message.name, message.generation
             if generation >= LOCAL_GENERATION_OFFSET:
-                self.fallback.ask_own(message, reply, force)
+                self._ask_unavailable(message, reply, force)  # admitted by the policy: its own
                 return None
             if generation < 0:
                 answer(reply, self.snapshot, None)  # admitted by "allow": counted nowhere
@@ -495,7 +495,7 @@ class RemoteBreaker:
         return None
 
     def _ask_unavailable(self, message: object, reply: Reply | None, force: bool) -> None:
-        self.fallback.ask(message, reply, force)
+        self.fallback.ask(message, reply, force=force)
 
     def _fallback_transition(self, transition: Transition, snapshot: Snapshot) -> None:
         if self._remote:

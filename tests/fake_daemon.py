@@ -9,6 +9,7 @@ with a timeout.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import shutil
 import socket
@@ -22,11 +23,14 @@ from typing import Any, TypeVar
 import pytest
 from daemon_helpers import poll_until
 
-from breakerd.actor import ActorSystem, Transition
+from breakerd.actor import ActorSystem, BreakerConfig, Transition
 from breakerd.actor.daemon._state_table import SharedStateTable
 from breakerd.clients import CircuitState
+from breakerd.clients._core import Reply
 from breakerd.clients._daemon_client import DaemonClient
+from breakerd.clients._fallback import OnUnavailable
 from breakerd.clients._globals import close_all_clients
+from breakerd.clients._handle import BreakerHandle
 from breakerd.clients._link import RemoteBreaker
 from breakerd.protocol import (
     NEED_DATA,
@@ -72,6 +76,32 @@ class Boom(Exception):
 
 def fail_sync() -> int:
     raise Boom("upstream failed")
+
+
+@contextlib.contextmanager
+def failure_in_flight(call_sync: Callable[[Callable[[], int]], int]) -> Iterator[None]:
+    """A call, in a thread of its own, that fails only after the block (``Boom("late")``).
+
+    For an outcome reported after the daemon changed under a call in flight:
+    the block runs while ``call_sync`` runs the function; after it, the
+    function fails and so must the call.
+    """
+    started, release = threading.Event(), threading.Event()
+
+    def slow_failure() -> int:
+        started.set()
+        assert release.wait(WAIT)
+        raise Boom("late")
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        call = pool.submit(call_sync, slow_failure)
+        assert started.wait(WAIT)
+        try:
+            yield
+        finally:
+            release.set()
+        with pytest.raises(Boom):
+            call.result(WAIT)
 
 
 def wait_until(predicate: Callable[[], T], timeout: float = WAIT) -> T:
@@ -415,11 +445,34 @@ def make_client_fixture(sock_path: str) -> Iterator[Callable[..., DaemonClient]]
         client.close()
 
 
+#: ``make_link(on_unavailable="local", *, name="svc", config=BreakerConfig(), **client_options)``.
+MakeLink = Callable[..., RemoteBreaker]
+
+
+@pytest.fixture(name="make_link")
+def make_link_fixture(make_client: Callable[..., DaemonClient]) -> MakeLink:
+    """A link registered with the fake daemon, on a client of its own (``make_client``)."""
+
+    def make(
+        on_unavailable: OnUnavailable = "local",
+        *,
+        name: str = "svc",
+        config: BreakerConfig | None = None,
+        **client_options: Any,
+    ) -> RemoteBreaker:
+        client = make_client(**client_options)
+        return RemoteBreaker.open(
+            client.path, name, config or BreakerConfig(), on_unavailable, client=client
+        )
+
+    return make
+
+
 # -- helpers ---------------------------------------------------------------------------
 
 
-def ask(link: RemoteBreaker, message: object) -> Any:
-    """A blocking request through a link, as the facade's ``_request_sync`` does it."""
+def future_reply() -> tuple[concurrent.futures.Future[Any], Reply]:
+    """A reply callback and the future it settles (its result, or the error as raised)."""
     future: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
     def reply(result: Any, error: BaseException | None) -> None:
@@ -428,6 +481,12 @@ def ask(link: RemoteBreaker, message: object) -> Any:
         else:
             future.set_result(result)
 
+    return future, reply
+
+
+def ask(link: BreakerHandle, message: object) -> Any:
+    """A blocking request through a handle (a link, a policy), as the facade's ``_request_sync``."""
+    future, reply = future_reply()
     link.ask(message, reply)
     return future.result(WAIT)
 

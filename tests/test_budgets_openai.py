@@ -7,7 +7,6 @@ runs on a ``FakeClock``, so a budgeted wait moves it at once.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import httpx2
@@ -21,14 +20,6 @@ from breakerd.clients.openai import protect
 from breakerd.protocol import BudgetExceededError
 
 MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture
-def system(clock: FakeClock) -> Iterator[ActorSystem]:
-    system = ActorSystem(clock=clock)
-    system.start()
-    yield system
-    system.stop()
 
 
 class LimitedServer:

@@ -27,12 +27,14 @@ from fake_daemon import (  # noqa: F401 - fixtures, found by pytest under their 
     WAIT,
     Boom,
     FakeDaemon,
+    MakeLink,
     Peer,
     ask,
     close_clients_after,
     fail_sync,
     fake_daemon,
     make_client_fixture,
+    make_link_fixture,
     ok_sync,
     record_transitions,
     snap,
@@ -46,20 +48,19 @@ from breakerd.actor import ActorSystem, BreakerConfig, Transition
 from breakerd.clients import CircuitBreaker, CircuitState, DaemonUnavailableError
 from breakerd.clients._core import ClientCore
 from breakerd.clients._daemon_client import DaemonClient
+from breakerd.clients._daemon_socket import DaemonSocket
 from breakerd.clients._globals import get_client
 from breakerd.clients._link import RemoteBreaker
+from breakerd.clients._reader import ReaderBaton
 from breakerd.protocol import Acquire, Admission, Outcome, RequestMessage, Snapshot, StatePush
 from breakerd.protocol._codec import ResultMessage
 
 pytestmark = pytest.mark.anyio
 
 
-def test_replies_out_of_order_over_the_socket(
-    daemon: FakeDaemon, make_client: Callable[..., DaemonClient]
-) -> None:
+def test_replies_out_of_order_over_the_socket(daemon: FakeDaemon, make_link: MakeLink) -> None:
     daemon.states["svc"] = snap("svc", CircuitState.HALF_OPEN, 1)
-    client = make_client()
-    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), client=client)
+    link = make_link()
     daemon.hold.add(Acquire)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         first = pool.submit(ask, link, Acquire("svc"))
@@ -92,30 +93,26 @@ def test_pending_requests_fail_at_once_when_the_daemon_drops(
             call.result(WAIT)
 
 
-def test_a_hung_daemon_times_out(
-    daemon: FakeDaemon, make_client: Callable[..., DaemonClient]
-) -> None:
-    client = make_client(request_timeout=0.2, backoff_min=60.0, backoff_max=60.0)
-    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), "deny", client=client)
+def test_a_hung_daemon_times_out(daemon: FakeDaemon, make_link: MakeLink) -> None:
+    link = hung_link(daemon, make_link)
     (peer,) = daemon.live_peers()
-    daemon.hold.add(Acquire)
     with pytest.raises(DaemonUnavailableError, match=r"no reply within 0\.2s"):
         ask(link, Acquire("svc"))
     daemon.wait_for(lambda: peer.closed)  # the client hung up on it
 
 
 class ReadSpy:
-    """Which threads fed the client's core (``DaemonClient._read_socket``), and how often."""
+    """Which threads read the client's socket (``ReaderBaton.read``), and how often."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.threads: list[int] = []
-        read = DaemonClient._read_socket
+        read = ReaderBaton.read
 
-        def spy(client: DaemonClient) -> str | None:
+        def spy(baton: ReaderBaton, conn: DaemonSocket) -> str | None:
             self.threads.append(threading.get_ident())
-            return read(client)
+            return read(baton, conn)
 
-        monkeypatch.setattr(DaemonClient, "_read_socket", spy)
+        monkeypatch.setattr(ReaderBaton, "read", spy)
 
 
 def caller_reading(client: DaemonClient) -> int:
@@ -123,7 +120,7 @@ def caller_reading(client: DaemonClient) -> int:
     io_thread = client._thread.ident
 
     def reading() -> int:
-        ident = client._reader_ident
+        ident = client._baton.holder
         return ident if ident is not None and ident != io_thread else 0
 
     return wait_until(reading)
@@ -145,7 +142,25 @@ def waiter_and_reader(
 
 def baton_free(client: DaemonClient) -> None:
     """Wait until nobody reads (the IO thread may still be running the last callbacks)."""
-    wait_until(lambda: client._reader_ident is None)
+    wait_until(lambda: client._baton.holder is None)
+
+
+def held_link(daemon: FakeDaemon, make_link: MakeLink) -> RemoteBreaker:
+    """A "deny" link that nobody reads for, whose acquires the daemon holds.
+
+    Its requests time out only after 120 s: only what a test does ends a wait.
+    """
+    link = make_link("deny", request_timeout=120.0)
+    baton_free(link.client)
+    daemon.hold.add(Acquire)
+    return link
+
+
+def hung_link(daemon: FakeDaemon, make_link: MakeLink) -> RemoteBreaker:
+    """A "deny" link whose acquires the daemon holds, timed out after 0.2 s, never reconnected."""
+    link = make_link("deny", request_timeout=0.2, backoff_min=60.0, backoff_max=60.0)
+    daemon.hold.add(Acquire)
+    return link
 
 
 def numbered_admissions(daemon: FakeDaemon) -> None:
@@ -165,10 +180,10 @@ def numbered_admissions(daemon: FakeDaemon) -> None:
 
 
 def test_a_sync_caller_reads_its_own_reply(
-    daemon: FakeDaemon, make_client: Callable[..., DaemonClient], monkeypatch: pytest.MonkeyPatch
+    daemon: FakeDaemon, make_link: MakeLink, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    client = make_client()
-    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), client=client)
+    link = make_link()
+    client = link.client
     spy = ReadSpy(monkeypatch)
     for _ in range(50):
         assert link.ask_sync(Acquire("svc")).admitted
@@ -273,13 +288,11 @@ async def test_async_and_sync_strict_callers_share_the_connection(
 
 
 def test_a_reader_fails_at_once_when_the_daemon_drops(
-    daemon: FakeDaemon, make_client: Callable[..., DaemonClient]
+    daemon: FakeDaemon, make_link: MakeLink
 ) -> None:
     # A long request timeout: only the dropped connection can end the wait.
-    client = make_client(request_timeout=120.0)
-    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), "deny", client=client)
-    baton_free(client)
-    daemon.hold.add(Acquire)
+    link = held_link(daemon, make_link)
+    client = link.client
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         call = pool.submit(link.ask_sync, Acquire("svc"))
         daemon.wait_for(lambda: len(daemon.held) == 1)
@@ -296,26 +309,19 @@ def test_a_reader_fails_at_once_when_the_daemon_drops(
     assert link.ask_sync(Acquire("svc")).admitted
 
 
-def test_a_reader_of_a_hung_daemon_times_out(
-    daemon: FakeDaemon, make_client: Callable[..., DaemonClient]
-) -> None:
-    client = make_client(request_timeout=0.2, backoff_min=60.0, backoff_max=60.0)
-    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), "deny", client=client)
+def test_a_reader_of_a_hung_daemon_times_out(daemon: FakeDaemon, make_link: MakeLink) -> None:
+    link = hung_link(daemon, make_link)
+    client = link.client
     (peer,) = daemon.live_peers()
-    daemon.hold.add(Acquire)
     with pytest.raises(DaemonUnavailableError, match=r"no reply within 0\.2s"):
         link.ask_sync(Acquire("svc"))
     daemon.wait_for(lambda: peer.closed)
     baton_free(client)  # given back, not leaked
 
 
-def test_closing_the_client_ends_a_readers_wait(
-    daemon: FakeDaemon, make_client: Callable[..., DaemonClient]
-) -> None:
-    client = make_client(request_timeout=120.0)
-    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), "deny", client=client)
-    baton_free(client)
-    daemon.hold.add(Acquire)
+def test_closing_the_client_ends_a_readers_wait(daemon: FakeDaemon, make_link: MakeLink) -> None:
+    link = held_link(daemon, make_link)
+    client = link.client
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         call = pool.submit(link.ask_sync, Acquire("svc"))
         caller_reading(client)
@@ -362,12 +368,10 @@ def test_a_callback_run_by_a_reader_cannot_wait_for_a_reply(
 
 
 def test_a_reader_interrupted_while_reading_drops_the_connection_not_the_replies(
-    daemon: FakeDaemon, make_client: Callable[..., DaemonClient], monkeypatch: pytest.MonkeyPatch
+    daemon: FakeDaemon, make_link: MakeLink, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    client = make_client(request_timeout=120.0)
-    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), "deny", client=client)
-    baton_free(client)
-    daemon.hold.add(Acquire)
+    link = held_link(daemon, make_link)
+    client = link.client
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         # B waits for its reply without reading; A reads, and is interrupted
         # (as by Ctrl-C in the main thread) just after the core took B's reply
@@ -388,7 +392,7 @@ def test_a_reader_interrupted_while_reading_drops_the_connection_not_the_replies
         # B still gets the daemon's answer: the connection was dropped, and
         # the IO thread delivered what the interrupted reader had decoded.
         assert other.result(WAIT).lease == 7
-    assert client._reader_ident != reader_ident
+    assert client._baton.holder != reader_ident
     baton_free(client)  # given back, not leaked
     wait_until(lambda: link.remote)  # reconnected
     monkeypatch.setattr(ClientCore, "_response", response)
@@ -397,12 +401,10 @@ def test_a_reader_interrupted_while_reading_drops_the_connection_not_the_replies
 
 
 def test_a_reader_interrupted_while_dispatching_still_delivers_the_others(
-    daemon: FakeDaemon, make_client: Callable[..., DaemonClient]
+    daemon: FakeDaemon, make_link: MakeLink
 ) -> None:
-    client = make_client(request_timeout=120.0)
-    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), "deny", client=client)
-    baton_free(client)
-    daemon.hold.add(Acquire)
+    link = held_link(daemon, make_link)
+    client = link.client
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         other, reader, reader_ident = waiter_and_reader(daemon, link, pool)
 
@@ -422,7 +424,7 @@ def test_a_reader_interrupted_while_dispatching_still_delivers_the_others(
         with pytest.raises(KeyboardInterrupt):
             reader.result(WAIT)
         assert other.result(WAIT).lease == 8
-    assert client._reader_ident != reader_ident
+    assert client._baton.holder != reader_ident
     baton_free(client)  # given back, not leaked
     assert link.snapshot == opened
 

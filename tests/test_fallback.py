@@ -9,10 +9,8 @@ Against the fake daemon (``fake_daemon``): real Unix sockets under /tmp, no slee
 from __future__ import annotations
 
 import concurrent.futures
-import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
 
 import pytest
 import structlog.testing
@@ -24,6 +22,7 @@ from fake_daemon import (  # noqa: F401 - fixtures, found by pytest under their 
     ask,
     close_clients_after,
     fail_sync,
+    failure_in_flight,
     fake_daemon,
     make_client_fixture,
     ok_sync,
@@ -43,8 +42,15 @@ from breakerd.clients import (
     DaemonUnavailableError,
 )
 from breakerd.clients._daemon_client import DaemonClient
-from breakerd.clients._fallback import LOCAL_GENERATION_OFFSET
+from breakerd.clients._fallback import (
+    LOCAL_GENERATION_OFFSET,
+    NO_GENERATION,
+    AllowFallback,
+    DenyFallback,
+    make_fallback,
+)
 from breakerd.clients._globals import get_client
+from breakerd.clients._handle import BreakerHandle
 from breakerd.clients._link import RemoteBreaker
 from breakerd.protocol import (
     Acquire,
@@ -232,23 +238,11 @@ def test_an_outcome_goes_back_to_the_breaker_that_admitted_it(
 ) -> None:
     # Admitted by the daemon, reported after it died: the local breaker counts it.
     breaker = CircuitBreaker("svc", min_calls=1, daemon=sock_path, system=system)
-    gate, release = threading.Event(), threading.Event()
-
-    def slow_failure() -> int:
-        gate.set()
-        assert release.wait(WAIT)
-        raise Boom("late")
-
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        call = pool.submit(breaker.call_sync, slow_failure)
-        assert gate.wait(WAIT)
+    with failure_in_flight(breaker.call_sync):
         daemon.stop()
         link = breaker._actor
         assert isinstance(link, RemoteBreaker)
         wait_until(lambda: not link.remote)
-        release.set()
-        with pytest.raises(Boom):
-            call.result(WAIT)
     local = system.get("svc")
     assert local is not None
     # The failure reached nobody else: it trips the fallback (1 of min_calls=1).
@@ -264,23 +258,11 @@ def test_a_local_outcome_stays_local_when_the_daemon_comes_back(
     link = breaker._actor
     assert isinstance(link, RemoteBreaker)
     assert not link.remote
-    gate, release = threading.Event(), threading.Event()
-
-    def slow_failure() -> int:
-        gate.set()
-        assert release.wait(WAIT)
-        raise Boom("late")
-
     daemon = None
     try:
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            call = pool.submit(breaker.call_sync, slow_failure)
-            assert gate.wait(WAIT)
+        with failure_in_flight(breaker.call_sync):
             daemon = FakeDaemon(sock_path).start()
             wait_until(lambda: link.remote)
-            release.set()
-            with pytest.raises(Boom):
-                call.result(WAIT)
         local = system.get("svc")
         assert local is not None
         assert local.snapshot.state is CircuitState.OPEN
@@ -295,16 +277,8 @@ def local_status(link: RemoteBreaker) -> BreakerStatus:
     """The local fallback breaker's counts, after everything already in its inbox."""
     local = link.local_actor
     assert local is not None
-    future: concurrent.futures.Future[BreakerStatus] = concurrent.futures.Future()
-
-    def reply(result: Any, error: BaseException | None) -> None:
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-
-    local.ask(StatusRequest(link.name), reply)
-    return future.result(WAIT)
+    status: BreakerStatus = ask(local, StatusRequest(link.name))
+    return status
 
 
 def test_an_outcome_the_caller_gave_up_on_is_counted_once_when_the_connection_drops(
@@ -325,3 +299,82 @@ def test_an_outcome_the_caller_gave_up_on_is_counted_once_when_the_connection_dr
     # request's reply ran before the new connection was made.
     wait_until(lambda: client.epoch == 2)
     assert local_status(link).failures == 1
+
+
+# -- each policy is a full handle (``BreakerHandle``), driven through that protocol only --
+
+
+@pytest.fixture(name="idle_client")
+def idle_client_fixture(sock_path: str) -> Iterator[DaemonClient]:
+    """A client never started: what a policy needs of it is its path and outage."""
+    client = DaemonClient(sock_path)
+    yield client
+    client.close()
+
+
+def test_allow_is_a_handle_that_admits_everything_and_counts_nothing(
+    idle_client: DaemonClient,
+) -> None:
+    handle: BreakerHandle = AllowFallback("svc", idle_client)
+    assert handle.admit() == NO_GENERATION
+    assert handle.seen is handle.snapshot
+    assert handle.snapshot.state is CircuitState.CLOSED
+    admission = ask(handle, Acquire("svc"))
+    assert (admission.admitted, admission.generation) == (True, NO_GENERATION)
+    own = Report("svc", NO_GENERATION, Outcome.FAILURE, 0.1)
+    assert ask(handle, own) is handle.snapshot  # its own outcome: counted nowhere
+    assert handle.post_success(NO_GENERATION)
+    assert handle.post_report((NO_GENERATION, Outcome.FAILURE, 0.1))
+    handle.post_rejection()
+    assert handle.listeners == []  # it never changes state
+    assert handle.admit() == NO_GENERATION
+
+
+def test_deny_is_a_handle_that_admits_nothing(idle_client: DaemonClient) -> None:
+    handle: BreakerHandle = DenyFallback("svc", idle_client)
+    assert handle.admit() is None
+    assert handle.seen is handle.snapshot
+    assert handle.seen.state is CircuitState.OPEN
+    with pytest.raises(DaemonUnavailableError, match="fails closed"):
+        ask(handle, Acquire("svc"))
+    # An outcome the daemon admitted before it went away: nothing here counts it.
+    assert ask(handle, Report("svc", 3, Outcome.FAILURE, 0.1)) is handle.snapshot
+    with pytest.raises(DaemonUnavailableError):
+        ask(handle, StatusRequest("svc"))
+    handle.post_rejection(2)
+    assert handle.listeners == []
+
+
+def test_local_is_a_handle_on_an_in_process_breaker(
+    idle_client: DaemonClient, system: ActorSystem
+) -> None:
+    handle: BreakerHandle = make_fallback(
+        "local", "svc", idle_client, BreakerConfig(min_calls=1), system, noop
+    )
+    transitions: list[Transition] = []
+    handle.listeners.append(lambda transition, snapshot: transitions.append(transition))
+    generation = handle.admit()
+    assert generation is not None
+    assert generation >= LOCAL_GENERATION_OFFSET
+    assert handle.seen.generation == handle.snapshot.generation == generation
+    admission = ask(handle, Acquire("svc"))
+    assert admission.admitted
+    assert admission.generation == generation
+    # Its own outcome (a shown generation) goes through ask like any request.
+    opened = ask(handle, Report("svc", generation, Outcome.FAILURE, 0.1))
+    assert opened.state is CircuitState.OPEN
+    assert opened.generation > generation >= LOCAL_GENERATION_OFFSET
+    wait_until(lambda: transitions)
+    assert transitions[0].to_state is CircuitState.OPEN
+    assert transitions[0].generation >= LOCAL_GENERATION_OFFSET
+    assert handle.admit() is None
+    assert handle.seen.state is CircuitState.OPEN
+    assert handle.post_success(generation)  # an older generation's: for the totals only
+    assert not ask(handle, Acquire("svc")).admitted
+    handle.post_rejection()
+    status = ask(handle, StatusRequest("svc"))
+    assert status.snapshot.generation == handle.snapshot.generation
+
+
+def noop(transition: Transition, snapshot: Snapshot) -> None:
+    pass

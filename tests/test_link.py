@@ -12,7 +12,6 @@ import concurrent.futures
 import os
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,12 +20,14 @@ from fake_daemon import (  # noqa: F401 - fixtures, found by pytest under their 
     WAIT,
     Boom,
     FakeDaemon,
+    MakeLink,
     Peer,
     ask,
     close_clients_after,
     fail_sync,
     fake_daemon,
     make_client_fixture,
+    make_link_fixture,
     ok_sync,
     record_transitions,
     snap,
@@ -39,8 +40,6 @@ from fake_daemon import (  # noqa: F401 - fixtures, found by pytest under their 
 from breakerd.actor import ActorSystem, BreakerConfig
 from breakerd.actor.testing import FakeClock
 from breakerd.clients import CircuitBreaker, CircuitBreakerOpenError, CircuitState
-from breakerd.clients._daemon_client import DaemonClient
-from breakerd.clients._link import RemoteBreaker
 from breakerd.protocol import (
     Acquire,
     Admin,
@@ -59,12 +58,9 @@ from breakerd.protocol._codec import ResultMessage
 pytestmark = pytest.mark.anyio
 
 
-def test_link_registers_and_answers_requests(
-    daemon: FakeDaemon, make_client: Callable[..., DaemonClient]
-) -> None:
+def test_link_registers_and_answers_requests(daemon: FakeDaemon, make_link: MakeLink) -> None:
     daemon.states["svc"] = snap("svc", CircuitState.CLOSED, 5)
-    client = make_client()
-    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(min_calls=3), client=client)
+    link = make_link(config=BreakerConfig(min_calls=3))
     assert link.remote
     assert link.snapshot == snap("svc", CircuitState.CLOSED, 5)
     (register,) = daemon.received(Register)
@@ -82,10 +78,9 @@ def test_link_registers_and_answers_requests(
 
 
 def test_pushes_update_the_snapshot_and_fire_transitions(
-    daemon: FakeDaemon, make_client: Callable[..., DaemonClient]
+    daemon: FakeDaemon, make_link: MakeLink
 ) -> None:
-    client = make_client()
-    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), client=client)
+    link = make_link()
     seen, got = record_transitions(link)
     opened = Snapshot("svc", CircuitState.OPEN, 1, open_until=time.monotonic() + 30)
     daemon.push(opened)
@@ -97,11 +92,9 @@ def test_pushes_update_the_snapshot_and_fire_transitions(
     assert transition.reason == "daemon"
 
 
-def test_successes_travel_as_one_batch(
-    daemon: FakeDaemon, make_client: Callable[..., DaemonClient]
-) -> None:
-    client = make_client(flush_delay=3600.0)  # only flush() sends: one batch, on demand
-    link = RemoteBreaker.open(client.path, "svc", BreakerConfig(), client=client)
+def test_successes_travel_as_one_batch(daemon: FakeDaemon, make_link: MakeLink) -> None:
+    link = make_link(flush_delay=3600.0)  # only flush() sends: one batch, on demand
+    client = link.client
     for _ in range(200):
         assert link.post_success(0)
     assert link.post_report((0, Outcome.IGNORED, 0.5))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx2
@@ -18,6 +18,7 @@ import openai
 import pytest
 import structlog.testing
 
+from breakerd.actor.testing import FakeClock
 from breakerd.clients import (
     ActorSystem,
     CircuitBreaker,
@@ -32,35 +33,6 @@ pytestmark = pytest.mark.anyio
 
 Respond = Callable[[httpx2.Request], httpx2.Response]
 TIMEOUT = 30.0
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def system(clock: FakeClock) -> Iterator[ActorSystem]:
-    system = ActorSystem(clock=clock)
-    system.start()
-    yield system
-    system.stop()
 
 
 def status(
@@ -255,7 +227,7 @@ async def test_quota_opens_for_quota_timeout_then_one_trial_and_logs_once(
     with structlog.testing.capture_logs() as logs:
         with pytest.raises(openai.RateLimitError):
             await guard.call(ask, sdk)
-        assert guard.snapshot.open_until == pytest.approx(clock.now + 120.0)
+        assert guard.snapshot.open_until == pytest.approx(clock() + 120.0)
         with pytest.raises(CircuitBreakerOpenError) as info:
             await guard.call(ask, sdk)
         assert info.value.reason == "quota"
@@ -286,7 +258,7 @@ async def test_auth_is_ignored_unless_auth_opens(system: ActorSystem, clock: Fak
         await strict.call(ask, sdk)
     assert strict.state is CircuitState.OPEN
     assert strict.snapshot.reason == "auth"
-    assert strict.snapshot.open_until == pytest.approx(clock.now + 300.0)
+    assert strict.snapshot.open_until == pytest.approx(clock() + 300.0)
     assert [entry["log_level"] for entry in logs if entry["event"] == "openai_auth_error"] == [
         "error"
     ]
@@ -319,12 +291,12 @@ async def test_a_later_short_retry_after_never_shortens_an_open(
     gates[0].set()
     with pytest.raises(openai.RateLimitError):
         await first
-    assert guard.snapshot.open_until == pytest.approx(clock.now + 30.0)
+    assert guard.snapshot.open_until == pytest.approx(clock() + 30.0)
     generation = guard.snapshot.generation
     gates[1].set()
     with pytest.raises(openai.RateLimitError):
         await second
-    assert guard.snapshot.open_until == pytest.approx(clock.now + 30.0)
+    assert guard.snapshot.open_until == pytest.approx(clock() + 30.0)
     assert guard.snapshot.generation == generation
     await sdk.close()
 
@@ -353,14 +325,14 @@ async def test_a_later_long_retry_after_extends_the_open(
     gates[0].set()
     with pytest.raises(Limited):
         await first
-    assert guard.snapshot.open_until == pytest.approx(clock.now + 5.0)
+    assert guard.snapshot.open_until == pytest.approx(clock() + 5.0)
     opened = guard.snapshot.generation
     gates[1].set()
     with pytest.raises(Limited):
         await second
     # A new generation, so every proxy sees the later deadline.
     assert guard.snapshot.generation == opened + 1
-    assert guard.snapshot.open_until == pytest.approx(clock.now + 50.0)
+    assert guard.snapshot.open_until == pytest.approx(clock() + 50.0)
     actor = system.get("LLM")
     assert actor is not None
     assert actor.restarts == 0  # the open-to-open transition is logged, not a crash

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx2
@@ -18,6 +18,7 @@ import openai
 import pytest
 import structlog.testing
 
+from breakerd.actor.testing import FakeClock
 from breakerd.clients import (
     ActorSystem,
     CircuitBreaker,
@@ -32,22 +33,6 @@ from breakerd.clients.openai import classify_openai, parse_retry_after
 pytestmark = pytest.mark.anyio
 
 Respond = Callable[[httpx2.Request], httpx2.Response]
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class Upstream:
@@ -109,19 +94,6 @@ def read_timeout(request: httpx2.Request) -> httpx2.Response:
 
 def refused(request: httpx2.Request) -> httpx2.Response:
     raise httpx2.ConnectError("connection refused", request=request)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def system(clock: FakeClock) -> Iterator[ActorSystem]:
-    system = ActorSystem(clock=clock)
-    system.start()
-    yield system
-    system.stop()
 
 
 @pytest.fixture
@@ -267,7 +239,7 @@ async def test_service_failures_open_the_breaker(
         await guard.call(upstream.ask, "hi")
 
     assert state(guard) is CircuitState.OPEN
-    assert guard.snapshot.open_until == pytest.approx(clock.now + TIMEOUT)
+    assert guard.snapshot.open_until == pytest.approx(clock() + TIMEOUT)
     with pytest.raises(CircuitBreakerOpenError) as rejected:
         await guard.call(upstream.ask, "hi")
     assert rejected.value.retry_after == pytest.approx(TIMEOUT)
@@ -363,7 +335,7 @@ async def test_429_retry_after_opens_for_exactly_that_long(
         await guard.call(upstream.ask, "hi")
 
     assert state(guard) is CircuitState.OPEN
-    assert guard.snapshot.open_until == clock.now + 7.0
+    assert guard.snapshot.open_until == clock() + 7.0
     with pytest.raises(CircuitBreakerOpenError) as rejected:
         await guard.call(upstream.ask, "hi")
     assert rejected.value.retry_after == pytest.approx(7.0)
@@ -404,7 +376,7 @@ async def test_429_open_duration_follows_the_headers(
         await guard.call(upstream.ask, "hi")
 
     assert state(guard) is CircuitState.OPEN
-    assert guard.snapshot.open_until == pytest.approx(clock.now + seconds)
+    assert guard.snapshot.open_until == pytest.approx(clock() + seconds)
 
 
 async def test_insufficient_quota_opens_for_the_quota_timeout_and_logs_an_error(
@@ -418,7 +390,7 @@ async def test_insufficient_quota_opens_for_the_quota_timeout_and_logs_an_error(
 
     # Waiting 7 s will not refill a quota: the long quota_timeout applies.
     assert state(guard) is CircuitState.OPEN
-    assert guard.snapshot.open_until == pytest.approx(clock.now + 900.0)
+    assert guard.snapshot.open_until == pytest.approx(clock() + 900.0)
     assert (guard.snapshot.reason, guard.snapshot.error_code) == ("quota", "insufficient_quota")
     quota = [entry for entry in logs if entry["event"] == "openai_insufficient_quota"]
     assert len(quota) == 1
@@ -441,7 +413,7 @@ async def test_openai_false_counts_every_sdk_error_as_a_plain_failure(
         await guard.call(upstream.ask, "hi")
     # Opened by the failure rate (2 of 2), for the timeout, not retry-after.
     assert state(guard) is CircuitState.OPEN
-    assert guard.snapshot.open_until == pytest.approx(clock.now + TIMEOUT)
+    assert guard.snapshot.open_until == pytest.approx(clock() + TIMEOUT)
 
 
 async def test_custom_classify_runs_before_the_openai_rules(
@@ -469,7 +441,7 @@ async def test_custom_classify_runs_before_the_openai_rules(
     with pytest.raises(openai.BadRequestError):
         await guard.call(upstream.ask, "hi")
     assert state(guard) is CircuitState.OPEN
-    assert guard.snapshot.open_until == pytest.approx(clock.now + 2.0)
+    assert guard.snapshot.open_until == pytest.approx(clock() + 2.0)
     assert seen == [openai.InternalServerError, openai.InternalServerError, openai.BadRequestError]
 
 

@@ -8,7 +8,7 @@ runs on an ``ActorSystem`` with a hand-advanced clock. The SDK's retries wait
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx2
@@ -23,22 +23,6 @@ pytestmark = pytest.mark.anyio
 Respond = Callable[[httpx2.Request], httpx2.Response]
 QUICK_RETRY = {"retry-after-ms": "1"}
 MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def system() -> Iterator[ActorSystem]:
-    system = ActorSystem(clock=FakeClock())
-    system.start()
-    yield system
-    system.stop()
 
 
 def error(code: int, headers: dict[str, str] | None = None, error_code: str | None = None) -> Any:

@@ -6,7 +6,7 @@ scripted ``httpx2.MockTransport``: nothing sleeps.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx2
@@ -14,6 +14,7 @@ import openai
 import pytest
 import structlog.testing
 
+from breakerd.actor.testing import FakeClock
 from breakerd.clients import (
     ActorSystem,
     CircuitBreaker,
@@ -24,35 +25,6 @@ from breakerd.clients import (
 pytestmark = pytest.mark.anyio
 
 TIMEOUT = 30.0
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def system(clock: FakeClock) -> Iterator[ActorSystem]:
-    system = ActorSystem(clock=clock)
-    system.start()
-    yield system
-    system.stop()
 
 
 class Upstream:
@@ -146,7 +118,7 @@ async def test_quota_opens_the_parent_and_rejects_every_model(
     with pytest.raises(openai.RateLimitError):
         await guard.call(create(upstream), model="gpt-4o", messages=MESSAGES)
     assert state(guard) is CircuitState.OPEN
-    assert guard.snapshot.open_until == pytest.approx(clock.now + 600.0)
+    assert guard.snapshot.open_until == pytest.approx(clock() + 600.0)
     assert state(guard.scoped("gpt-4o")) is CircuitState.CLOSED  # the key, not the model
     for model in ("gpt-4o", "gpt-4o-mini", "o3"):
         with pytest.raises(CircuitBreakerOpenError) as info:
