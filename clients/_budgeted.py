@@ -368,7 +368,7 @@ class BreakerBudgets:
             budgeted.budgets.observe(**limits)
 
     def release_budgets(self) -> None:
-        """Internal: an expired scope lets its budgets go (the process's other holders keep them)."""
+        """Internal: an expired scope lets its budgets go (other holders of its name keep them)."""
         if self._budgeted is None:
             return
         self._budgeted = None

@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
-from breakerd.protocol import CircuitBreakerOpenError
+from breakerd.protocol import CircuitBreakerOpenError, CircuitState
 
 from ._budgeted import BudgetedCalls, current_scope
 from ._budgets import Budgets, estimate_cost
@@ -93,35 +93,55 @@ def _checked(where: str, settings: object) -> dict[str, Any]:
     return found
 
 
+_ADMITTING: Final = (CircuitState.CLOSED, CircuitState.DISABLED)
+
 Stage = tuple[Budgets, Callable[[], Any]]  # budgets, and the snapshot of their breaker
 
 
-class _Refused(Exception):
+class _Refused:
     """A later stage refused the call: final, not a reason for the first to try again.
 
     A later stage refuses only once the call cannot be admitted within the
     wait (its budgets' turn, or its breaker's recovery, is past it), so the
-    first stage must not wait on and ask its scope for another slot.
+    first stage must not wait on and ask its scope for another slot: the
+    refusal comes back through it as a value, which ``scope_first_*``
+    answers with the error it carries.
     """
 
+    __slots__ = ("error",)
+
     def __init__(self, error: CircuitBreakerOpenError) -> None:
-        super().__init__(error)
         self.error = error
 
 
-def _refuse_sync(error: CircuitBreakerOpenError, args: Any, kwargs: Any) -> Any:
-    raise _Refused(error)
+def _refuse_sync(error: CircuitBreakerOpenError, args: Any, kwargs: Any) -> _Refused:
+    return _Refused(error)
 
 
-async def _refuse_async(error: CircuitBreakerOpenError, args: Any, kwargs: Any) -> Any:
-    raise _Refused(error)
+async def _refuse_async(error: CircuitBreakerOpenError, args: Any, kwargs: Any) -> _Refused:
+    return _Refused(error)
+
+
+def _shut_past(seen: Any, deadline: float) -> bool:
+    # The key is open past the call's wait: the breaker answers at once, with
+    # its reason (a quota, say), before any budget is asked for a slot.
+    until = seen.open_until
+    return bool(seen.state is CircuitState.OPEN and until is not None and until > deadline)
 
 
 def _stages(parent: Any, child: Any) -> list[Stage]:
     # The scope's budgets, then the parent's: those there are.
     stages: list[Stage] = []
     if child is not None and child.budgets is not None:
-        stages.append((child.budgets, lambda: child.snapshot))
+
+        def snapshot() -> Any:
+            # The scope's stage waits for the parent's recovery too (or is
+            # refused at once when it will not come within the wait), instead
+            # of asking its budgets again and again while the key is shut.
+            seen = parent.snapshot
+            return child.snapshot if seen.state in _ADMITTING else seen
+
+        stages.append((child.budgets, snapshot))
     if parent.budgets is not None:
         stages.append((parent.budgets, lambda: parent.snapshot))
     return stages
@@ -146,19 +166,20 @@ def scope_first_sync(
     token = current_scope.set(None if child is None else (parent, child))
     try:
         stages = _stages(parent, child)
-        if not stages:
+        now = stages[0][0].clock() if stages else 0.0
+        if not stages or _shut_past(parent.snapshot, now + wait):
             return inner(func, *args, **kwargs)
-        deadline = stages[0][0].clock() + wait
+        deadline = now + wait
         cost = estimate_cost(kwargs)
         call = inner
         for i in range(len(stages) - 1, -1, -1):
             budgets, snapshot = stages[i]
             answer = reject if i == 0 else _refuse_sync
             call = _stage_sync(budgets, snapshot, call, answer, deadline, cost)
-        try:
-            return call(func, *args, **kwargs)
-        except _Refused as refused:
-            return reject(refused.error, args, kwargs)
+        result = call(func, *args, **kwargs)
+        if type(result) is _Refused:
+            return reject(result.error, args, kwargs)
+        return result
     finally:
         current_scope.reset(token)
 
@@ -194,19 +215,20 @@ async def scope_first_async(
     token = current_scope.set(None if child is None else (parent, child))
     try:
         stages = _stages(parent, child)
-        if not stages:
+        now = stages[0][0].clock() if stages else 0.0
+        if not stages or _shut_past(parent.snapshot, now + wait):
             return await inner(func, *args, **kwargs)
-        deadline = stages[0][0].clock() + wait
+        deadline = now + wait
         cost = estimate_cost(kwargs)
         call = inner
         for i in range(len(stages) - 1, -1, -1):
             budgets, snapshot = stages[i]
             answer = reject if i == 0 else _refuse_async
             call = _stage_async(budgets, snapshot, call, answer, deadline, cost)
-        try:
-            return await call(func, *args, **kwargs)
-        except _Refused as refused:
-            return await reject(refused.error, args, kwargs)
+        result = await call(func, *args, **kwargs)
+        if type(result) is _Refused:
+            return await reject(result.error, args, kwargs)
+        return result
     finally:
         current_scope.reset(token)
 

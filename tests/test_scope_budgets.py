@@ -17,7 +17,7 @@ from test_budgets_openai import LimitedServer, sync_client
 from breakerd.actor import ActorSystem
 from breakerd.actor._budget import SAFETY_MARGIN
 from breakerd.actor.testing import FakeClock
-from breakerd.clients import CircuitBreaker
+from breakerd.clients import CircuitBreaker, CircuitBreakerOpenError, CircuitState, RateLimited
 from breakerd.clients.openai import protect
 from breakerd.protocol import BudgetExceededError
 
@@ -135,6 +135,37 @@ def test_a_call_the_parents_budgets_refuse_is_refused_at_once(
     assert caught.value.name == "sb-final"
     # The parent's turn is further than the wait: no waiting it out, and no
     # more of the scope's slots spent asking again.
+    assert clock() == before
+
+
+def test_a_scoped_call_does_not_wait_for_a_parent_shut_past_its_wait(
+    system: ActorSystem, clock: FakeClock
+) -> None:
+    def quota(exc: BaseException) -> RateLimited | None:
+        return RateLimited(reason="quota") if isinstance(exc, KeyError) else None
+
+    breaker = CircuitBreaker(
+        "sb-shut",
+        scope="model",
+        scope_budgets={"a": {"max_rate": "20/s"}},
+        classify=quota,
+        wait=1.0,
+        system=system,
+    )
+
+    def out_of_quota(model: str) -> None:
+        raise KeyError(model)
+
+    with pytest.raises(KeyError):
+        breaker.call_sync(out_of_quota, model="a")
+    assert breaker.state is CircuitState.OPEN  # the key's quota: for quota_timeout
+    before = clock()
+    with pytest.raises(CircuitBreakerOpenError) as caught:
+        breaker.call_sync(ok, model="a")
+    assert caught.value.name == "sb-shut"
+    assert caught.value.reason == "quota"
+    # Refused at once, without waiting for its scope's next slot: the key
+    # will not reopen within the wait.
     assert clock() == before
 
 
