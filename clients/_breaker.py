@@ -46,6 +46,13 @@ from ._calls_sync import SyncCalls
 from ._classify import Classifier, ClassifyFunc, Verdict
 from ._globals import live_breakers
 from ._handle import BreakerHandle, ForkedPlaceholder, OnUnavailable, bind
+from ._scope_budgets import (
+    ScopeBudgetsSpec,
+    check_scope_budgets,
+    scope_budget_settings,
+    scope_first_async,
+    scope_first_sync,
+)
 from ._scopes import (
     DEFAULT_MAX_SCOPES,
     DEFAULT_SCOPE_TTL,
@@ -145,6 +152,13 @@ class CircuitBreaker(AsyncCalls, SyncCalls, BreakerBudgets):
             forgotten (default 3600).
         max_scopes: Live scopes at most (default 256); a new key past it is
             governed by the parent alone, with a warning logged once.
+        scope_budgets: Budgets per scope, on top of the parent's (which bind
+            every scope's calls together): a mapping ``{key: {"max_rate":
+            ..., "burst": ..., "max_concurrent": ...}}`` or a callable ``key
+            -> such a dict | None``. A scope's budgets are named like it,
+            ``NAME/KEY`` (host-wide in daemon mode); they admit a scoped call
+            before the parent's, within the one ``wait``. With it, the API's
+            headers seen during a scoped call feed its scope, not the parent.
         max_rate, burst, max_concurrent, wait: Budgets, none by default: a
             paced request rate (``"500/min"``), calls at once after idling
             (1), calls in flight at most, and seconds a call may wait to be
@@ -184,6 +198,7 @@ class CircuitBreaker(AsyncCalls, SyncCalls, BreakerBudgets):
         scope: str | ScopeFunc | None = None,
         scope_ttl: float = DEFAULT_SCOPE_TTL,
         max_scopes: int = DEFAULT_MAX_SCOPES,
+        scope_budgets: ScopeBudgetsSpec | None = None,
         record: tuple[type[BaseException], ...] = (Exception,),
         ignore: tuple[type[BaseException], ...] = (),
         classify: ClassifyFunc | None = None,
@@ -265,11 +280,21 @@ class CircuitBreaker(AsyncCalls, SyncCalls, BreakerBudgets):
                 "on_unavailable": on_unavailable,
                 "daemon_timeout": daemon_timeout,
             }
-            self._init_scopes(scope, scope_ttl, max_scopes, settings)
+            self._init_scopes(scope, scope_ttl, max_scopes, settings, scope_budgets, wait)
+        elif scope_budgets is not None:
+            raise ValueError(
+                f"breaker {name!r}: scope_budgets needs scope= (budgets per scope of what?)"
+            )
         BreakerBudgets.__init__(self, max_rate, burst, max_concurrent, wait)
 
     def _init_scopes(
-        self, scope: object, ttl: float, max_scopes: int, settings: dict[str, Any]
+        self,
+        scope: object,
+        ttl: float,
+        max_scopes: int,
+        settings: dict[str, Any],
+        scope_budgets: ScopeBudgetsSpec | None,
+        wait: float,
     ) -> None:
         if scope == "model":
             scope_func: ScopeFunc = model_scope
@@ -286,6 +311,8 @@ class CircuitBreaker(AsyncCalls, SyncCalls, BreakerBudgets):
             raise ValueError(f"scope_ttl must be a number of seconds > 0, got {ttl!r}")
         if not isinstance(max_scopes, int) or isinstance(max_scopes, bool) or max_scopes < 0:
             raise ValueError(f"max_scopes must be an integer >= 0, got {max_scopes!r}")
+        if scope_budgets is not None:
+            check_scope_budgets(scope_budgets)
         # The parent as a scoped call sees it: the same breaker (same name),
         # counting only the key-wide classes; the scope counts the rest.
         guard = CircuitBreaker(self.name, **settings)
@@ -294,7 +321,11 @@ class CircuitBreaker(AsyncCalls, SyncCalls, BreakerBudgets):
         self._scope_func = scope_func
 
         def make(key: str) -> CircuitBreaker:
-            child = CircuitBreaker(f"{self.name}/{key}", **settings)
+            budgets = {} if scope_budgets is None else scope_budget_settings(scope_budgets, key)
+            if budgets:
+                # Its own wait too: a call made on the scope itself may wait as ours do.
+                budgets["wait"] = wait
+            child = CircuitBreaker(f"{self.name}/{key}", **settings, **budgets)
             child._classifier = ScopeOnly(child._classifier)
             child._scope_key = key
             return child
@@ -302,13 +333,21 @@ class CircuitBreaker(AsyncCalls, SyncCalls, BreakerBudgets):
         def forget(child: CircuitBreaker) -> None:
             live_breakers.discard(child)
             child._binding.release()  # an expired scope's actor stops
+            child.release_budgets()
 
         self._scopes = Scopes(
             self.name, make, self._clock, ttl=ttl, max_scopes=max_scopes, forget=forget
         )
         # Instance attributes: a breaker without scopes keeps its call path untouched.
-        self.call = self._call_scoped  # type: ignore[method-assign]
-        self.call_sync = self._call_sync_scoped  # type: ignore[method-assign]
+        if scope_budgets is None:
+            self.call = self._call_scoped  # type: ignore[method-assign]
+            self.call_sync = self._call_sync_scoped  # type: ignore[method-assign]
+            return
+        # The budgets are asked here, scope first: the parent's must not wrap this path.
+        self._budgets_inside = True
+        self._wait = wait
+        self.call = self._call_scope_first  # type: ignore[method-assign]
+        self.call_sync = self._call_sync_scope_first  # type: ignore[method-assign]
 
     def scoped(self, key: str) -> CircuitBreaker:
         """The scope ``key`` (``NAME/KEY``), created if need be: its ``state``, ``status()``...
@@ -343,8 +382,18 @@ class CircuitBreaker(AsyncCalls, SyncCalls, BreakerBudgets):
         child = self._scope_for(args, kwargs)
         if child is None:
             return await CircuitBreaker.call(self, func, *args, **kwargs)
+        return await self._run_scoped(child.call, child, func, *args, **kwargs)
+
+    async def _run_scoped(
+        self,
+        scoped: Callable[..., Awaitable[Any]],
+        child: CircuitBreaker,
+        func: Callable[..., Awaitable[T]],
+        *args: Any,
+        **kwargs: Any,
+    ) -> T:
         try:
-            return await self._key_guard.call(child.call, func, *args, **kwargs)
+            return await self._key_guard.call(scoped, func, *args, **kwargs)
         except CircuitBreakerOpenError as exc:
             if self.fallback is None or exc.name not in (self.name, child.name):
                 raise
@@ -354,12 +403,51 @@ class CircuitBreaker(AsyncCalls, SyncCalls, BreakerBudgets):
         child = self._scope_for(args, kwargs)
         if child is None:
             return CircuitBreaker.call_sync(self, func, *args, **kwargs)
+        return self._run_scoped_sync(child.call_sync, child, func, *args, **kwargs)
+
+    def _run_scoped_sync(
+        self,
+        scoped: Callable[..., Any],
+        child: CircuitBreaker,
+        func: Callable[..., T],
+        *args: Any,
+        **kwargs: Any,
+    ) -> T:
         try:
-            return self._key_guard.call_sync(child.call_sync, func, *args, **kwargs)
+            return cast(T, self._key_guard.call_sync(scoped, func, *args, **kwargs))
         except CircuitBreakerOpenError as exc:
             if self.fallback is None or exc.name not in (self.name, child.name):
                 raise
             return cast(T, self._reject_sync(exc, args, kwargs))
+
+    async def _call_scope_first(
+        self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any
+    ) -> T:
+        child = self._scope_for(args, kwargs)
+        inner: Callable[..., Any] = functools.partial(CircuitBreaker.call, self)
+        if child is not None:
+            # The scope's own call path, not its ``call``: its budgets are asked first.
+            inner = functools.partial(
+                self._run_scoped, functools.partial(CircuitBreaker.call, child), child
+            )
+        return cast(
+            T,
+            await scope_first_async(
+                self, child, inner, self._reject_async, func, args, kwargs, self._wait
+            ),
+        )
+
+    def _call_sync_scope_first(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        child = self._scope_for(args, kwargs)
+        inner: Callable[..., Any] = functools.partial(CircuitBreaker.call_sync, self)
+        if child is not None:
+            inner = functools.partial(
+                self._run_scoped_sync, functools.partial(CircuitBreaker.call_sync, child), child
+            )
+        return cast(
+            T,
+            scope_first_sync(self, child, inner, self._reject_sync, func, args, kwargs, self._wait),
+        )
 
     def _rebind_after_fork(self) -> None:
         # The parent's actor thread (or daemon connection) does not exist in a

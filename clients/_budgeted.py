@@ -20,6 +20,7 @@ in ``_budgeted_async`` (``call_sync`` is generated from it).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 from breakerd.protocol import (
@@ -46,10 +47,17 @@ from ._openai import parse_rate_limits
 if TYPE_CHECKING:
     from ._link import RemoteBreaker
 
-__all__ = ["BreakerBudgets", "BudgetedCalls", "attempt_only", "current_ticket"]
+__all__ = ["BreakerBudgets", "BudgetedCalls", "attempt_only", "current_scope", "current_ticket"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+#: (the parent breaker, the call's scope) while a scoped call of a breaker
+#: with ``scope_budgets`` runs in this context: what the API says then is
+#: about the scope's limit (see ``_scope_budgets``).
+current_scope: ContextVar[tuple[object, Any] | None] = ContextVar(
+    "breakerd_current_scope", default=None
+)
 
 
 class BudgetedCalls(AsyncBudgetedCalls, SyncBudgetedCalls):
@@ -107,6 +115,9 @@ class BreakerBudgets:
     _actor: Any
     _needs_rebind: bool
     _budgeted: BudgetedCalls | None
+    #: With ``scope_budgets`` the scoped call path asks the budgets itself
+    #: (the scope's first): the parent's must not wrap it.
+    _budgets_inside = False
     call: Callable[..., Any]
     call_sync: Callable[..., Any]
 
@@ -148,6 +159,8 @@ class BreakerBudgets:
         )
         budgeted = BudgetedCalls(budgets, float(wait), lambda: self._actor.snapshot, self._clock)
         self._budgeted = budgeted
+        if self._budgets_inside:
+            return budgeted
         # The budgets wrap whatever call path the breaker has (its scopes').
         inner_async, inner_sync = self.call, self.call_sync
         reject_async, reject_sync = self._reject_async, self._reject_sync
@@ -206,6 +219,20 @@ class BreakerBudgets:
         time to the reset; with none left a call waits for the reset (up to
         ``wait``) or raises ``BudgetExceededError`` (``rate_budget``).
         """
+        scoped = current_scope.get()
+        if scoped is not None and scoped[0] is self:
+            # With scope_budgets: the API spoke of the limit of this call's scope.
+            scoped[1].observe_limits(
+                headers,
+                remaining_requests=remaining_requests,
+                reset_requests=reset_requests,
+                remaining_tokens=remaining_tokens,
+                reset_tokens=reset_tokens,
+                limit_requests=limit_requests,
+                limit_tokens=limit_tokens,
+                used_tokens=used_tokens,
+            )
+            return
         limits: dict[str, float] = {} if headers is None else parse_rate_limits(headers)
         for key, value in (
             ("remaining_requests", remaining_requests),
@@ -232,6 +259,15 @@ class BreakerBudgets:
                 ticket.cost = 0.0
         if limits:
             budgeted.budgets.observe(**limits)
+
+    def release_budgets(self) -> None:
+        """Internal: an expired scope lets its budgets go (other holders of its name keep them)."""
+        if self._budgeted is None:
+            return
+        self._budgeted = None
+        # The call paths close over the budgets: back to the class's.
+        self.__dict__.pop("call", None)
+        self.__dict__.pop("call_sync", None)
 
     @property
     def in_flight(self) -> int:

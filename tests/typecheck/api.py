@@ -68,6 +68,10 @@ def make_breakers() -> tuple[CircuitBreaker, CircuitBreaker]:
     shared = CircuitBreaker("db", daemon=True, on_unavailable=policy, daemon_timeout=0.25)
     CircuitBreaker("x", on_unavailable="maybe")  # type: ignore[arg-type]
     CircuitBreaker("x", daemon=3)  # type: ignore[arg-type]
+    CircuitBreaker("m", scope="model", scope_budgets={"gpt-4o": {"max_rate": "500/min"}})
+    CircuitBreaker("m", scope="model", scope_budgets=lambda key: {"max_concurrent": 2})
+    CircuitBreaker("m", scope="model", scope_budgets=lambda key: None)
+    CircuitBreaker("m", scope="model", scope_budgets=["gpt-4o"])  # type: ignore[arg-type]
     return embedded, shared
 
 
