@@ -13,8 +13,12 @@ processes asking, so each gets slots in turn (none starves). A slot is an
 instant on the host's monotonic clock; a call leaves at its slot, and a slot
 nobody used within ``GRACE`` of its instant is dropped (used later, calls
 would bunch up behind it). A concurrency lease is one round trip when a call
-starts; its release, what the API's headers said and the calls finished
-travel without waiting, one frame per call, when the call ends.
+starts: one that finds none free waits in line at the daemon (first come,
+first served, host-wide) and is answered when a lease is handed to it, or
+refused when its wait runs out; no polling. Its release, what the API's
+headers said and the calls finished travel without waiting, one frame per
+call, when the call ends. The recovery ramp is the host's: a call that
+waited through an outage asks the daemon for its place in it.
 
 While the daemon cannot be reached, the process's own budgets stand in (a
 per-process rate, not the host's), as ``on_unavailable="local"`` does for

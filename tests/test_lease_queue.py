@@ -217,7 +217,7 @@ def test_a_ramp_place_travels_both_ways_and_bad_ones_are_refused() -> None:
     assert isinstance(answer, ResponseReceived)
     assert answer.result == grant
     for bad in ({"name": "x", "ramp": 1}, {"name": "x", "generation": -1}):
-        with pytest.raises(RemoteProtocolError, match="ramp|generation"):
+        with pytest.raises(RemoteProtocolError, match=r"ramp|generation"):
             decode_message([0, 1, "budget", bad])
     with pytest.raises(RemoteProtocolError, match="ramp_at"):
         decode_message([1, 5, None, {"type": "budget_grant", "ramp_at": "soon"}])
