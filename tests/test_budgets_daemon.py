@@ -223,7 +223,9 @@ def test_leases_go_to_the_processes_waiting_in_turn(budget_daemon: DaemonProcess
         start, procs = start_workers(
             server,
             budget_daemon.socket_path,
-            {"max_concurrent": 3, "wait": 5.0},
+            # A daemon slow to answer under load must not make a process
+            # fall back on its own budgets: that is another test.
+            {"max_concurrent": 3, "wait": 5.0, "daemon_timeout": 2.0},
             threads=1,
             seconds=seconds,
             keys=keys,
@@ -310,7 +312,15 @@ def test_wait_rides_out_an_outage_and_recovery_ramps(budget_daemon: DaemonProces
     # the start, the breaker opens on the first failures, and the threads
     # wait (wait=5) through the outage; what the server sees once it is
     # back is the waiting calls being released.
-    breaker = {"wait": 5.0, "min_calls": 4, "timeout": 0.5, "failure_threshold": 0.5}
+    # daemon_timeout: under load, a daemon slow to answer would have a
+    # process admit calls on its own (local) breaker, not in the ramp.
+    breaker = {
+        "wait": 5.0,
+        "min_calls": 4,
+        "timeout": 0.5,
+        "failure_threshold": 0.5,
+        "daemon_timeout": 2.0,
+    }
     with LimitedServer(1000, latency=0.02) as server:
         server.outage(60.0)
         start, procs = start_workers(
