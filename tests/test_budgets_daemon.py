@@ -211,8 +211,10 @@ def test_leases_go_to_the_processes_waiting_in_turn(budget_daemon: DaemonProcess
     # call queues behind at most one other: the three others hold leases
     # taken before its own call ended, so one of them is free within one
     # call (HOLD + CALL_COST). So between two arrivals of a process at the
-    # server: its own call and at most one other, and the fourth process's
-    # first call at most one call after the first three. Polling, a process
+    # server: its own call and at most one other; and the fourth process's
+    # first call waits for one of the first three, then pays its own first
+    # request's start-up (the SDK's, up to another call's worth measured
+    # on a loaded machine): two calls after the first. Polling, a process
     # that had just given its lease back asked again at once and got it
     # back, while another slept between two looks (seen: one process with
     # no lease for 2.5 s).
@@ -240,7 +242,7 @@ def test_leases_go_to_the_processes_waiting_in_turn(budget_daemon: DaemonProcess
     # The first call's own start-up (the SDK's first request) is not the lease's.
     first = min(times[0] for times in by_key.values())
     for key, times in by_key.items():
-        assert times[0] - first <= call, (key, shown)
+        assert times[0] - first <= 2 * call, (key, shown)
         gaps = [b - a for a, b in itertools.pairwise([*times, start + seconds])]
         assert max(gaps) <= 2 * call, (key, shown)
     rejected = {k: n for r in found for k, n in r["counts"].items() if k != "ok"}
