@@ -30,7 +30,8 @@ waiting. Three kinds, combined by the caller:
 
 ``BudgetTable`` is the daemon's side: the budgets of every breaker by name,
 answering each process's ``BudgetRequest`` (slots from one schedule shared
-in turn, leases owned by the asking connection).
+in turn, leases owned by the asking connection and handed to the waiters
+in their order of asking, places in one recovery ramp).
 
 ``parse_rate`` reads ``"500/min"``-style rates with errors that say what is
 accepted.
@@ -45,6 +46,8 @@ from dataclasses import dataclass
 from typing import Final
 
 from breakerd.protocol import BudgetGrant, BudgetRequest
+
+from ._lease_queue import LeaseQueue, Waiter
 
 __all__ = [
     "ACTIVE_WINDOW",
@@ -433,7 +436,7 @@ ACTIVE_WINDOW: Final = 1.0
 class _Entry:
     """One breaker's host-wide budgets in the daemon."""
 
-    __slots__ = ("asking", "concurrency", "headers", "rate")
+    __slots__ = ("asking", "concurrency", "headers", "queue", "ramp", "rate")
 
     def __init__(self, request: BudgetRequest) -> None:
         self.rate = RateBudget(request.rate, request.burst) if request.rate > 0 else None
@@ -443,6 +446,10 @@ class _Entry:
         self.headers = HeaderBudget()
         # holder -> the instant it last asked for slots.
         self.asking: dict[Hashable, float] = {}
+        # Who waits for a lease, oldest first.
+        self.queue = LeaseQueue()
+        # The recovery ramp: (generation it is for, when it began, next place).
+        self.ramp: tuple[int, float, int] = (-1, 0.0, 0)
 
 
 class BudgetTable:
@@ -452,25 +459,52 @@ class BudgetTable:
     are paced together, not each process on its own) and are handed out in
     order of asking, at most a share per request: every process that asks
     gets slots in turn, none starves. Leases are held by a holder (a
-    connection) and all released when it goes (``forget``).
+    connection) and all released when it goes (``forget``). A lease asked
+    for with a ``wait`` (``handle_or_park``) that finds none free waits in
+    line: each lease released goes to the oldest waiter, whose answer is
+    then collected with ``handed``; one whose wait runs out is answered
+    with the ``concurrency`` refusal at its deadline.
     """
 
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
+        # Answers to parked requests, not collected yet: (holder, token, grant).
+        self._handed: list[tuple[Hashable, Hashable, BudgetGrant]] = []
+        # Names of the breakers whose queue may hold a waiter.
+        self._queued: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def handle(self, holder: Hashable, request: BudgetRequest, now: float) -> BudgetGrant:
+        """The answer, now: a lease asked for and not free is refused at once."""
+        grant = self._handle(holder, request, now, None)
+        assert grant is not None  # nothing is parked without a token
+        return grant
+
+    def handle_or_park(
+        self, holder: Hashable, token: Hashable, request: BudgetRequest, now: float
+    ) -> BudgetGrant | None:
+        """The answer, or None: the lease asked for waits in line (see ``handed``).
+
+        Only a request for a lease alone (no slots wanted), with a ``wait``,
+        is parked; ``token`` names it in ``handed`` (unique per holder).
+        """
+        return self._handle(holder, request, now, token)
+
+    def _handle(
+        self, holder: Hashable, request: BudgetRequest, now: float, token: Hashable
+    ) -> BudgetGrant | None:
         entry = self._entries.get(request.name)
         if entry is None:
             # The first to ask fixes the settings, as for a breaker's config.
             entry = self._entries[request.name] = _Entry(request)
         concurrency = entry.concurrency
-        if concurrency is not None:
+        if concurrency is not None and request.release:
             for lease in request.release:
                 if concurrency.owner(lease) == holder:
                     concurrency.release(lease)
+            self._hand_over(entry, concurrency, now)
         headers = entry.headers
         headers.started(request.started)
         # What a response said, before the calls that ended with it are done:
@@ -481,11 +515,17 @@ class BudgetTable:
             headers.done(now)
         if request.tokens_back:
             headers.credit(now, request.tokens_back)
+        ramp_at = self._ramp(entry, request.generation, now) if request.ramp else None
         lease = 0
         if request.lease and concurrency is not None:
-            lease = concurrency.acquire(holder) or 0
+            # Nobody jumps the line: while anyone waits, every lease is held.
+            lease = 0 if entry.queue else concurrency.acquire(holder) or 0
             if not lease:
-                return BudgetGrant((), 0, "concurrency", None)
+                if token is not None and request.wait > 0 and not request.want:
+                    entry.queue.park(holder, token, now + request.wait)
+                    self._queued.add(request.name)
+                    return None
+                return BudgetGrant((), 0, "concurrency", None, ramp_at)
         slots: list[float] = []
         reason: str | None = None
         retry: float | None = None
@@ -507,7 +547,53 @@ class BudgetTable:
             if not slots:
                 reason = "rate_budget"
                 retry = self._next_free(entry, now, request.tokens) - now
-        return BudgetGrant(tuple(slots), lease, reason, retry)
+        return BudgetGrant(tuple(slots), lease, reason, retry, ramp_at)
+
+    @staticmethod
+    def _ramp(entry: _Entry, generation: int, now: float) -> float:
+        # One ramp per recovery, whichever process asks: it begins when the
+        # first waiter of any process asks for a place after the breaker
+        # closed at ``generation``.
+        ramp_generation, began, place = entry.ramp
+        if ramp_generation != generation:
+            ramp_generation, began, place = generation, now, 0
+        entry.ramp = (ramp_generation, began, place + 1)
+        return began + ramp_offset(place)
+
+    def _hand_over(self, entry: _Entry, concurrency: ConcurrencyBudget, now: float) -> None:
+        if not entry.queue:
+            return
+        granted, expired = entry.queue.hand_over(concurrency, now)
+        self._answer_expired(expired)
+        self._handed.extend(
+            (waiter.holder, waiter.token, BudgetGrant(lease=lease)) for waiter, lease in granted
+        )
+
+    def _answer_expired(self, expired: list[Waiter]) -> None:
+        refusal = BudgetGrant((), 0, "concurrency", None)
+        self._handed.extend((waiter.holder, waiter.token, refusal) for waiter in expired)
+
+    def handed(self, now: float) -> list[tuple[Hashable, Hashable, BudgetGrant]]:
+        """The answers to parked requests due by ``now``, each once: (holder, token, grant).
+
+        A lease handed over, or the ``concurrency`` refusal of a waiter whose
+        wait ran out.
+        """
+        for name in list(self._queued):
+            entry = self._entries.get(name)
+            if entry is None or not entry.queue:
+                self._queued.discard(name)
+                continue
+            self._answer_expired(entry.queue.expire(now))
+        answers, self._handed = self._handed, []
+        return answers
+
+    def next_deadline(self) -> float:
+        """The earliest instant a parked request must be answered by (``inf``: none)."""
+        return min(
+            (self._entries[name].queue.next_deadline() for name in self._queued),
+            default=math.inf,
+        )
 
     def _reserve(self, entry: _Entry, now: float, wait: float, tokens: float) -> float | None:
         # As a process's own budgets do it: the headers first, then the
@@ -532,12 +618,20 @@ class BudgetTable:
             leave = entry.rate.next_free(leave)
         return leave
 
-    def forget(self, holder: Hashable) -> int:
-        """``holder`` went away (its connection closed): its leases back; how many."""
+    def forget(self, holder: Hashable, now: float = -math.inf) -> int:
+        """``holder`` went away (its connection closed): its leases back; how many.
+
+        Its leases go to the oldest waiters (collect the answers with
+        ``handed``); ``now`` says which of those waited past their deadline.
+        """
         released = 0
         for entry in self._entries.values():
+            # Its waiters first (nobody is left to answer), then its leases,
+            # to the oldest of the others waiting.
+            entry.queue.drop(holder)
             if entry.concurrency is not None:
                 released += entry.concurrency.release_holder(holder)
+                self._hand_over(entry, entry.concurrency, now)
             entry.asking.pop(holder, None)
         return released
 

@@ -20,6 +20,8 @@ daemon-mode breaker:
      SIGKILL while its call is at the server: the most calls in flight at
      the server (goal: <= 3), and whether three were in flight again after
      the kill (its lease came back);
+     And with one caller a process and calls held 100 ms: each process's
+     calls, and the longest gap between two of them (leases go in turn);
   5. ``wait=5`` through a 1 s outage (503s), each thread calling until its
      first success: rejections (goal: 0) and the recovered server's
      arrivals per 100 ms after the first success (the ramp);
@@ -181,6 +183,43 @@ def concurrency_figure(socket_path: Path, seconds: float) -> dict[str, Any]:
     return figure
 
 
+def fairness_figure(socket_path: Path, seconds: float) -> dict[str, Any]:
+    # One caller a process, so that "a process got a lease" is "its key
+    # arrived at the server"; calls held 100 ms.
+    keys = ["sk-a", "sk-b", "sk-c", "sk-d"]
+    with LimitedServer(1000, latency=0.1) as server:
+        start, found, _ = run_workers(
+            server,
+            socket_path,
+            {"max_concurrent": 3, "wait": 5.0},
+            seconds,
+            threads=1,
+            keys=keys,
+            limits=False,
+            name="API-fair",
+        )
+        by_key = {k: sorted(server.arrivals_by_key.get(f"Bearer {k}", [])) for k in keys}
+        most = server.max_in_flight
+    first = min((times[0] for times in by_key.values() if times), default=start)
+    figure = {
+        "scenario": "max_concurrent=3, 4 processes x 1 thread, calls held 100 ms",
+        "max_in_flight_at_server": most,
+        "calls_per_process": [len(times) for times in by_key.values()],
+        "first_call_ms_after_the_first": [
+            round((times[0] - first) * 1000) if times else None for times in by_key.values()
+        ],
+        "longest_gap_between_a_processs_calls_ms": [
+            round(max(b - a for a, b in zip(t, [*t[1:], start + seconds], strict=True)) * 1000)
+            if t
+            else None
+            for t in by_key.values()
+        ],
+        "counts": summed(found),
+    }
+    print(json.dumps(figure), flush=True)
+    return figure
+
+
 def outage_figure(socket_path: Path) -> dict[str, Any]:
     # Every thread calls until its first success; the server is down for the
     # first second, so the breaker opens and the threads wait (wait=5).
@@ -296,6 +335,7 @@ def main() -> None:
             ):
                 figures.append(load_figure(socket_path, name, breaker, seconds, **spec))
             figures.append(concurrency_figure(socket_path, min(seconds, 4.0)))
+            figures.append(fairness_figure(socket_path, min(seconds, 4.0)))
             figures.append(outage_figure(socket_path))
         finally:
             daemon.kill()

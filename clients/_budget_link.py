@@ -13,8 +13,12 @@ processes asking, so each gets slots in turn (none starves). A slot is an
 instant on the host's monotonic clock; a call leaves at its slot, and a slot
 nobody used within ``GRACE`` of its instant is dropped (used later, calls
 would bunch up behind it). A concurrency lease is one round trip when a call
-starts; its release, what the API's headers said and the calls finished
-travel without waiting, one frame per call, when the call ends.
+starts: one that finds none free waits in line at the daemon (first come,
+first served, host-wide) and is answered when a lease is handed to it, or
+refused when its wait runs out; no polling. Its release, what the API's
+headers said and the calls finished travel without waiting, one frame per
+call, when the call ends. The recovery ramp is the host's: a call that
+waited through an outage asks the daemon for its place in it.
 
 While the daemon cannot be reached, the process's own budgets stand in (a
 per-process rate, not the host's), as ``on_unavailable="local"`` does for
@@ -43,6 +47,10 @@ PREFETCH: Final = 2
 #: rate's spacing (so a late slot bunches with the next by at most half a
 #: spacing), and this much without a rate.
 GRACE: Final = 0.02
+#: Seconds before the end of its turn in line within which a lease refused
+#: counts as refused at the end of it (the daemon's timer fires a little late,
+#: never early).
+LAP_SLACK: Final = 0.001
 
 
 def _ignore(result: Any, error: BaseException | None) -> None:
@@ -165,7 +173,12 @@ class DaemonBudgets(Budgets):
         if isinstance(result, BudgetGrant) and result.lease:
             self._send_nowait(release=(result.lease,))
 
-    def _ask_sync(self, client: Any, message: BudgetRequest) -> BudgetGrant | None:
+    def _ask_sync(
+        self, client: Any, message: BudgetRequest, timeout: float | None = None
+    ) -> BudgetGrant | None:
+        # ``timeout``: how long to wait for the answer (``daemon_timeout``
+        # unless the daemon may hold the request, as a lease waiting in line).
+        timeout = self._daemon_timeout if timeout is None else timeout
         event = threading.Event()
         answer: list[Any] = []
         lock = threading.Lock()
@@ -183,7 +196,16 @@ class DaemonBudgets(Budgets):
         if not client.request(message, reply, read=True, read_timeout=self._daemon_timeout):
             self._restore(message)
             return None
-        if not event.wait(self._daemon_timeout):
+        try:
+            answered = event.wait(timeout)
+        except BaseException:
+            # Interrupted: a lease granted, now or later, goes back.
+            with lock:
+                gave_up = True
+                early = answer[0] if answer else None
+            self._late(early)
+            raise
+        if not answered:
             with lock:
                 gave_up = not answer
             if gave_up:
@@ -191,7 +213,9 @@ class DaemonBudgets(Budgets):
         grant = answer[0]
         return grant if isinstance(grant, BudgetGrant) else None
 
-    async def _ask_async(self, client: Any, message: BudgetRequest) -> BudgetGrant | None:
+    async def _ask_async(
+        self, client: Any, message: BudgetRequest, answer_within: float | None = None
+    ) -> BudgetGrant | None:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
 
@@ -209,7 +233,9 @@ class DaemonBudgets(Budgets):
             self._restore(message)
             return None
         try:
-            grant = await asyncio.wait_for(future, self._daemon_timeout)
+            grant = await asyncio.wait_for(
+                future, self._daemon_timeout if answer_within is None else answer_within
+            )
         except TimeoutError:
             return None
         return grant if isinstance(grant, BudgetGrant) else None
@@ -222,6 +248,25 @@ class DaemonBudgets(Budgets):
             message = self._message(**fields)
         if not client.request(message, _ignore):
             self._restore(message)
+
+    # -- the recovery ramp ------------------------------------------------------------------
+
+    def ramp_slot(self, generation: int, now: float) -> float:
+        """The place of a call that waited through an outage in the host's one ramp.
+
+        The daemon hands the places out, so the waiting calls of every
+        process leave in one doubling ramp, not one ramp a process (which
+        would release one call per process at once). Without an answer from
+        the daemon, the process ramps its own waiters.
+        """
+        client = self._client()
+        if client is not None:
+            with self.lock:
+                message = self._message(ramp=True, generation=generation)
+            grant = self._ask_sync(client, message)
+            if grant is not None and grant.ramp_at is not None:
+                return grant.ramp_at
+        return super().ramp_slot(generation, now)
 
     # -- admission -------------------------------------------------------------------------
 
@@ -325,21 +370,36 @@ class DaemonBudgets(Budgets):
             with self._slot_ready:
                 self._slot_waiters -= 1
 
+    def _lease_message(self, client: Any, deadline: float) -> tuple[BudgetRequest, float, float]:
+        # (the request, how long to wait for its answer, when its turn ends).
+        # The daemon holds it in line up to ``wait``: at most half the
+        # client's request timeout, for a request unanswered that long breaks
+        # the connection. A longer wait asks again, at the back of the line.
+        lap = min(max(deadline - self.clock(), 0.0), getattr(client, "request_timeout", 5.0) / 2)
+        with self.lock:
+            message = self._message(lease=True, wait=lap)
+        return message, lap + self._daemon_timeout, self.clock() + lap
+
+    def _lease_refused(self, deadline: float, lap_end: float) -> float:
+        # Seconds to pause before asking again; raises once the wait is over.
+        now = self.clock()
+        if now >= deadline:
+            raise self.refusal("concurrency", None)
+        # Refused before its turn ended: a daemon that does not hold
+        # requests in line (an older one), looked at again soon.
+        return min(deadline - now, RECHECK) if now < lap_end - LAP_SLACK else 0.0
+
     def _lease_remote_sync(self, client: Any, deadline: float) -> int | None:
         while True:
-            with self.lock:
-                message = self._message(lease=True)
-            grant = self._ask_sync(client, message)
+            message, timeout, lap_end = self._lease_message(client, deadline)
+            grant = self._ask_sync(client, message, timeout)
             if grant is None:
                 return None
             if grant.lease or grant.reason is None:
                 return grant.lease  # 0: the host's budgets have no max_concurrent
-            left = deadline - self.clock()
-            if left <= 0:
-                raise self.refusal("concurrency", None)
-            # Held elsewhere on the host: no release reaches this process,
-            # so it looks again soon (one small request per RECHECK).
-            self.sleep(min(left, RECHECK))
+            pause = self._lease_refused(deadline, lap_end)
+            if pause > 0:
+                self.sleep(pause)
 
     async def admit_async(self, deadline: float, cost: float = 0.0) -> Ticket:
         client = self._client()
@@ -402,17 +462,15 @@ class DaemonBudgets(Budgets):
 
     async def _lease_remote_async(self, client: Any, deadline: float) -> int | None:
         while True:
-            with self.lock:
-                message = self._message(lease=True)
-            grant = await self._ask_async(client, message)
+            message, timeout, lap_end = self._lease_message(client, deadline)
+            grant = await self._ask_async(client, message, timeout)
             if grant is None:
                 return None
             if grant.lease or grant.reason is None:
                 return grant.lease
-            left = deadline - self.clock()
-            if left <= 0:
-                raise self.refusal("concurrency", None)
-            await self.asleep(min(left, RECHECK))
+            pause = self._lease_refused(deadline, lap_end)
+            if pause > 0:
+                await self.asleep(pause)
 
     def finish(self, ticket: Ticket) -> None:
         if not ticket.remote:

@@ -63,6 +63,8 @@ def budget_request_map(m: BudgetRequest) -> dict[str, Any]:
         "started": m.started,
         "tokens_back": m.tokens_back,
         "limits": dict(m.limits),
+        "ramp": m.ramp,
+        "generation": m.generation,
     }
 
 
@@ -89,6 +91,12 @@ def budget_request(d: dict[str, Any]) -> BudgetRequest:
     lease = d.get("lease", False)
     if type(lease) is not bool:
         raise _bad(w, "lease", "a boolean", lease)
+    ramp = d.get("ramp", False)
+    if type(ramp) is not bool:
+        raise _bad(w, "ramp", "a boolean", ramp)
+    generation = d.get("generation", 0)
+    if type(generation) is not int or not 0 <= generation < 2**64:
+        raise _bad(w, "generation", "an integer from 0 to 2**64 - 1", generation)
     return BudgetRequest(
         name,
         _number(d, "rate", w),
@@ -103,6 +111,8 @@ def budget_request(d: dict[str, Any]) -> BudgetRequest:
         _count(d, "started", w),
         _number(d, "tokens_back", w),
         tuple(limits),
+        ramp,
+        generation,
     )
 
 
@@ -113,6 +123,7 @@ def budget_grant_map(m: BudgetGrant) -> dict[str, Any]:
         "lease": m.lease,
         "reason": m.reason,
         "retry_after": m.retry_after,
+        "ramp_at": m.ramp_at,
     }
 
 
@@ -132,9 +143,13 @@ def budget_grant(d: dict[str, Any]) -> BudgetGrant:
     retry = d.get("retry_after")
     if retry is not None and (type(retry) not in (int, float) or not math.isfinite(retry)):
         raise _bad(w, "retry_after", "a number or nil", retry)
+    ramp_at = d.get("ramp_at")
+    if ramp_at is not None and (type(ramp_at) not in (int, float) or not math.isfinite(ramp_at)):
+        raise _bad(w, "ramp_at", "a number or nil", ramp_at)
     return BudgetGrant(
         tuple(float(x) for x in slots),
         lease,
         reason,
         None if retry is None else float(retry),
+        None if ramp_at is None else float(ramp_at),
     )

@@ -303,6 +303,10 @@ class BudgetRequest:
     tokens_back: float = 0.0
     #: The newest ``observe_limits`` numbers (``remaining_requests``...), or empty.
     limits: tuple[tuple[str, float], ...] = ()
+    #: Asks for a place in the recovery ramp of the breaker's ``generation``
+    #: (a call that waited through an outage; see ``BudgetGrant.ramp_at``).
+    ramp: bool = False
+    generation: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,3 +321,6 @@ class BudgetGrant:
     #: (``rate_budget``, ``concurrency``) and in how many seconds to ask again.
     reason: str | None = None
     retry_after: float | None = None
+    #: With ``ramp``: the instant (the host's clock) this call may leave, its
+    #: place in one ramp shared by every process of the host.
+    ramp_at: float | None = None

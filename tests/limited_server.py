@@ -37,6 +37,8 @@ class LimitedServer:
         self.windows: dict[str, deque[float]] = {}
         #: (monotonic arrival, status) of every request.
         self.arrivals: list[tuple[float, int]] = []
+        #: Each key's arrival times (its authorization header's).
+        self.arrivals_by_key: dict[str, list[float]] = {}
         self.in_flight = 0
         self.max_in_flight = 0
         #: API key -> its requests in flight now.
@@ -127,6 +129,7 @@ class LimitedServer:
                 status = 200
                 arrivals.append(now)
             self.arrivals.append((now, status))
+            self.arrivals_by_key.setdefault(key, []).append(now)
             remaining = max(self.limit - len(arrivals), 0)
             reset = (arrivals[-1] + self.window - now) if arrivals else 0.0
             next_free = (arrivals[0] + self.window - now) if arrivals else 0.0

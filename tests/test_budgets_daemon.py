@@ -28,7 +28,13 @@ from limited_server import LimitedServer
 
 from breakerd.actor._budget import RAMP_STEP
 from breakerd.clients import CircuitBreaker
-from breakerd.protocol import BudgetExceededError, BudgetGrant, BudgetRequest, Register
+from breakerd.protocol import (
+    BudgetExceededError,
+    BudgetGrant,
+    BudgetRequest,
+    Register,
+    ResponseReceived,
+)
 
 SECONDS = 3.0
 WARM_UP = 0.5
@@ -193,6 +199,56 @@ def test_max_concurrent_holds_across_processes_and_a_killed_holder(
     assert all(result["counts"].get("ok", 0) > 0 for result in survivors)
 
 
+HOLD = 0.1
+#: A call's own cost at the client beyond the server's hold: the SDK, HTTP
+#: and the lease's round trips on a loaded 2-CPU machine (about 60 ms measured).
+CALL_COST = 0.15
+
+
+def test_leases_go_to_the_processes_waiting_in_turn(budget_daemon: DaemonProcess) -> None:
+    # Four processes, one caller each, three leases, calls held HOLD at the
+    # server. In turn (first come, first served), a process that finishes a
+    # call queues behind at most one other: the three others hold leases
+    # taken before its own call ended, so one of them is free within one
+    # call (HOLD + CALL_COST). So between two arrivals of a process at the
+    # server: its own call and at most one other; and the fourth process's
+    # first call waits for one of the first three, then pays its own first
+    # request's start-up (the SDK's, up to another call's worth measured
+    # on a loaded machine): two calls after the first. Polling, a process
+    # that had just given its lease back asked again at once and got it
+    # back, while another slept between two looks (seen: one process with
+    # no lease for 2.5 s).
+    keys = ["sk-a", "sk-b", "sk-c", "sk-d"]
+    seconds = 2.0
+    call = HOLD + CALL_COST
+    with LimitedServer(1000, latency=HOLD) as server:
+        start, procs = start_workers(
+            server,
+            budget_daemon.socket_path,
+            # A daemon slow to answer under load must not make a process
+            # fall back on its own budgets: that is another test.
+            {"max_concurrent": 3, "wait": 5.0, "daemon_timeout": 2.0},
+            threads=1,
+            seconds=seconds,
+            keys=keys,
+            limits=False,
+        )
+        found = results(procs)
+        by_key = {key: sorted(server.arrivals_by_key.get(f"Bearer {key}", [])) for key in keys}
+        max_in_flight = server.max_in_flight
+    assert max_in_flight <= 3, max_in_flight
+    shown = {key: [round(at - start, 3) for at in times] for key, times in by_key.items()}
+    assert all(by_key.values()), shown
+    # The first call's own start-up (the SDK's first request) is not the lease's.
+    first = min(times[0] for times in by_key.values())
+    for key, times in by_key.items():
+        assert times[0] - first <= 2 * call, (key, shown)
+        gaps = [b - a for a, b in itertools.pairwise([*times, start + seconds])]
+        assert max(gaps) <= 2 * call, (key, shown)
+    rejected = {k: n for r in found for k, n in r["counts"].items() if k != "ok"}
+    assert not rejected, rejected
+
+
 def test_a_dead_holders_lease_is_released_by_the_daemon(budget_daemon: DaemonProcess) -> None:
     holder = RawClient(budget_daemon.socket_path)
     holder.request(Register("bulkhead", {}))
@@ -211,12 +267,62 @@ def test_a_dead_holders_lease_is_released_by_the_daemon(budget_daemon: DaemonPro
     other.close()
 
 
+def test_the_daemon_answers_a_lease_waiting_in_line_when_one_is_freed(
+    budget_daemon: DaemonProcess,
+) -> None:
+    def client() -> RawClient:
+        raw = RawClient(budget_daemon.socket_path)
+        raw.request(Register("line", {}))
+        return raw
+
+    def ask(wait: float) -> BudgetRequest:
+        return BudgetRequest("line", max_concurrent=1, lease=True, wait=wait)
+
+    holder, gone, waiter, late = client(), client(), client(), client()
+    granted = holder.request(ask(5.0))
+    assert isinstance(granted, BudgetGrant)
+    lease = granted.lease
+    assert lease
+    # Two wait in line without reading; the first's connection closes.
+    gone.sock.sendall(gone.conn.send_request(1, ask(5.0)))
+    waiter.msgid += 1
+    waiter.sock.sendall(waiter.conn.send_request(waiter.msgid, ask(5.0)))
+    gone.close()
+
+    def disconnected() -> bool:
+        return any(e.get("event") == "client_disconnected" for e in budget_daemon.log_events())
+
+    assert poll_until(disconnected, 5)
+    holder.request(BudgetRequest("line", release=(lease,)))
+    # The freed lease went to the waiter still connected: its answer.
+    event = waiter._next()
+    assert isinstance(event, ResponseReceived), event
+    assert isinstance(event.result, BudgetGrant), event
+    assert event.result.lease, event.result
+    # A waiter whose wait runs out is refused at its deadline, not before.
+    began = time.monotonic()
+    refused = late.request(ask(0.3))
+    waited = time.monotonic() - began
+    assert refused.reason == "concurrency", refused
+    assert 0.3 <= waited < 1.5, waited
+    for raw in (holder, waiter, late):
+        raw.close()
+
+
 def test_wait_rides_out_an_outage_and_recovery_ramps(budget_daemon: DaemonProcess) -> None:
     # Every thread calls until its first success: the server is down from
     # the start, the breaker opens on the first failures, and the threads
     # wait (wait=5) through the outage; what the server sees once it is
     # back is the waiting calls being released.
-    breaker = {"wait": 5.0, "min_calls": 4, "timeout": 0.5, "failure_threshold": 0.5}
+    # daemon_timeout: under load, a daemon slow to answer would have a
+    # process admit calls on its own (local) breaker, not in the ramp.
+    breaker = {
+        "wait": 5.0,
+        "min_calls": 4,
+        "timeout": 0.5,
+        "failure_threshold": 0.5,
+        "daemon_timeout": 2.0,
+    }
     with LimitedServer(1000, latency=0.02) as server:
         server.outage(60.0)
         start, procs = start_workers(
@@ -228,21 +334,26 @@ def test_wait_rides_out_an_outage_and_recovery_ramps(budget_daemon: DaemonProces
         arrivals = sorted(server.arrivals)
     rejected = {key: n for r in found for key, n in r["counts"].items() if "rejected" in key}
     assert not rejected, rejected  # no call is rejected: they waited for the recovery
-    # The recovered server sees the ramp (one call per process at once, the
-    # rest 100 ms, 200 ms... later), not every waiting call at once.
+    # The recovered server sees one ramp for the whole host, not every
+    # waiting call at once, nor one ramp per process.
     assert total(found, "ok") == 4 * 4
     failures = [at for at, status in arrivals if status == 503]
     assert failures
     after = [at for at, status in arrivals if status == 200 and at > failures[-1]]
-    recovered = after[0]
-    first_step = [at for at in after if at < recovered + 0.9 * RAMP_STEP]
+    recovered = after[0]  # the trial that closed the breaker
     offsets = [round(at - recovered, 3) for at in after]
-    # The trial and each process's first waiter go at once (give or take the
-    # moment each process learns the breaker closed), and a call that was
-    # failing when the breaker closed did not wait; the others follow.
-    # Without the ramp all 16 arrive within the first step.
-    assert len(first_step) <= 10, offsets
-    assert after[-1] - recovered >= 2 * RAMP_STEP, offsets
+    # The ramp begins once the trial's answer closed the breaker (at least
+    # its 20 ms at the server after it arrived): its first place leaves at
+    # once, the next two RAMP_STEP later, the next four 2 * RAMP_STEP later.
+    # So before recovered + RAMP_STEP the server sees the trial and one
+    # waiter, and before recovered + 2 * RAMP_STEP at most three more. One
+    # ramp per process let one waiter of each process go at once (the trial
+    # and four), and three of each within the second step.
+    first_step = [at for at in after if at < recovered + 0.9 * RAMP_STEP]
+    two_steps = [at for at in after if at < recovered + 1.9 * RAMP_STEP]
+    assert len(first_step) <= 2, offsets
+    assert len(two_steps) <= 4, offsets
+    assert after[-1] - recovered >= 3 * RAMP_STEP, offsets
 
 
 @pytest.mark.anyio
@@ -278,3 +389,39 @@ async def test_async_callers_take_host_wide_slots_and_leases(
     leave.set()
     await task
     assert await bulkhead.call(when) > 0  # its lease went back to the daemon
+
+
+@pytest.mark.anyio
+async def test_an_async_waiter_gets_the_lease_freed_and_a_cancelled_one_gives_it_back(
+    budget_daemon: DaemonProcess,
+) -> None:
+    bulkhead = CircuitBreaker(
+        "async-line", daemon=str(budget_daemon.socket_path), max_concurrent=1, wait=5.0
+    )
+    _ = bulkhead.config_conflicts
+    entered = asyncio.Event()
+    leave = asyncio.Event()
+
+    async def held() -> None:
+        entered.set()
+        await leave.wait()
+
+    async def when() -> float:
+        return time.monotonic()
+
+    holder = asyncio.ensure_future(bulkhead.call(held))
+    await entered.wait()
+    gives_up = asyncio.ensure_future(bulkhead.call(when))
+    await asyncio.sleep(0.2)  # it asked, and waits in line at the daemon
+    waiter = asyncio.ensure_future(bulkhead.call(when))
+    await asyncio.sleep(0.2)  # behind it
+    gives_up.cancel()
+    freed = time.monotonic()
+    leave.set()
+    await holder
+    # The lease went to the cancelled call's request first, which gave it
+    # straight back: the next in line has it at once, no poll between.
+    got = await asyncio.wait_for(waiter, 2.0)
+    assert got - freed < 0.5, got - freed
+    assert gives_up.cancelled()
+    assert await asyncio.wait_for(bulkhead.call(when), 2.0) > 0

@@ -27,6 +27,7 @@ from breakerd.protocol import (
     Admission,
     BreakerError,
     BreakerStatus,
+    BudgetGrant,
     BudgetRequest,
     Connection,
     Hello,
@@ -307,7 +308,9 @@ class Peer(asyncio.BufferedProtocol):
                 except BreakerError:
                     pass  # shutting down: the lease dies with the actor
         self.leases.clear()
-        released += daemon.budgets.forget(self)  # its max_concurrent leases
+        # Its max_concurrent leases, to whoever waits for one; its own waits dropped.
+        released += daemon.budgets.forget(self, daemon.system.clock())
+        daemon.budget_waits.settle()
         self.repeats.summarize(self.log, final=True)
         (self.log.debug if self.admin else self.log.info)(
             "client_disconnected", leases_released=released, error=repr(exc) if exc else None
@@ -393,7 +396,15 @@ class Peer(asyncio.BufferedProtocol):
                 f"budget of breaker {message.name!r} asked before registering the breaker"
             )
         daemon = self.daemon
-        self._reply(msgid, daemon.budgets.handle(self, message, daemon.system.clock()), None)
+        grant = daemon.budgets.handle_or_park(self, msgid, message, daemon.system.clock())
+        if grant is not None:
+            self._reply(msgid, grant, None)
+        # Leases it released may have gone to others waiting; it may wait itself.
+        daemon.budget_waits.settle()
+
+    def answer_budget(self, msgid: int, grant: BudgetGrant) -> None:
+        """Answer a budget request that waited in line (a lease handed over, or refused)."""
+        self._reply(msgid, grant, None)
 
     def _hello(self, msgid: int, hello: Hello) -> None:
         if self._hello_timer is not None:

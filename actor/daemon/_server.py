@@ -73,6 +73,7 @@ from .._budget import BudgetTable
 from .._machine import BreakerConfig, Transition
 from .._system import ActorSystem
 from . import _systemd as systemd
+from ._budget_waits import BudgetWaits
 from ._config import DaemonSettings, MetricsUnavailableError
 from ._fairness import LOG_SUMMARY_INTERVAL, ReadScheduler
 from ._peer import SERVER_NAME, Peer
@@ -127,6 +128,8 @@ class Daemon:
         self.watchers: dict[Peer, frozenset[str]] = {}
         #: Host-wide budgets (max_rate, max_concurrent, the API's headers) by breaker.
         self.budgets = BudgetTable()
+        #: Answers to the lease requests waiting in line in ``budgets``.
+        self.budget_waits = BudgetWaits(self.budgets, self.system.clock)
         #: The connection in the slot kept for the admin CLI, if taken.
         self.admin_peer: Peer | None = None
         #: pid -> connections it holds (SO_PEERCRED's pid, at connect time).
