@@ -261,12 +261,22 @@ class DaemonBudgets(Budgets):
         """
         client = self._client()
         if client is not None:
-            with self.lock:
-                message = self._message(ramp=True, generation=generation)
-            grant = self._ask_sync(client, message)
+            grant = self._ask_sync(client, self._ramp_request(generation))
             if grant is not None and grant.ramp_at is not None:
                 return grant.ramp_at
         return super().ramp_slot(generation, now)
+
+    async def ramp_slot_async(self, generation: int, now: float) -> float:
+        client = self._client()
+        if client is not None:
+            grant = await self._ask_async(client, self._ramp_request(generation))
+            if grant is not None and grant.ramp_at is not None:
+                return grant.ramp_at
+        return super().ramp_slot(generation, now)
+
+    def _ramp_request(self, generation: int) -> BudgetRequest:
+        with self.lock:
+            return self._message(ramp=True, generation=generation)
 
     # -- admission -------------------------------------------------------------------------
 

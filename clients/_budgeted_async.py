@@ -71,7 +71,7 @@ class AsyncBudgetedCalls:
                 deadline = clock()
             snapshot = self._snapshot()
             if outage and snapshot.state is CircuitState.CLOSED:
-                leave = min(budgets.ramp_slot(snapshot.generation, clock()), deadline)
+                leave = min(await budgets.ramp_slot_async(snapshot.generation, clock()), deadline)
                 if leave > clock():
                     await budgets.asleep(leave - clock())
                 outage = False

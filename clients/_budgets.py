@@ -219,6 +219,10 @@ class Budgets(AsyncAdmission, SyncAdmission):
             self._ramp = (ramp_generation, began, index + 1)
         return began + ramp_offset(index)
 
+    async def ramp_slot_async(self, generation: int, now: float) -> float:
+        """``ramp_slot`` on an event loop (the daemon's ramp asks without blocking it)."""
+        return self.ramp_slot(generation, now)
+
     # -- admission ------------------------------------------------------------------
 
     def _reserve(self, now: float, deadline: float, cost: float) -> tuple[float, bool]:

@@ -116,6 +116,7 @@ Generated from ``_admit_async.py`` (``Budgets.admit_async``) by
             "_call_waiting_async": "_call_waiting_sync",
             "admit_async": "admit_sync",
             "asleep": "sleep",
+            "ramp_slot_async": "ramp_slot",
         },
         phrases=[
             (

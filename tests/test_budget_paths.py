@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,9 +25,10 @@ from hypothesis import strategies as st
 from breakerd.actor import ActorSystem
 from breakerd.actor.testing import FakeClock
 from breakerd.clients import CircuitBreaker, CircuitBreakerOpenError
+from breakerd.clients._budget_link import DaemonBudgets
 from breakerd.clients._budgeted import current_ticket
 from breakerd.clients._budgets import Budgets, Ticket
-from breakerd.protocol import BudgetExceededError
+from breakerd.protocol import BudgetExceededError, BudgetGrant
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "unasync.py"
@@ -243,3 +245,55 @@ def test_sync_and_async_calls_are_admitted_alike(
             )
         traces.append(_trace(call, breaker, clock, steps))
     assert traces[0] == traces[1]
+
+
+class _HeldRequests:
+    """A daemon client whose answers the test gives: it records each request."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[Any, Callable[[Any, BaseException | None], None], bool]] = []
+        self.one_asked = asyncio.Event()
+
+    def request(
+        self,
+        message: Any,
+        reply: Callable[[Any, BaseException | None], None],
+        *,
+        read: bool = False,
+        read_timeout: float | None = None,
+    ) -> bool:
+        self.asked.append((message, reply, read))
+        self.one_asked.set()
+        return True
+
+
+@pytest.mark.anyio
+async def test_an_async_call_asks_for_its_ramp_place_without_blocking_the_loop() -> None:
+    # The daemon's answer comes from another task on the same loop: a ramp
+    # request that blocked the loop would never see it, time out and fall
+    # back to the process's own ramp.
+    client = _HeldRequests()
+    clock = FakeClock(100.0)
+    budgets = DaemonBudgets(
+        "ramp-async",
+        max_rate=None,
+        burst=None,
+        max_concurrent=None,
+        wait=5.0,
+        clock=clock,
+        client=lambda: client,
+        daemon_timeout=0.5,
+    )
+
+    async def answer() -> None:
+        await client.one_asked.wait()
+        message, reply, read = client.asked[0]
+        assert message.ramp
+        assert message.generation == 7
+        assert not read  # the caller does not read the socket itself
+        reply(BudgetGrant(ramp_at=123.25), None)
+
+    answering = asyncio.ensure_future(answer())
+    place = await budgets.ramp_slot_async(7, clock())
+    await answering
+    assert place == 123.25
