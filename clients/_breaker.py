@@ -123,13 +123,11 @@ class CircuitBreaker(AsyncCalls, SyncCalls, BreakerBudgets):
         daemon_timeout: Daemon mode only: how long a call may wait for the
             daemon (its first connection, a trial or strict acquire, an
             acknowledged outcome such as a failure) before ``on_unavailable``
-            answers instead (default 0.25 s). A healthy daemon answers in
-            tens of microseconds and a busy one in milliseconds, so a
-            quarter of a second only ever runs out on a hung one, and keeps
-            a request served through a hung daemon well inside any web
-            timeout. The outcome of such a call is counted by the policy
-            (``"local"``: the local breaker). Status and admin calls wait
-            for the daemon's answer (up to 5 s).
+            answers instead (default 0.25 s: a healthy daemon answers in
+            microseconds, a busy one in milliseconds, so it runs out only on
+            a hung one, well inside any web timeout). The policy counts the
+            outcome of such a call (``"local"``: the local breaker). Status
+            and admin calls wait for the daemon's answer (up to 5 s).
         window_size, window_seconds, slow_call_duration, slow_call_threshold,
         backoff, jitter, half_open_max_wait: see ``BreakerConfig``.
         quota_timeout: Seconds a key-wide error keeps the breaker open: a
@@ -328,6 +326,8 @@ class CircuitBreaker(AsyncCalls, SyncCalls, BreakerBudgets):
             child = CircuitBreaker(f"{self.name}/{key}", **settings, **budgets)
             child._classifier = ScopeOnly(child._classifier)
             child._scope_key = key
+            if child.budgets is not None:  # its refusals name the scope
+                child.budgets.scope = key
             return child
 
         def forget(child: CircuitBreaker) -> None:

@@ -114,6 +114,7 @@ class BreakerBudgets:
     _clock: Clock
     _actor: Any
     _needs_rebind: bool
+    _scope_key: str | None
     _budgeted: BudgetedCalls | None
     #: With ``scope_budgets`` the scoped call path asks the budgets itself
     #: (the scope's first): the parent's must not wrap it.
@@ -157,6 +158,7 @@ class BreakerBudgets:
             clock=self._clock,
             daemon=daemon,
         )
+        budgets.scope = self._scope_key
         budgeted = BudgetedCalls(budgets, float(wait), lambda: self._actor.snapshot, self._clock)
         self._budgeted = budgeted
         if self._budgets_inside:

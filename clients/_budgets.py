@@ -157,6 +157,8 @@ class Budgets(AsyncAdmission, SyncAdmission):
         if burst is not None and max_rate is None:
             raise ValueError("burst only applies with max_rate (say max_rate='20/s', burst=5)")
         self.name = name
+        #: The scope key when these are a scope's budgets (``NAME/KEY``), for refusals.
+        self.scope: str | None = None
         self.wait = float(wait)
         self.settings = (max_rate, burst, max_concurrent, float(wait))
         self._rate = None if max_rate is None else RateBudget(parse_rate(max_rate), burst or 1)
@@ -249,7 +251,7 @@ class Budgets(AsyncAdmission, SyncAdmission):
         return leave, header
 
     def refusal(self, reason: str, retry_after: float | None) -> BudgetExceededError:
-        return BudgetExceededError(self.name, retry_after, "closed", None, None, reason)
+        return BudgetExceededError(self.name, retry_after, "closed", None, self.scope, reason)
 
     # -- leases ---------------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ def test_a_scope_at_its_rate_is_refused_while_other_scopes_and_the_parent_go_on(
         breaker.call_sync(ok, model="gpt-4o")
     assert caught.value.reason == "rate_budget"
     assert caught.value.name == "sb-rate/gpt-4o"
+    assert caught.value.scope == "gpt-4o"
     assert caught.value.retry_after == pytest.approx(60 / SAFETY_MARGIN)
     # Another model has no budget of its own, and unscoped calls only the parent's (none).
     assert [breaker.call_sync(ok, model="gpt-4o-mini") for _ in range(5)] == ["ok"] * 5
