@@ -26,7 +26,8 @@ waiting. Three kinds, combined by the caller:
   left a call waits for the reset. Calls admitted but not finished yet
   were probably not counted in the numbers a response carried, so they are
   subtracted from them (the estimate errs low, never high). Tokens: each
-  call debits its estimated cost; a response's ``usage`` corrects it.
+  call debits its estimated cost; a response's ``usage`` corrects it (the
+  rules of the token count are ``_tokens.TokenLimit``'s).
 
 ``BudgetTable`` is the daemon's side: the budgets of every breaker by name,
 answering each process's ``BudgetRequest`` (slots from one schedule shared
@@ -45,6 +46,8 @@ from dataclasses import dataclass
 from typing import Final
 
 from breakerd.protocol import BudgetGrant, BudgetRequest
+
+from ._tokens import TokenLimit
 
 __all__ = [
     "ACTIVE_WINDOW",
@@ -217,7 +220,7 @@ class ConcurrencyBudget:
 
 @dataclass(slots=True)
 class _Limit:
-    """What is left of one of the API's limits (requests or tokens), as estimated."""
+    """What is left of the API's request limit, as estimated."""
 
     remaining: float = math.inf
     reset_at: float = -math.inf
@@ -258,7 +261,7 @@ class HeaderBudget:
         self.low_water = low_water
         self.min_low_water = min_low_water
         self._requests = _Limit()
-        self._tokens = _Limit()
+        self._tokens = TokenLimit(SAFETY_MARGIN)
         # Calls admitted and not finished: not in the numbers a response carried yet.
         self._in_flight = 0
         # The instant the next call may leave while pacing (-inf: not pacing).
@@ -276,7 +279,7 @@ class HeaderBudget:
 
     def remaining_tokens(self, now: float) -> float:
         """Tokens estimated left before the reset (``inf`` when nothing is known)."""
-        return self._tokens.remaining if self._tokens.known(now) else math.inf
+        return self._tokens.left(now)
 
     def observe(
         self,
@@ -297,16 +300,14 @@ class HeaderBudget:
         """
         # The calls still in flight, but for the one that carried these.
         others = max(self._in_flight - 1, 0)
-        for limit, remaining, reset, total, unseen in (
-            (self._requests, remaining_requests, reset_requests, limit_requests, others),
-            (self._tokens, remaining_tokens, reset_tokens, limit_tokens, 0),
-        ):
-            if total is not None and total > 0:
-                limit.limit = float(total)
-            if remaining is None or not remaining >= 0:
-                continue
+        self._tokens.observe(now, remaining_tokens, reset_tokens, limit_tokens, others)
+        limit = self._requests
+        if limit_requests is not None and limit_requests > 0:
+            limit.limit = float(limit_requests)
+        if remaining_requests is not None and remaining_requests >= 0:
+            reset = reset_requests
             seconds = 1.0 if reset is None or not math.isfinite(reset) else max(reset, 0.0)
-            limit.remaining = max(float(remaining) - unseen, 0.0)
+            limit.remaining = max(float(remaining_requests) - others, 0.0)
             limit.reset_at = now + seconds
             # The longest reset seen: the window's length (a sliding window's
             # reset is shorter by the age of its newest call).
@@ -352,13 +353,12 @@ class HeaderBudget:
             spacing = self._spacing_after_reset()
         if requests.limit is not None:
             leave = max(leave, self._paced)
-        token_limit = self._tokens
-        if tokens > 0 and token_limit.known(now) and token_limit.remaining < tokens:
-            leave = max(leave, token_limit.reset_at)
+        leave = max(leave, self._tokens.earliest(now, tokens))
         return leave, spacing
 
     def next_free(self, now: float, tokens: float = 0.0) -> float:
         """The instant a call asking now would leave (nothing reserved)."""
+        self._tokens.prepare(now, tokens)
         return self._plan(now, tokens)[0]
 
     def reserve(self, now: float, max_wait: float = 0.0, tokens: float = 0.0) -> float | None:
@@ -366,6 +366,7 @@ class HeaderBudget:
 
         Nothing is reserved for a refused call.
         """
+        self._tokens.prepare(now, tokens)
         leave, spacing = self._plan(now, tokens)
         if leave - now > max_wait:
             return None
@@ -379,9 +380,7 @@ class HeaderBudget:
             # the safety margin): a burst spent because much was left at one
             # instant would still fill a sliding window for a whole window.
             self._paced = leave + requests.window / (requests.limit * SAFETY_MARGIN)
-        token_limit = self._tokens
-        if tokens > 0 and token_limit.known(now):
-            token_limit.remaining -= tokens
+        self._tokens.debit(now, tokens, leave)
         self._in_flight += 1
         return leave
 
@@ -390,8 +389,8 @@ class HeaderBudget:
     ) -> None:
         """A call admitted here finished; ``used_tokens`` (its ``usage``) corrects its estimate."""
         self._in_flight = max(self._in_flight - 1, 0)
-        if used_tokens is not None and self._tokens.known(now):
-            self._tokens.remaining += estimated_tokens - used_tokens
+        if used_tokens is not None:
+            self._tokens.correct(now, estimated_tokens - used_tokens)
 
     def started(self, calls: int) -> None:
         """``calls`` left without being admitted here (before any budget was known)."""
@@ -408,16 +407,14 @@ class HeaderBudget:
 
     def credit(self, now: float, tokens: float) -> None:
         """Tokens estimated for calls that turned out to use fewer (their ``usage``)."""
-        if self._tokens.known(now):
-            self._tokens.remaining += tokens
+        self._tokens.correct(now, tokens)
 
     def give_back(self, now: float, tokens: float = 0.0) -> None:
-        """A call admitted here never left (its waiter gave up): undo its debit."""
+        """The call admitted last never left (its waiter gave up): undo its debit."""
         self._in_flight = max(self._in_flight - 1, 0)
         if self._requests.known(now):
             self._requests.remaining += 1
-        if tokens > 0 and self._tokens.known(now):
-            self._tokens.remaining += tokens
+        self._tokens.give_back(now, tokens)
 
 
 #: Seconds of a rate's schedule one process may hold at once when several
