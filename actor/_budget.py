@@ -42,11 +42,12 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
-from breakerd.protocol import BudgetGrant, BudgetRequest
+from breakerd.protocol import BudgetGrant, BudgetRequest, BudgetStatus
 
+from ._budget_status import budget_status
 from ._tokens import TokenLimit
 
 __all__ = [
@@ -162,6 +163,17 @@ class RateBudget:
             return None
         self._tat = tat + self.interval
         return leave
+
+    def backlog(self, now: float) -> int:
+        """Slots reserved that leave after ``now``: calls waiting for their turn."""
+        if self._tat <= now:
+            return 0  # (-inf before the first call)
+        ahead = (self._tat - self._tolerance - now) / self.interval - 1
+        return max(0, math.ceil(ahead - _EPSILON))
+
+    def settled(self, now: float) -> bool:
+        """Nothing reserved reaches past ``now``: a new schedule would promise no more."""
+        return self._tat <= now
 
     def next_free(self, now: float) -> float:
         """The instant a call asking now would leave (nothing reserved)."""
@@ -280,6 +292,14 @@ class HeaderBudget:
     def remaining_tokens(self, now: float) -> float:
         """Tokens estimated left before the reset (``inf`` when nothing is known)."""
         return self._tokens.left(now)
+
+    def reset_requests_in(self, now: float) -> float | None:
+        """Seconds until the request count resets, as last said (None: unknown or past)."""
+        return self._requests.reset_at - now if self._requests.known(now) else None
+
+    def reset_tokens_in(self, now: float) -> float | None:
+        """Seconds until the token count resets, as estimated (None: unknown or past)."""
+        return self._tokens.reset_in(now)
 
     def observe(
         self,
@@ -442,6 +462,14 @@ class _Entry:
         self.asking: dict[Hashable, float] = {}
 
 
+@dataclass(slots=True)
+class _Usage:
+    """When a breaker's budgets were last asked for, and how often they refused."""
+
+    last: float = -math.inf
+    refused: dict[str, int] = field(default_factory=dict)
+
+
 class BudgetTable:
     """The daemon's budgets, by breaker name: the answer to every ``BudgetRequest``.
 
@@ -450,10 +478,19 @@ class BudgetTable:
     order of asking, at most a share per request: every process that asks
     gets slots in turn, none starves. Leases are held by a holder (a
     connection) and all released when it goes (``forget``).
+
+    Entries are reclaimed (``reclaim``) once ``quiet``: no lease held, no
+    process asking, nothing asked for ``ACTIVE_WINDOW`` seconds, and no slot
+    reserved beyond now, so a fresh entry can promise no more than the old
+    one would have. The daemon reclaims a breaker's entry with the breaker
+    itself (after ``breaker_idle_timeout`` with no connection holding it):
+    whoever asks next fixes the settings again, and what the API's headers
+    said is forgotten until the next response says it again.
     """
 
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
+        self._usage: dict[str, _Usage] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -542,3 +579,50 @@ class BudgetTable:
         """Leases of ``name`` held now."""
         entry = self._entries.get(name)
         return 0 if entry is None or entry.concurrency is None else entry.concurrency.in_use
+
+    def answer(self, holder: Hashable, request: BudgetRequest, now: float) -> BudgetGrant:
+        """``handle``, and keep the books ``status`` and ``quiet`` read (the daemon's entry)."""
+        grant = self.handle(holder, request, now)
+        usage = self._usage.get(request.name)
+        if usage is None:
+            usage = self._usage[request.name] = _Usage()
+        usage.last = now
+        if grant.reason is not None:
+            usage.refused[grant.reason] = usage.refused.get(grant.reason, 0) + 1
+        return grant
+
+    def status(self, name: str, now: float) -> BudgetStatus | None:
+        """``name``'s budgets at ``now`` (None: nobody asked for any, or reclaimed)."""
+        entry = self._entries.get(name)
+        if entry is None:
+            return None
+        usage = self._usage.get(name)
+        return budget_status(
+            now,
+            entry.rate,
+            entry.concurrency,
+            entry.headers,
+            rejections=None if usage is None else usage.refused,
+        )
+
+    def quiet(self, name: str, now: float) -> bool:
+        """Whether ``name``'s entry may be reclaimed at ``now`` (see the class doc)."""
+        entry = self._entries.get(name)
+        if entry is None:
+            return True
+        if entry.concurrency is not None and entry.concurrency.in_use:
+            return False
+        if entry.rate is not None and not entry.rate.settled(now):
+            return False
+        if any(now - last <= ACTIVE_WINDOW for last in entry.asking.values()):
+            return False
+        usage = self._usage.get(name)
+        return usage is None or now - usage.last > ACTIVE_WINDOW
+
+    def reclaim(self, name: str, now: float) -> bool:
+        """Drop ``name``'s entry if it is ``quiet``; whether it is gone."""
+        if not self.quiet(name, now):
+            return False
+        self._entries.pop(name, None)
+        self._usage.pop(name, None)
+        return True

@@ -41,7 +41,8 @@ from breakerd.actor._budget import (
     parse_rate,
     ramp_offset,
 )
-from breakerd.protocol import BudgetExceededError
+from breakerd.actor._budget_status import budget_status
+from breakerd.protocol import BudgetExceededError, BudgetStatus
 
 from ._globals import shared_budget
 
@@ -151,6 +152,10 @@ class Budgets:
         self._lease_waiters: deque[Callable[[], None]] = deque()
         # The recovery ramp: (generation it is for, when it began, next index).
         self._ramp: tuple[int, float, int] = (-1, 0.0, 0)
+        # Refusals by reason, for status() and the metrics. A lock of their
+        # own: a refusal is made both under ``lock`` and outside it.
+        self._refused: dict[str, int] = {}
+        self._refused_lock = threading.Lock()
 
     @property
     def rate_interval(self) -> float | None:
@@ -160,6 +165,7 @@ class Budgets:
     def after_fork_in_child(self) -> None:
         """In a forked child: a parent thread may have held the lock, or waited."""
         self.lock = threading.Lock()
+        self._refused_lock = threading.Lock()
         self._lease_waiters.clear()
 
     @property
@@ -191,6 +197,20 @@ class Budgets:
                 ramp_generation, began, index = generation, now, 0
             self._ramp = (ramp_generation, began, index + 1)
         return began + ramp_offset(index)
+
+    def status(self) -> BudgetStatus:
+        """These budgets now (this process's), as ``breaker.status()`` shows them."""
+        with self._refused_lock:
+            refused = dict(self._refused)
+        with self.lock:
+            return budget_status(
+                self.clock(),
+                self._rate,
+                self._concurrency,
+                self._headers if self.headers_seen else None,
+                queued=len(self._lease_waiters),
+                rejections=refused,
+            )
 
     # -- admission ------------------------------------------------------------------
 
@@ -248,6 +268,8 @@ class Budgets:
         return leave, header
 
     def refusal(self, reason: str, retry_after: float | None) -> BudgetExceededError:
+        with self._refused_lock:
+            self._refused[reason] = self._refused.get(reason, 0) + 1
         return BudgetExceededError(self.name, retry_after, "closed", None, None, reason)
 
     # -- leases ---------------------------------------------------------------------------

@@ -393,7 +393,7 @@ class Peer(asyncio.BufferedProtocol):
                 f"budget of breaker {message.name!r} asked before registering the breaker"
             )
         daemon = self.daemon
-        self._reply(msgid, daemon.budgets.handle(self, message, daemon.system.clock()), None)
+        self._reply(msgid, daemon.budgets.answer(self, message, daemon.system.clock()), None)
 
     def _hello(self, msgid: int, hello: Hello) -> None:
         if self._hello_timer is not None:
@@ -535,7 +535,8 @@ class Peer(asyncio.BufferedProtocol):
                     failed.append(error)
                 else:
                     clients = len(daemon.subscribers.get(name, ()))
-                    results[name] = dataclasses.replace(result, clients=clients)
+                    budget = daemon.budgets.status(name, daemon.system.clock())
+                    results[name] = dataclasses.replace(result, clients=clients, budget=budget)
                     if fleet is not None:
                         results[name] = dataclasses.replace(
                             results[name],

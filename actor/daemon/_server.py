@@ -425,7 +425,8 @@ class Daemon:
     def reclaim_idle(self) -> list[str]:
         """Reclaim the breakers idle long enough that are closed and quiet; their names."""
         reclaimed = []
-        for name in self.idle.due(self.system.clock()):
+        now = self.system.clock()
+        for name in self.idle.due(now):
             actor = self.system.get(name)
             if actor is None or name in self.subscribers:
                 self.idle.forget(name)
@@ -434,6 +435,8 @@ class Daemon:
                 # Open keeps its deadline, admin states stay until reset, and
                 # outcomes still on their way are applied first: next sweep.
                 continue
+            if not self.budgets.reclaim(name, now):
+                continue  # its budgets go with it, once quiet (a slot still ahead...)
             self.system.remove(name)
             self.idle.forget(name)
             if self.fleet is not None:
