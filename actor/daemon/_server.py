@@ -312,7 +312,10 @@ class Daemon:
 
         host, port = self.settings.metrics
         collector = BreakerCollector(
-            self.system.actors, self.system.clock, clients=lambda: len(self.peers)
+            self.system.actors,
+            self.system.clock,
+            clients=lambda: len(self.peers),
+            budgets=self.budgets.status,
         )
         try:
             server = MetricsServer(collector, host, port)
