@@ -1,4 +1,5 @@
-"""Budgets in operation: the daemon's entries are reclaimed, and budgets show in status.
+"""Budgets in operation: the daemon's entries are reclaimed, budgets show in status,
+and the token count's rules (end to end in test_budgets_tokens.py).
 
 Logic on the daemon's ``BudgetTable`` and a breaker's ``Budgets`` with
 ``now`` passed in (fake clocks); the daemon's side with a real daemon and
@@ -8,6 +9,7 @@ real sockets; the command line as a real process.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from breakerd.actor import ActorSystem
-from breakerd.actor._budget import ACTIVE_WINDOW, BudgetTable, RateBudget
+from breakerd.actor._budget import ACTIVE_WINDOW, BudgetTable, HeaderBudget, RateBudget
 from breakerd.actor.testing import FakeClock
 from breakerd.clients import CircuitBreaker
 from breakerd.protocol import BudgetExceededError, BudgetRequest, BudgetStatus
@@ -168,6 +170,49 @@ def test_an_embedded_breakers_status_counts_lease_refusals_and_waiters(system: A
     after = breaker.status().budget
     assert after is not None
     assert (after.leases_in_use, after.concurrency_rejections) == (0, 1)
+
+
+# -- tokens: what a count says, and who waits for which window --------------------------
+
+
+def test_calls_in_flight_are_subtracted_from_a_token_count() -> None:
+    budget = HeaderBudget()
+    budget.observe(0.0, remaining_tokens=1000, reset_tokens=2.0, limit_tokens=1000)
+    for _ in range(3):
+        assert budget.reserve(0.0, tokens=100) == 0.0
+    # The first call's response: it arrived before the other two.
+    budget.observe(0.01, remaining_tokens=900, reset_tokens=2.0)
+    assert budget.remaining_tokens(0.01) == 700
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    limit=st.integers(100, 2000),
+    window=st.floats(0.5, 5.0),
+    asks=st.lists(
+        st.tuples(st.floats(0.0, 0.3), st.integers(1, 400), st.floats(0.0, 12.0)), max_size=60
+    ),
+)
+def test_calls_waiting_for_the_token_reset_never_overspend_a_window(
+    limit: int, window: float, asks: list[tuple[float, int, float]]
+) -> None:
+    # A fresh window as the API said it: ``limit`` tokens, empty again
+    # ``window`` seconds after its last call (a sliding window).
+    budget = HeaderBudget()
+    budget.observe(0.0, remaining_tokens=limit, reset_tokens=window, limit_tokens=limit)
+    now = 0.0
+    sent: list[tuple[float, int]] = []
+    for step, asked, wait in asks:
+        now += step
+        tokens = min(asked, limit)  # (a call costing more than a window never fits one)
+        leave = budget.reserve(now, wait, tokens)
+        if leave is not None:
+            assert leave >= now
+            sent.append((leave, tokens))
+    sent.sort()
+    for i, (start, _) in enumerate(sent):
+        spent = sum(tokens for at, tokens in sent[i:] if at < start + window)
+        assert spent <= limit or math.isclose(spent, limit)
 
 
 # -- the daemon ----------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""Token budgets: the token count's rules with ``now`` passed in, then host-wide end to end.
+"""Host-wide token budgets end to end: a real daemon, worker processes, a real local server.
 
-End to end: a real daemon, worker processes, a real local server.
+(The token count's rules, with ``now`` passed in, are in test_budget_ops.py.)
 
 The stand-in server (``limited_server.LimitedServer`` with ``tokens=``)
 enforces a token limit per API key over a sliding window (a tokens-per-minute
@@ -20,64 +20,19 @@ nothing yet are not counted against the tokens by anyone.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import pytest
 from daemon_helpers import DaemonProcess, poll_until
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from limited_server import LimitedServer
 from test_budgets_daemon import results, start_workers, total
-
-from breakerd.actor._budget import HeaderBudget
 
 #: Tokens per window: ten calls of ``MAX_TOKENS`` (plus a prompt token) each.
 TOKENS = 1000
 TOKEN_WINDOW = 2.0
 MAX_TOKENS = 99
 SECONDS = 5.0
-
-
-def test_calls_in_flight_are_subtracted_from_a_token_count() -> None:
-    budget = HeaderBudget()
-    budget.observe(0.0, remaining_tokens=1000, reset_tokens=2.0, limit_tokens=1000)
-    for _ in range(3):
-        assert budget.reserve(0.0, tokens=100) == 0.0
-    # The first call's response: it arrived before the other two.
-    budget.observe(0.01, remaining_tokens=900, reset_tokens=2.0)
-    assert budget.remaining_tokens(0.01) == 700
-
-
-@settings(max_examples=300, deadline=None)
-@given(
-    limit=st.integers(100, 2000),
-    window=st.floats(0.5, 5.0),
-    asks=st.lists(
-        st.tuples(st.floats(0.0, 0.3), st.integers(1, 400), st.floats(0.0, 12.0)), max_size=60
-    ),
-)
-def test_calls_waiting_for_the_token_reset_never_overspend_a_window(
-    limit: int, window: float, asks: list[tuple[float, int, float]]
-) -> None:
-    # A fresh window as the API said it: ``limit`` tokens, empty again
-    # ``window`` seconds after its last call (a sliding window).
-    budget = HeaderBudget()
-    budget.observe(0.0, remaining_tokens=limit, reset_tokens=window, limit_tokens=limit)
-    now = 0.0
-    sent: list[tuple[float, int]] = []
-    for step, asked, wait in asks:
-        now += step
-        tokens = min(asked, limit)  # (a call costing more than a window never fits one)
-        leave = budget.reserve(now, wait, tokens)
-        if leave is not None:
-            assert leave >= now
-            sent.append((leave, tokens))
-    sent.sort()
-    for i, (start, _) in enumerate(sent):
-        spent = sum(tokens for at, tokens in sent[i:] if at < start + window)
-        assert spent <= limit or math.isclose(spent, limit)
 
 
 @pytest.fixture
