@@ -26,12 +26,11 @@ waiting. Three kinds, combined by the caller:
   left a call waits for the reset. Calls admitted but not finished yet
   were probably not counted in the numbers a response carried, so they are
   subtracted from them (the estimate errs low, never high). Tokens: each
-  call debits its estimated cost; a response's ``usage`` corrects it.
+  call debits its estimated cost; a response's ``usage`` corrects it (the
+  rules of the token count are ``_tokens.TokenLimit``'s).
 
-``BudgetTable`` is the daemon's side: the budgets of every breaker by name,
-answering each process's ``BudgetRequest`` (slots from one schedule shared
-in turn, leases owned by the asking connection and handed to the waiters
-in their order of asking, places in one recovery ramp).
+The daemon's side, the budgets of every breaker by name, is
+``_budget_table.BudgetTable``.
 
 ``parse_rate`` reads ``"500/min"``-style rates with errors that say what is
 accepted.
@@ -45,16 +44,11 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Final
 
-from breakerd.protocol import BudgetGrant, BudgetRequest
-
-from ._lease_queue import LeaseQueue, Waiter
+from ._tokens import TokenLimit
 
 __all__ = [
-    "ACTIVE_WINDOW",
     "RAMP_STEP",
     "SAFETY_MARGIN",
-    "SHARE_HORIZON",
-    "BudgetTable",
     "ConcurrencyBudget",
     "HeaderBudget",
     "RateBudget",
@@ -163,6 +157,17 @@ class RateBudget:
         self._tat = tat + self.interval
         return leave
 
+    def backlog(self, now: float) -> int:
+        """Slots reserved that leave after ``now``: calls waiting for their turn."""
+        if self._tat <= now:
+            return 0  # (-inf before the first call)
+        ahead = (self._tat - self._tolerance - now) / self.interval - 1
+        return max(0, math.ceil(ahead - _EPSILON))
+
+    def settled(self, now: float) -> bool:
+        """Nothing reserved reaches past ``now``: a new schedule would promise no more."""
+        return self._tat <= now
+
     def next_free(self, now: float) -> float:
         """The instant a call asking now would leave (nothing reserved)."""
         return max(now, max(self._tat, now) - self._tolerance)
@@ -220,7 +225,7 @@ class ConcurrencyBudget:
 
 @dataclass(slots=True)
 class _Limit:
-    """What is left of one of the API's limits (requests or tokens), as estimated."""
+    """What is left of the API's request limit, as estimated."""
 
     remaining: float = math.inf
     reset_at: float = -math.inf
@@ -261,7 +266,7 @@ class HeaderBudget:
         self.low_water = low_water
         self.min_low_water = min_low_water
         self._requests = _Limit()
-        self._tokens = _Limit()
+        self._tokens = TokenLimit(SAFETY_MARGIN)
         # Calls admitted and not finished: not in the numbers a response carried yet.
         self._in_flight = 0
         # The instant the next call may leave while pacing (-inf: not pacing).
@@ -279,7 +284,15 @@ class HeaderBudget:
 
     def remaining_tokens(self, now: float) -> float:
         """Tokens estimated left before the reset (``inf`` when nothing is known)."""
-        return self._tokens.remaining if self._tokens.known(now) else math.inf
+        return self._tokens.left(now)
+
+    def reset_requests_in(self, now: float) -> float | None:
+        """Seconds until the request count resets, as last said (None: unknown or past)."""
+        return self._requests.reset_at - now if self._requests.known(now) else None
+
+    def reset_tokens_in(self, now: float) -> float | None:
+        """Seconds until the token count resets, as estimated (None: unknown or past)."""
+        return self._tokens.reset_in(now)
 
     def observe(
         self,
@@ -300,16 +313,14 @@ class HeaderBudget:
         """
         # The calls still in flight, but for the one that carried these.
         others = max(self._in_flight - 1, 0)
-        for limit, remaining, reset, total, unseen in (
-            (self._requests, remaining_requests, reset_requests, limit_requests, others),
-            (self._tokens, remaining_tokens, reset_tokens, limit_tokens, 0),
-        ):
-            if total is not None and total > 0:
-                limit.limit = float(total)
-            if remaining is None or not remaining >= 0:
-                continue
+        self._tokens.observe(now, remaining_tokens, reset_tokens, limit_tokens, others)
+        limit = self._requests
+        if limit_requests is not None and limit_requests > 0:
+            limit.limit = float(limit_requests)
+        if remaining_requests is not None and remaining_requests >= 0:
+            reset = reset_requests
             seconds = 1.0 if reset is None or not math.isfinite(reset) else max(reset, 0.0)
-            limit.remaining = max(float(remaining) - unseen, 0.0)
+            limit.remaining = max(float(remaining_requests) - others, 0.0)
             limit.reset_at = now + seconds
             # The longest reset seen: the window's length (a sliding window's
             # reset is shorter by the age of its newest call).
@@ -355,13 +366,12 @@ class HeaderBudget:
             spacing = self._spacing_after_reset()
         if requests.limit is not None:
             leave = max(leave, self._paced)
-        token_limit = self._tokens
-        if tokens > 0 and token_limit.known(now) and token_limit.remaining < tokens:
-            leave = max(leave, token_limit.reset_at)
+        leave = max(leave, self._tokens.earliest(now, tokens))
         return leave, spacing
 
     def next_free(self, now: float, tokens: float = 0.0) -> float:
         """The instant a call asking now would leave (nothing reserved)."""
+        self._tokens.prepare(now, tokens)
         return self._plan(now, tokens)[0]
 
     def reserve(self, now: float, max_wait: float = 0.0, tokens: float = 0.0) -> float | None:
@@ -369,6 +379,7 @@ class HeaderBudget:
 
         Nothing is reserved for a refused call.
         """
+        self._tokens.prepare(now, tokens)
         leave, spacing = self._plan(now, tokens)
         if leave - now > max_wait:
             return None
@@ -382,9 +393,7 @@ class HeaderBudget:
             # the safety margin): a burst spent because much was left at one
             # instant would still fill a sliding window for a whole window.
             self._paced = leave + requests.window / (requests.limit * SAFETY_MARGIN)
-        token_limit = self._tokens
-        if tokens > 0 and token_limit.known(now):
-            token_limit.remaining -= tokens
+        self._tokens.debit(now, tokens, leave)
         self._in_flight += 1
         return leave
 
@@ -393,8 +402,8 @@ class HeaderBudget:
     ) -> None:
         """A call admitted here finished; ``used_tokens`` (its ``usage``) corrects its estimate."""
         self._in_flight = max(self._in_flight - 1, 0)
-        if used_tokens is not None and self._tokens.known(now):
-            self._tokens.remaining += estimated_tokens - used_tokens
+        if used_tokens is not None:
+            self._tokens.correct(now, estimated_tokens - used_tokens)
 
     def started(self, calls: int) -> None:
         """``calls`` left without being admitted here (before any budget was known)."""
@@ -411,231 +420,11 @@ class HeaderBudget:
 
     def credit(self, now: float, tokens: float) -> None:
         """Tokens estimated for calls that turned out to use fewer (their ``usage``)."""
-        if self._tokens.known(now):
-            self._tokens.remaining += tokens
+        self._tokens.correct(now, tokens)
 
     def give_back(self, now: float, tokens: float = 0.0) -> None:
-        """A call admitted here never left (its waiter gave up): undo its debit."""
+        """The call admitted last never left (its waiter gave up): undo its debit."""
         self._in_flight = max(self._in_flight - 1, 0)
         if self._requests.known(now):
             self._requests.remaining += 1
-        if tokens > 0 and self._tokens.known(now):
-            self._tokens.remaining += tokens
-
-
-#: Seconds of a rate's schedule one process may hold at once when several
-#: want slots: its share is ``rate * SHARE_HORIZON / processes asking``
-#: slots (at least one). Small, so a newcomer waits at most this long for
-#: its first slot; large enough that a busy process asks the daemon about
-#: once per few calls, not once per call.
-SHARE_HORIZON: Final = 0.25
-#: Seconds a process counts as asking after its last request for slots.
-ACTIVE_WINDOW: Final = 1.0
-
-
-class _Entry:
-    """One breaker's host-wide budgets in the daemon."""
-
-    __slots__ = ("asking", "concurrency", "headers", "queue", "ramp", "rate")
-
-    def __init__(self, request: BudgetRequest) -> None:
-        self.rate = RateBudget(request.rate, request.burst) if request.rate > 0 else None
-        self.concurrency = (
-            ConcurrencyBudget(request.max_concurrent) if request.max_concurrent > 0 else None
-        )
-        self.headers = HeaderBudget()
-        # holder -> the instant it last asked for slots.
-        self.asking: dict[Hashable, float] = {}
-        # Who waits for a lease, oldest first.
-        self.queue = LeaseQueue()
-        # The recovery ramp: (generation it is for, when it began, next place).
-        self.ramp: tuple[int, float, int] = (-1, 0.0, 0)
-
-
-class BudgetTable:
-    """The daemon's budgets, by breaker name: the answer to every ``BudgetRequest``.
-
-    Slots come from one schedule per breaker (so calls from every process
-    are paced together, not each process on its own) and are handed out in
-    order of asking, at most a share per request: every process that asks
-    gets slots in turn, none starves. Leases are held by a holder (a
-    connection) and all released when it goes (``forget``). A lease asked
-    for with a ``wait`` (``handle_or_park``) that finds none free waits in
-    line: each lease released goes to the oldest waiter, whose answer is
-    then collected with ``handed``; one whose wait runs out is answered
-    with the ``concurrency`` refusal at its deadline.
-    """
-
-    def __init__(self) -> None:
-        self._entries: dict[str, _Entry] = {}
-        # Answers to parked requests, not collected yet: (holder, token, grant).
-        self._handed: list[tuple[Hashable, Hashable, BudgetGrant]] = []
-        # Names of the breakers whose queue may hold a waiter.
-        self._queued: set[str] = set()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def handle(self, holder: Hashable, request: BudgetRequest, now: float) -> BudgetGrant:
-        """The answer, now: a lease asked for and not free is refused at once."""
-        grant = self._handle(holder, request, now, None)
-        assert grant is not None  # nothing is parked without a token
-        return grant
-
-    def handle_or_park(
-        self, holder: Hashable, token: Hashable, request: BudgetRequest, now: float
-    ) -> BudgetGrant | None:
-        """The answer, or None: the lease asked for waits in line (see ``handed``).
-
-        Only a request for a lease alone (no slots wanted), with a ``wait``,
-        is parked; ``token`` names it in ``handed`` (unique per holder).
-        """
-        return self._handle(holder, request, now, token)
-
-    def _handle(
-        self, holder: Hashable, request: BudgetRequest, now: float, token: Hashable
-    ) -> BudgetGrant | None:
-        entry = self._entries.get(request.name)
-        if entry is None:
-            # The first to ask fixes the settings, as for a breaker's config.
-            entry = self._entries[request.name] = _Entry(request)
-        concurrency = entry.concurrency
-        if concurrency is not None and request.release:
-            for lease in request.release:
-                if concurrency.owner(lease) == holder:
-                    concurrency.release(lease)
-            self._hand_over(entry, concurrency, now)
-        headers = entry.headers
-        headers.started(request.started)
-        # What a response said, before the calls that ended with it are done:
-        # the calls still in flight are subtracted from it.
-        if request.limits:
-            headers.observe(now, **dict(request.limits))
-        for _ in range(min(request.done, headers.in_flight)):
-            headers.done(now)
-        if request.tokens_back:
-            headers.credit(now, request.tokens_back)
-        ramp_at = self._ramp(entry, request.generation, now) if request.ramp else None
-        lease = 0
-        if request.lease and concurrency is not None:
-            # Nobody jumps the line: while anyone waits, every lease is held.
-            lease = 0 if entry.queue else concurrency.acquire(holder) or 0
-            if not lease:
-                if token is not None and request.wait > 0 and not request.want:
-                    entry.queue.park(holder, token, now + request.wait)
-                    self._queued.add(request.name)
-                    return None
-                return BudgetGrant((), 0, "concurrency", None, ramp_at)
-        slots: list[float] = []
-        reason: str | None = None
-        retry: float | None = None
-        if request.want:
-            entry.asking[holder] = now
-            for other, last in list(entry.asking.items()):
-                if now - last > ACTIVE_WINDOW:
-                    del entry.asking[other]
-            rate = entry.rate
-            share = request.want
-            if rate is not None:
-                per_process = rate.rate * SHARE_HORIZON / len(entry.asking)
-                share = min(request.want, max(1, math.ceil(per_process)))
-            for _ in range(share):
-                leave = self._reserve(entry, now, request.wait, request.tokens)
-                if leave is None:
-                    break
-                slots.append(leave)
-            if not slots:
-                reason = "rate_budget"
-                retry = self._next_free(entry, now, request.tokens) - now
-        return BudgetGrant(tuple(slots), lease, reason, retry, ramp_at)
-
-    @staticmethod
-    def _ramp(entry: _Entry, generation: int, now: float) -> float:
-        # One ramp per recovery, whichever process asks: it begins when the
-        # first waiter of any process asks for a place after the breaker
-        # closed at ``generation``.
-        ramp_generation, began, place = entry.ramp
-        if ramp_generation != generation:
-            ramp_generation, began, place = generation, now, 0
-        entry.ramp = (ramp_generation, began, place + 1)
-        return began + ramp_offset(place)
-
-    def _hand_over(self, entry: _Entry, concurrency: ConcurrencyBudget, now: float) -> None:
-        if not entry.queue:
-            return
-        granted, expired = entry.queue.hand_over(concurrency, now)
-        self._answer_expired(expired)
-        self._handed.extend(
-            (waiter.holder, waiter.token, BudgetGrant(lease=lease)) for waiter, lease in granted
-        )
-
-    def _answer_expired(self, expired: list[Waiter]) -> None:
-        refusal = BudgetGrant((), 0, "concurrency", None)
-        self._handed.extend((waiter.holder, waiter.token, refusal) for waiter in expired)
-
-    def handed(self, now: float) -> list[tuple[Hashable, Hashable, BudgetGrant]]:
-        """The answers to parked requests due by ``now``, each once: (holder, token, grant).
-
-        A lease handed over, or the ``concurrency`` refusal of a waiter whose
-        wait ran out.
-        """
-        for name in list(self._queued):
-            entry = self._entries.get(name)
-            if entry is None or not entry.queue:
-                self._queued.discard(name)
-                continue
-            self._answer_expired(entry.queue.expire(now))
-        answers, self._handed = self._handed, []
-        return answers
-
-    def next_deadline(self) -> float:
-        """The earliest instant a parked request must be answered by (``inf``: none)."""
-        return min(
-            (self._entries[name].queue.next_deadline() for name in self._queued),
-            default=math.inf,
-        )
-
-    def _reserve(self, entry: _Entry, now: float, wait: float, tokens: float) -> float | None:
-        # As a process's own budgets do it: the headers first, then the
-        # rate's slot at the instant the call really leaves.
-        headers = entry.headers
-        leave = headers.reserve(now, wait, tokens)
-        if leave is None:
-            return None
-        rate = entry.rate
-        if rate is not None:
-            slot = rate.reserve(leave, now + wait - leave)
-            if slot is None:
-                headers.give_back(now, tokens)
-                return None
-            headers.moved(leave, slot)
-            leave = slot
-        return leave
-
-    def _next_free(self, entry: _Entry, now: float, tokens: float) -> float:
-        leave = entry.headers.next_free(now, tokens)
-        if entry.rate is not None:
-            leave = entry.rate.next_free(leave)
-        return leave
-
-    def forget(self, holder: Hashable, now: float = -math.inf) -> int:
-        """``holder`` went away (its connection closed): its leases back; how many.
-
-        Its leases go to the oldest waiters (collect the answers with
-        ``handed``); ``now`` says which of those waited past their deadline.
-        """
-        released = 0
-        for entry in self._entries.values():
-            # Its waiters first (nobody is left to answer), then its leases,
-            # to the oldest of the others waiting.
-            entry.queue.drop(holder)
-            if entry.concurrency is not None:
-                released += entry.concurrency.release_holder(holder)
-                self._hand_over(entry, entry.concurrency, now)
-            entry.asking.pop(holder, None)
-        return released
-
-    def in_use(self, name: str) -> int:
-        """Leases of ``name`` held now."""
-        entry = self._entries.get(name)
-        return 0 if entry is None or entry.concurrency is None else entry.concurrency.in_use
+        self._tokens.give_back(now, tokens)

@@ -11,6 +11,7 @@ already sees the new state ("read your own writes").
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import inspect
 import os
@@ -487,8 +488,16 @@ class CircuitBreaker(AsyncCalls, SyncCalls, BreakerBudgets):
         return self._actor.snapshot
 
     def status(self) -> BreakerStatus:
-        """Counts and rates from the actor (a round trip)."""
-        return cast(BreakerStatus, self._request_sync(StatusRequest(self.name)))
+        """Counts and rates from the actor (a round trip), and the budgets, if any.
+
+        ``budget``: the daemon's host-wide budgets once a call of this host
+        asked it for some, else (embedded, or none asked yet) this process's.
+        """
+        status = cast(BreakerStatus, self._request_sync(StatusRequest(self.name)))
+        budgets = self.budgets
+        if status.budget is None and budgets is not None:
+            status = dataclasses.replace(status, budget=budgets.status())
+        return status
 
     def __repr__(self) -> str:
         return f"<CircuitBreaker {self.name!r} {self.state.value}{self._binding.where}>"

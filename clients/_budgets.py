@@ -46,7 +46,8 @@ from breakerd.actor._budget import (
     parse_rate,
     ramp_offset,
 )
-from breakerd.protocol import BudgetExceededError
+from breakerd.actor._budget_status import budget_status
+from breakerd.protocol import BudgetExceededError, BudgetStatus
 
 from ._admit_async import AsyncAdmission
 from ._admit_sync import SyncAdmission
@@ -180,6 +181,10 @@ class Budgets(AsyncAdmission, SyncAdmission):
         # header budget, no tokens): shared, as its ``done()`` does nothing,
         # so the common call builds none.
         self._free_ticket = Ticket(self, 0, False, 0.0)
+        # Refusals by reason, for status() and the metrics. A lock of their
+        # own: a refusal is made both under ``lock`` and outside it.
+        self._refused: dict[str, int] = {}
+        self._refused_lock = threading.Lock()
 
     @property
     def rate_interval(self) -> float | None:
@@ -189,6 +194,7 @@ class Budgets(AsyncAdmission, SyncAdmission):
     def after_fork_in_child(self) -> None:
         """In a forked child: a parent thread may have held the lock, or waited."""
         self.lock = threading.Lock()
+        self._refused_lock = threading.Lock()
         self._lease_waiters.clear()
 
     @property
@@ -225,6 +231,20 @@ class Budgets(AsyncAdmission, SyncAdmission):
         """``ramp_slot`` on an event loop (the daemon's ramp asks without blocking it)."""
         return self.ramp_slot(generation, now)
 
+    def status(self) -> BudgetStatus:
+        """These budgets now (this process's), as ``breaker.status()`` shows them."""
+        with self._refused_lock:
+            refused = dict(self._refused)
+        with self.lock:
+            return budget_status(
+                self.clock(),
+                self._rate,
+                self._concurrency,
+                self._headers if self.headers_seen else None,
+                queued=len(self._lease_waiters),
+                rejections=refused,
+            )
+
     # -- admission ------------------------------------------------------------------
 
     def _reserve(self, now: float, deadline: float, cost: float) -> tuple[float, bool]:
@@ -251,6 +271,8 @@ class Budgets(AsyncAdmission, SyncAdmission):
         return leave, header
 
     def refusal(self, reason: str, retry_after: float | None) -> BudgetExceededError:
+        with self._refused_lock:
+            self._refused[reason] = self._refused.get(reason, 0) + 1
         return BudgetExceededError(self.name, retry_after, "closed", None, self.scope, reason)
 
     # -- leases ---------------------------------------------------------------------------

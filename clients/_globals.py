@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "budgets_lock",
+    "budgets_of",
     "close_all_clients",
     "flush_all_clients",
     "get_client",
@@ -78,6 +79,12 @@ def shared_budget(key: tuple[object, str], budgets: Budgets) -> Budgets:
             return existing
         _budgets[key] = budgets
         return budgets
+
+
+def budgets_of(key: tuple[object, str]) -> Budgets | None:
+    """The budgets registered under ``key`` (see ``shared_budget``), if any."""
+    with budgets_lock:
+        return _budgets.get(key)
 
 
 def get_client(path: str | Path, *, start: bool = True) -> DaemonClient:

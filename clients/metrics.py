@@ -25,6 +25,9 @@ from prometheus_client.core import Metric
 
 from breakerd.actor import ActorSystem, default_system
 from breakerd.actor.daemon._metrics import SCRAPE_TIMEOUT, breaker_metrics, read_actors
+from breakerd.protocol import BudgetStatus
+
+from ._globals import budgets_of
 
 __all__ = ["BreakerCollector"]
 
@@ -45,4 +48,10 @@ class BreakerCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         system = self._system if self._system is not None else default_system()
-        return breaker_metrics(read_actors(system.actors(), system.clock, self._timeout))
+
+        def budgets(name: str, now: float) -> BudgetStatus | None:
+            # An embedded breaker's budgets are keyed by its clock (``shared_budgets``).
+            found = budgets_of((id(system.clock), name))
+            return None if found is None else found.status()
+
+        return breaker_metrics(read_actors(system.actors(), system.clock, self._timeout, budgets))

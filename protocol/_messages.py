@@ -208,6 +208,35 @@ class StatusRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class BudgetStatus:
+    """A breaker's budgets as they stand (host-wide from the daemon; else this process's).
+
+    A field the breaker has no budget for, or that the API's headers have
+    not said (or said for a window now past), is None.
+    """
+
+    #: ``max_rate`` in calls per second (before the safety margin).
+    max_rate: float | None = None
+    burst: int | None = None
+    max_concurrent: int | None = None
+    #: ``max_concurrent`` leases held now.
+    leases_in_use: NonNegative = 0
+    #: Calls waiting to leave: granted a slot of the rate's schedule that is
+    #: still ahead, or queued for a lease in this process's own queue.
+    waiters: NonNegative = 0
+    #: What the API's headers said is left, less what was spent since.
+    remaining_requests: float | None = None
+    remaining_tokens: float | None = None
+    #: Seconds until the API's request (token) count resets.
+    reset_requests: float | None = None
+    reset_tokens: float | None = None
+    #: Admissions refused for the rate (``rate_budget``) and for a lease
+    #: (``concurrency``) since the budgets were made.
+    rate_rejections: NonNegative = 0
+    concurrency_rejections: NonNegative = 0
+
+
+@dataclass(frozen=True, slots=True)
 class BreakerStatus:
     snapshot: Snapshot
     successes: int
@@ -220,6 +249,8 @@ class BreakerStatus:
     share: str | None = None
     #: The fleet's hosts whose open of this breaker is current, as last heard.
     hosts_open: tuple[str, ...] = field(default=(), metadata=wire(sent_with="share"))
+    #: The breaker's budgets, when it has some (``max_rate``, ``max_concurrent``, headers).
+    budget: BudgetStatus | None = None
 
 
 @dataclass(frozen=True, slots=True)

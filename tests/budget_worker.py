@@ -7,7 +7,9 @@ null for an embedded breaker), ``base_url``, ``seconds``, ``threads`` and
 an ``openai.OpenAI`` client (``protect``: the API's headers feed it; with
 ``"protect": false`` the bare client, with ``"limits": false`` no header
 feed) with the SDK's own retries off; with ``"until_ok": true`` each thread
-stops after its first success.
+stops after its first success; with ``"max_tokens": N`` every call asks for
+that many (the budgets' token estimate); with ``"warm_up": true`` it makes
+one call before ``ready``.
 Prints ``ready`` once connected, reads the instant to start at (the host's
 monotonic clock, so every worker starts together) from stdin, then prints
 one JSON object: how the calls ended, and the requests its budgets sent the
@@ -44,7 +46,16 @@ def main() -> None:
     client: Any = sdk
     if spec.get("protect", True):
         client = protect(sdk, breaker, limits=spec.get("limits", True))
+    extra: dict[str, Any] = {}
+    if spec.get("max_tokens"):
+        extra["max_tokens"] = spec["max_tokens"]
     _ = breaker.config_conflicts  # connect and register before the start
+    if spec.get("warm_up"):
+        # One call before the start: this process has seen the API's headers,
+        # so its calls ask the daemon from the first (see _budget_link).
+        client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "hi"}], **extra
+        )
     print("ready", flush=True)
     start = float(sys.stdin.readline())
     end = start + spec["seconds"]
@@ -60,7 +71,7 @@ def main() -> None:
         while time.monotonic() < end:
             try:
                 client.chat.completions.create(
-                    model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
+                    model="gpt-4o", messages=[{"role": "user", "content": "hi"}], **extra
                 )
                 note("ok")
                 if spec.get("until_ok"):

@@ -9,6 +9,14 @@ answer carries OpenAI's headers (``x-ratelimit-limit-requests``,
 ``-remaining-requests``, ``-reset-requests``: the time until the window is
 empty again, "the time until the rate limit resets to its initial state").
 
+With ``tokens=N`` it also enforces N tokens per ``token_window`` seconds
+per key (a scaled-down tokens-per-minute limit), as OpenAI counts them when
+a request arrives: its ``max_tokens`` (or ``max_completion_tokens``) plus
+one prompt token; a request past them gets a 429 (``type: tokens``), and
+every answer carries ``x-ratelimit-limit-tokens``, ``-remaining-tokens`` and
+``-reset-tokens``. A successful answer's ``usage`` says it used exactly
+what it was charged.
+
 It records, on the host's monotonic clock (the one daemon and clients use):
 every arrival and its status, and the most requests in flight at once. A
 request is in flight while its handler runs, ``latency`` seconds, and ends
@@ -28,13 +36,29 @@ from typing import Any
 
 
 class LimitedServer:
-    def __init__(self, limit: int = 20, window: float = 1.0, latency: float = 0.01) -> None:
+    def __init__(
+        self,
+        limit: int = 20,
+        window: float = 1.0,
+        latency: float = 0.01,
+        *,
+        tokens: int | None = None,
+        token_window: float = 60.0,
+    ) -> None:
         # A latency per request, so calls overlap as real ones do.
         self.limit = limit
         self.window = window
         self.latency = latency
+        self.tokens = tokens
+        self.token_window = token_window
         self.lock = threading.Lock()
         self.windows: dict[str, deque[float]] = {}
+        #: API key -> (arrival, tokens charged) within the token window.
+        self.token_windows: dict[str, deque[tuple[float, int]]] = {}
+        #: (monotonic arrival, tokens charged) of every request that got a 200.
+        self.charges: list[tuple[float, int]] = []
+        #: Requests refused for tokens (429, ``type: tokens``).
+        self.token_429s = 0
         #: (monotonic arrival, status) of every request.
         self.arrivals: list[tuple[float, int]] = []
         #: Each key's arrival times (its authorization header's).
@@ -117,17 +141,28 @@ class LimitedServer:
         body = json.loads(request.rfile.read(length) or b"{}")
         key = request.headers.get("authorization", "")
         now = time.monotonic()
+        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 0
+        charge = int(max_tokens) + 1
         with self.lock:
             arrivals = self.windows.setdefault(key, deque())
             while arrivals and arrivals[0] <= now - self.window:
                 arrivals.popleft()
+            spent = self.token_windows.setdefault(key, deque())
+            while spent and spent[0][0] <= now - self.token_window:
+                spent.popleft()
+            tokens_used = sum(tokens for _, tokens in spent)
+            short_of_tokens = self.tokens is not None and tokens_used + charge > self.tokens
             if now < self.down_until:
                 status = 503
-            elif len(arrivals) >= self.limit:
+            elif len(arrivals) >= self.limit or short_of_tokens:
                 status = 429
+                self.token_429s += short_of_tokens
             else:
                 status = 200
                 arrivals.append(now)
+                spent.append((now, charge))
+                tokens_used += charge
+                self.charges.append((now, charge))
             self.arrivals.append((now, status))
             self.arrivals_by_key.setdefault(key, []).append(now)
             remaining = max(self.limit - len(arrivals), 0)
@@ -143,6 +178,13 @@ class LimitedServer:
                 "x-ratelimit-remaining-requests": str(remaining),
                 "x-ratelimit-reset-requests": f"{max(reset, 0.0):.3f}s",
             }
+            if self.tokens is not None:
+                # Reset: when the window is empty of every charge (OpenAI's
+                # "the time until the rate limit resets to its initial state").
+                token_reset = (spent[-1][0] + self.token_window - now) if spent else 0.0
+                headers["x-ratelimit-limit-tokens"] = str(self.tokens)
+                headers["x-ratelimit-remaining-tokens"] = str(max(self.tokens - tokens_used, 0))
+                headers["x-ratelimit-reset-tokens"] = f"{max(token_reset, 0.0):.3f}s"
             if status == 200:
                 # The client may go away meanwhile (a killed process): then
                 # the request is over at once, as a real server's would be.
@@ -159,14 +201,21 @@ class LimitedServer:
                             "finish_reason": "stop",
                         }
                     ],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                    "usage": {
+                        "prompt_tokens": 1,
+                        "completion_tokens": max(charge - 1, 1),
+                        "total_tokens": max(charge, 2),
+                    },
                 }
             elif status == 429:
+                if short_of_tokens and len(arrivals) < self.limit:
+                    next_free = (spent[0][0] + self.token_window - now) if spent else 0.0
+                kind = "tokens" if short_of_tokens else "requests"
                 headers["retry-after-ms"] = str(int(max(next_free, 0.0) * 1000) + 1)
                 payload = {
                     "error": {
-                        "message": "Rate limit reached for requests",
-                        "type": "requests",
+                        "message": f"Rate limit reached for {kind}",
+                        "type": kind,
                         "code": "rate_limit_exceeded",
                     }
                 }

@@ -15,7 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from breakerd.actor._budget import RAMP_STEP, BudgetTable, ConcurrencyBudget, ramp_offset
+from breakerd.actor._budget import RAMP_STEP, ConcurrencyBudget, ramp_offset
+from breakerd.actor._budget_table import BudgetTable
 from breakerd.actor._lease_queue import LeaseQueue
 from breakerd.protocol import (
     BudgetGrant,

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_helpers import DaemonProcess, poll_until, wait_for
+from daemon_helpers import DaemonProcess, RawClient, poll_until, wait_for
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -28,6 +28,7 @@ from breakerd.actor.testing import FakeClock
 from breakerd.clients import CircuitBreaker, CircuitBreakerOpenError, CircuitState
 from breakerd.clients._globals import close_all_clients
 from breakerd.clients.metrics import BreakerCollector
+from breakerd.protocol import BudgetExceededError, BudgetRequest
 
 P = "breakerd_circuitbreaker_"
 
@@ -371,3 +372,63 @@ def test_metrics_in_the_config_file(tmp_path: Path) -> None:
     bad.write_text("[daemon]\nmetrics = 9464\n")
     with pytest.raises(ConfigError, match=r'metrics must be a "HOST:PORT" string'):
         load_config(bad, tmp_path / "s.sock")
+
+
+def test_daemon_serves_the_host_wide_budgets_of_real_clients(tmp_short: Path) -> None:
+    port = free_port()
+    config = tmp_short / "d.toml"
+    config.write_text(f'[daemon]\nmetrics = "127.0.0.1:{port}"\n')
+    daemon = DaemonProcess(tmp_short / "s.sock", config=config).wait_ready()
+    try:
+        path = str(daemon.socket_path)
+        holder = CircuitBreaker("LLM", daemon=path, max_concurrent=1)
+        CircuitBreaker("plain", daemon=path).call_sync(lambda: 1)
+        # A second process holds nothing; this one's call holds the only
+        # lease while a raw client is refused one.
+        other = RawClient(daemon.socket_path)
+        other.register("LLM")
+        seen: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+
+        def inside() -> None:
+            refused = other.request(BudgetRequest("LLM", max_concurrent=1, lease=True))
+            assert refused.reason == "concurrency"
+            limits = (("remaining_requests", 42.0), ("reset_requests", 20.0))
+            other.request(BudgetRequest("LLM", limits=limits))
+            seen.update(scrape(port))
+
+        holder.call_sync(inside)
+        m = seen
+        assert value(m, "breakerd_budget_max_concurrent", name="LLM") == 1
+        assert value(m, "breakerd_budget_leases_in_use", name="LLM") == 1
+        assert value(m, "breakerd_budget_rejections_total", name="LLM", reason="concurrency") == 1
+        assert value(m, "breakerd_budget_rejections_total", name="LLM", reason="rate_budget") == 0
+        assert value(m, "breakerd_budget_remaining_requests", name="LLM") == 42
+        assert 0 < value(m, "breakerd_budget_reset_requests_seconds", name="LLM") <= 20
+        assert value(m, "breakerd_budget_waiters", name="LLM") == 0
+        # Absent, not zero: what the breaker has no budget for, what no header said.
+        budget_samples = [labels for name, labels in m if name.startswith("breakerd_budget")]
+        assert frozenset({("name", "plain")}) not in budget_samples
+        assert ("breakerd_budget_max_rate", frozenset({("name", "LLM")})) not in m
+        assert ("breakerd_budget_remaining_tokens", frozenset({("name", "LLM")})) not in m
+        other.close()
+        assert value(scrape(port), "breakerd_budget_leases_in_use", name="LLM") == 0
+    finally:
+        daemon.kill()
+
+
+def test_embedded_collector_reports_budgets(system: ActorSystem, clock: FakeClock) -> None:
+    registry = CollectorRegistry()
+    registry.register(BreakerCollector(system))
+    breaker = CircuitBreaker("api", max_rate="2/s", burst=2, system=system)
+    CircuitBreaker("plain", system=system)
+    for _ in range(2):
+        breaker.call_sync(lambda: 1)
+    with pytest.raises(BudgetExceededError):
+        breaker.call_sync(lambda: 1)
+    breaker.observe_limits(remaining_tokens=300, reset_tokens=60.0)
+    m = scrape_registry(registry)
+    assert value(m, "breakerd_budget_max_rate", name="api") == 2
+    assert value(m, "breakerd_budget_rejections_total", name="api", reason="rate_budget") == 1
+    assert value(m, "breakerd_budget_remaining_tokens", name="api") == 300
+    assert value(m, "breakerd_budget_reset_tokens_seconds", name="api") == 60
+    assert ("breakerd_budget_max_rate", frozenset({("name", "plain")})) not in m

@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
-from breakerd.actor._budget import BudgetTable
+from breakerd.actor._budget_table import BudgetTable
 from breakerd.protocol import BudgetGrant
 
 __all__ = ["BudgetWaits"]

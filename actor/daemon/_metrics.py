@@ -27,6 +27,7 @@ come from instants a few calls apart.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -42,15 +43,24 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from breakerd.protocol import BreakerError, BreakerStatus, CircuitState, StatusRequest
+from breakerd.protocol import (
+    BreakerError,
+    BreakerStatus,
+    BudgetStatus,
+    CircuitState,
+    StatusRequest,
+)
 
 from .._actor import BreakerActor
 
-__all__ = ["BreakerCollector", "BreakerReading", "MetricsServer"]
+__all__ = ["BreakerCollector", "BreakerReading", "BudgetReader", "MetricsServer"]
 
 PREFIX: Final = "breakerd_circuitbreaker_"
 #: How long a scrape waits for the actors' answers before reading directly.
 SCRAPE_TIMEOUT: Final = 1.0
+
+#: A breaker's budgets by its name at a monotonic instant (None: it has none).
+BudgetReader = Callable[[str, float], BudgetStatus | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +80,15 @@ class BreakerReading:
 
 
 def read_actor(
-    actor: BreakerActor, clock: Callable[[], float], status: BreakerStatus | None = None
+    actor: BreakerActor,
+    clock: Callable[[], float],
+    status: BreakerStatus | None = None,
+    budgets: BudgetReader | None = None,
 ) -> BreakerReading:
-    """One breaker's reading; ``status`` as the actor answered, else read directly."""
+    """One breaker's reading; ``status`` as the actor answered, else read directly.
+
+    ``budgets``: where its budgets are kept (they live beside the actor, not in it).
+    """
     if status is None:
         machine = actor.machine
         status = BreakerStatus(
@@ -82,6 +98,8 @@ def read_actor(
             rejections=machine.rejections,
             ignored=machine.ignored,
         )
+    if budgets is not None:
+        status = dataclasses.replace(status, budget=budgets(actor.name, clock()))
     times = actor.call_times
     open_until = status.snapshot.open_until
     return BreakerReading(
@@ -98,7 +116,10 @@ def read_actor(
 
 
 def read_actors(
-    actors: Sequence[BreakerActor], clock: Callable[[], float], timeout: float = SCRAPE_TIMEOUT
+    actors: Sequence[BreakerActor],
+    clock: Callable[[], float],
+    timeout: float = SCRAPE_TIMEOUT,
+    budgets: BudgetReader | None = None,
 ) -> list[BreakerReading]:
     """Every breaker's reading, through its actor where possible (see the module doc)."""
     try:
@@ -106,7 +127,7 @@ def read_actors(
     except RuntimeError:
         pass
     else:
-        return [read_actor(actor, clock) for actor in actors]
+        return [read_actor(actor, clock, None, budgets) for actor in actors]
     answers: dict[str, BreakerReading] = {}
     lock = threading.Lock()
     done = threading.Event()
@@ -116,7 +137,7 @@ def read_actors(
         def reply(result: Any, error: BaseException | None) -> None:
             # The actor's thread: its counters are consistent with ``result``.
             nonlocal pending
-            reading = None if error is not None else read_actor(actor, clock, result)
+            reading = None if error is not None else read_actor(actor, clock, result, budgets)
             with lock:
                 if reading is not None:
                     answers[actor.name] = reading
@@ -135,7 +156,9 @@ def read_actors(
                 on_status(actor)(None, BreakerError("not asked"))
         done.wait(timeout)
     with lock:
-        return [answers.get(actor.name) or read_actor(actor, clock) for actor in actors]
+        return [
+            answers.get(actor.name) or read_actor(actor, clock, None, budgets) for actor in actors
+        ]
 
 
 def _states(name: str, state: CircuitState) -> Iterator[tuple[list[str], float]]:
@@ -201,6 +224,7 @@ def breaker_metrics(readings: Iterable[BreakerReading]) -> list[Metric]:
     inbox = GaugeMetricFamily(
         "breakerd_inbox_depth", "Messages waiting in the breaker actor's inbox", labels=["name"]
     )
+    readings = list(readings)  # read twice: the budgets' families follow
     for r in readings:
         status = r.status
         snapshot = status.snapshot
@@ -233,7 +257,73 @@ def breaker_metrics(readings: Iterable[BreakerReading]) -> list[Metric]:
         open_until,
         trials,
         inbox,
+        *budget_metrics(r.status for r in readings),
     ]
+
+
+def budget_metrics(statuses: Iterable[BreakerStatus]) -> list[Metric]:
+    """The budget families of these breakers: samples only for a breaker with budgets,
+    and for what they know (no remaining count before the API's headers said one)."""
+    max_rate = GaugeMetricFamily(
+        "breakerd_budget_max_rate",
+        "max_rate, calls per second (paced at 95 percent of it)",
+        labels=["name"],
+    )
+    max_concurrent = GaugeMetricFamily(
+        "breakerd_budget_max_concurrent", "max_concurrent, calls in flight at most", labels=["name"]
+    )
+    leases = GaugeMetricFamily(
+        "breakerd_budget_leases_in_use", "max_concurrent leases held", labels=["name"]
+    )
+    waiters = GaugeMetricFamily(
+        "breakerd_budget_waiters",
+        "Calls waiting to leave: a rate slot still ahead, or queued for a lease",
+        labels=["name"],
+    )
+    rejections = CounterMetricFamily(
+        "breakerd_budget_rejections",
+        "Admissions refused by the budgets, by reason (rate_budget, concurrency)",
+        labels=["name", "reason"],
+    )
+    headers = [
+        (
+            GaugeMetricFamily(
+                f"breakerd_budget_remaining_{limit}",
+                f"{limit.capitalize()} the API's headers said are left, less those spent since",
+                labels=["name"],
+            ),
+            GaugeMetricFamily(
+                f"breakerd_budget_reset_{limit}_seconds",
+                f"Seconds until the API's {limit} count resets, as its headers said",
+                labels=["name"],
+            ),
+        )
+        for limit in ("requests", "tokens")
+    ]
+    for status in statuses:
+        budget = status.budget
+        if budget is None:
+            continue
+        name = status.snapshot.name
+        if budget.max_rate is not None:
+            max_rate.add_metric([name], budget.max_rate)
+        if budget.max_concurrent is not None:
+            max_concurrent.add_metric([name], budget.max_concurrent)
+            leases.add_metric([name], budget.leases_in_use)
+        waiters.add_metric([name], budget.waiters)
+        rejections.add_metric([name, "rate_budget"], budget.rate_rejections)
+        rejections.add_metric([name, "concurrency"], budget.concurrency_rejections)
+        for (remaining, reset), left, seconds in zip(
+            headers,
+            (budget.remaining_requests, budget.remaining_tokens),
+            (budget.reset_requests, budget.reset_tokens),
+            strict=True,
+        ):
+            if left is not None:
+                remaining.add_metric([name], left)
+            if seconds is not None:
+                reset.add_metric([name], seconds)
+    return [max_rate, max_concurrent, leases, waiters, rejections, *(m for h in headers for m in h)]
 
 
 class BreakerCollector(Collector):
@@ -246,14 +336,16 @@ class BreakerCollector(Collector):
         *,
         clients: Callable[[], int] | None = None,
         timeout: float = SCRAPE_TIMEOUT,
+        budgets: BudgetReader | None = None,
     ) -> None:
         self._actors = actors
         self._clock = clock
         self._clients = clients
         self._timeout = timeout
+        self._budgets = budgets
 
     def collect(self) -> Iterable[Metric]:
-        readings = read_actors(self._actors(), self._clock, self._timeout)
+        readings = read_actors(self._actors(), self._clock, self._timeout, self._budgets)
         yield from breaker_metrics(readings)
         if self._clients is not None:
             yield GaugeMetricFamily(

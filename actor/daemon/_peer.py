@@ -396,7 +396,7 @@ class Peer(asyncio.BufferedProtocol):
                 f"budget of breaker {message.name!r} asked before registering the breaker"
             )
         daemon = self.daemon
-        grant = daemon.budgets.handle_or_park(self, msgid, message, daemon.system.clock())
+        grant = daemon.budgets.answer_or_park(self, msgid, message, daemon.system.clock())
         if grant is not None:
             self._reply(msgid, grant, None)
         # Leases it released may have gone to others waiting; it may wait itself.
@@ -546,7 +546,8 @@ class Peer(asyncio.BufferedProtocol):
                     failed.append(error)
                 else:
                     clients = len(daemon.subscribers.get(name, ()))
-                    results[name] = dataclasses.replace(result, clients=clients)
+                    budget = daemon.budgets.status(name, daemon.system.clock())
+                    results[name] = dataclasses.replace(result, clients=clients, budget=budget)
                     if fleet is not None:
                         results[name] = dataclasses.replace(
                             results[name],

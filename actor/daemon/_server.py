@@ -69,7 +69,7 @@ from breakerd.protocol import (
 )
 
 from .._actor import BreakerActor
-from .._budget import BudgetTable
+from .._budget_table import BudgetTable
 from .._machine import BreakerConfig, Transition
 from .._system import ActorSystem
 from . import _systemd as systemd
@@ -315,7 +315,10 @@ class Daemon:
 
         host, port = self.settings.metrics
         collector = BreakerCollector(
-            self.system.actors, self.system.clock, clients=lambda: len(self.peers)
+            self.system.actors,
+            self.system.clock,
+            clients=lambda: len(self.peers),
+            budgets=self.budgets.status,
         )
         try:
             server = MetricsServer(collector, host, port)
@@ -428,7 +431,8 @@ class Daemon:
     def reclaim_idle(self) -> list[str]:
         """Reclaim the breakers idle long enough that are closed and quiet; their names."""
         reclaimed = []
-        for name in self.idle.due(self.system.clock()):
+        now = self.system.clock()
+        for name in self.idle.due(now):
             actor = self.system.get(name)
             if actor is None or name in self.subscribers:
                 self.idle.forget(name)
@@ -437,6 +441,8 @@ class Daemon:
                 # Open keeps its deadline, admin states stay until reset, and
                 # outcomes still on their way are applied first: next sweep.
                 continue
+            if not self.budgets.reclaim(name, now):
+                continue  # its budgets go with it, once quiet (a slot still ahead...)
             self.system.remove(name)
             self.idle.forget(name)
             if self.fleet is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -149,7 +150,28 @@ def status_record(
             if status.share is None
             else {"fleet": {"share": status.share, "hosts_open": list(status.hosts_open)}}
         ),
+        **({} if status.budget is None else {"budget": dataclasses.asdict(status.budget)}),
     }
+
+
+def _budget_cell(budget: dict[str, Any] | None) -> str:
+    # The status table's BUDGET column: only what the breaker has.
+    if budget is None:
+        return "-"
+    parts = []
+    if budget["max_rate"] is not None:
+        parts.append(f"{budget['max_rate']:g}/s")
+    if budget["max_concurrent"] is not None:
+        parts.append(f"leases {budget['leases_in_use']}/{budget['max_concurrent']}")
+    if budget["waiters"]:
+        parts.append(f"waiting {budget['waiters']}")
+    for key, unit in (("remaining_requests", "req"), ("remaining_tokens", "tok")):
+        if budget[key] is not None:
+            parts.append(f"{budget[key]:.0f} {unit} left")
+    refused = budget["rate_rejections"] + budget["concurrency_rejections"]
+    if refused:
+        parts.append(f"{refused} refused")
+    return ", ".join(parts) or "headers"
 
 
 def _run_status(args: argparse.Namespace) -> int:
@@ -201,6 +223,7 @@ def _print_status(path: Path, as_json: bool, *, compact: bool = False) -> None:
         print("no breakers registered")
         return
     headers = ["NAME", "STATE", "FAILURES", "SLOW", "CALLS", "OPEN FOR", "TRIALS", "CLIENTS"]
+    budgeted = any("budget" in r for r in records)
     rows = [
         [
             printable(r["name"]),
@@ -211,9 +234,12 @@ def _print_status(path: Path, as_json: bool, *, compact: bool = False) -> None:
             "-" if r["open_for"] is None else f"{r['open_for']:.1f}s",
             str(r["trials_in_flight"]),
             str(r["clients"]),
+            *([_budget_cell(r.get("budget"))] if budgeted else []),
         ]
         for r in records
     ]
+    if budgeted:
+        headers.append("BUDGET")
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
     for row in [headers, *rows]:
         print(
