@@ -290,3 +290,22 @@ def test_breakerd_status_shows_the_host_wide_budgets(tmp_short: Path) -> None:
         client.close()
     finally:
         process.kill()
+
+
+def test_a_lease_waiting_in_line_shows_in_status_and_its_refusal_is_counted() -> None:
+    table = BudgetTable()
+    ask = BudgetRequest("line", max_concurrent=1, lease=True, wait=1.0)
+    held = table.answer_or_park("a", 1, ask, 0.0)
+    assert held is not None
+    assert held.lease
+    assert table.answer_or_park("b", 2, ask, 0.0) is None  # waits in line
+    status = table.status("line", 0.5)
+    assert status is not None
+    assert status.waiters == 1
+    assert status.concurrency_rejections == 0
+    # Its wait runs out: answered with the refusal, and counted as one.
+    assert [grant.reason for _, _, grant in table.handed(1.5)] == ["concurrency"]
+    status = table.status("line", 1.5)
+    assert status is not None
+    assert status.waiters == 0
+    assert status.concurrency_rejections == 1
