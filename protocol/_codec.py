@@ -61,7 +61,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias, TypeVar
 
-from ._budget_wire import budget_grant, budget_grant_map, budget_request, budget_request_map
 from ._derive import MISSING, MapCodec, bad, derive, wire_type
 from ._errors import BreakerError, RemoteProtocolError, error_from_code
 from ._messages import (
@@ -373,19 +372,11 @@ def _counts(raw: list[Any], width: int) -> tuple[Any, ...] | None:
 _FAST: Final[dict[type, MapCodec[Any]]] = {
     Snapshot: MapCodec(Snapshot, _DERIVED_SNAPSHOT.encode, _snapshot)
 }
-# The budget messages keep their own hand-written codec (``_budget_wire``:
-# finite numbers, known limit names), registered here as it is.
-_FAST_ENCODERS: Final[dict[type, Callable[[Any], _Map]]] = {
-    Snapshot: _snapshot_result_map,
-    BudgetRequest: budget_request_map,
-    BudgetGrant: budget_grant_map,
-}
+_FAST_ENCODERS: Final[dict[type, Callable[[Any], _Map]]] = {Snapshot: _snapshot_result_map}
 _FAST_DECODERS: Final[dict[type, Callable[[_Map, str], Any]]] = {
     Snapshot: _snapshot,
     Admission: _admission,
     ReportBatch: _reports,
-    BudgetRequest: lambda d, where: budget_request(d),
-    BudgetGrant: lambda d, where: budget_grant(d),
 }
 
 

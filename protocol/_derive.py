@@ -18,6 +18,9 @@ Types a field may have, and what the checker accepts for them:
 ``float``                      a float, or an integer (converted)
 ``Annotated[int, Range(..)]``  an integer within the range (``NonNegative``,
                                ``Count``)
+``Annotated[float, Finite()]`` a float or an integer (converted), not NaN nor
+                               infinite, at least its minimum if it has one
+``Annotated[str, OneOf(..)]``  one of those strings
 a ``StrEnum``, a ``Literal``   one of its string values (decoded to the member)
 ``X | None``                   nil, or what ``X`` accepts
 ``dict[str, Any]``             a map with string keys (values as they come)
@@ -25,6 +28,8 @@ a ``StrEnum``, a ``Literal``   one of its string values (decoded to the member)
 ``tuple[X, Y]``                an array of at least that many entries; later
                                ones are ignored
 a message dataclass            a map, checked by that message's own codec
+``tuple[tuple[K, V], ...]``    with ``wire(as_map=True)``: a map whose keys
+                               ``K`` accepts and values ``V`` accepts, as pairs
 =============================  ==============================================
 
 Any other type fails at import, naming the field: a message that cannot be
@@ -36,6 +41,7 @@ input's types (mypy checks them) and never validate.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -43,7 +49,7 @@ from enum import Enum
 from typing import Any, Final, Generic, NamedTuple, TypeAlias, TypeVar
 
 from ._errors import RemoteProtocolError
-from ._wire import WIRE, Range, Wire
+from ._wire import WIRE, Finite, OneOf, Range, Wire
 
 __all__ = ["MISSING", "Check", "MapCodec", "WireMap", "bad", "derive", "wire_type"]
 
@@ -77,8 +83,8 @@ def wire_type(value: object) -> str:
 
 
 def _subject(key: str) -> str:
-    # An array entry ("items[3]") is named as it is, a field by its key.
-    return key if key.endswith("]") else f"field {key!r}"
+    # An array entry ("items[3]") or a map's key is named as it is, a field by its key.
+    return key if key.endswith("]") or " " in key else f"field {key!r}"
 
 
 def bad(where: str, key: str, expected: str, value: object) -> RemoteProtocolError:
@@ -176,6 +182,28 @@ def _bounded(bounds: Range, nil: bool, group: str | None) -> _Type:
     return _Type(check, None, expected)
 
 
+def _finite(bounds: Finite, nil: bool) -> _Type:
+    lo = bounds.minimum
+    expected = ("a finite number" if lo is None else f"a finite number >= {lo:g}") + (
+        " or nil" if nil else ""
+    )
+
+    def check(v: object, where: str, key: str) -> object:
+        if type(v) is float:
+            x = v
+        elif type(v) is int:
+            x = float(v)  # msgpack integers are within 64 bits: never overflows
+        elif nil and v is None:
+            return None
+        else:
+            raise bad(where, key, expected, v)
+        if not math.isfinite(x) or (lo is not None and x < lo):
+            raise RemoteProtocolError(f"{where}: {_subject(key)} must be {expected}, got {v!r}")
+        return x
+
+    return _Type(check, None, expected)
+
+
 def _choice(table: Mapping[str, object], nil: bool) -> _Type:
     allowed = ", ".join(sorted(table))
     expected = "a string" + (" or nil" if nil else "")
@@ -204,6 +232,24 @@ def _check_str_map(v: object, where: str, key: str) -> object:
     return v
 
 
+def _pairs_as_map(key: _Type, value: _Type) -> _Type:
+    """A ``tuple[tuple[K, V], ...]`` that travels as a map of ``K`` to ``V``."""
+    check_key, check_value = key.check, value.check
+    expected = "a map"
+
+    def check_map(v: object, where: str, name: str) -> object:
+        if type(v) is not dict:
+            raise bad(where, name, expected, v)
+        label = f"a key of field {name!r}"
+        pairs = []
+        for k, x in v.items():
+            k = check_key(k, where, label)
+            pairs.append((k, check_value(x, where, f"{name}[{k!r}]")))
+        return tuple(pairs)
+
+    return _Type(check_map, dict, expected)
+
+
 def _optional(inner: _Type) -> _Type:
     check = inner.check
     encode = inner.encode
@@ -224,6 +270,16 @@ def _nil_is_default(inner: _Type, default: object, factory: Callable[[], object]
         return check(v, where, key)
 
     return _Type(check_or_default, inner.encode, inner.expected + " or nil")
+
+
+def _zero_is_default(inner: _Type, default: object) -> _Type:
+    check = inner.check
+
+    def check_or_default(v: object, where: str, key: str) -> object:
+        v = check(v, where, key)
+        return default if v == 0 and type(v) is int else v
+
+    return _Type(check_or_default, inner.encode, inner.expected)
 
 
 def _array(item: _Type) -> _Type:
@@ -296,6 +352,18 @@ def _as_arrays(cls: type[Any], n: int, nested: Mapping[type, MapCodec[Any]]) -> 
     return _Type(array.check, namespace["encode"], "an array")
 
 
+def _as_map(cls: type[Any], name: str, tp: Any, nested: Mapping[type, MapCodec[Any]]) -> _Type:
+    """Field ``name``, a ``tuple[tuple[K, V], ...]``, as the map of its pairs."""
+    pair = typing.get_args(tp)[0] if typing.get_origin(tp) is tuple else None
+    kv = typing.get_args(pair) if typing.get_origin(pair) is tuple else ()
+    if len(typing.get_args(tp)) != 2 or typing.get_args(tp)[1] is not Ellipsis or len(kv) != 2:
+        raise TypeError(f"{cls.__name__}.{name}: as_map needs a tuple[tuple[K, V], ...]")
+    key, value = (_type_of(cls, name, t, nested, None) for t in kv)
+    if key.encode is not None or value.encode is not None:
+        raise TypeError(f"{cls.__name__}.{name}: as_map keys and values must travel as they are")
+    return _pairs_as_map(key, value)
+
+
 def _type_of(
     cls: type[Any], name: str, tp: Any, nested: Mapping[type, MapCodec[Any]], group: str | None
 ) -> _Type:
@@ -312,6 +380,14 @@ def _type_of(
         bounds = next((a for a in tp.__metadata__ if isinstance(a, Range)), None)
         if bounds is not None:
             return _bounded(bounds, nil, group)
+    if origin is typing.Annotated and args[0] is float:
+        finite = next((a for a in tp.__metadata__ if isinstance(a, Finite)), None)
+        if finite is not None:
+            return _finite(finite, nil)
+    if origin is typing.Annotated and args[0] is str:
+        names = next((a for a in tp.__metadata__ if isinstance(a, OneOf)), None)
+        if names is not None:
+            return _choice({n: n for n in names.names}, nil)
     if isinstance(tp, type) and issubclass(tp, Enum):
         return _choice({str(m.value): m for m in tp}, nil)
     if origin is typing.Literal and all(type(a) is str for a in args):
@@ -381,6 +457,8 @@ def derive(
         if rules.arrays is not None:
             item = typing.get_args(hints[f.name])[0]
             t = _as_arrays(item, rules.arrays, nested)
+        elif rules.as_map:
+            t = _as_map(cls, f.name, hints[f.name], nested)
         else:
             t = _type_of(cls, f.name, hints[f.name], nested, " and ".join(group) or None)
         factory = None if f.default_factory is dataclasses.MISSING else f.default_factory
@@ -388,6 +466,8 @@ def derive(
         required = rules.required or (f.default is dataclasses.MISSING and factory is None)
         if rules.nil:
             t = _nil_is_default(t, default, factory)
+        if rules.zero:
+            t = _zero_is_default(t, default)
         if required or rules.always:
             send = _ALWAYS
         elif rules.sent_with is not None:
