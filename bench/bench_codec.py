@@ -24,6 +24,7 @@ from typing import Any
 
 import msgpack
 
+from breakerd import protocol
 from breakerd.protocol import (
     Acquire,
     Admission,
@@ -89,6 +90,24 @@ CASES: list[tuple[str, list[Any]]] = [
         ),
     ),
 ]
+# The budget messages, where the checkout has them (so that one script times
+# an older checkout too): a budgeted call sends one request now and then.
+if hasattr(protocol, "BudgetRequest"):
+    CASES += [
+        (
+            "budget request",
+            encode_request(
+                1,
+                protocol.BudgetRequest(
+                    "llm", 20.0, 2, want=4, wait=1.5, done=3, limits=(("remaining_requests", 9.0),)
+                ),
+            ),
+        ),
+        (
+            "budget grant",
+            encode_response(1, protocol.BudgetGrant((1.0, 1.05, 1.1, 1.15), 0, "rate_budget", 0.2)),
+        ),
+    ]
 
 
 def per_call_us(fn: Callable[[], object], repeat: int) -> float:

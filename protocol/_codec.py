@@ -61,9 +61,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias, TypeVar
 
-from ._budget_wire import budget_grant, budget_grant_map, budget_request, budget_request_map
 from ._derive import MISSING, MapCodec, bad, derive, wire_type
 from ._errors import BreakerError, RemoteProtocolError, error_from_code
+from ._make import constructor
 from ._messages import (
     Acquire,
     Admin,
@@ -150,6 +150,11 @@ class ConnectionClosed:
 
 Event: TypeAlias = RequestReceived | ResponseReceived | NotificationReceived | ConnectionClosed
 
+# One of these comes out of every frame: built as the messages are (``constructor``).
+_request_received: Final = constructor(RequestReceived)
+_response_received: Final = constructor(ResponseReceived)
+_notification_received: Final = constructor(NotificationReceived)
+
 
 # --- the messages each method carries ----------------------------------------
 #
@@ -187,7 +192,7 @@ _NOTIFICATIONS: Final[dict[str, type[NotificationMessage]]] = {
 # Every encoder and checker is derived, as fast as a hand-written one would
 # be for most messages. Three decoders stay hand-tuned, where
 # bench/bench_codec.py --fast-paths shows the derived checker costing more on
-# the hot path (1.2-1.3x for a snapshot or an admission, 2.1x for 100
+# the hot path (1.1-1.2x for a snapshot or an admission, 3.5x for 100
 # report items): a snapshot comes with nearly every reply and push, an
 # admission answers every strict acquire, a report item stands for one call.
 # Each checks the usual shape in one expression and hands anything else (ints
@@ -223,6 +228,12 @@ _DERIVED_SNAPSHOT: Final = derive(Snapshot)
 _DERIVED_ADMISSION: Final = derive(Admission, tag="admission", nested={Snapshot: _DERIVED_SNAPSHOT})
 _DERIVED_REPORTS: Final = derive(ReportBatch)
 _snapshot_fields: Final = _DERIVED_SNAPSHOT.decode
+# Built as the derived decoders build messages (``_make``):
+# each field set through its slot, faster than the frozen ``__init__``.
+_new_snapshot: Final = constructor(Snapshot)
+_new_admission: Final = constructor(Admission)
+_new_report: Final = constructor(Report)
+_new_batch: Final = constructor(ReportBatch)
 
 
 def _snapshot(d: _Map, where: str) -> Snapshot:
@@ -257,7 +268,7 @@ def _snapshot(d: _Map, where: str) -> Snapshot:
     ):
         member = _STATES.get(state)
         if member is not None:
-            return Snapshot(
+            return _new_snapshot(
                 name,
                 member,
                 generation,
@@ -298,7 +309,7 @@ def _admission(d: _Map, where: str = "admission result") -> Admission:
         and (retry_after is None or type(retry_after) is float)
     ):
         nested = _snapshot(snapshot, f"{where}.snapshot")
-        return Admission(admitted, generation, lease, nested, retry_after)
+        return _new_admission(admitted, generation, lease, nested, retry_after)
     return _DERIVED_ADMISSION.decode(d, where)
 
 
@@ -316,6 +327,7 @@ def _reports(d: _Map, where: str) -> ReportBatch:
     if type(items) is not list or type(successes) is not list or type(rejections) is not list:
         return _DERIVED_REPORTS.decode(d, where)
     outcomes = _OUTCOMES
+    new_report = _new_report
     batch = []
     # Inline checks: this loop runs once per reported call.
     for item in items:
@@ -343,12 +355,12 @@ def _reports(d: _Map, where: str) -> ReportBatch:
             duration = float(duration)
         if type(retry_after) is int:
             retry_after = float(retry_after)
-        batch.append(Report(name, generation, oc, duration, lease, retry_after))
+        batch.append(new_report(name, generation, oc, duration, lease, retry_after, None, None, 0))
     counted = _counts(successes, 3)
     rejected = _counts(rejections, 2)
     if counted is None or rejected is None:
         return _DERIVED_REPORTS.decode(d, where)
-    return ReportBatch(tuple(batch), counted, rejected)
+    return _new_batch(tuple(batch), counted, rejected)
 
 
 def _counts(raw: list[Any], width: int) -> tuple[Any, ...] | None:
@@ -373,19 +385,11 @@ def _counts(raw: list[Any], width: int) -> tuple[Any, ...] | None:
 _FAST: Final[dict[type, MapCodec[Any]]] = {
     Snapshot: MapCodec(Snapshot, _DERIVED_SNAPSHOT.encode, _snapshot)
 }
-# The budget messages keep their own hand-written codec (``_budget_wire``:
-# finite numbers, known limit names), registered here as it is.
-_FAST_ENCODERS: Final[dict[type, Callable[[Any], _Map]]] = {
-    Snapshot: _snapshot_result_map,
-    BudgetRequest: budget_request_map,
-    BudgetGrant: budget_grant_map,
-}
+_FAST_ENCODERS: Final[dict[type, Callable[[Any], _Map]]] = {Snapshot: _snapshot_result_map}
 _FAST_DECODERS: Final[dict[type, Callable[[_Map, str], Any]]] = {
     Snapshot: _snapshot,
     Admission: _admission,
     ReportBatch: _reports,
-    BudgetRequest: lambda d, where: budget_request(d),
-    BudgetGrant: lambda d, where: budget_grant(d),
 }
 
 
@@ -456,9 +460,9 @@ def method_of(message: RequestMessage | NotificationMessage) -> str:
 # method: validating every field on the way out would tax the hot path twice.
 
 
-def _check_msgid(msgid: int) -> None:
-    if not 0 <= msgid <= MAX_MSGID:
-        raise ValueError(f"msgid must be an unsigned 32-bit integer, got {msgid}")
+def _bad_msgid(msgid: int) -> ValueError:
+    # Tested inline by the encoders: a call to test it costs 4% of a small message.
+    return ValueError(f"msgid must be an unsigned 32-bit integer, got {msgid}")
 
 
 def encode_request(msgid: int, message: RequestMessage) -> list[Any]:
@@ -466,7 +470,8 @@ def encode_request(msgid: int, message: RequestMessage) -> list[Any]:
     entry = _REQUEST_ENCODERS.get(type(message))
     if entry is None:
         raise TypeError(f"{type(message).__name__} cannot be sent as a request")
-    _check_msgid(msgid)
+    if not 0 <= msgid <= MAX_MSGID:
+        raise _bad_msgid(msgid)
     return [REQUEST, msgid, entry[0], entry[1](message)]
 
 
@@ -475,13 +480,15 @@ def encode_response(msgid: int, result: ResultMessage) -> list[Any]:
     encoder = _RESULT_ENCODERS.get(type(result))
     if encoder is None:
         raise TypeError(f"{type(result).__name__} cannot be sent as a result")
-    _check_msgid(msgid)
+    if not 0 <= msgid <= MAX_MSGID:
+        raise _bad_msgid(msgid)
     return [RESPONSE, msgid, None, encoder(result)]
 
 
 def encode_error(msgid: int, error: BreakerError) -> list[Any]:
     """``[1, msgid, [code, message, details], nil]`` for a failed reply."""
-    _check_msgid(msgid)
+    if not 0 <= msgid <= MAX_MSGID:
+        raise _bad_msgid(msgid)
     return [RESPONSE, msgid, error_to_wire(error), None]
 
 
@@ -565,15 +572,15 @@ def _decode_message(obj: object) -> RequestReceived | ResponseReceived | Notific
                 raise RemoteProtocolError(f"unknown request method {method!r}")
             if type(params) is not dict:
                 raise RemoteProtocolError(f"{method} params must be a map, got {wire_type(params)}")
-            return RequestReceived(msgid, decoder[0](params, decoder[1]))
+            return _request_received(msgid, decoder[0](params, decoder[1]))
         if kind == RESPONSE and n == 4:
             msgid = _msgid(obj[1], "response")
             error, result = obj[2], obj[3]
             if error is not None:
                 if result is not None:
                     raise RemoteProtocolError("response has both an error and a result")
-                return ResponseReceived(msgid, None, error_from_wire(error))
-            return ResponseReceived(msgid, _decode_result(result), None)
+                return _response_received(msgid, None, error_from_wire(error))
+            return _response_received(msgid, _decode_result(result), None)
         if kind == NOTIFICATION and n == 3:
             method, params = obj[1], obj[2]
             ndecoder = _NOTIFICATION_DECODERS.get(method) if type(method) is str else None
@@ -581,7 +588,7 @@ def _decode_message(obj: object) -> RequestReceived | ResponseReceived | Notific
                 raise RemoteProtocolError(f"unknown notification method {method!r}")
             if type(params) is not dict:
                 raise RemoteProtocolError(f"{method} params must be a map, got {wire_type(params)}")
-            return NotificationReceived(ndecoder[0](params, ndecoder[1]))
+            return _notification_received(ndecoder[0](params, ndecoder[1]))
     raise RemoteProtocolError(
         "a message must be [0, msgid, method, params], [1, msgid, error, result] "
         f"or [2, method, params]; got an array of {n} starting with {wire_type(kind)}"

@@ -6,9 +6,10 @@ checker, map to message. Each field gets a small checker closure picked by
 its type. Both functions are generated source, compiled once, as
 dataclasses generates ``__init__`` (``MapCodec.source`` shows the
 encoder's): the encoder is one dict display and an ``if`` per optional
-field, the checker one lookup and one type test per field, calling the
-field's checker only for anything else; that is what hand-written code
-would be, where a loop over the fields cost 3 to 6 times as much.
+field, the checker one lookup and one inline test per field (its type, and
+its bounds if it has any), calling the field's checker only for anything
+else, and setting the message's slots directly; that is what hand-written
+code would be, where a loop over the fields cost 3 to 6 times as much.
 
 Types a field may have, and what the checker accepts for them:
 
@@ -18,6 +19,9 @@ Types a field may have, and what the checker accepts for them:
 ``float``                      a float, or an integer (converted)
 ``Annotated[int, Range(..)]``  an integer within the range (``NonNegative``,
                                ``Count``)
+``Annotated[float, Finite()]`` a float or an integer (converted), not NaN nor
+                               infinite, at least its minimum if it has one
+``Annotated[str, OneOf(..)]``  one of those strings
 a ``StrEnum``, a ``Literal``   one of its string values (decoded to the member)
 ``X | None``                   nil, or what ``X`` accepts
 ``dict[str, Any]``             a map with string keys (values as they come)
@@ -25,6 +29,8 @@ a ``StrEnum``, a ``Literal``   one of its string values (decoded to the member)
 ``tuple[X, Y]``                an array of at least that many entries; later
                                ones are ignored
 a message dataclass            a map, checked by that message's own codec
+``tuple[tuple[K, V], ...]``    with ``wire(as_map=True)``: a map whose keys
+                               ``K`` accepts and values ``V`` accepts, as pairs
 =============================  ==============================================
 
 Any other type fails at import, naming the field: a message that cannot be
@@ -36,6 +42,7 @@ input's types (mypy checks them) and never validate.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -43,9 +50,18 @@ from enum import Enum
 from typing import Any, Final, Generic, NamedTuple, TypeAlias, TypeVar
 
 from ._errors import RemoteProtocolError
-from ._wire import WIRE, Range, Wire
+from ._make import construct_lines
+from ._wire import WIRE, Finite, OneOf, Range, Wire
 
-__all__ = ["MISSING", "Check", "MapCodec", "WireMap", "bad", "derive", "wire_type"]
+__all__ = [
+    "MISSING",
+    "Check",
+    "MapCodec",
+    "WireMap",
+    "bad",
+    "derive",
+    "wire_type",
+]
 
 _M = TypeVar("_M")
 
@@ -77,8 +93,8 @@ def wire_type(value: object) -> str:
 
 
 def _subject(key: str) -> str:
-    # An array entry ("items[3]") is named as it is, a field by its key.
-    return key if key.endswith("]") else f"field {key!r}"
+    # An array entry ("items[3]") or a map's key is named as it is, a field by its key.
+    return key if key.endswith("]") or " " in key else f"field {key!r}"
 
 
 def bad(where: str, key: str, expected: str, value: object) -> RemoteProtocolError:
@@ -117,6 +133,17 @@ class _Type(NamedTuple):
     #: A value of exactly this type is valid as it is (``str`` for a string
     #: field); ``_NoShortcut`` when every value needs the checker.
     exact: type = _NoShortcut
+    #: An expression true of a value ``{v}`` that is valid as it is, for the
+    #: generated decoder to test inline; None: always call the checker.
+    valid: str | None = None
+
+
+#: The largest finite float: ``lo <= v <= _MAX_FLOAT`` is false for NaN and infinities.
+_MAX_FLOAT: Final = 1.7976931348623157e308
+
+
+def _or_nil(valid: str, nil: bool) -> str:
+    return f"{{v}} is None or ({valid})" if nil else valid
 
 
 # --- one type --------------------------------------------------------------------
@@ -144,14 +171,14 @@ def _scalar(kind: type, nil: bool) -> _Type:
                 return None
             raise bad(where, key, expected, v)
 
-        return _Type(check_float, None, expected, float)
+        return _Type(check_float, None, expected, float, _or_nil("type({v}) is float", nil))
 
     def check(v: object, where: str, key: str) -> object:
         if type(v) is kind or (nil and v is None):
             return v
         raise bad(where, key, expected, v)
 
-    return _Type(check, None, expected, kind)
+    return _Type(check, None, expected, kind, _or_nil(f"type({{v}}) is {kind.__name__}", nil))
 
 
 def _bounded(bounds: Range, nil: bool, group: str | None) -> _Type:
@@ -173,7 +200,35 @@ def _bounded(bounds: Range, nil: bool, group: str | None) -> _Type:
             raise RemoteProtocolError(f"{where}: {_subject(key)} is {v}, past the limit of {hi}")
         return v
 
-    return _Type(check, None, expected)
+    valid = "type({v}) is int" + "".join(
+        f" and {{v}} {op} {bound}" for op, bound in ((">=", lo), ("<=", hi)) if bound is not None
+    )
+    return _Type(check, None, expected, valid=_or_nil(valid, nil))
+
+
+def _finite(bounds: Finite, nil: bool) -> _Type:
+    lo = bounds.minimum
+    expected = ("a finite number" if lo is None else f"a finite number >= {lo:g}") + (
+        " or nil" if nil else ""
+    )
+
+    def check(v: object, where: str, key: str) -> object:
+        if type(v) is float:
+            x = v
+        elif type(v) is int:
+            x = float(v)  # msgpack integers are within 64 bits: never overflows
+        elif nil and v is None:
+            return None
+        else:
+            raise bad(where, key, expected, v)
+        if not math.isfinite(x) or (lo is not None and x < lo):
+            raise RemoteProtocolError(f"{where}: {_subject(key)} must be {expected}, got {v!r}")
+        return x
+
+    valid = (
+        f"type({{v}}) is float and {-_MAX_FLOAT if lo is None else lo!r} <= {{v}} <= {_MAX_FLOAT!r}"
+    )
+    return _Type(check, None, expected, valid=_or_nil(valid, nil))
 
 
 def _choice(table: Mapping[str, object], nil: bool) -> _Type:
@@ -204,6 +259,24 @@ def _check_str_map(v: object, where: str, key: str) -> object:
     return v
 
 
+def _pairs_as_map(key: _Type, value: _Type) -> _Type:
+    """A ``tuple[tuple[K, V], ...]`` that travels as a map of ``K`` to ``V``."""
+    check_key, check_value = key.check, value.check
+    expected = "a map"
+
+    def check_map(v: object, where: str, name: str) -> object:
+        if type(v) is not dict:
+            raise bad(where, name, expected, v)
+        label = f"a key of field {name!r}"
+        pairs = []
+        for k, x in v.items():
+            k = check_key(k, where, label)
+            pairs.append((k, check_value(x, where, f"{name}[{k!r}]")))
+        return tuple(pairs)
+
+    return _Type(check_map, dict, expected)
+
+
 def _optional(inner: _Type) -> _Type:
     check = inner.check
     encode = inner.encode
@@ -212,7 +285,8 @@ def _optional(inner: _Type) -> _Type:
         return None if v is None else check(v, where, key)
 
     encode_optional = None if encode is None else (lambda v: None if v is None else encode(v))
-    return _Type(check_optional, encode_optional, inner.expected + " or nil")
+    valid = None if inner.valid is None else _or_nil(inner.valid, True)
+    return _Type(check_optional, encode_optional, inner.expected + " or nil", valid=valid)
 
 
 def _nil_is_default(inner: _Type, default: object, factory: Callable[[], object] | None) -> _Type:
@@ -223,7 +297,18 @@ def _nil_is_default(inner: _Type, default: object, factory: Callable[[], object]
             return default if factory is None else factory()
         return check(v, where, key)
 
-    return _Type(check_or_default, inner.encode, inner.expected + " or nil")
+    return _Type(check_or_default, inner.encode, inner.expected + " or nil", valid=inner.valid)
+
+
+def _zero_is_default(inner: _Type, default: object) -> _Type:
+    check = inner.check
+
+    def check_or_default(v: object, where: str, key: str) -> object:
+        v = check(v, where, key)
+        return default if v == 0 and type(v) is int else v
+
+    valid = None if inner.valid is None else f"({inner.valid}) and {{v}} != 0"
+    return _Type(check_or_default, inner.encode, inner.expected, valid=valid)
 
 
 def _array(item: _Type) -> _Type:
@@ -273,6 +358,22 @@ def _nested(codec: MapCodec[Any]) -> _Type:
     return _Type(check_nested, codec.encode, "a map")
 
 
+def _array_of(codec: MapCodec[Any]) -> _Type:
+    """An array of maps, each a message ``codec`` encodes and checks."""
+    t = _array(_nested(codec))
+    head, _, rest = codec.source.partition("\n")
+    body, _, _ = rest.rpartition("    return d\n")
+    if head != "def encode(m):" or not body:
+        return t  # a hand-written encoder: called once an item
+    # The item's encoder inlined in the loop, in its own namespace: one
+    # Python call the less per item (a status page encodes 100 breakers).
+    namespace = dict(getattr(codec.encode, "__globals__", {}))
+    loop = "\n".join("    " + line for line in body.splitlines())
+    source = "def encode(items):\n    out = []\n    for m in items:\n"
+    exec(f"{source}{loop}\n        out.append(d)\n    return out\n", namespace)
+    return _Type(t.check, namespace["encode"], t.expected, t.exact, t.valid)
+
+
 def _as_arrays(cls: type[Any], n: int, nested: Mapping[type, MapCodec[Any]]) -> _Type:
     """An array of messages, each as the array of its first ``n`` fields, all required."""
     fields = dataclasses.fields(cls)[:n]
@@ -296,6 +397,18 @@ def _as_arrays(cls: type[Any], n: int, nested: Mapping[type, MapCodec[Any]]) -> 
     return _Type(array.check, namespace["encode"], "an array")
 
 
+def _as_map(cls: type[Any], name: str, tp: Any, nested: Mapping[type, MapCodec[Any]]) -> _Type:
+    """Field ``name``, a ``tuple[tuple[K, V], ...]``, as the map of its pairs."""
+    pair = typing.get_args(tp)[0] if typing.get_origin(tp) is tuple else None
+    kv = typing.get_args(pair) if typing.get_origin(pair) is tuple else ()
+    if len(typing.get_args(tp)) != 2 or typing.get_args(tp)[1] is not Ellipsis or len(kv) != 2:
+        raise TypeError(f"{cls.__name__}.{name}: as_map needs a tuple[tuple[K, V], ...]")
+    key, value = (_type_of(cls, name, t, nested, None) for t in kv)
+    if key.encode is not None or value.encode is not None:
+        raise TypeError(f"{cls.__name__}.{name}: as_map keys and values must travel as they are")
+    return _pairs_as_map(key, value)
+
+
 def _type_of(
     cls: type[Any], name: str, tp: Any, nested: Mapping[type, MapCodec[Any]], group: str | None
 ) -> _Type:
@@ -312,6 +425,14 @@ def _type_of(
         bounds = next((a for a in tp.__metadata__ if isinstance(a, Range)), None)
         if bounds is not None:
             return _bounded(bounds, nil, group)
+    if origin is typing.Annotated and args[0] is float:
+        finite = next((a for a in tp.__metadata__ if isinstance(a, Finite)), None)
+        if finite is not None:
+            return _finite(finite, nil)
+    if origin is typing.Annotated and args[0] is str:
+        names = next((a for a in tp.__metadata__ if isinstance(a, OneOf)), None)
+        if names is not None:
+            return _choice({n: n for n in names.names}, nil)
     if isinstance(tp, type) and issubclass(tp, Enum):
         return _choice({str(m.value): m for m in tp}, nil)
     if origin is typing.Literal and all(type(a) is str for a in args):
@@ -320,7 +441,11 @@ def _type_of(
     if origin is dict and args == (str, Any):
         inner = _Type(_check_str_map, None, "a map")
     elif origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-        inner = _array(_type_of(cls, name, args[0], nested, None))
+        item = args[0]
+        if isinstance(item, type) and dataclasses.is_dataclass(item):
+            inner = _array_of(nested.get(item) or derive(item, nested=nested))
+        else:
+            inner = _array(_type_of(cls, name, item, nested, None))
     elif origin is tuple and args and Ellipsis not in args:
         inner = _fixed(tuple(_type_of(cls, name, a, nested, None) for a in args))
     elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
@@ -348,7 +473,7 @@ class _Field(NamedTuple):
     #: The keys of its group (itself included); () when in none.
     group: tuple[str, ...]
     leader: str | None
-    exact: type
+    valid: str | None
 
 
 def derive(
@@ -381,6 +506,8 @@ def derive(
         if rules.arrays is not None:
             item = typing.get_args(hints[f.name])[0]
             t = _as_arrays(item, rules.arrays, nested)
+        elif rules.as_map:
+            t = _as_map(cls, f.name, hints[f.name], nested)
         else:
             t = _type_of(cls, f.name, hints[f.name], nested, " and ".join(group) or None)
         factory = None if f.default_factory is dataclasses.MISSING else f.default_factory
@@ -388,6 +515,8 @@ def derive(
         required = rules.required or (f.default is dataclasses.MISSING and factory is None)
         if rules.nil:
             t = _nil_is_default(t, default, factory)
+        if rules.zero:
+            t = _zero_is_default(t, default)
         if required or rules.always:
             send = _ALWAYS
         elif rules.sent_with is not None:
@@ -407,7 +536,7 @@ def derive(
                 factory,
                 group,
                 rules.sent_with,
-                t.exact,
+                t.valid,
             )
         )
     encode, source = _encoder(message, tuple(specs), tag)
@@ -425,16 +554,16 @@ def _encoder(
     return encode, source
 
 
-def _differs(i: int, default: object, namespace: dict[str, Any]) -> str:
+def _differs(i: int, default: object, namespace: dict[str, Any], v: str = "v") -> str:
     """The test that ``v`` is not ``default``: identity and truth where they say it."""
     if default is None:
-        return "v is not None"
+        return f"{v} is not None"
     if default is True:
-        return "v is not True"
+        return f"{v} is not True"
     if type(default) in (int, float, bool, str, tuple) and not default:
-        return "v"  # 0, 0.0, False, "", (): what the hand-written encoders tested
+        return v  # 0, 0.0, False, "", (): what the hand-written encoders tested
     namespace[f"default_{i}"] = default
-    return f"v != default_{i}"
+    return f"{v} != default_{i}"
 
 
 def _encoder_source(
@@ -466,17 +595,17 @@ def _encoder_source(
             n = len(s.group)
             if tuple(f.key for f in specs[i : i + n]) != s.group:
                 raise TypeError(f"{cls.__name__}.{s.key}: the fields of a group must be adjacent")
-            namespace[f"defaults_{i}"] = tuple(f.default for f in specs[i : i + n])
-            body.append(f"g = ({', '.join('m.' + k for k in s.group)},)")
-            body.append(f"if g != defaults_{i}:")
-            body += [
-                f"    d[{f.key!r}] = {value(i + j, f, f'g[{j}]')}"
-                for j, f in enumerate(specs[i : i + n])
-            ]
+            members = list(enumerate(specs[i : i + n]))
+            body += [f"g{j} = m.{f.key}" for j, f in members]
+            differs = [_differs(i + j, f.default, namespace, f"g{j}") for j, f in members]
+            body.append(f"if {' or '.join(differs)}:")
+            body += [f"    d[{f.key!r}] = {value(i + j, f, f'g{j}')}" for j, f in members]
             i += n
             continue
         elif s.send == _WITH_FIELD:
-            body.append(f"if {s.leader!r} in d:")
+            if specs[i - 1].key != s.leader or specs[i - 1].send != _UNLESS_DEFAULT:
+                body.append(f"if {s.leader!r} in d:")
+            # else: right after its leader's own test, inside it
             body.append(f"    d[{s.key!r}] = {value(i, s, 'm.' + s.key)}")
         else:
             body.append(f"v = m.{s.key}")
@@ -491,37 +620,60 @@ def _encoder_source(
 
 def _decoder(cls: type[_M], specs: tuple[_Field, ...]) -> Callable[[WireMap, str], _M]:
     # Generated as the encoder is, for the same reason: each field is one
-    # lookup and one type test inline, its default inline when absent;
-    # anything else (a conversion, an enum, a nested message, a fault) goes
-    # to the field's checker, and a missing required field to `field_i`.
-    namespace: dict[str, Any] = {"MISSING": MISSING, "make": cls}
+    # lookup and one inline test of a value valid as it is, its default
+    # inline when absent; anything else (a conversion, an enum, a nested
+    # message, a fault) goes to the field's checker, and a missing required
+    # field to `field_i`.
+    namespace: dict[str, Any] = {"MISSING": MISSING}
     lines = ["def decode(d, where):", "    get = d.get"]
     for i, s in enumerate(specs):
         namespace[f"field_{i}"] = _field_reader(s)
         namespace[f"check_{i}"] = s.check
+        namespace[f"default_{i}"] = s.default
+        valid = None if s.valid is None else s.valid.format(v=f"v{i}")
+        check = f"v{i} = check_{i}(v{i}, where, {s.key!r})"
+        if s.group and s.key != s.group[0]:
+            continue  # read with the group's first field
+        if s.group:
+            # A group is absent as a whole (one test), or each of it is checked.
+            members = [(i + j, specs[i + j]) for j in range(len(s.group))]
+            lines += [f"    v{j} = get({f.key!r}, MISSING)" for j, f in members]
+            lines.append(f"    if {' and '.join(f'v{j} is MISSING' for j, _ in members)}:")
+            lines += [f"        v{j} = default_{j}" for j, _ in members]
+            lines.append("    else:")
+            for j, f in members:
+                lines.append(f"        if v{j} is MISSING:")
+                lines.append(f"            v{j} = field_{j}(d, v{j}, where)")  # raises
+                test = "else" if f.valid is None else f"elif not ({f.valid.format(v=f'v{j}')})"
+                lines += [
+                    f"        {test}:",
+                    f"            v{j} = check_{j}(v{j}, where, {f.key!r})",
+                ]
+            continue
+        if not s.required and s.factory is None and s.valid and _holds(s.valid, s.default):
+            # The default is valid as it is: an absent field needs no branch of its own.
+            lines += [f"    v{i} = get({s.key!r}, default_{i})", f"    if not ({valid}):"]
+            lines.append(f"        {check}")
+            continue
         lines += [f"    v{i} = get({s.key!r}, MISSING)", f"    if v{i} is MISSING:"]
         if s.required:
             lines.append(f"        v{i} = field_{i}(d, v{i}, where)")  # raises
-        elif s.group:
-            namespace[f"default_{i}"] = s.default
-            absent = " and ".join(f"{k!r} not in d" for k in s.group)
-            lines.append(f"        v{i} = default_{i} if {absent} else field_{i}(d, v{i}, where)")
         elif s.factory is not None:
             namespace[f"factory_{i}"] = s.factory
             lines.append(f"        v{i} = factory_{i}()")
         else:
-            namespace[f"default_{i}"] = s.default
             lines.append(f"        v{i} = default_{i}")
-        if s.exact is _NoShortcut:
-            lines.append("    else:")
-        else:
-            namespace[f"exact_{i}"] = s.exact
-            lines.append(f"    elif type(v{i}) is not exact_{i}:")
-        lines.append(f"        v{i} = check_{i}(v{i}, where, {s.key!r})")
-    lines.append(f"    return make({', '.join(f'v{i}' for i in range(len(specs)))})")
+        lines.append("    else:" if valid is None else f"    elif not ({valid}):")
+        lines.append(f"        {check}")
+    lines += construct_lines(cls, [f"v{i}" for i in range(len(specs))], namespace)
     exec("\n".join(lines) + "\n", namespace)
     decode: Callable[[WireMap, str], _M] = namespace["decode"]
     return decode
+
+
+def _holds(valid: str, value: object) -> bool:
+    """Whether ``value`` passes the inline test ``valid``."""
+    return bool(eval(valid.format(v="v"), {}, {"v": value}))
 
 
 def _field_reader(s: _Field) -> Callable[[WireMap, object, str], object]:

@@ -13,9 +13,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from ._wire import ALWAYS, Count, NonNegative, wire
+from ._wire import (
+    ALWAYS,
+    Count,
+    FiniteFloat,
+    NonNegative,
+    NonNegativeFloat,
+    OneOf,
+    Range,
+    wire,
+)
 
 
 class CircuitState(StrEnum):
@@ -301,6 +310,26 @@ class TransitionEvent:
     open_until: float | None = field(default=None, metadata=ALWAYS)
 
 
+#: A concurrency lease, as the daemon numbers them.
+_LeaseId = Annotated[int, Range(minimum=1, maximum=2**63)]
+#: What ``observe_limits`` reads from an API's rate-limit headers.
+_LimitName = Annotated[
+    str,
+    OneOf(
+        frozenset(
+            {
+                "remaining_requests",
+                "reset_requests",
+                "remaining_tokens",
+                "reset_tokens",
+                "limit_requests",
+                "limit_tokens",
+            }
+        )
+    ),
+]
+
+
 @dataclass(frozen=True, slots=True)
 class BudgetRequest:
     """A process asks the daemon for its share of a breaker's host-wide budgets.
@@ -315,29 +344,31 @@ class BudgetRequest:
 
     name: str
     #: ``max_rate`` in calls per second (before the safety margin), or 0: none.
-    rate: float = 0.0
-    burst: int = 1
+    rate: NonNegativeFloat = field(default=0.0, metadata=ALWAYS)
+    burst: Count = field(default=1, metadata=wire(always=True, zero=True))
     #: ``max_concurrent``, or 0: none.
-    max_concurrent: int = 0
-    want: int = 0
-    wait: float = 0.0
+    max_concurrent: Count = field(default=0, metadata=ALWAYS)
+    want: Count = field(default=0, metadata=ALWAYS)
+    wait: NonNegativeFloat = field(default=0.0, metadata=ALWAYS)
     #: The token estimate of each slot wanted.
-    tokens: float = 0.0
-    lease: bool = False
-    release: tuple[int, ...] = ()
+    tokens: NonNegativeFloat = field(default=0.0, metadata=ALWAYS)
+    lease: bool = field(default=False, metadata=ALWAYS)
+    release: tuple[_LeaseId, ...] = field(default=(), metadata=ALWAYS)
     #: Calls admitted by earlier grants that finished (or were never made) since.
-    done: int = 0
+    done: Count = field(default=0, metadata=ALWAYS)
     #: Calls this process let go without a slot (before it knew of any
     #: budget) since: in flight, and so not in what a response says is left.
-    started: int = 0
+    started: Count = field(default=0, metadata=ALWAYS)
     #: Tokens to give back: estimates minus what the calls' ``usage`` said.
-    tokens_back: float = 0.0
+    tokens_back: NonNegativeFloat = field(default=0.0, metadata=ALWAYS)
     #: The newest ``observe_limits`` numbers (``remaining_requests``...), or empty.
-    limits: tuple[tuple[str, float], ...] = ()
+    limits: tuple[tuple[_LimitName, NonNegativeFloat], ...] = field(
+        default=(), metadata=wire(always=True, as_map=True)
+    )
     #: Asks for a place in the recovery ramp of the breaker's ``generation``
     #: (a call that waited through an outage; see ``BudgetGrant.ramp_at``).
     ramp: bool = False
-    generation: int = 0
+    generation: NonNegative = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,13 +376,13 @@ class BudgetGrant:
     """The daemon's answer to ``BudgetRequest``."""
 
     #: Monotonic instants (the host's clock) at which one call each may leave.
-    slots: tuple[float, ...] = ()
+    slots: tuple[FiniteFloat, ...] = field(default=(), metadata=ALWAYS)
     #: A concurrency lease (0: none asked, or refused).
-    lease: int = 0
+    lease: NonNegative = field(default=0, metadata=ALWAYS)
     #: When fewer slots than wanted (or no lease) were granted: why
     #: (``rate_budget``, ``concurrency``) and in how many seconds to ask again.
-    reason: str | None = None
-    retry_after: float | None = None
+    reason: str | None = field(default=None, metadata=ALWAYS)
+    retry_after: FiniteFloat | None = field(default=None, metadata=ALWAYS)
     #: With ``ramp``: the instant (the host's clock) this call may leave, its
     #: place in one ramp shared by every process of the host.
-    ramp_at: float | None = None
+    ramp_at: FiniteFloat | None = None

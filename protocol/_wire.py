@@ -19,7 +19,12 @@ type says which values are valid, and these annotations say the rest.
 * ``wire(required=True)``: the peer must send it, though Python callers may
   leave it out.
 * ``wire(nil=True)``: nil from the peer means the default.
-* ``NonNegative`` and ``Count`` (``typing.Annotated`` integers) bound a value.
+* ``wire(zero=True)``: 0 from the peer means the default (an integer field).
+* ``wire(as_map=True)`` on a ``tuple[tuple[K, V], ...]`` of pairs: it travels
+  as a map of ``K`` to ``V``, and comes back as pairs in the map's order.
+* ``NonNegative`` and ``Count`` (``typing.Annotated`` integers) bound a value;
+  ``Finite`` (``NonNegativeFloat``, ``FiniteFloat``) bounds a float and refuses
+  NaN and the infinities; ``OneOf`` limits a string to a few names.
 
 Pure data: importing this module derives nothing.
 """
@@ -31,7 +36,20 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Annotated, Final, TypeAlias
 
-__all__ = ["ALWAYS", "MAX_COUNT", "WIRE", "Count", "NonNegative", "Range", "Wire", "wire"]
+__all__ = [
+    "ALWAYS",
+    "MAX_COUNT",
+    "WIRE",
+    "Count",
+    "Finite",
+    "FiniteFloat",
+    "NonNegative",
+    "NonNegativeFloat",
+    "OneOf",
+    "Range",
+    "Wire",
+    "wire",
+]
 
 #: Largest count on the wire (``ReportBatch.successes`` and ``rejections``
 #: counts, ``Acquire.successes``): an unsigned 32-bit integer, like a msgid.
@@ -52,8 +70,24 @@ class Range:
     maximum: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Finite:
+    """A float on the wire that is a number (no NaN, no infinity), and at least ``minimum``."""
+
+    minimum: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OneOf:
+    """A string on the wire that is one of ``names`` (decoded as the string itself)."""
+
+    names: frozenset[str]
+
+
 NonNegative: TypeAlias = Annotated[int, Range(minimum=0)]
 Count: TypeAlias = Annotated[int, Range(minimum=0, maximum=MAX_COUNT)]
+FiniteFloat: TypeAlias = Annotated[float, Finite()]
+NonNegativeFloat: TypeAlias = Annotated[float, Finite(minimum=0.0)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +100,8 @@ class Wire:
     required: bool = False
     nil: bool = False
     sent_with: str | None = None
+    zero: bool = False
+    as_map: bool = False
 
 
 def wire(
@@ -76,9 +112,12 @@ def wire(
     required: bool = False,
     nil: bool = False,
     sent_with: str | None = None,
+    zero: bool = False,
+    as_map: bool = False,
 ) -> Mapping[str, Wire]:
     """Field metadata: ``field(default=..., metadata=wire(group="x"))``."""
-    return MappingProxyType({WIRE: Wire(always, group, arrays, required, nil, sent_with)})
+    rules = Wire(always, group, arrays, required, nil, sent_with, zero, as_map)
+    return MappingProxyType({WIRE: rules})
 
 
 #: Sent even when it equals its default.

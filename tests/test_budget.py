@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -275,11 +276,11 @@ def test_budget_messages_round_trip_and_bad_ones_are_refused() -> None:
         tokens_back=50.0,
         limits=(("remaining_requests", 3.0), ("reset_requests", 0.5)),
     )
-    decoded = decode_message(encode_request(5, request))
+    decoded = decode_message(msgpack.unpackb(msgpack.packb(encode_request(5, request))))
     assert isinstance(decoded, RequestReceived)
     assert decoded.message == request
     grant = BudgetGrant((1.0, 1.05), 4, "rate_budget", 0.2)
-    answer = decode_message(encode_response(5, grant))
+    answer = decode_message(msgpack.unpackb(msgpack.packb(encode_response(5, grant))))
     assert isinstance(answer, ResponseReceived)
     assert answer.result == grant
     for bad in (

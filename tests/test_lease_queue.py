@@ -11,6 +11,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -210,11 +211,11 @@ def test_the_hosts_recovery_ramp_is_one_for_every_process() -> None:
 
 def test_a_ramp_place_travels_both_ways_and_bad_ones_are_refused() -> None:
     request = BudgetRequest(NAME, ramp=True, generation=2**40)
-    decoded = decode_message(encode_request(5, request))
+    decoded = decode_message(msgpack.unpackb(msgpack.packb(encode_request(5, request))))
     assert isinstance(decoded, RequestReceived)
     assert decoded.message == request
     grant = BudgetGrant(ramp_at=12.5)
-    answer = decode_message(encode_response(5, grant))
+    answer = decode_message(msgpack.unpackb(msgpack.packb(encode_response(5, grant))))
     assert isinstance(answer, ResponseReceived)
     assert answer.result == grant
     for bad in ({"name": "x", "ramp": 1}, {"name": "x", "generation": -1}):

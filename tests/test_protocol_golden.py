@@ -15,6 +15,8 @@ from breakerd.protocol import (
     Admin,
     Admission,
     BreakerStatus,
+    BudgetGrant,
+    BudgetRequest,
     CircuitState,
     Hello,
     Outcome,
@@ -256,6 +258,51 @@ GOLDEN: list[tuple[str, object, str]] = [
         "746f5f7374617465a46f70656eaa67656e65726174696f6e08a6726561736f6eac6661696c7572655f72"
         "617465a26174cb4029000000000000ac6661696c7572655f72617465cb3fe8000000000000ae736c6f77"
         "5f63616c6c5f72617465c0aa6f70656e5f756e74696ccb4045400000000000",
+    ),
+    (
+        "request",
+        BudgetRequest(
+            "llm",
+            20.0,
+            2,
+            3,
+            want=4,
+            wait=1.5,
+            tokens=100.0,
+            lease=True,
+            release=(7, 2**63),
+            done=2,
+            started=1,
+            tokens_back=50.5,
+            limits=(("remaining_requests", 3.0), ("reset_requests", 0.5)),
+        ),
+        "940009a66275646765748da46e616d65a36c6c6da472617465cb4034000000000000a5627572737402ae6d"
+        "61785f636f6e63757272656e7403a477616e7404a477616974cb3ff8000000000000a6746f6b656e73cb40"
+        "59000000000000a56c65617365c3a772656c656173659207cf8000000000000000a4646f6e6502a7737461"
+        "7274656401ab746f6b656e735f6261636bcb4049400000000000a66c696d69747382b272656d61696e696e"
+        "675f7265717565737473cb4008000000000000ae72657365745f7265717565737473cb3fe0000000000000",
+    ),
+    # Every field is sent, at its default too: the budget messages always were.
+    (
+        "request",
+        BudgetRequest("db"),
+        "940009a66275646765748da46e616d65a26462a472617465cb0000000000000000a5627572737401ae6d61"
+        "785f636f6e63757272656e7400a477616e7400a477616974cb0000000000000000a6746f6b656e73cb0000"
+        "000000000000a56c65617365c2a772656c6561736590a4646f6e6500a77374617274656400ab746f6b656e"
+        "735f6261636bcb0000000000000000a66c696d69747380",
+    ),
+    (
+        "response",
+        BudgetGrant((1.0, 1.25), 4, "rate_budget", 0.5),
+        "940109c085a474797065ac6275646765745f6772616e74a5736c6f747392cb3ff0000000000000cb3ff400"
+        "0000000000a56c6561736504a6726561736f6eab726174655f627564676574ab72657472795f6166746572"
+        "cb3fe0000000000000",
+    ),
+    (
+        "response",
+        BudgetGrant(),
+        "940109c085a474797065ac6275646765745f6772616e74a5736c6f747390a56c6561736500a6726561736f"
+        "6ec0ab72657472795f6166746572c0",
     ),
 ]
 
