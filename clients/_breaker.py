@@ -11,7 +11,6 @@ already sees the new state ("read your own writes").
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import inspect
 import os
@@ -41,7 +40,7 @@ from breakerd.protocol import (
     new_open_error,
 )
 
-from ._budgeted import BreakerBudgets, attempt_only
+from ._budgeted import BreakerBudgets, attempt_only, with_budgets
 from ._calls_async import AsyncCalls
 from ._calls_sync import SyncCalls
 from ._classify import Classifier, ClassifyFunc, Verdict
@@ -488,16 +487,9 @@ class CircuitBreaker(AsyncCalls, SyncCalls, BreakerBudgets):
         return self._actor.snapshot
 
     def status(self) -> BreakerStatus:
-        """Counts and rates from the actor (a round trip), and the budgets, if any.
-
-        ``budget``: the daemon's host-wide budgets once a call of this host
-        asked it for some, else (embedded, or none asked yet) this process's.
-        """
+        """Counts and rates from the actor (a round trip), and its budgets if it has any."""
         status = cast(BreakerStatus, self._request_sync(StatusRequest(self.name)))
-        budgets = self.budgets
-        if status.budget is None and budgets is not None:
-            status = dataclasses.replace(status, budget=budgets.status())
-        return status
+        return with_budgets(status, self.budgets)
 
     def __repr__(self) -> str:
         return f"<CircuitBreaker {self.name!r} {self.state.value}{self._binding.where}>"

@@ -19,12 +19,14 @@ in ``_budgeted_async`` (``call_sync`` is generated from it).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 from breakerd.protocol import (
     BreakerError,
+    BreakerStatus,
     CircuitBreakerOpenError,
     CircuitState,
     Snapshot,
@@ -47,7 +49,14 @@ from ._openai import parse_rate_limits
 if TYPE_CHECKING:
     from ._link import RemoteBreaker
 
-__all__ = ["BreakerBudgets", "BudgetedCalls", "attempt_only", "current_scope", "current_ticket"]
+__all__ = [
+    "BreakerBudgets",
+    "BudgetedCalls",
+    "attempt_only",
+    "current_scope",
+    "current_ticket",
+    "with_budgets",
+]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -58,6 +67,17 @@ T = TypeVar("T")
 current_scope: ContextVar[tuple[object, Any] | None] = ContextVar(
     "breakerd_current_scope", default=None
 )
+
+
+def with_budgets(status: BreakerStatus, budgets: Budgets | None) -> BreakerStatus:
+    """``status`` with these budgets, unless it has the daemon's.
+
+    The daemon's are the host-wide ones, there once a call of this host
+    asked it for some; else (embedded, or none asked yet) this process's.
+    """
+    if status.budget is None and budgets is not None:
+        status = dataclasses.replace(status, budget=budgets.status())
+    return status
 
 
 class BudgetedCalls(AsyncBudgetedCalls, SyncBudgetedCalls):
