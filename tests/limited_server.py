@@ -35,6 +35,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 
+class _Server(ThreadingHTTPServer):
+    # The workers connect all at once: with the default queue of 5, a
+    # connection beyond it waits for the kernel's retry, a second later,
+    # and its call (admitted then) reaches the server that much late.
+    request_queue_size = 128
+
+
 class LimitedServer:
     def __init__(
         self,
@@ -81,7 +88,7 @@ class LimitedServer:
             def do_POST(self) -> None:
                 owner.handle(self)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 

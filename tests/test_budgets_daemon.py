@@ -15,7 +15,9 @@ import asyncio
 import itertools
 import json
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -425,3 +427,33 @@ async def test_an_async_waiter_gets_the_lease_freed_and_a_cancelled_one_gives_it
     assert got - freed < 0.5, got - freed
     assert gives_up.cancelled()
     assert await asyncio.wait_for(bulkhead.call(when), 2.0) > 0
+
+
+def test_the_server_takes_a_burst_of_connections_at_once() -> None:
+    # The worker processes open their connections all at once when they
+    # start. A connection the server's listen queue has no room for is not
+    # refused but retried by the kernel a second later, so a call admitted
+    # before an outage would reach the server after it (inside the
+    # recovery ramp's first step). None accepted yet: all must connect.
+    burst = 64
+    server = LimitedServer()
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(burst):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sockets.append(sock)
+            sock.connect_ex(server.httpd.server_address)
+        pending = list(sockets)
+        deadline = time.monotonic() + 2.0  # past the kernel's first retry
+        while pending and time.monotonic() < deadline:
+            wait = max(deadline - time.monotonic(), 0.0)
+            _, writable, _ = select.select([], pending, [], wait)
+            pending = [sock for sock in pending if sock not in writable]
+        failed = [sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) for sock in sockets]
+        assert not pending, f"{len(pending)} of {burst} connections still waiting"
+        assert not any(failed), failed
+    finally:
+        for sock in sockets:
+            sock.close()
+        server.httpd.server_close()
