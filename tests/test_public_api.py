@@ -20,6 +20,7 @@ PUBLIC = {
     "Snapshot",
     "BreakerStatus",
     "BudgetExceededError",
+    "BudgetStatus",
     "BreakerConfig",
     "Transition",
     "TransitionReason",

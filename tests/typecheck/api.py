@@ -20,6 +20,7 @@ from breakerd.clients import (
     BreakerConfig,
     BreakerError,
     BreakerStatus,
+    BudgetStatus,
     CircuitBreaker,
     CircuitBreakerOpenError,
     CircuitState,
@@ -108,6 +109,7 @@ def state_and_status(breaker: CircuitBreaker) -> None:
     assert_type(breaker.snapshot.reason, str | None)
     assert_type(breaker.status(), BreakerStatus)
     assert_type(breaker.status().failures, int)
+    assert_type(breaker.status().budget, BudgetStatus | None)
     assert_type(breaker.config, BreakerConfig)
     assert_type(breaker.config_conflicts, tuple[str, ...])
     assert_type(breaker.force_open(), CircuitState)
