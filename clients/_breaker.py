@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, Final, ParamSpec, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, cast, overload
 
 import anyio.to_thread
 
@@ -46,13 +46,9 @@ from ._calls_sync import SyncCalls
 from ._classify import Classifier, ClassifyFunc, Verdict
 from ._globals import live_breakers
 from ._handle import BreakerHandle, ForkedPlaceholder, OnUnavailable, bind
-from ._scope_budgets import (
-    ScopeBudgetsSpec,
-    check_scope_budgets,
-    scope_budget_settings,
-    scope_first_async,
-    scope_first_sync,
-)
+from ._scope_budgets import ScopeBudgetsSpec, check_scope_budgets, scope_budget_settings
+from ._scope_first_async import AsyncScopedCalls
+from ._scope_first_sync import SyncScopedCalls
 from ._scopes import (
     DEFAULT_MAX_SCOPES,
     DEFAULT_SCOPE_TTL,
@@ -78,7 +74,7 @@ _FORCED_OPEN: Final = CircuitState.FORCED_OPEN
 _STATE_NAMES: Final[dict[CircuitState, str]] = {state: state.value for state in CircuitState}
 
 
-class CircuitBreaker(AsyncCalls, SyncCalls, BreakerBudgets):
+class CircuitBreaker(AsyncCalls, SyncCalls, AsyncScopedCalls, SyncScopedCalls, BreakerBudgets):
     """A circuit breaker around calls to one service.
 
     Every ``CircuitBreaker`` with the same name in a process shares one breaker
@@ -371,83 +367,30 @@ class CircuitBreaker(AsyncCalls, SyncCalls, BreakerBudgets):
         """Live scopes under this breaker (0 without ``scope``)."""
         return 0 if self._scopes is None else len(self._scopes)
 
+    if TYPE_CHECKING:
+        # The scoped call paths (``AsyncScopedCalls``, ``SyncScopedCalls``) a
+        # breaker with scopes takes in place of ``call`` and ``call_sync``.
+
+        async def _call_scoped(
+            self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any
+        ) -> T: ...
+
+        def _call_sync_scoped(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T: ...
+
+        async def _call_scope_first(
+            self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any
+        ) -> T: ...
+
+        def _call_sync_scope_first(
+            self, func: Callable[..., T], *args: Any, **kwargs: Any
+        ) -> T: ...
+
     def _scope_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CircuitBreaker | None:
         key = self._scope_func(*args, **kwargs)
         if not isinstance(key, str) or not key:
             return None
         assert self._scopes is not None
         return cast("CircuitBreaker | None", self._scopes.get(key))
-
-    async def _call_scoped(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
-        child = self._scope_for(args, kwargs)
-        if child is None:
-            return await CircuitBreaker.call(self, func, *args, **kwargs)
-        return await self._run_scoped(child.call, child, func, *args, **kwargs)
-
-    async def _run_scoped(
-        self,
-        scoped: Callable[..., Awaitable[Any]],
-        child: CircuitBreaker,
-        func: Callable[..., Awaitable[T]],
-        *args: Any,
-        **kwargs: Any,
-    ) -> T:
-        try:
-            return await self._key_guard.call(scoped, func, *args, **kwargs)
-        except CircuitBreakerOpenError as exc:
-            if self.fallback is None or exc.name not in (self.name, child.name):
-                raise
-            return cast(T, await self._reject_async(exc, args, kwargs))
-
-    def _call_sync_scoped(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        child = self._scope_for(args, kwargs)
-        if child is None:
-            return CircuitBreaker.call_sync(self, func, *args, **kwargs)
-        return self._run_scoped_sync(child.call_sync, child, func, *args, **kwargs)
-
-    def _run_scoped_sync(
-        self,
-        scoped: Callable[..., Any],
-        child: CircuitBreaker,
-        func: Callable[..., T],
-        *args: Any,
-        **kwargs: Any,
-    ) -> T:
-        try:
-            return cast(T, self._key_guard.call_sync(scoped, func, *args, **kwargs))
-        except CircuitBreakerOpenError as exc:
-            if self.fallback is None or exc.name not in (self.name, child.name):
-                raise
-            return cast(T, self._reject_sync(exc, args, kwargs))
-
-    async def _call_scope_first(
-        self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any
-    ) -> T:
-        child = self._scope_for(args, kwargs)
-        inner: Callable[..., Any] = functools.partial(CircuitBreaker.call, self)
-        if child is not None:
-            # The scope's own call path, not its ``call``: its budgets are asked first.
-            inner = functools.partial(
-                self._run_scoped, functools.partial(CircuitBreaker.call, child), child
-            )
-        return cast(
-            T,
-            await scope_first_async(
-                self, child, inner, self._reject_async, func, args, kwargs, self._wait
-            ),
-        )
-
-    def _call_sync_scope_first(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        child = self._scope_for(args, kwargs)
-        inner: Callable[..., Any] = functools.partial(CircuitBreaker.call_sync, self)
-        if child is not None:
-            inner = functools.partial(
-                self._run_scoped_sync, functools.partial(CircuitBreaker.call_sync, child), child
-            )
-        return cast(
-            T,
-            scope_first_sync(self, child, inner, self._reject_sync, func, args, kwargs, self._wait),
-        )
 
     def _rebind_after_fork(self) -> None:
         # The parent's actor thread (or daemon connection) does not exist in a
@@ -629,13 +572,20 @@ class CircuitBreaker(AsyncCalls, SyncCalls, BreakerBudgets):
             snapshot.opened_by_pid or None,
         )
 
-    async def _reject_async(
+    def _fallback_for(
         self, error: CircuitBreakerOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
+        # What the fallback returns for a refused call (perhaps an awaitable),
+        # or the refusal raised when there is none to ask.
         fallback = self.fallback
         if fallback is None or attempt_only.get():
             raise error
-        result = fallback(*args, **kwargs)
+        return fallback(*args, **kwargs)
+
+    async def _reject_async(
+        self, error: CircuitBreakerOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        result = self._fallback_for(error, args, kwargs)
         if inspect.isawaitable(result):
             result = await result
         return result
@@ -643,10 +593,7 @@ class CircuitBreaker(AsyncCalls, SyncCalls, BreakerBudgets):
     def _reject_sync(
         self, error: CircuitBreakerOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        fallback = self.fallback
-        if fallback is None or attempt_only.get():
-            raise error
-        result = fallback(*args, **kwargs)
+        result = self._fallback_for(error, args, kwargs)
         if inspect.isawaitable(result):
             if inspect.iscoroutine(result):
                 result.close()

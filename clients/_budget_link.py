@@ -36,7 +36,9 @@ from typing import Any, Final
 from breakerd.actor._budget import parse_rate
 from breakerd.protocol import BudgetExceededError, BudgetGrant, BudgetRequest
 
-from ._budgets import RECHECK, Budgets, Clock, Ticket
+from ._budget_link_async import AsyncDaemonAdmission
+from ._budget_link_sync import SyncDaemonAdmission
+from ._budgets import RECHECK, Clock, Ticket
 
 __all__ = ["GRACE", "PREFETCH", "DaemonBudgets"]
 
@@ -57,7 +59,7 @@ def _ignore(result: Any, error: BaseException | None) -> None:
     pass  # a fire-and-forget request: nobody waits for its answer
 
 
-class DaemonBudgets(Budgets):
+class DaemonBudgets(SyncDaemonAdmission, AsyncDaemonAdmission):
     """``Budgets`` whose slots and leases come from the daemon.
 
     Args:
@@ -251,29 +253,6 @@ class DaemonBudgets(Budgets):
 
     # -- the recovery ramp ------------------------------------------------------------------
 
-    def ramp_slot(self, generation: int, now: float) -> float:
-        """The place of a call that waited through an outage in the host's one ramp.
-
-        The daemon hands the places out, so the waiting calls of every
-        process leave in one doubling ramp, not one ramp a process (which
-        would release one call per process at once). Without an answer from
-        the daemon, the process ramps its own waiters.
-        """
-        client = self._client()
-        if client is not None:
-            grant = self._ask_sync(client, self._ramp_request(generation))
-            if grant is not None and grant.ramp_at is not None:
-                return grant.ramp_at
-        return super().ramp_slot(generation, now)
-
-    async def ramp_slot_async(self, generation: int, now: float) -> float:
-        client = self._client()
-        if client is not None:
-            grant = await self._ask_async(client, self._ramp_request(generation))
-            if grant is not None and grant.ramp_at is not None:
-                return grant.ramp_at
-        return super().ramp_slot(generation, now)
-
     def _ramp_request(self, generation: int) -> BudgetRequest:
         with self.lock:
             return self._message(ramp=True, generation=generation)
@@ -305,6 +284,45 @@ class DaemonBudgets(Budgets):
         want = self._slot_waiters + 1 + PREFETCH - len(self._stock)
         return self._message(want=want, wait=max(deadline - now, 0.0), tokens=cost)
 
+    def _look(
+        self, deadline: float, cost: float
+    ) -> tuple[float | None, BudgetRequest | None, float, float | None]:
+        # Under the lock: (a slot due now, the request this call should send,
+        # the time looked, how long to wait before looking again: None when
+        # there is a slot to take or a request to send).
+        now = self.clock()
+        slot = self._due_slot(now, deadline)
+        if slot is not None:
+            return slot, None, now, None
+        if now >= deadline:
+            raise self.refusal("rate_budget", None)
+        message = self._ask_now(deadline, cost, now)
+        if message is not None:
+            return None, message, now, None
+        until = self._stock[0] if self._stock else now + RECHECK
+        return None, None, now, max(min(until, deadline) - now, 0.0)
+
+    def _next_slot_sync(
+        self, deadline: float, cost: float
+    ) -> tuple[float | None, BudgetRequest | None, float]:
+        # (a slot, or a request to send, or neither after a wait; the time looked).
+        with self._slot_ready:
+            slot, message, now, pause = self._look(deadline, cost)
+            if pause is not None:
+                self._slot_ready.wait(pause)
+        return slot, message, now
+
+    async def _next_slot_async(
+        self, deadline: float, cost: float
+    ) -> tuple[float | None, BudgetRequest | None, float]:
+        with self._slot_ready:
+            slot, message, now, pause = self._look(deadline, cost)
+        if pause is not None:
+            # A loop cannot wait on a thread's condition: it sleeps until the
+            # next slot is due (or a moment) and looks again.
+            await self.asleep(pause)
+        return slot, message, now
+
     def _granted(self, grant: BudgetGrant | None) -> None:
         with self._slot_ready:
             self._asking = False
@@ -316,69 +334,12 @@ class DaemonBudgets(Budgets):
     def _refusal_of(self, grant: BudgetGrant, now: float) -> BudgetExceededError:
         return self.refusal(grant.reason or "rate_budget", grant.retry_after)
 
-    def admit_sync(self, deadline: float, cost: float = 0.0) -> Ticket:
-        client = self._client()
-        if client is None:
-            return super().admit_sync(deadline, cost)
-        lease = 0
-        if self.max_concurrent is not None:
-            got = self._lease_remote_sync(client, deadline)
-            if got is None:
-                return super().admit_sync(deadline, cost)
-            lease = got
-        try:
-            if self._needs_slots():
-                leave = self._slot_sync(client, deadline, cost)
-                if leave is None:
-                    if lease:
-                        self._send_nowait(release=(lease,))
-                    return super().admit_sync(deadline, cost)
-                now = self.clock()
-                if leave > now:
-                    self.sleep(leave - now)
-                return Ticket(self, lease, True, cost, remote=True)
-        except BaseException:
-            if lease:
-                self._send_nowait(release=(lease,))
-            raise
-        return self._unslotted(lease, cost)
-
     def _unslotted(self, lease: int, cost: float) -> Ticket:
         # A call let go without a slot: the daemon hears of it, so that what
         # the API says is left can be read with it in flight.
         with self.lock:
             self._started += 1
         return Ticket(self, lease, True, cost, remote=True)
-
-    def _slot_sync(self, client: Any, deadline: float, cost: float) -> float | None:
-        with self._slot_ready:
-            self._slot_waiters += 1
-        try:
-            while True:
-                with self._slot_ready:
-                    now = self.clock()
-                    slot = self._due_slot(now, deadline)
-                    if slot is not None:
-                        return slot
-                    if now >= deadline:
-                        raise self.refusal("rate_budget", None)
-                    message = self._ask_now(deadline, cost, now)
-                    if message is None:
-                        until = self._stock[0] if self._stock else now + RECHECK
-                        self._slot_ready.wait(min(until, deadline) - now)
-                        continue
-                grant = None
-                try:
-                    grant = self._ask_sync(client, message)
-                finally:
-                    self._granted(grant)
-                if grant is None:
-                    return None
-                if not grant.slots:
-                    raise self._refusal_of(grant, now)
-        finally:
-            with self._slot_ready:
-                self._slot_waiters -= 1
 
     def _lease_message(self, client: Any, deadline: float) -> tuple[BudgetRequest, float, float]:
         # (the request, how long to wait for its answer, when its turn ends).
@@ -398,89 +359,6 @@ class DaemonBudgets(Budgets):
         # Refused before its turn ended: a daemon that does not hold
         # requests in line (an older one), looked at again soon.
         return min(deadline - now, RECHECK) if now < lap_end - LAP_SLACK else 0.0
-
-    def _lease_remote_sync(self, client: Any, deadline: float) -> int | None:
-        while True:
-            message, timeout, lap_end = self._lease_message(client, deadline)
-            grant = self._ask_sync(client, message, timeout)
-            if grant is None:
-                return None
-            if grant.lease or grant.reason is None:
-                return grant.lease  # 0: the host's budgets have no max_concurrent
-            pause = self._lease_refused(deadline, lap_end)
-            if pause > 0:
-                self.sleep(pause)
-
-    async def admit_async(self, deadline: float, cost: float = 0.0) -> Ticket:
-        client = self._client()
-        if client is None:
-            return await super().admit_async(deadline, cost)
-        lease = 0
-        if self.max_concurrent is not None:
-            got = await self._lease_remote_async(client, deadline)
-            if got is None:
-                return await super().admit_async(deadline, cost)
-            lease = got
-        try:
-            if self._needs_slots():
-                leave = await self._slot_async(client, deadline, cost)
-                if leave is None:
-                    if lease:
-                        self._send_nowait(release=(lease,))
-                    return await super().admit_async(deadline, cost)
-                now = self.clock()
-                if leave > now:
-                    await self.asleep(leave - now)
-                return Ticket(self, lease, True, cost, remote=True)
-        except BaseException:
-            if lease:
-                self._send_nowait(release=(lease,))
-            raise
-        return self._unslotted(lease, cost)
-
-    async def _slot_async(self, client: Any, deadline: float, cost: float) -> float | None:
-        with self._slot_ready:
-            self._slot_waiters += 1
-        try:
-            while True:
-                with self._slot_ready:
-                    now = self.clock()
-                    slot = self._due_slot(now, deadline)
-                    if slot is not None:
-                        return slot
-                    if now >= deadline:
-                        raise self.refusal("rate_budget", None)
-                    message = self._ask_now(deadline, cost, now)
-                    until = self._stock[0] if self._stock else now + RECHECK
-                if message is None:
-                    # A loop cannot wait on a thread's condition: it sleeps
-                    # until the next slot is due (or a moment) and looks again.
-                    await self.asleep(max(min(until, deadline) - now, 0.0))
-                    continue
-                grant = None
-                try:
-                    grant = await self._ask_async(client, message)
-                finally:
-                    self._granted(grant)
-                if grant is None:
-                    return None
-                if not grant.slots:
-                    raise self._refusal_of(grant, now)
-        finally:
-            with self._slot_ready:
-                self._slot_waiters -= 1
-
-    async def _lease_remote_async(self, client: Any, deadline: float) -> int | None:
-        while True:
-            message, timeout, lap_end = self._lease_message(client, deadline)
-            grant = await self._ask_async(client, message, timeout)
-            if grant is None:
-                return None
-            if grant.lease or grant.reason is None:
-                return grant.lease
-            pause = self._lease_refused(deadline, lap_end)
-            if pause > 0:
-                await self.asleep(pause)
 
     def finish(self, ticket: Ticket) -> None:
         if not ticket.remote:

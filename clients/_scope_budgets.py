@@ -16,21 +16,22 @@ and ``observe_limits`` hands them to the scope.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from breakerd.protocol import CircuitBreakerOpenError, CircuitState
 
-from ._budgeted import BudgetedCalls, current_scope
-from ._budgets import Budgets, estimate_cost
+from ._budgeted import current_scope
+from ._budgets import Budgets
 
 __all__ = [
+    "Refused",
     "ScopeBudgetsSpec",
     "check_scope_budgets",
     "current_scope",
     "scope_budget_settings",
-    "scope_first_async",
-    "scope_first_sync",
+    "scope_stages",
+    "shut_past",
 ]
 
 #: ``{key: {"max_rate": ..., ...}}``, or ``key -> settings | None``.
@@ -98,14 +99,14 @@ _ADMITTING: Final = (CircuitState.CLOSED, CircuitState.DISABLED)
 Stage = tuple[Budgets, Callable[[], Any]]  # budgets, and the snapshot of their breaker
 
 
-class _Refused:
+class Refused:
     """A later stage refused the call: final, not a reason for the first to try again.
 
     A later stage refuses only once the call cannot be admitted within the
     wait (its budgets' turn, or its breaker's recovery, is past it), so the
     first stage must not wait on and ask its scope for another slot: the
-    refusal comes back through it as a value, which ``scope_first_*``
-    answers with the error it carries.
+    refusal comes back through it as a value, which ``scope_first_async``
+    and ``scope_first_sync`` answer with the error it carries (``_scope_first_async``).
     """
 
     __slots__ = ("error",)
@@ -114,22 +115,14 @@ class _Refused:
         self.error = error
 
 
-def _refuse_sync(error: CircuitBreakerOpenError, args: Any, kwargs: Any) -> _Refused:
-    return _Refused(error)
-
-
-async def _refuse_async(error: CircuitBreakerOpenError, args: Any, kwargs: Any) -> _Refused:
-    return _Refused(error)
-
-
-def _shut_past(seen: Any, deadline: float) -> bool:
+def shut_past(seen: Any, deadline: float) -> bool:
     # The key is open past the call's wait: the breaker answers at once, with
     # its reason (a quota, say), before any budget is asked for a slot.
     until = seen.open_until
     return bool(seen.state is CircuitState.OPEN and until is not None and until > deadline)
 
 
-def _stages(parent: Any, child: Any) -> list[Stage]:
+def scope_stages(parent: Any, child: Any) -> list[Stage]:
     # The scope's budgets, then the parent's: those there are.
     stages: list[Stage] = []
     if child is not None and child.budgets is not None:
@@ -145,106 +138,3 @@ def _stages(parent: Any, child: Any) -> list[Stage]:
     if parent.budgets is not None:
         stages.append((parent.budgets, lambda: parent.snapshot))
     return stages
-
-
-def scope_first_sync(
-    parent: Any,
-    child: Any,
-    inner: Callable[..., Any],
-    reject: Callable[..., Any],
-    func: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    wait: float,
-) -> Any:
-    """Run ``inner(func, *args, **kwargs)`` once the budgets of ``child`` (the call's
-    scope, or None) and then of ``parent`` admitted it.
-
-    Each stage waits for its breaker's recovery and for its budgets as any
-    budgeted call does, with what is left of the one ``wait``.
-    """
-    token = current_scope.set(None if child is None else (parent, child))
-    try:
-        stages = _stages(parent, child)
-        now = stages[0][0].clock() if stages else 0.0
-        if not stages or _shut_past(parent.snapshot, now + wait):
-            return inner(func, *args, **kwargs)
-        deadline = now + wait
-        cost = estimate_cost(kwargs)
-        call = inner
-        for i in range(len(stages) - 1, -1, -1):
-            budgets, snapshot = stages[i]
-            answer = reject if i == 0 else _refuse_sync
-            call = _stage_sync(budgets, snapshot, call, answer, deadline, cost)
-        result = call(func, *args, **kwargs)
-        if type(result) is _Refused:
-            return reject(result.error, args, kwargs)
-        return result
-    finally:
-        current_scope.reset(token)
-
-
-def _stage_sync(
-    budgets: Budgets,
-    snapshot: Callable[[], Any],
-    inner: Callable[..., Any],
-    reject: Callable[..., Any],
-    deadline: float,
-    cost: float,
-) -> Callable[..., Any]:
-    clock = budgets.clock
-
-    def stage(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        budgeted = BudgetedCalls(budgets, max(deadline - clock(), 0.0), snapshot, clock)
-        return budgeted.call_sync(inner, reject, func, args, kwargs, cost)
-
-    return stage
-
-
-async def scope_first_async(
-    parent: Any,
-    child: Any,
-    inner: Callable[..., Awaitable[Any]],
-    reject: Callable[..., Awaitable[Any]],
-    func: Callable[..., Awaitable[Any]],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    wait: float,
-) -> Any:
-    """``scope_first_sync`` for async callers."""
-    token = current_scope.set(None if child is None else (parent, child))
-    try:
-        stages = _stages(parent, child)
-        now = stages[0][0].clock() if stages else 0.0
-        if not stages or _shut_past(parent.snapshot, now + wait):
-            return await inner(func, *args, **kwargs)
-        deadline = now + wait
-        cost = estimate_cost(kwargs)
-        call = inner
-        for i in range(len(stages) - 1, -1, -1):
-            budgets, snapshot = stages[i]
-            answer = reject if i == 0 else _refuse_async
-            call = _stage_async(budgets, snapshot, call, answer, deadline, cost)
-        result = await call(func, *args, **kwargs)
-        if type(result) is _Refused:
-            return await reject(result.error, args, kwargs)
-        return result
-    finally:
-        current_scope.reset(token)
-
-
-def _stage_async(
-    budgets: Budgets,
-    snapshot: Callable[[], Any],
-    inner: Callable[..., Awaitable[Any]],
-    reject: Callable[..., Awaitable[Any]],
-    deadline: float,
-    cost: float,
-) -> Callable[..., Awaitable[Any]]:
-    clock = budgets.clock
-
-    async def stage(func: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
-        budgeted = BudgetedCalls(budgets, max(deadline - clock(), 0.0), snapshot, clock)
-        return await budgeted.call_async(inner, reject, func, args, kwargs, cost)
-
-    return stage

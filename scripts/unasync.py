@@ -2,8 +2,10 @@
 
 Each async module is the source of a sync one: ``clients/_calls_async.py``
 (``CircuitBreaker.call`` and its slow path), ``clients/_admit_async.py``
-(``Budgets.admit_async``) and ``clients/_budgeted_async.py`` (a call with
-budgets). The sync twin is the same code with the waits taken out, made by
+(``Budgets.admit_async``), ``clients/_budgeted_async.py`` (a call with
+budgets), ``clients/_budget_link_async.py`` (``DaemonBudgets.admit_async``,
+the host's budgets) and ``clients/_scope_first_async.py`` (a breaker's call
+with scopes). The sync twin is the same code with the waits taken out, made by
 the substitutions below (encode/httpcore's ``unasync.py`` is the model);
 what really differs between the colours stays in small named methods the
 tables rename (``_await_turn`` -> ``_wait_turn``).
@@ -134,6 +136,71 @@ Generated from ``_admit_async.py`` (``Budgets.admit_async``) by
 Generated from ``_budgeted_async.py`` (``BudgetedCalls.call_async``) by
 ``scripts/unasync.py``: edit that file, never this one. The waiting is
 ``Budgets.sleep`` and ``Budgets.admit_sync``.
+"""
+''',
+    ),
+    Pair(
+        source="clients/_budget_link_async.py",
+        target="clients/_budget_link_sync.py",
+        names={
+            "AsyncDaemonAdmission": "SyncDaemonAdmission",
+            "admit_async": "admit_sync",
+            "ramp_slot_async": "ramp_slot",
+            "_slot_async": "_slot_sync",
+            "_lease_remote_async": "_lease_remote_sync",
+            "_ask_async": "_ask_sync",
+            "_next_slot_async": "_next_slot_sync",
+            "answer_within": "timeout",
+            "asleep": "sleep",
+        },
+        phrases=[
+            (
+                '"""The async admission of ``DaemonBudgets``."""',
+                '"""The sync admission of ``DaemonBudgets``."""',
+            ),
+        ],
+        docstring='''"""``DaemonBudgets.admit_sync``: the host's slots and leases, from any thread.
+
+Generated from ``_budget_link_async.py`` (``DaemonBudgets.admit_async``) by
+``scripts/unasync.py``: edit that file, never this one. The waiting is
+``DaemonBudgets._ask_sync``, ``DaemonBudgets._next_slot_sync`` and
+``Budgets.sleep``.
+"""
+''',
+    ),
+    Pair(
+        source="clients/_scope_first_async.py",
+        target="clients/_scope_first_sync.py",
+        names={
+            "AsyncScopedCalls": "SyncScopedCalls",
+            "AsyncCalls": "SyncCalls",
+            "_calls_async": "_calls_sync",
+            "call": "call_sync",
+            "call_async": "call_sync",
+            "_call_scoped": "_call_sync_scoped",
+            "_run_scoped": "_run_scoped_sync",
+            "_call_scope_first": "_call_sync_scope_first",
+            "_reject_async": "_reject_sync",
+            "_refuse_async": "_refuse_sync",
+            "scope_first_async": "scope_first_sync",
+            "_stage_async": "_stage_sync",
+        },
+        phrases=[
+            (
+                '"""The async paths of a ``CircuitBreaker`` with scopes."""',
+                '"""The sync paths of a ``CircuitBreaker`` with scopes."""',
+            ),
+            ("Callable[..., Awaitable[T]]", "Callable[..., T]"),
+            ("Callable[..., Awaitable[Any]]", "Callable[..., Any]"),
+            (
+                "from collections.abc import Awaitable, Callable",
+                "from collections.abc import Callable",
+            ),
+        ],
+        docstring='''"""``CircuitBreaker.call_sync`` with scopes: scope first, from any thread.
+
+Generated from ``_scope_first_async.py`` (``CircuitBreaker.call`` with
+scopes) by ``scripts/unasync.py``: edit that file, never this one.
 """
 ''',
     ),

@@ -37,6 +37,8 @@ SCRIPT = ROOT / "scripts" / "unasync.py"
 BUDGET_PAIRS = [
     ("clients/_admit_async.py", "clients/_admit_sync.py"),
     ("clients/_budgeted_async.py", "clients/_budgeted_sync.py"),
+    ("clients/_budget_link_async.py", "clients/_budget_link_sync.py"),
+    ("clients/_scope_first_async.py", "clients/_scope_first_sync.py"),
 ]
 
 
