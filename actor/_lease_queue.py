@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
@@ -52,9 +52,6 @@ class LeaseQueue:
 
     def __len__(self) -> int:
         return len(self._waiters)
-
-    def __iter__(self) -> Iterator[Waiter]:
-        return iter(self._waiters)
 
     def park(self, holder: Hashable, token: Hashable, deadline: float) -> None:
         """``holder`` waits (as ``token``) for the next free lease, until ``deadline``."""
