@@ -585,6 +585,8 @@ class CircuitBreaker(AsyncCalls, SyncCalls, AsyncScopedCalls, SyncScopedCalls, B
     async def _reject_async(
         self, error: CircuitBreakerOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
+        if self.fallback is None:
+            raise error  # the common rejection, without a frame more to raise through
         result = self._fallback_for(error, args, kwargs)
         if inspect.isawaitable(result):
             result = await result
@@ -593,6 +595,8 @@ class CircuitBreaker(AsyncCalls, SyncCalls, AsyncScopedCalls, SyncScopedCalls, B
     def _reject_sync(
         self, error: CircuitBreakerOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
+        if self.fallback is None:
+            raise error  # the common rejection, without a frame more to raise through
         result = self._fallback_for(error, args, kwargs)
         if inspect.isawaitable(result):
             if inspect.iscoroutine(result):
