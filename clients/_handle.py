@@ -62,7 +62,21 @@ __all__ = [
     "LocalBinding",
     "OnUnavailable",
     "bind",
+    "future_reply",
 ]
+
+
+def future_reply() -> tuple[concurrent.futures.Future[Any], Reply]:
+    """A reply callback and the future it settles (its result, or the error as raised)."""
+    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+    def reply(result: Any, error: BaseException | None) -> None:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    return future, reply
 
 
 class BreakerState(Protocol):
@@ -160,14 +174,7 @@ class LocalBinding:
         return actor
 
     def ask_sync(self, handle: BreakerHandle, message: object, *, force: bool = False) -> Any:
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-
-        def reply(result: Any, error: BaseException | None) -> None:
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)
-
+        future, reply = future_reply()
         handle.ask(message, reply, force=force)
         return future.result()
 

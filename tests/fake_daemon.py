@@ -26,11 +26,10 @@ from daemon_helpers import poll_until
 from breakerd.actor import ActorSystem, BreakerConfig, Transition
 from breakerd.actor.daemon._state_table import SharedStateTable
 from breakerd.clients import CircuitState
-from breakerd.clients._core import Reply
 from breakerd.clients._daemon_client import DaemonClient
 from breakerd.clients._fallback import OnUnavailable
 from breakerd.clients._globals import close_all_clients
-from breakerd.clients._handle import BreakerHandle
+from breakerd.clients._handle import BreakerHandle, future_reply
 from breakerd.clients._link import RemoteBreaker
 from breakerd.protocol import (
     NEED_DATA,
@@ -469,19 +468,6 @@ def make_link_fixture(make_client: Callable[..., DaemonClient]) -> MakeLink:
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-def future_reply() -> tuple[concurrent.futures.Future[Any], Reply]:
-    """A reply callback and the future it settles (its result, or the error as raised)."""
-    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-
-    def reply(result: Any, error: BaseException | None) -> None:
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-
-    return future, reply
 
 
 def ask(link: BreakerHandle, message: object) -> Any:
